@@ -1,0 +1,244 @@
+"""Pools of Orbax checkpoints: the manifest, metadata-only validation, and Orbax I/O.
+
+A checkpoint is an Orbax PyTree directory of model parameters whose custom metadata holds
+`{"recycle_jax": {"model": ModelConfig dict, ...}}`. Inputs are only ever read; writes
+go to a fresh sibling directory that is renamed into place, so a crash never leaves a
+partial checkpoint at the destination.
+"""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import os
+import shutil
+import uuid
+from typing import Any, Sequence
+
+import gin
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from recycle_jax.errors import UserError, check
+from recycle_jax.partitioning import path_str
+
+PyTree = Any
+META_KEY = "recycle_jax"
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+  name: str
+  path: str  # absolute
+  info: dict = dataclasses.field(default_factory=dict, compare=False)  # recipe, scores
+
+
+@dataclasses.dataclass(frozen=True)
+class Pool:
+  entries: tuple[Entry, ...]
+  source: str = "<gin>"
+
+  @property
+  def names(self) -> list[str]:
+    return [e.name for e in self.entries]
+
+  @property
+  def paths(self) -> list[str]:
+    return [e.path for e in self.entries]
+
+  def __len__(self) -> int:
+    return len(self.entries)
+
+  def cached_scores(self, split: str) -> dict[str, dict[str, float]] | None:
+    """{name: {task: score}} from the manifest, or None when any entry lacks them."""
+    out = {}
+    for e in self.entries:
+      s = e.info.get("scores", {}).get(split)
+      if s is None:
+        return None
+      out[e.name] = s
+    return out
+
+
+def read_manifest(path: str) -> Pool:
+  check(os.path.isfile(path), "pool manifest not found", path,
+        "pass --pool=DIR/pool.json (run `recycle-jax make-pool` to build one)")
+  try:
+    with open(path) as f:
+      data = json.load(f)
+  except json.JSONDecodeError as e:
+    raise UserError(f"pool manifest is not valid JSON: {e}", path) from None
+  items = data.get("checkpoints") if isinstance(data, dict) else None
+  check(isinstance(items, list) and items, "pool manifest has no 'checkpoints' list", path,
+        'write {"checkpoints": [{"name": ..., "path": ...}, ...]}')
+  base = os.path.dirname(os.path.abspath(path))
+  entries = []
+  for i, item in enumerate(items):
+    check(isinstance(item, dict) and "name" in item and "path" in item,
+          f"pool entry {i} needs 'name' and 'path'", path)
+    info = {k: v for k, v in item.items() if k not in ("name", "path")}
+    entries.append(Entry(item["name"], os.path.normpath(os.path.join(base, item["path"])),
+                         info))
+  return make_pool(entries, source=path)
+
+
+def make_pool(entries: Sequence[Entry], source: str = "<gin>") -> Pool:
+  names = [e.name for e in entries]
+  dup = {n for n in names if names.count(n) > 1}
+  check(not dup, f"duplicate checkpoint names {sorted(dup)}", source, "give every checkpoint a unique name")
+  check(len(entries) >= 1, "the pool is empty", source)
+  return Pool(tuple(entries), source)
+
+
+@gin.configurable
+def load_pool(pool: str | Sequence = gin.REQUIRED) -> Pool:
+  """A manifest path (`pool.json` or its directory), or a gin list of (name, path)."""
+  if isinstance(pool, str):
+    if os.path.isdir(pool):
+      pool = os.path.join(pool, "pool.json")
+    return read_manifest(pool)
+  return make_pool([Entry(n, os.path.abspath(p)) for n, p in pool])
+
+
+def write_manifest(path: str, pool: Pool) -> None:
+  base = os.path.dirname(os.path.abspath(path))
+  items = [{"name": e.name, "path": os.path.relpath(e.path, base), **e.info}
+           for e in pool.entries]
+  atomic_write_text(path, json.dumps({"checkpoints": items}, indent=1))
+
+
+def atomic_write_text(path: str, text: str) -> None:
+  tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+  with open(tmp, "w") as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- metadata
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointMeta:
+  abstract: PyTree  # ShapeDtypeStructs, no shardings
+  custom: dict
+
+  @property
+  def model_config(self) -> dict | None:
+    return self.custom.get(META_KEY, {}).get("model")
+
+
+def read_metadata(path: str, name: str | None = None) -> CheckpointMeta:
+  """Shapes, dtypes and custom metadata, reading no array data."""
+  where = f"checkpoint {name!r} at {path}" if name else path
+  check(os.path.isdir(path), "checkpoint directory not found", where,
+        "check the path in the pool manifest or --checkpoint")
+  check(bool(os.listdir(path)), "checkpoint directory is empty", where,
+        "point at a directory written by Orbax")
+  try:
+    meta = ocp.StandardCheckpointer().metadata(path)
+    tree = meta.item_metadata
+    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), np.dtype(m.dtype)),
+                            dict(tree))
+  except Exception as e:  # Orbax raises many types for unreadable metadata
+    raise UserError(f"checkpoint metadata is unreadable (corrupted or truncated?): "
+                    f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}",
+                    where, "re-write or remove this checkpoint") from None
+  check(len(jax.tree.leaves(abstract)) > 0, "checkpoint holds no arrays", where)
+  return CheckpointMeta(abstract, dict(meta.custom_metadata or {}))
+
+
+def _describe(abstract: PyTree) -> dict[str, tuple]:
+  flat = jax.tree_util.tree_flatten_with_path(abstract)[0]
+  return {path_str(p): (tuple(x.shape), np.dtype(x.dtype).name) for p, x in flat}
+
+
+def validate_pool(pool: Pool) -> CheckpointMeta:
+  """Checks every checkpoint against the first from metadata alone; returns the first's."""
+  metas = [read_metadata(e.path, e.name) for e in pool.entries]
+  ref, ref_name = _describe(metas[0].abstract), pool.entries[0].name
+  for e, m in zip(pool.entries[1:], metas[1:]):
+    cur = _describe(m.abstract)
+    where = f"checkpoint {e.name!r} at {e.path}"
+    for key in sorted(set(ref) | set(cur)):
+      check(key in cur, f"parameter {key!r} of {ref_name!r} is missing", where,
+            "every pool member must share one model architecture")
+      check(key in ref, f"parameter {key!r} is not in {ref_name!r}", where,
+            "every pool member must share one model architecture")
+      check(cur[key][0] == ref[key][0],
+            f"parameter {key!r} has shape {cur[key][0]} but {ref_name!r} has {ref[key][0]}",
+            where, "vocabularies and widths must match across the pool")
+      check(cur[key][1] == ref[key][1],
+            f"parameter {key!r} has dtype {cur[key][1]} but {ref_name!r} has {ref[key][1]}",
+            where, "convert the pool to one dtype first")
+  return metas[0]
+
+
+# ----------------------------------------------------------------------------- I/O
+
+def restore(path: str, abstract: PyTree, name: str | None = None) -> PyTree:
+  """Restores arrays, placed by the shardings in `abstract` when it has them."""
+  try:
+    return ocp.StandardCheckpointer().restore(path, abstract)
+  except Exception as e:
+    where = f"checkpoint {name!r} at {path}" if name else path
+    raise UserError(f"checkpoint data is unreadable (corrupted or truncated?): "
+                    f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}",
+                    where, "re-write or remove this checkpoint") from None
+
+
+def restore_pool(pool: Pool, abstract: PyTree) -> tuple[PyTree, ...]:
+  return tuple(restore(e.path, abstract, e.name) for e in pool.entries)
+
+
+def _inside(path: str, parent: str) -> bool:
+  path, parent = os.path.realpath(path), os.path.realpath(parent)
+  return path == parent or path.startswith(parent.rstrip(os.sep) + os.sep)
+
+
+def check_output(path: str, inputs: Sequence[str] = (), overwrite: bool = False,
+                 flag: str = "--output") -> None:
+  """Refuses an output that is or is inside an input, or exists without overwrite."""
+  for src in inputs:
+    check(not _inside(path, src) and not _inside(src, path),
+          f"output {path} overlaps input checkpoint {src}", flag,
+          "write the result somewhere else; inputs are never modified")
+  check(overwrite or not os.path.exists(path), f"output {path} already exists", flag,
+        "pass --overwrite to replace it, or choose another path")
+
+
+def save(path: str, params: PyTree, custom: dict, overwrite: bool = False) -> None:
+  """Writes an Orbax checkpoint atomically: a sibling temp dir renamed into place."""
+  path = os.path.abspath(path)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  for stale in glob.glob(f"{path}.partial-*"):  # left by a killed writer
+    if jax.process_index() == 0:
+      shutil.rmtree(stale, ignore_errors=True)
+  tmp = f"{path}.partial-{_run_token()}"
+  ckptr = ocp.StandardCheckpointer()
+  ckptr.save(tmp, params, custom_metadata={META_KEY: custom})
+  ckptr.wait_until_finished()
+  if jax.process_index() == 0:
+    if os.path.exists(path):
+      check(overwrite, f"output {path} already exists", "", "pass --overwrite")
+      trash = f"{path}.old-{uuid.uuid4().hex[:8]}"
+      os.rename(path, trash)
+      os.rename(tmp, path)
+      shutil.rmtree(trash)
+    else:
+      os.rename(tmp, path)
+  _sync("recycle_jax_save")
+
+
+def _run_token() -> str:
+  # Same on every process of a multi-host run, so all of them write one directory.
+  if jax.process_count() == 1:
+    return uuid.uuid4().hex[:8]
+  from jax.experimental import multihost_utils
+  token = np.frombuffer(uuid.uuid4().bytes[:4], np.uint32).astype(np.int32)
+  return "%08x" % (int(multihost_utils.broadcast_one_to_all(token)[0]) % (1 << 32))
+
+
+def _sync(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)

@@ -1,0 +1,257 @@
+"""make-pool: one shared base, then N checkpoints from distinct fine-tuning recipes.
+
+A recipe is a name and a list of stages; a stage trains on a data mixture with an
+objective ('sft' or 'dpo') and its own hyperparameters:
+
+  {"name": "sft_code", "stages": [{"mix": {"rj_code": 1.0}, "objective": "sft",
+                                   "steps": 60, "lr": 1e-3, "warmup": 5}]}
+
+Mixture sources: 'text' (pretraining corpus: stdlib code + the world's facts) and the
+train split of any held-in task. Evaluation splits never enter training. The pool is
+cached: a second call with the same config and seed reuses what is on disk.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from typing import Any, Iterator, Sequence
+
+import gin
+import jax
+import numpy as np
+from absl import logging
+from tqdm.auto import tqdm
+
+from recycle_jax import checkpoints, evaluation, models, tasks, training
+from recycle_jax.errors import check
+
+PyTree = Any
+
+
+# ----------------------------------------------------------------------------- data
+
+def _encode(text: str) -> list[int]:
+  return models.VOCAB.encode(text)
+
+
+def sft_arrays(pairs: Sequence[tuple[str, str]], length: int) -> dict[str, np.ndarray]:
+  """(prompt, target) pairs -> tokens/mask [n, length]; loss on target + EOS only."""
+  toks = np.zeros((len(pairs), length), np.int32)
+  mask = np.zeros((len(pairs), length), np.float32)
+  for i, (p, t) in enumerate(pairs):
+    p, t = _encode(p), _encode(t) + [models.EOS_ID]
+    seq = (p + t)[:length]
+    toks[i, :len(seq)] = seq
+    mask[i, len(p):len(seq)] = 1.0
+  return {"tokens": toks, "mask": mask}
+
+
+@gin.configurable
+def text_corpus(max_code_bytes: int = 400_000) -> np.ndarray:
+  """The pretraining text as one token stream: stdlib code interleaved with facts."""
+  facts = tasks.fact_sentences()
+  rng = np.random.default_rng(0)
+  reps = [facts[i] for i in rng.permutation(len(facts))] * 3
+  code = tasks.stdlib_code(max_code_bytes)
+  lines = code.split("\n")
+  step = max(1, len(lines) // len(reps))
+  out = []
+  for i, fact in enumerate(reps):
+    out.append("\n".join(lines[i * step:(i + 1) * step]))
+    out.append(fact)
+  return np.asarray(_encode("\n".join(out)), np.int32)
+
+
+class Sampler:
+  """Batches from a weighted mixture of sources, deterministic for a seed."""
+
+  def __init__(self, mix: dict[str, float], length: int, batch: int, seed: int,
+               objective: str = "sft"):
+    self.length, self.batch, self.objective = length, batch, objective
+    self.rng = np.random.default_rng(seed)
+    self.names = list(mix)
+    w = np.asarray([mix[k] for k in self.names], np.float64)
+    self.probs = w / w.sum()
+    self.sources = {k: self._source(k) for k in self.names}
+
+  def _source(self, name: str):
+    if name == "text":
+      check(self.objective == "sft", "the 'text' source supports only sft", name)
+      return _text_source()
+    check(name in tasks.HELD_IN, f"unknown training source {name!r}", "pool recipe mix",
+          f"use 'text' or one of {tasks.HELD_IN} (held-out tasks are never trained on)")
+    rows = tasks.items(name)["train"]
+    pairs = [(r["inputs"], r["targets"]) for r in rows]
+    if self.objective == "sft":
+      return sft_arrays(pairs, self.length)
+    # Preference pairs: the right answer over another example's answer to the same prompt.
+    rng = np.random.default_rng(len(name))
+    wrong = [_rejected(rows, i, rng) for i in range(len(rows))]
+    chosen = sft_arrays(pairs, self.length)
+    rejected = sft_arrays([(p, w) for (p, _), w in zip(pairs, wrong)], self.length)
+    return {"chosen": chosen["tokens"], "chosen_mask": chosen["mask"],
+            "rejected": rejected["tokens"], "rejected_mask": rejected["mask"]}
+
+  def _rows(self, name: str, n: int) -> dict[str, np.ndarray]:
+    src = self.sources[name]
+    if isinstance(src, np.ndarray):  # token stream: random windows, loss everywhere
+      starts = self.rng.integers(0, len(src) - self.length, n)
+      toks = np.stack([src[s:s + self.length] for s in starts])
+      return {"tokens": toks, "mask": np.ones_like(toks, np.float32)}
+    idx = self.rng.integers(0, len(next(iter(src.values()))), n)
+    return {k: v[idx] for k, v in src.items()}
+
+  def __iter__(self) -> Iterator[dict]:
+    return self
+
+  def __next__(self) -> dict:
+    counts = self.rng.multinomial(self.batch, self.probs)
+    parts = [self._rows(k, c) for k, c in zip(self.names, counts) if c > 0]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+_TEXT: dict = {}
+
+
+def _text_source() -> np.ndarray:
+  if "corpus" not in _TEXT:
+    _TEXT["corpus"] = text_corpus()
+  return _TEXT["corpus"]
+
+
+def _rejected(rows, i: int, rng) -> str:
+  if "choices" in rows[i]:
+    return rng.choice([c for c in rows[i]["choices"] if c != rows[i]["targets"]])
+  for _ in range(10):
+    other = rows[int(rng.integers(len(rows)))]["targets"]
+    if other != rows[i]["targets"]:
+      return other
+  return rows[i]["targets"] + "x"
+
+
+# ----------------------------------------------------------------------------- pool
+
+def _stage_config(stage: dict, batch: int) -> training.TrainConfig:
+  return training.TrainConfig(
+      steps=int(stage["steps"]), batch_size=batch, learning_rate=float(stage["lr"]),
+      warmup_steps=int(stage.get("warmup", 10)), objective=stage.get("objective", "sft"),
+      dpo_beta=float(stage.get("beta", 0.1)),
+      dpo_sft_weight=float(stage.get("sft_weight", 0.0)))
+
+
+def train_recipe(apply, params: PyTree, stages: Sequence[dict], length: int, batch: int,
+                 seed: int, desc: str) -> PyTree:
+  for i, stage in enumerate(stages):
+    cfg = _stage_config(stage, batch)
+    sampler = Sampler(stage["mix"], length, batch, seed + 1000 * i, cfg.objective)
+    params, loss = training.train(apply, params, sampler, cfg,
+                                  ref_params=params if cfg.objective == "dpo" else None,
+                                  desc=f"{desc} stage {i + 1}")
+    logging.info("%s stage %d: final loss %.4f", desc, i + 1, loss)
+  return params
+
+
+def _fingerprint(obj) -> str:
+  return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@gin.configurable
+def make_pool(workdir: str, recipes: Sequence[dict] = gin.REQUIRED,
+              base_stages: Sequence[dict] = gin.REQUIRED,
+              model: models.ModelConfig | None = None, seq_len: int = 96,
+              batch_size: int = 32, seed: int = 0, eval_tasks: Sequence[str] | None = None,
+              max_eval_examples: int | None = None, progress: bool = True) -> str:
+  """Builds (or reuses) the pool; returns the manifest path `workdir/pool.json`."""
+  model = model or models.ModelConfig()
+  eval_tasks = tuple(eval_tasks or tasks.HELD_IN + tasks.HELD_OUT)
+  for t in eval_tasks:
+    evaluation.get_task(t)
+  names = [r["name"] for r in recipes]
+  check(len(set(names)) == len(names), "duplicate recipe names", "make_pool.recipes")
+  spec = {"model": model.to_dict(), "seq_len": seq_len, "batch": batch_size, "seed": seed,
+          "base": list(base_stages)}
+  manifest = os.path.join(workdir, "pool.json")
+  os.makedirs(workdir, exist_ok=True)
+  apply = models.make_apply(model)
+  custom = lambda extra: {"model": model.to_dict(), **extra}
+
+  t0 = time.time()
+  base_dir = os.path.join(workdir, "base")
+  base_fp = _fingerprint(spec)
+  params = _cached(base_dir, base_fp)
+  if params is None:
+    params = models.init_params(model, jax.random.key(seed))
+    params = train_recipe(apply, params, base_stages, seq_len, batch_size, seed, "base")
+    checkpoints.save(base_dir, params, custom({"fingerprint": base_fp, "recipe": "base"}),
+                     overwrite=True)
+  base = params
+  entries = []
+  bar = tqdm(recipes, desc="pool", disable=not progress)
+  for i, recipe in enumerate(bar):
+    path = os.path.join(workdir, "checkpoints", recipe["name"])
+    fp = _fingerprint({**spec, "recipe": recipe, "index": i})
+    if _cached(path, fp, restore=False) is None:
+      params = train_recipe(apply, base, recipe["stages"], seq_len, batch_size,
+                            seed + 17 * (i + 1), recipe["name"])
+      checkpoints.save(path, params, custom({"fingerprint": fp, "recipe": recipe}),
+                       overwrite=True)
+    entries.append(checkpoints.Entry(recipe["name"], path, {"recipe": recipe}))
+  train_s = time.time() - t0
+
+  pool = checkpoints.make_pool(entries, manifest)
+  old = _old_scores(manifest, eval_tasks, max_eval_examples)
+  scores = {e.name: old[e.name] for e in entries if e.name in old}
+  if len(scores) < len(entries):
+    scores = score_pool(pool, eval_tasks, max_eval_examples)
+  entries = [checkpoints.Entry(e.name, e.path, {**e.info, "scores": scores[e.name]})
+             for e in entries]
+  checkpoints.write_manifest(manifest, checkpoints.make_pool(entries, manifest))
+  with open(os.path.join(workdir, "pool_meta.json"), "w") as f:
+    json.dump({"eval_tasks": list(eval_tasks), "max_eval_examples": max_eval_examples,
+               "train_seconds": round(train_s, 1), "total_seconds": round(time.time() - t0, 1)},
+              f, indent=1)
+  return manifest
+
+
+def _cached(path: str, fingerprint: str, restore: bool = True):
+  """Params (or True) when `path` holds a checkpoint with this fingerprint, else None."""
+  if not os.path.isdir(path):
+    return None
+  try:
+    meta = checkpoints.read_metadata(path)
+  except Exception:
+    return None
+  if meta.custom.get(checkpoints.META_KEY, {}).get("fingerprint") != fingerprint:
+    return None
+  return checkpoints.restore(path, meta.abstract) if restore else True
+
+
+def _old_scores(manifest: str, eval_tasks, max_eval_examples) -> dict:
+  meta_path = os.path.join(os.path.dirname(manifest), "pool_meta.json")
+  if not (os.path.exists(manifest) and os.path.exists(meta_path)):
+    return {}
+  meta = json.load(open(meta_path))
+  if meta.get("eval_tasks") != list(eval_tasks) or \
+      meta.get("max_eval_examples") != max_eval_examples:
+    return {}
+  return {e.name: e.info["scores"] for e in checkpoints.read_manifest(manifest).entries
+          if "scores" in e.info}
+
+
+def score_pool(pool: checkpoints.Pool, eval_tasks: Sequence[str],
+               max_examples: int | None = None) -> dict[str, dict]:
+  """{name: {"dev": {task: s}, "test": {task: s}}} for every checkpoint."""
+  meta = checkpoints.validate_pool(pool)
+  cfg = models.ModelConfig(**meta.model_config)
+  score = jax.jit(evaluation.make_scorer(models.Decoder(cfg)))
+  out = {}
+  for e in tqdm(pool.entries, desc="score pool", leave=False):
+    params = checkpoints.restore(e.path, meta.abstract, e.name)
+    out[e.name] = {}
+    for split in ("dev", "test"):
+      datas = evaluation.load_split(eval_tasks, split, max_examples)
+      s = np.asarray(score(params, datas))
+      out[e.name][split] = {t: round(float(v), 4) for t, v in zip(eval_tasks, s)}
+  return out

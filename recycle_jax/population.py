@@ -1,0 +1,94 @@
+"""Scoring a population of merges in one compiled program, with a cache keyed by weights.
+
+`score_population(alphas[P, N], pool, datas) -> scores[P, T]` merges every candidate and
+evaluates it on every task without returning to the host. Small models vmap the
+population (all P merged models resident at once); large ones `lax.map` it (one merged
+model at a time, each a sharded merge-and-evaluate inside the same program). The choice
+is made from sizes and can be overridden with `population_mode`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Sequence
+
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from recycle_jax import merging
+from recycle_jax.evaluation import TaskData
+
+PyTree = Any
+
+
+def tree_bytes(tree: PyTree) -> int:
+  return sum(x.size * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+@gin.configurable
+def choose_mode(pool: Sequence[PyTree], population_size: int, mode: str = "auto",
+                memory_budget_gb: float = 4.0) -> str:
+  """'vmap' when P merged copies fit the budget (per device), else 'map'."""
+  if mode != "auto":
+    return mode
+  per_device = tree_bytes(pool[0]) / max(jax.device_count(), 1)
+  return "vmap" if population_size * per_device <= memory_budget_gb * 2**30 else "map"
+
+
+def make_population_fn(score: Callable, mode: str) -> Callable:
+  """(alphas[P, N], pool, datas) -> (scores[P, T], finite[P]); pure and jittable."""
+  def one(alphas, pool, datas):
+    params = merging.linear(alphas, pool)
+    return score(params, datas), merging.all_finite(params)
+
+  def population(alphas, pool, datas):
+    if mode == "vmap":
+      return jax.vmap(one, in_axes=(0, None, None))(alphas, pool, datas)
+    return jax.lax.map(lambda a: one(a, pool, datas), alphas)
+  return population
+
+
+def weights_key(alphas: np.ndarray, decimals: int = 6) -> bytes:
+  """Cache key of a normalized weight vector (rounded so float noise collides)."""
+  return np.round(np.asarray(alphas, np.float64), decimals).tobytes()
+
+
+@dataclasses.dataclass
+class CachedScorer:
+  """Scores arbitrary weight vectors on a split, P at a time, remembering every result."""
+  population_fn: Callable  # jitted (alphas, pool, datas) -> (scores, finite)
+  pool: Sequence[PyTree]
+  population_size: int
+  cache: dict = dataclasses.field(default_factory=dict)
+  hits: int = 0
+
+  def __call__(self, alphas: np.ndarray, datas: tuple[TaskData, ...],
+               split: str) -> np.ndarray:
+    """alphas [K, N] (normalized) -> scores [K, T]; NaN where the merge was not finite."""
+    alphas = np.asarray(alphas, np.float32)
+    names = tuple(d.name for d in datas)
+    keys = [(split, names, weights_key(a)) for a in alphas]
+    todo = [i for i, k in enumerate(keys) if k not in self.cache]
+    self.hits += len(keys) - len(todo)
+    p = self.population_size
+    for start in range(0, len(todo), p):
+      idx = todo[start:start + p]
+      batch = alphas[idx + [idx[-1]] * (p - len(idx))]  # pad to the compiled shape
+      scores, finite = jax.device_get(self.population_fn(batch, self.pool, datas))
+      for j, i in enumerate(idx):
+        self.cache[keys[i]] = np.where(finite[j], scores[j], np.nan)
+    return np.stack([self.cache[k] for k in keys]) if keys else np.zeros((0, len(datas)))
+
+  def remember(self, alphas: np.ndarray, scores: np.ndarray, names: Sequence[str],
+               split: str) -> None:
+    for a, s in zip(np.asarray(alphas, np.float32), scores):
+      self.cache[(split, tuple(names), weights_key(a))] = np.asarray(s)
+
+
+def log_nonfinite(alphas: np.ndarray, fitness: np.ndarray, where: str) -> None:
+  for a, f in zip(alphas, fitness):
+    if not np.isfinite(f):
+      logging.warning("%s: candidate %s evaluated to %s; given the worst fitness",
+                      where, np.round(a, 4).tolist(), f)

@@ -1,0 +1,233 @@
+"""Evolutionary search over merge weights: one CMA-ES generation is one XLA program.
+
+  generation(state, pool, datas):
+      x      = es.ask(state)                    [P, N] unnormalized
+      alphas = parametrize(x)                   [P, N] on the simplex
+      scores = score_population(alphas, ...)    [P, T] merged + evaluated on device
+      fitness = mean(scores, -1)                macro-average (maximized)
+      state  = es.tell(x, -fitness)             evosax minimizes
+G generations are a `lax.scan` of it, or one call per generation when the search state is
+checkpointed (then `--resume` continues bit-for-bit). Every evaluated merge goes to the
+archive; NaN candidates get the worst fitness and are logged.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from typing import Any, Callable, Sequence
+
+import evosax.algorithms as es_algorithms
+import flax.struct
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+from tqdm.auto import tqdm
+
+from recycle_jax import merging, population
+from recycle_jax.errors import check
+
+PyTree = Any
+WORST = 1e9  # minimized fitness given to NaN candidates
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class SearchConfig:
+  budget: int = 50  # evaluated merges, excluding warm-start seeds
+  population_size: int | None = None  # None: 4 + floor(3 ln N), as the paper
+  sigma_init: float = 1.0
+  strategy: str = "CMA_ES"
+  parametrization: str = "relu_normalize"
+  warm_start: bool = False  # tell the best single checkpoints/baselines first
+  seed: int = 0
+
+  def pop_size(self, n: int) -> int:
+    return self.population_size or 4 + int(math.floor(3 * math.log(n)))
+
+  def num_generations(self, n: int) -> int:
+    return max(1, self.budget // self.pop_size(n))
+
+
+STRATEGIES = ("CMA_ES", "Sep_CMA_ES", "SNES", "RandomSearch")
+
+
+@flax.struct.dataclass
+class SearchState:
+  es_state: Any
+  key: jax.Array  # raw uint32 key data, so Orbax can save it
+  generation: jax.Array
+
+
+@dataclasses.dataclass
+class Archive:
+  """Every evaluated merge, in order."""
+  x: list = dataclasses.field(default_factory=list)
+  alphas: list = dataclasses.field(default_factory=list)
+  scores: list = dataclasses.field(default_factory=list)  # [T] dev scores
+  fitness: list = dataclasses.field(default_factory=list)
+  kind: list = dataclasses.field(default_factory=list)  # 'seed' or 'search'
+
+  def add(self, x, alphas, scores, fitness, kind) -> None:
+    for row in zip(x, alphas, scores, fitness):
+      self.x.append(np.asarray(row[0])); self.alphas.append(np.asarray(row[1]))
+      self.scores.append(np.asarray(row[2])); self.fitness.append(float(row[3]))
+      self.kind.append(kind)
+
+  def arrays(self) -> dict[str, np.ndarray]:
+    return {"x": np.asarray(self.x, np.float32), "alphas": np.asarray(self.alphas, np.float32),
+            "scores": np.asarray(self.scores, np.float32),
+            "fitness": np.asarray(self.fitness, np.float32),
+            "is_seed": np.asarray([k == "seed" for k in self.kind], bool)}
+
+  @classmethod
+  def from_arrays(cls, a: dict) -> "Archive":
+    out = cls()
+    for x, al, s, f, seed in zip(a["x"], a["alphas"], a["scores"], a["fitness"], a["is_seed"]):
+      out.add([x], [al], [s], [f], "seed" if seed else "search")
+    return out
+
+  def best(self) -> int:
+    f = np.where(np.isfinite(self.fitness), self.fitness, -np.inf)
+    return int(np.argmax(f))
+
+  def __len__(self) -> int:
+    return len(self.fitness)
+
+
+def make_strategy(name: str, pop: int, n: int, sigma: float):
+  check(name in STRATEGIES, f"unknown search strategy {name!r}", "SearchConfig.strategy",
+        f"choose from {list(STRATEGIES)}")
+  cls = getattr(es_algorithms, name)
+  es = cls(population_size=pop, solution=jnp.zeros(n))
+  params = es.default_params
+  if hasattr(params, "std_init"):
+    params = params.replace(std_init=sigma)
+  return es, params
+
+
+def fitness_from_scores(scores: jax.Array) -> jax.Array:
+  """Macro-average over tasks; [..., T] -> [...]."""
+  return jnp.mean(scores, axis=-1)
+
+
+@dataclasses.dataclass
+class Search:
+  """Builds the compiled generation for a pool and a tuple of dev TaskData."""
+  cfg: SearchConfig
+  n: int
+  population_fn: Callable  # (alphas, pool, datas) -> (scores [P, T], finite [P])
+
+  def __post_init__(self):
+    self.pop = self.cfg.pop_size(self.n)
+    self.es, self.es_params = make_strategy(self.cfg.strategy, self.pop, self.n,
+                                            self.cfg.sigma_init)
+    self.parametrize = merging.get_parametrization(self.cfg.parametrization)
+    self.generation = jax.jit(self._generation)
+    self.tell_seeds = jax.jit(self._tell_seeds)
+
+  def init(self, mean: np.ndarray | None = None) -> SearchState:
+    key = jax.random.key(self.cfg.seed)
+    key, k_init = jax.random.split(key)
+    mean = jnp.full((self.n,), 1.0 / self.n) if mean is None else jnp.asarray(mean)
+    es_state = self.es.init(k_init, mean, self.es_params)
+    return SearchState(es_state, jax.random.key_data(key), jnp.zeros((), jnp.int32))
+
+  def _tell(self, state: SearchState, key, x, fitness):
+    safe = jnp.where(jnp.isfinite(fitness), -fitness, WORST)
+    es_state, _ = self.es.tell(key, x, safe, state.es_state, self.es_params)
+    return es_state
+
+  def _generation(self, state: SearchState, pool, datas):
+    key = jax.random.wrap_key_data(state.key)
+    key, k_ask, k_tell = jax.random.split(key, 3)
+    x, es_state = self.es.ask(k_ask, state.es_state, self.es_params)
+    alphas = self.parametrize(x)
+    scores, finite = self.population_fn(alphas, pool, datas)
+    fitness = jnp.where(finite, fitness_from_scores(scores), jnp.nan)
+    es_state = self._tell(state.replace(es_state=es_state), k_tell, x, fitness)
+    new = SearchState(es_state, jax.random.key_data(key), state.generation + 1)
+    return new, (x, alphas, scores, fitness)
+
+  def _tell_seeds(self, state: SearchState, x, fitness):
+    key = jax.random.wrap_key_data(state.key)
+    key, k_ask, k_tell = jax.random.split(key, 3)
+    _, es_state = self.es.ask(k_ask, state.es_state, self.es_params)  # advances counters
+    es_state = self._tell(state.replace(es_state=es_state), k_tell, x, fitness)
+    return SearchState(es_state, jax.random.key_data(key), state.generation)
+
+  def scan(self, state: SearchState, pool, datas, num_generations: int):
+    """All generations as one program (no checkpoints in between)."""
+    def body(s, _):
+      return self.generation(s, pool, datas)
+    return jax.lax.scan(body, state, None, length=num_generations)
+
+
+# ----------------------------------------------------------------------------- running
+
+def _state_to_save(state: SearchState, archive: Archive) -> dict:
+  return {"state": state, "archive": archive.arrays()}
+
+
+def run(search: Search, pool, datas, workdir: str | None, resume: bool = False,
+        seeds: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+        progress: bool = True, on_generation: Callable | None = None) -> Archive:
+  """Runs the search to its budget, checkpointing after every generation in `workdir`.
+
+  seeds: optional (alphas [S, N], scores [S, T], fitness [S]) of already evaluated points
+  (single checkpoints, baselines): they enter the archive and, when `warm_start`, the top
+  P are told to the strategy before the first generation.
+  """
+  total = search.cfg.num_generations(search.n)
+  state, archive = search.init(), Archive()
+  mngr = None
+  if workdir:
+    mngr = ocp.CheckpointManager(
+        os.path.abspath(os.path.join(workdir, "search_state")),
+        options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
+  if resume and mngr is not None and mngr.latest_step() is not None:
+    step = mngr.latest_step()
+    restored = mngr.restore(step, args=ocp.args.StandardRestore(_abstract(search, state, step, mngr)))
+    state, archive = restored["state"], Archive.from_arrays(restored["archive"])
+    logging.info("resumed search at generation %d (%d merges archived)", step, len(archive))
+  else:
+    if seeds is not None:
+      alphas, scores, fitness = seeds
+      archive.add(alphas, alphas, scores, fitness, "seed")
+      if search.cfg.warm_start:
+        order = np.argsort(-np.nan_to_num(fitness, nan=-np.inf))
+        top = np.resize(order, search.pop)  # repeats when fewer seeds than P
+        state = search.tell_seeds(state, jnp.asarray(alphas[top]),
+                                  jnp.asarray(fitness[top]))
+    if mngr is not None:
+      mngr.save(0, args=ocp.args.StandardSave(_state_to_save(state, archive)))
+  start = int(state.generation)
+  bar = tqdm(range(start, total), desc="search", disable=not progress, initial=start,
+             total=total, unit="gen")
+  for g in bar:
+    state, (x, alphas, scores, fitness) = search.generation(state, pool, datas)
+    x, alphas, scores, fitness = jax.device_get((x, alphas, scores, fitness))
+    population.log_nonfinite(alphas, fitness, f"generation {g}")
+    archive.add(x, alphas, scores, fitness, "search")
+    if mngr is not None:
+      mngr.save(g + 1, args=ocp.args.StandardSave(_state_to_save(state, archive)))
+      mngr.wait_until_finished()
+    best = np.nanmax(np.asarray(archive.fitness))
+    bar.set_postfix(best=f"{best:.2f}")
+    if on_generation is not None:
+      on_generation(g, archive)
+  if mngr is not None:
+    mngr.wait_until_finished()
+    mngr.close()
+  return archive
+
+
+def _abstract(search: Search, state: SearchState, step: int, mngr) -> dict:
+  meta = mngr.item_metadata(step)
+  arch = {k: jax.ShapeDtypeStruct(tuple(v.shape), np.dtype(v.dtype))
+          for k, v in dict(meta["archive"]).items()}
+  return {"state": jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state),
+          "archive": arch}
