@@ -190,6 +190,16 @@ def restore_pool(pool: Pool, abstract: PyTree) -> tuple[PyTree, ...]:
   return tuple(restore(e.path, abstract, e.name) for e in pool.entries)
 
 
+def find_nonfinite(pool: Pool, meta: CheckpointMeta) -> list[str]:
+  """Names of checkpoints holding NaN/Inf; only called after a merge came out non-finite."""
+  bad = []
+  for e in pool.entries:
+    tree = restore(e.path, meta.abstract, e.name)
+    if not all(bool(np.all(np.isfinite(np.asarray(x)))) for x in jax.tree.leaves(tree)):
+      bad.append(e.name)
+  return bad
+
+
 def _inside(path: str, parent: str) -> bool:
   path, parent = os.path.realpath(path), os.path.realpath(parent)
   return path == parent or path.startswith(parent.rstrip(os.sep) + os.sep)

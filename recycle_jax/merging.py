@@ -82,6 +82,12 @@ def all_finite(tree: PyTree) -> jax.Array:
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
+def linear_checked(alphas: jax.Array, pool: Pool) -> tuple[PyTree, jax.Array]:
+  """The linear merge and whether it is all finite, in one pass over the data."""
+  merged = linear(alphas, pool)
+  return merged, all_finite(merged)
+
+
 @gin.configurable
 def merge(method: str, alphas: jax.Array, pool: Pool, base: PyTree | None = None,
           **hparams) -> PyTree:

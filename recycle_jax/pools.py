@@ -174,7 +174,7 @@ def make_pool(workdir: str, recipes: Sequence[dict] = gin.REQUIRED,
           "base": list(base_stages)}
   manifest = os.path.join(workdir, "pool.json")
   os.makedirs(workdir, exist_ok=True)
-  apply = models.make_apply(model)
+  apply = models.Decoder(model).apply
   custom = lambda extra: {"model": model.to_dict(), **extra}
 
   t0 = time.time()

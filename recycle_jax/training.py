@@ -7,6 +7,7 @@ Batches are dicts of fixed-shape int arrays:
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Iterator
 
 import gin
@@ -61,32 +62,48 @@ def dpo_loss(apply, params, batch, ref_params, cfg: TrainConfig) -> jax.Array:
 LOSSES: dict[str, Callable] = {"sft": sft_loss, "dpo": dpo_loss}
 
 
-def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
-  sched = optax.warmup_cosine_decay_schedule(
+def lr_schedule(cfg: TrainConfig) -> optax.Schedule:
+  return optax.warmup_cosine_decay_schedule(
       0.0, cfg.learning_rate, min(cfg.warmup_steps, max(cfg.steps - 1, 1)),
       max(cfg.steps, 2), end_value=cfg.learning_rate * 0.1)
+
+
+def make_optimizer(weight_decay: float) -> optax.GradientTransformation:
+  """AdamW whose learning rate is an input, so one compiled step serves every schedule."""
   return optax.chain(optax.clip_by_global_norm(1.0),
-                     optax.adamw(sched, b2=0.98, weight_decay=cfg.weight_decay))
+                     optax.inject_hyperparams(optax.adamw)(
+                         learning_rate=0.0, b2=0.98, weight_decay=weight_decay))
+
+
+def _static(cfg: TrainConfig) -> TrainConfig:
+  """The fields the compiled step depends on; steps/lr/warmup only shape the schedule."""
+  return dataclasses.replace(cfg, steps=0, learning_rate=0.0, warmup_steps=0, batch_size=0)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(3,))
+def _step(apply, cfg: TrainConfig, params, opt_state, batch, ref_params, lr):
+  """One optimizer step; compiled once per (apply, objective) and reused across recipes."""
+  loss, grads = jax.value_and_grad(
+      lambda p: LOSSES[cfg.objective](apply, p, batch, ref_params, cfg))(params)
+  opt_state[1].hyperparams["learning_rate"] = lr
+  updates, opt_state = make_optimizer(cfg.weight_decay).update(grads, opt_state, params)
+  return optax.apply_updates(params, updates), opt_state, loss
 
 
 def train(apply, params: PyTree, batches: Iterator[dict], cfg: TrainConfig,
           ref_params: PyTree | None = None, desc: str = "train") -> tuple[PyTree, float]:
-  """Runs cfg.steps optimizer steps; returns the new params and the last loss."""
-  loss_fn = LOSSES[cfg.objective]
-  opt = make_optimizer(cfg)
+  """Runs cfg.steps optimizer steps; returns the new params and the last loss.
 
-  @jax.jit
-  def step(params, opt_state, batch):
-    loss, grads = jax.value_and_grad(
-        lambda p: loss_fn(apply, p, batch, ref_params, cfg))(params)
-    updates, opt_state = opt.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
-
-  opt_state = opt.init(params)
+  `apply` must be hashable and stable (e.g. `models.Decoder(cfg).apply`) so the step
+  compiles once for every recipe that shares a TrainConfig.
+  """
+  opt_state = make_optimizer(cfg.weight_decay).init(params)
+  sched, static = lr_schedule(cfg), _static(cfg)
   loss = float("nan")
   bar = tqdm(range(cfg.steps), desc=desc, leave=False, mininterval=2.0)
   for i in bar:
-    params, opt_state, loss = step(params, opt_state, next(batches))
+    params, opt_state, loss = _step(apply, static, params, opt_state, next(batches),
+                                    ref_params, jnp.float32(sched(i)))
     if i % 50 == 0 or i == cfg.steps - 1:
       bar.set_postfix(loss=f"{float(loss):.3f}")
   return params, float(loss)

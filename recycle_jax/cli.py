@@ -1,0 +1,157 @@
+"""`recycle-jax`: make-pool, search, merge, eval.
+
+Every subcommand takes --gin_file (repeatable) and --gin_bindings (repeatable). Bad
+input ends with one line `error: what (where); how to fix` and exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from recycle_jax.errors import UserError, check
+
+EXIT_USAGE = 2
+
+
+def _parse_gin(files, bindings) -> None:
+  import gin
+  from recycle_jax import (checkpoints, evaluation, experiment, models, partitioning,  # noqa
+                           pools, population, search, training)
+  for f in files or ():
+    check(os.path.isfile(f), f"gin file not found: {f}", "--gin_file")
+  gin.clear_config()  # one process may run several commands (tests, sweeps)
+  try:
+    gin.parse_config_files_and_bindings(files or [], bindings or [], skip_unknown=False)
+  except Exception as e:  # gin raises ValueError/KeyError/SyntaxError with long messages
+    msg = " ".join(str(e).split())[:300]
+    raise UserError(f"invalid gin config: {msg}", "--gin_file/--gin_bindings",
+                    "check the configurable and parameter names") from None
+
+
+def _init_distributed(args) -> None:
+  if getattr(args, "distributed", False):
+    from recycle_jax import multihost
+    multihost.initialize()
+
+
+def cmd_make_pool(args) -> None:
+  from recycle_jax import pools
+  manifest = pools.make_pool(args.workdir)
+  print(f"pool manifest: {manifest}")
+  print(f"pool report:   {os.path.join(args.workdir, 'pool_report.md')}")
+
+
+def cmd_search(args) -> None:
+  from recycle_jax import experiment
+  results = experiment.run_search(args.workdir, resume=args.resume, overwrite=args.overwrite)
+  m = results["methods"]
+  print("fitness (dev / test): " + ", ".join(
+      f"{k} {m[k]['fitness']['dev']} / {m[k]['fitness']['test']}"
+      for k in ("search", "uniform", "merge_best", "best_single")))
+  print(f"report: {os.path.join(args.workdir, 'report.md')}")
+
+
+def cmd_merge(args) -> None:
+  import jax
+  import numpy as np
+  from recycle_jax import checkpoints, experiment, merging
+  pool = checkpoints.load_pool(args.pool)
+  meta = checkpoints.validate_pool(pool)
+  try:
+    weights = [float(w) for w in args.weights.split(",")]
+  except ValueError:
+    raise UserError(f"weights must be numbers, got {args.weights!r}", "--weights",
+                    "pass comma-separated numbers like 0.5,0.5") from None
+  alphas = merging.check_explicit_weights(weights, len(pool))
+  checkpoints.check_output(args.output, pool.paths, args.overwrite)
+  experiment.model_config_from(meta, pool.entries[0].path)
+  if args.streaming:
+    from recycle_jax import streaming
+    streaming.merge_to_disk(pool, meta, alphas, args.output,
+                            memory_budget_mb=args.memory_budget_mb, overwrite=args.overwrite)
+  else:
+    loaded = experiment.load_pool(args.pool)
+    merged, finite = jax.jit(merging.linear_checked)(np.asarray(alphas, np.float32),
+                                                     loaded.params)
+    if not bool(finite):
+      bad = checkpoints.find_nonfinite(pool, meta)
+      raise UserError(f"the merge has NaN or Inf values coming from {bad}", "--pool",
+                      "repair or drop that checkpoint")
+    checkpoints.save(args.output, merged,
+                     experiment.merged_metadata(loaded, alphas, "linear"),
+                     overwrite=args.overwrite)
+  print(f"merged checkpoint: {args.output}")
+
+
+def cmd_eval(args) -> None:
+  import jax
+  import numpy as np
+  from recycle_jax import checkpoints, evaluation, experiment, models
+  meta = checkpoints.read_metadata(args.checkpoint)
+  cfg = experiment.model_config_from(meta, args.checkpoint)
+  names = [t for t in args.tasks.split(",") if t]
+  check(bool(names), "no tasks given", "--tasks", "pass --tasks=rj_code,rj_math")
+  datas = evaluation.load_split(names, args.split, args.max_examples)
+  params = checkpoints.restore(args.checkpoint, meta.abstract)
+  scores = np.asarray(jax.jit(evaluation.make_scorer(models.Decoder(cfg)))(params, datas))
+  out = {"checkpoint": os.path.abspath(args.checkpoint), "split": args.split,
+         "scores": {t: round(float(s), 4) for t, s in zip(names, scores)}}
+  for t, s in out["scores"].items():
+    print(f"{t:20s} {s:6.2f}")
+  if args.output:
+    checkpoints.check_output(args.output, [args.checkpoint], overwrite=True)
+    with open(args.output, "w") as f:
+      json.dump(out, f, indent=1)
+
+
+def build_parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog="recycle-jax", description=__doc__.splitlines()[0])
+  sub = p.add_subparsers(dest="command", required=True)
+
+  def add(name, fn, help_):
+    s = sub.add_parser(name, help=help_)
+    s.add_argument("--gin_file", action="append", default=[])
+    s.add_argument("--gin_bindings", action="append", default=[])
+    s.add_argument("--distributed", action="store_true",
+                   help="call jax.distributed.initialize() (one process per host)")
+    s.set_defaults(fn=fn)
+    return s
+
+  s = add("make-pool", cmd_make_pool, "train the base and the pool of checkpoints")
+  s.add_argument("--workdir", required=True)
+  s = add("search", cmd_search, "search merge weights with CMA-ES")
+  s.add_argument("--workdir", required=True)
+  s.add_argument("--resume", action="store_true")
+  s.add_argument("--overwrite", action="store_true")
+  s = add("merge", cmd_merge, "merge a pool with given weights")
+  s.add_argument("--pool", required=True)
+  s.add_argument("--weights", required=True)
+  s.add_argument("--output", required=True)
+  s.add_argument("--overwrite", action="store_true")
+  s.add_argument("--streaming", action="store_true", help="out-of-core, leaf by leaf")
+  s.add_argument("--memory_budget_mb", type=float, default=256.0)
+  s = add("eval", cmd_eval, "score one checkpoint on tasks")
+  s.add_argument("--checkpoint", required=True)
+  s.add_argument("--tasks", required=True)
+  s.add_argument("--split", default="test")
+  s.add_argument("--max_examples", type=int, default=None)
+  s.add_argument("--output", default=None, help="also write the scores as JSON here")
+  return p
+
+
+def main(argv=None) -> int:
+  args = build_parser().parse_args(argv)
+  try:
+    _parse_gin(args.gin_file, args.gin_bindings)
+    _init_distributed(args)
+    args.fn(args)
+  except UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return EXIT_USAGE
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
