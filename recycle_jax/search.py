@@ -18,6 +18,7 @@ import os
 from typing import Any, Callable, Sequence
 
 import evosax.algorithms as es_algorithms
+import flax.serialization
 import flax.struct
 import gin
 import jax
@@ -190,8 +191,9 @@ def run(search: Search, pool, datas, workdir: str | None, resume: bool = False,
         options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
   if resume and mngr is not None and mngr.latest_step() is not None:
     step = mngr.latest_step()
-    restored = mngr.restore(step, args=ocp.args.StandardRestore(_abstract(search, state, step, mngr)))
-    state, archive = restored["state"], Archive.from_arrays(restored["archive"])
+    restored = mngr.restore(step, args=ocp.args.StandardRestore())
+    state = flax.serialization.from_state_dict(state, restored["state"])
+    archive = Archive.from_arrays({k: np.asarray(v) for k, v in restored["archive"].items()})
     logging.info("resumed search at generation %d (%d merges archived)", step, len(archive))
   else:
     if seeds is not None:
@@ -202,7 +204,7 @@ def run(search: Search, pool, datas, workdir: str | None, resume: bool = False,
         top = np.resize(order, search.pop)  # repeats when fewer seeds than P
         state = search.tell_seeds(state, jnp.asarray(alphas[top]),
                                   jnp.asarray(fitness[top]))
-    if mngr is not None:
+    if mngr is not None and len(archive):  # a fresh init needs no checkpoint
       mngr.save(0, args=ocp.args.StandardSave(_state_to_save(state, archive)))
   start = int(state.generation)
   bar = tqdm(range(start, total), desc="search", disable=not progress, initial=start,
@@ -223,11 +225,3 @@ def run(search: Search, pool, datas, workdir: str | None, resume: bool = False,
     mngr.wait_until_finished()
     mngr.close()
   return archive
-
-
-def _abstract(search: Search, state: SearchState, step: int, mngr) -> dict:
-  meta = mngr.item_metadata(step)
-  arch = {k: jax.ShapeDtypeStruct(tuple(v.shape), np.dtype(v.dtype))
-          for k, v in dict(meta["archive"]).items()}
-  return {"state": jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state),
-          "archive": arch}

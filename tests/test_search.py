@@ -1,0 +1,87 @@
+"""CMA-ES on a constructed problem with a known optimum, determinism and resume."""
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from recycle_jax import search
+
+TARGET = np.array([0.5, 0.3, 0.2, 0.0, 0.0, 0.0], np.float32)
+
+
+def _population_fn(alphas, pool, datas):
+  """Two 'tasks' whose average peaks at TARGET (100 there)."""
+  d = jnp.sum((alphas - TARGET) ** 2, -1)
+  scores = jnp.stack([100 - 100 * d, 100 - 120 * d], -1)
+  return scores, jnp.ones(alphas.shape[0], bool)
+
+
+def _search(budget=300, seed=0, **kw):
+  cfg = search.SearchConfig(budget=budget, seed=seed, sigma_init=0.3, **kw)
+  return search.Search(cfg, len(TARGET), _population_fn)
+
+
+def _fitness(alphas):
+  return float(np.asarray(_population_fn(jnp.asarray(alphas)[None], None, None)[0]).mean())
+
+
+def test_search_finds_the_known_optimum_better_than_uniform():
+  archive = search.run(_search(), None, None, workdir=None, progress=False)
+  best = archive.best()
+  uniform = _fitness(np.full(6, 1 / 6, np.float32))
+  assert archive.fitness[best] > uniform + 5
+  assert archive.fitness[best] > 99.0
+  np.testing.assert_allclose(archive.alphas[best], TARGET, atol=0.08)
+  assert len(archive) == 300 // _search().pop * _search().pop
+
+
+def test_population_size_defaults_to_the_paper():
+  assert search.SearchConfig().pop_size(16) == 12
+  assert search.SearchConfig().pop_size(2) == 6
+
+
+def test_search_is_deterministic_for_a_seed():
+  a = search.run(_search(60, seed=3), None, None, workdir=None, progress=False)
+  b = search.run(_search(60, seed=3), None, None, workdir=None, progress=False)
+  c = search.run(_search(60, seed=4), None, None, workdir=None, progress=False)
+  np.testing.assert_array_equal(np.asarray(a.alphas), np.asarray(b.alphas))
+  assert not np.array_equal(np.asarray(a.alphas), np.asarray(c.alphas))
+
+
+def test_resume_after_interruption_reaches_the_same_result(tmp_path):
+  full = search.run(_search(80), None, None, workdir=str(tmp_path / "a"), progress=False)
+
+  class Stop(Exception):
+    pass
+
+  def stop_after_two(g, archive):
+    if g == 1:
+      raise Stop
+  with pytest.raises(Stop):
+    search.run(_search(80), None, None, workdir=str(tmp_path / "b"), progress=False,
+               on_generation=stop_after_two)
+  resumed = search.run(_search(80), None, None, workdir=str(tmp_path / "b"), resume=True,
+                       progress=False)
+  np.testing.assert_array_equal(np.asarray(full.alphas), np.asarray(resumed.alphas))
+  np.testing.assert_array_equal(np.asarray(full.fitness), np.asarray(resumed.fitness))
+
+
+def test_nan_candidates_get_the_worst_fitness_and_the_search_continues():
+  def nan_fn(alphas, pool, datas):
+    scores, finite = _population_fn(alphas, pool, datas)
+    return scores, finite.at[0].set(False)  # first candidate of each generation "diverges"
+  s = search.Search(search.SearchConfig(budget=60, sigma_init=0.3), 6, nan_fn)
+  archive = search.run(s, None, None, workdir=None, progress=False)
+  f = np.asarray(archive.fitness)
+  assert np.isnan(f[::s.pop]).all() and np.isfinite(np.delete(f, np.s_[::s.pop])).all()
+  assert np.isfinite(archive.fitness[archive.best()])
+
+
+def test_warm_start_seeds_enter_the_archive_and_steer_the_strategy():
+  seeds_a = np.eye(6, dtype=np.float32)
+  seeds_s = np.asarray(_population_fn(jnp.asarray(seeds_a), None, None)[0])
+  seeds = (seeds_a, seeds_s, seeds_s.mean(-1))
+  warm = search.run(_search(24, warm_start=True), None, None, None, seeds=seeds,
+                    progress=False)
+  cold = search.run(_search(24), None, None, None, seeds=seeds, progress=False)
+  assert warm.kind[:6] == ["seed"] * 6 and len(warm) == 6 + 24 // 9 * 9
+  assert not np.array_equal(np.asarray(warm.alphas[6:]), np.asarray(cold.alphas[6:]))
