@@ -152,6 +152,12 @@ def _describe(abstract: PyTree) -> dict[str, tuple]:
   return {path_str(p): (tuple(x.shape), np.dtype(x.dtype).name) for p, x in flat}
 
 
+def _config_diff(ref: dict | None, cur: dict | None) -> list[str]:
+  """'key cur vs ref' for model-config fields both record with different values."""
+  both = sorted(set(ref or {}) & set(cur or {}))
+  return [f"{k} {cur[k]!r} vs {ref[k]!r}" for k in both if cur[k] != ref[k]]
+
+
 def validate_pool(pool: Pool) -> CheckpointMeta:
   """Checks every checkpoint against the first from metadata alone; returns the first's."""
   metas = [read_metadata(e.path, e.name) for e in pool.entries]
@@ -159,6 +165,10 @@ def validate_pool(pool: Pool) -> CheckpointMeta:
   for e, m in zip(pool.entries[1:], metas[1:]):
     cur = _describe(m.abstract)
     where = f"checkpoint {e.name!r} at {e.path}"
+    # Named config fields (e.g. vocab_size) say more than the first mismatching tensor.
+    diff = _config_diff(metas[0].model_config, m.model_config)
+    check(not diff, f"model config differs from {ref_name!r}: {', '.join(diff)}", where,
+          "every pool member must share one architecture and vocabulary")
     for key in sorted(set(ref) | set(cur)):
       check(key in cur, f"parameter {key!r} of {ref_name!r} is missing", where,
             "every pool member must share one model architecture")
@@ -219,14 +229,24 @@ def check_output(path: str, inputs: Sequence[str] = (), overwrite: bool = False,
 def save(path: str, params: PyTree, custom: dict, overwrite: bool = False) -> None:
   """Writes an Orbax checkpoint atomically: a sibling temp dir renamed into place."""
   path = os.path.abspath(path)
+  tmp = temp_sibling(path)
+  ckptr = ocp.StandardCheckpointer()
+  ckptr.save(tmp, params, custom_metadata={META_KEY: custom})
+  ckptr.wait_until_finished()
+  commit(tmp, path, overwrite)
+
+
+def temp_sibling(path: str) -> str:
+  """A fresh `PATH.partial-TOKEN` to write into (one name on every process)."""
   os.makedirs(os.path.dirname(path), exist_ok=True)
   for stale in glob.glob(f"{path}.partial-*"):  # left by a killed writer
     if jax.process_index() == 0:
       shutil.rmtree(stale, ignore_errors=True)
-  tmp = f"{path}.partial-{_run_token()}"
-  ckptr = ocp.StandardCheckpointer()
-  ckptr.save(tmp, params, custom_metadata={META_KEY: custom})
-  ckptr.wait_until_finished()
+  return f"{path}.partial-{_run_token()}"
+
+
+def commit(tmp: str, path: str, overwrite: bool) -> None:
+  """Renames a finished temp dir onto `path` (process 0), then waits for every process."""
   if jax.process_index() == 0:
     if os.path.exists(path):
       check(overwrite, f"output {path} already exists", "", "pass --overwrite")

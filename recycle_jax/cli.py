@@ -1,4 +1,4 @@
-"""`recycle-jax`: make-pool, search, merge, eval.
+"""`recycle-jax`: make-pool, search, merge, eval, convert, inspect, report.
 
 Every subcommand takes --gin_file (repeatable) and --gin_bindings (repeatable). Bad
 input ends with one line `error: what (where); how to fix` and exit status 2.
@@ -10,6 +10,8 @@ import json
 import os
 import sys
 
+from absl import logging
+
 from recycle_jax.errors import UserError, check
 
 EXIT_USAGE = 2
@@ -17,8 +19,8 @@ EXIT_USAGE = 2
 
 def _parse_gin(files, bindings) -> None:
   import gin
-  from recycle_jax import (checkpoints, evaluation, experiment, models, partitioning,  # noqa
-                           pools, population, search, training)
+  from recycle_jax import (checkpoints, evaluation, experiment, models, multihost,  # noqa
+                           partitioning, pools, population, search, training)
   for f in files or ():
     check(os.path.isfile(f), f"gin file not found: {f}", "--gin_file")
   gin.clear_config()  # one process may run several commands (tests, sweeps)
@@ -31,9 +33,10 @@ def _parse_gin(files, bindings) -> None:
 
 
 def _init_distributed(args) -> None:
+  # Before _parse_gin: importing the search stack (evosax) already touches the devices.
   if getattr(args, "distributed", False):
     from recycle_jax import multihost
-    multihost.initialize()
+    multihost.initialize_from_gin(args.gin_file, args.gin_bindings)
 
 
 def cmd_make_pool(args) -> None:
@@ -106,6 +109,35 @@ def cmd_eval(args) -> None:
       json.dump(out, f, indent=1)
 
 
+def cmd_convert(args) -> None:
+  from recycle_jax import convert
+  direction = convert.convert(args.src, args.dst, overwrite=args.overwrite)
+  logging.info("converted %s (%s) to %s", args.src, direction, args.dst)
+  print(f"{direction}: {args.dst}")
+
+
+def cmd_inspect(args) -> None:
+  from recycle_jax import inspection
+  pool = inspection.load_any(args.pool)
+  print(f"pool: {pool.source} ({len(pool)} checkpoints)")
+  print(inspection.pool_markdown([inspection.entry_row(e) for e in pool.entries], args.split))
+
+
+def cmd_report(args) -> None:
+  from recycle_jax import reporting
+  path = os.path.join(args.workdir, "results.json")
+  check(os.path.isfile(path), "results.json not found", args.workdir,
+        "pass the workdir of a finished `recycle-jax search`")
+  try:
+    with open(path) as f:
+      results = json.load(f)
+    out = reporting.write_report(args.workdir, results)
+  except (json.JSONDecodeError, KeyError, TypeError) as e:
+    raise UserError(f"results.json is not a search result ({type(e).__name__}: {e})", path,
+                    "re-run the search to rewrite it") from None
+  print(f"report: {out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="recycle-jax", description=__doc__.splitlines()[0])
   sub = p.add_subparsers(dest="command", required=True)
@@ -116,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--gin_bindings", action="append", default=[])
     s.add_argument("--distributed", action="store_true",
                    help="call jax.distributed.initialize() (one process per host)")
+    s.add_argument("--log_level", default="info",
+                   choices=["debug", "info", "warning", "error"])
     s.set_defaults(fn=fn)
     return s
 
@@ -138,14 +172,33 @@ def build_parser() -> argparse.ArgumentParser:
   s.add_argument("--split", default="test")
   s.add_argument("--max_examples", type=int, default=None)
   s.add_argument("--output", default=None, help="also write the scores as JSON here")
+  s = add("convert", cmd_convert,
+          "Hugging Face Llama dir -> Orbax checkpoint, or Orbax checkpoint -> HF dir")
+  s.add_argument("src", help="HF directory (config.json + safetensors) or Orbax checkpoint")
+  s.add_argument("dst")
+  s.add_argument("--overwrite", action="store_true")
+  s = add("inspect", cmd_inspect, "print a pool as a table, from metadata alone")
+  s.add_argument("pool", help="pool.json, its directory, or one checkpoint directory")
+  s.add_argument("--split", default="test", help="which cached scores to show")
+  s = add("report", cmd_report, "rebuild report.md from a workdir's results.json")
+  s.add_argument("workdir")
   return p
+
+
+def _init_logging(level: str) -> None:
+  from absl import flags
+  if not flags.FLAGS.is_parsed():  # no absl.app here: silence "before flag parsing"
+    flags.FLAGS.mark_as_parsed()
+  logging.set_verbosity(level)
 
 
 def main(argv=None) -> int:
   args = build_parser().parse_args(argv)
+  _init_logging(args.log_level)
   try:
-    _parse_gin(args.gin_file, args.gin_bindings)
     _init_distributed(args)
+    _parse_gin(args.gin_file, args.gin_bindings)
+    logging.info("recycle-jax %s", args.command)
     args.fn(args)
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)

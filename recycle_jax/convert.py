@@ -152,7 +152,7 @@ def load_hf(src: str) -> tuple[models.ModelConfig, PyTree, dict]:
   cfg = model_config_from_hf(hf, path)
   tensors = read_hf_tensors(src)
   dtype = np.dtype(jax.numpy.dtype(cfg.dtype))
-  shapes = jax.eval_shape(models.init_params, cfg, jax.random.key(0))  # no FLOPs, no memory
+  shapes = jax.eval_shape(lambda: models.init_params(cfg, jax.random.key(0)))  # no FLOPs
   params: dict = {}
   used = set()
   for hf_name, fx_path, transpose in name_map(cfg):

@@ -30,6 +30,7 @@ class Experiment:
   tasks: Sequence[str] = gin.REQUIRED  # held-in tasks: the fitness is their dev average
   report_tasks: Sequence[str] = ()  # held-out tasks: test scores reported, never searched
   max_examples: int | None = None  # per split, for quick runs
+  top_n: int | None = None  # search only the N best checkpoints by dev fitness (ablation)
   save_merged: bool = True
 
 
@@ -97,9 +98,10 @@ def run_search(workdir: str, resume: bool = False, overwrite: bool = False,
   _write_config(workdir)
 
   loaded = load_pool(exp.pool)
+  score = evaluation.make_scorer(models.Decoder(loaded.model_cfg))
+  if exp.top_n:
+    loaded = top_n_subset(loaded, score, dev, exp.top_n)
   n = len(loaded.pool)
-  decoder = models.Decoder(loaded.model_cfg)
-  score = evaluation.make_scorer(decoder)
   pop = scfg.pop_size(n)
   mode = population.choose_mode(loaded.params, pop)
   logging.info("pool of %d, population %d, mode %s", n, pop, mode)
@@ -143,6 +145,17 @@ def run_search(workdir: str, resume: bool = False, overwrite: bool = False,
     reporting.write_run(workdir, results)
   _write_config(workdir)
   return results
+
+
+def top_n_subset(loaded: Loaded, score, dev, top_n: int) -> Loaded:
+  """The `top_n` checkpoints by dev fitness, in pool order (the paper's top-N ablation)."""
+  check(1 <= top_n <= len(loaded.pool), f"top_n={top_n} but the pool has {len(loaded.pool)}",
+        "Experiment.top_n", f"choose 1..{len(loaded.pool)}")
+  fit = jax.jit(score)
+  fitness = [float(np.mean(np.asarray(fit(p, dev)))) for p in loaded.params]
+  keep = sorted(np.argsort(-np.asarray(fitness), kind="stable")[:top_n])
+  pool = checkpoints.make_pool([loaded.pool.entries[i] for i in keep], loaded.pool.source)
+  return dataclasses.replace(loaded, pool=pool, params=tuple(loaded.params[i] for i in keep))
 
 
 def merged_metadata(loaded: Loaded, alphas: np.ndarray, method: str, **extra) -> dict:

@@ -24,7 +24,7 @@ import numpy as np
 from absl import logging
 from tqdm.auto import tqdm
 
-from recycle_jax import checkpoints, evaluation, models, tasks, training
+from recycle_jax import checkpoints, evaluation, models, reporting, tasks, training
 from recycle_jax.errors import check
 
 PyTree = Any
@@ -53,7 +53,7 @@ def text_corpus(max_code_bytes: int = 400_000) -> np.ndarray:
   """The pretraining text as one token stream: stdlib code interleaved with facts."""
   facts = tasks.fact_sentences()
   rng = np.random.default_rng(0)
-  reps = [facts[i] for i in rng.permutation(len(facts))] * 3
+  reps = [facts[i] for r in range(8) for i in rng.permutation(len(facts))]
   code = tasks.stdlib_code(max_code_bytes)
   lines = code.split("\n")
   step = max(1, len(lines) // len(reps))
@@ -208,11 +208,23 @@ def make_pool(workdir: str, recipes: Sequence[dict] = gin.REQUIRED,
   entries = [checkpoints.Entry(e.name, e.path, {**e.info, "scores": scores[e.name]})
              for e in entries]
   checkpoints.write_manifest(manifest, checkpoints.make_pool(entries, manifest))
+  timing = {"train_seconds": round(train_s, 1), "total_seconds": round(time.time() - t0, 1)}
   with open(os.path.join(workdir, "pool_meta.json"), "w") as f:
     json.dump({"eval_tasks": list(eval_tasks), "max_eval_examples": max_eval_examples,
-               "train_seconds": round(train_s, 1), "total_seconds": round(time.time() - t0, 1)},
-              f, indent=1)
+               **timing}, f, indent=1)
+  write_pool_report(workdir, entries, eval_tasks, timing)
   return manifest
+
+
+def write_pool_report(workdir: str, entries, eval_tasks: Sequence[str], timing=None) -> None:
+  held_in = [t for t in eval_tasks if t not in tasks.HELD_OUT]
+  held_out = [t for t in eval_tasks if t in tasks.HELD_OUT]
+  cols = held_in + held_out
+  grid = lambda split: np.array([[e.info["scores"][split][t] for t in cols] for e in entries])
+  text = reporting.pool_report_markdown([e.name for e in entries], held_in, held_out,
+                                        grid("dev"), grid("test"),
+                                        [e.info["recipe"] for e in entries], timing)
+  checkpoints.atomic_write_text(os.path.join(workdir, "pool_report.md"), text)
 
 
 def _cached(path: str, fingerprint: str, restore: bool = True):

@@ -6,7 +6,9 @@ import os
 from typing import Sequence
 
 import numpy as np
+from absl import logging
 
+from recycle_jax import metrics
 from recycle_jax.checkpoints import atomic_write_text
 
 METHOD_ORDER = ("best_single", "best_per_task", "uniform", "merge_best", "search")
@@ -105,6 +107,80 @@ def report_markdown(results: dict) -> str:
   return "\n".join(parts)
 
 
+def write_report(workdir: str, results: dict) -> str:
+  path = os.path.join(workdir, "report.md")
+  atomic_write_text(path, report_markdown(results))
+  return path
+
+
 def write_run(workdir: str, results: dict) -> None:
+  """results.json, report.md and TensorBoard scalars of the search (workdir/tb)."""
   atomic_write_text(os.path.join(workdir, "results.json"), json.dumps(results, indent=1))
-  atomic_write_text(os.path.join(workdir, "report.md"), report_markdown(results))
+  write_report(workdir, results)
+  try:
+    metrics.write_history(workdir, results)
+  except ImportError as e:  # the JSON is the record; TensorBoard files are a convenience
+    logging.warning("no TensorBoard scalars written (%s)", e)
+
+
+# ----------------------------------------------------------------------------- pool
+
+def spearman_matrix(scores: np.ndarray) -> np.ndarray:
+  """[N, T] scores -> [T, T] Spearman rank correlation across the N checkpoints."""
+  from scipy.stats import rankdata
+  ranks = np.apply_along_axis(rankdata, 0, np.asarray(scores, np.float64))
+  with np.errstate(invalid="ignore", divide="ignore"):
+    return np.corrcoef(ranks, rowvar=False)
+
+
+def tradeoff_summary(names: Sequence[str], tasks: Sequence[str], scores: np.ndarray) -> dict:
+  """The checks issue 'embedded benchmark' asks of a pool, measured not assumed."""
+  rho = spearman_matrix(scores)
+  iu = np.triu_indices(len(tasks), 1)
+  pairs = sorted(((float(rho[i, j]), tasks[i], tasks[j]) for i, j in zip(*iu)),
+                 key=lambda x: (np.nan_to_num(x[0], nan=9), x[1]))
+  best_everywhere = [n for k, n in enumerate(names)
+                     if all(scores[k, t] >= scores[:, t].max() for t in range(len(tasks)))]
+  return {"spearman": rho, "most_negative": pairs[0] if pairs else None,
+          "best_on_every_task": best_everywhere}
+
+
+def pool_report_markdown(names, tasks, held_out, dev, test, recipes=None, timing=None) -> str:
+  """Table 2 (per-checkpoint scores), the Spearman matrix (Fig. 4) and tradeoff checks.
+
+  dev/test: [N, T + H] score arrays over tasks + held_out.
+  """
+  cols = list(tasks) + list(held_out)
+  t = len(tasks)
+  lines = ["# Pool report", ""]
+  if timing:
+    lines += [f"Built in {timing.get('total_seconds', '?')} s "
+              f"(training {timing.get('train_seconds', '?')} s).", ""]
+  lines += ["## Table 2: checkpoints on test (dev in parentheses)", "",
+            "| checkpoint | " + " | ".join(cols) + " | held-in avg |",
+            "|" + "---|" * (len(cols) + 2)]
+  for k, n in enumerate(names):
+    cells = [f"{test[k, j]:.1f} ({dev[k, j]:.1f})" for j in range(len(cols))]
+    lines.append(f"| {n} | " + " | ".join(cells) + f" | {test[k, :t].mean():.1f} |")
+  summ = tradeoff_summary(names, tasks, test[:, :t])
+  rho = summ["spearman"]
+  lines += ["", "## Spearman correlation of held-in test scores across checkpoints", "",
+            "| | " + " | ".join(tasks) + " |", "|" + "---|" * (t + 1)]
+  for i, a in enumerate(tasks):
+    lines.append(f"| {a} | " + " | ".join(f"{rho[i, j]:+.2f}" for j in range(t)) + " |")
+  neg = summ["most_negative"]
+  ok_neg = neg is not None and neg[0] <= -0.3
+  ok_best = not summ["best_on_every_task"]
+  lines += ["", "## Tradeoff checks", "",
+            f"- most negative held-in pair: {neg[1]} vs {neg[2]}, rho = {neg[0]:+.2f} "
+            f"({'PASS' if ok_neg else 'FAIL'}: needs <= -0.30)" if neg else "- no pairs",
+            f"- checkpoints best on every held-in task: "
+            f"{', '.join(summ['best_on_every_task']) or 'none'} ({'PASS' if ok_best else 'FAIL'})"]
+  if recipes:
+    lines += ["", "## Recipes", ""]
+    for n, r in zip(names, recipes):
+      stages = "; ".join(
+          f"{s.get('objective', 'sft')} on {'+'.join(s['mix'])} x{s['steps']} lr={s['lr']}"
+          for s in r["stages"])
+      lines.append(f"- **{n}**: {stages}")
+  return "\n".join(lines) + "\n"

@@ -56,21 +56,21 @@ def _run(code: str) -> str:
 
 
 _CODE_TEMPLATES = (
-    "x={a}\nx=x+{b}\nprint(x)",
-    "x={a}\ny=x*{b}\nprint(y)",
-    "s='{s}'\nprint(s[::-1])",
-    "s='{s}'\nprint(len(s))",
-    "s='{s}'\nprint(s.upper())",
-    "s='{s}'\nprint(s[{i}])",
-    "l=[{a},{b},{c}]\nprint(max(l))",
-    "l=[{a},{b},{c}]\nprint(sum(l))",
+    "print('{s}'.upper())",
+    "print('{s}'[0])",
+    "print('{s}'[-1])",
+    "print(len('{s}'))",
+    "print('{s}'*2)",
     "print('{s}'+'{t}')",
+    "print(max({a},{b}))",
+    "print(min({a},{b}))",
+    "print({a}+{b})",
 )
 _CODE_OOD_TEMPLATES = (
-    "s='{s}'\nprint(s[::-1].upper())",
-    "l=[{a},{b},{c}]\nprint(max(l)+min(l))",
-    "x={a}\nx=x+{b}\nprint(x*2)",
-    "s='{s}'\nprint(len(s+s))",
+    "print('{s}'.upper()*2)",
+    "print(len('{s}'+'{t}'))",
+    "print(max({a},{b})+{c})",
+    "print('{s}'[0]+'{t}'[-1])",
 )
 
 
@@ -79,14 +79,13 @@ def _code_item(rng: random.Random, templates) -> dict:
   code = rng.choice(templates).format(a=rng.randint(0, 9), b=rng.randint(0, 9),
                                       c=rng.randint(0, 9), s=s, t=_word(rng, 2, 3),
                                       i=rng.randrange(len(s)))
-  return {"inputs": f"{code}\n# out: ", "targets": _run(code)}
+  return {"inputs": f"{code}\n# ", "targets": _run(code)}
 
 
 def _math_item(rng: random.Random) -> dict:
-  a, b, c = rng.randint(0, 20), rng.randint(0, 20), rng.randint(0, 9)
-  expr = rng.choice((f"{a}+{b}", f"{a}-{b}", f"{c}*{b % 10}", f"{a}+{b}-{c}",
-                     f"{c}*{b % 10}+{a}"))
-  return {"inputs": f"Q: {expr}=?\nA: ", "targets": str(eval(expr))}
+  a, b, c = rng.randint(0, 30), rng.randint(0, 9), rng.randint(0, 9)
+  expr = rng.choice((f"{a}+{b}", f"{a}-{b}", f"{c}*{b}", f"{a}+{b}-{c}", f"{b}+{c}"))
+  return {"inputs": f"{expr}=", "targets": str(eval(expr))}
 
 
 _SEPS = {"commas": ",", "dashes": "-", "spaces": " ", "dots": "."}
@@ -104,18 +103,18 @@ def _instruct_item(rng: random.Random, ood: bool = False) -> dict:
     kind = rng.randrange(3)
     if kind == 0:
       how = rng.choice(list(_INSTRUCTIONS))
-      return {"inputs": f"Instruction: write {w} {how}.\nResponse: ",
+      return {"inputs": f"Write {w} {how}.\n> ",
               "targets": _INSTRUCTIONS[how](w)}
     if kind == 1:
       k, sep = rng.randint(2, 4), rng.choice(list(_SEPS))
-      return {"inputs": f"Instruction: repeat {w} {k} times with {sep}.\nResponse: ",
+      return {"inputs": f"Repeat {w} {k} times with {sep}.\n> ",
               "targets": _SEPS[sep].join([w] * k)}
     k = rng.randint(1, len(w) - 1)
-    return {"inputs": f"Instruction: write the first {k} letters of {w}.\nResponse: ",
+    return {"inputs": f"Write the first {k} letters of {w}.\n> ",
             "targets": w[:k]}
   # Held-out: two instructions composed, never seen together in training.
   h1, h2 = rng.sample(list(_INSTRUCTIONS), 2)
-  return {"inputs": f"Instruction: write {w} {h1} and {h2}.\nResponse: ",
+  return {"inputs": f"Write {w} {h1} and {h2}.\n> ",
           "targets": _INSTRUCTIONS[h2](_INSTRUCTIONS[h1](w))}
 
 
@@ -132,7 +131,7 @@ _QUESTION = {"color": "What color is the {e}?", "home": "Where does the {e} live
 
 
 @functools.lru_cache(None)
-def world(num_entities: int = 360) -> tuple[tuple[str, str, str], ...]:
+def world(num_entities: int = 120) -> tuple[tuple[str, str, str], ...]:
   """(entity, relation, value) facts; entities are unique generated names."""
   rng = random.Random(SEED + 7)
   names: list[str] = []
@@ -149,7 +148,7 @@ def _knowledge_items(rng: random.Random) -> list[dict]:
     wrong = rng.sample([x for x in _RELATIONS[r] if x != v], 3)
     choices = [v] + wrong
     rng.shuffle(choices)
-    items.append({"inputs": f"Question: {_QUESTION[r].format(e=e)}\nAnswer: ",
+    items.append({"inputs": f"{_QUESTION[r].format(e=e)} ",
                   "targets": v, "choices": choices, "label": choices.index(v)})
   rng.shuffle(items)
   return items
@@ -163,17 +162,17 @@ def _reasoning_item(rng: random.Random) -> dict:
   if rng.random() < 0.5:
     x, y = rng.sample(_NAMES, 2)  # x > y
     story, answer, choices = f"{x} is {adj} than {y}.", x, [x, y]
-    q = f"Who is {adj}?"
+    q = f"{adj.capitalize()}?"
   else:
     x, y, z = rng.sample(_NAMES, 3)  # x > y > z
     facts = [f"{x} is {adj} than {y}.", f"{y} is {adj} than {z}."]
     rng.shuffle(facts)
     story, answer, choices = " ".join(facts), x, [x, y, z]
-    q = f"Who is the {sup}?"
+    q = f"{sup.capitalize()}?"
   while len(choices) < 3:
     choices.append(rng.choice([n for n in _NAMES if n not in choices]))
   rng.shuffle(choices)
-  return {"inputs": f"{story} {q}\nAnswer: ", "targets": answer, "choices": choices,
+  return {"inputs": f"{story} {q} ", "targets": answer, "choices": choices,
           "label": choices.index(answer)}
 
 

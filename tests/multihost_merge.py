@@ -1,0 +1,42 @@
+"""Restore a pool onto the global mesh, merge with fixed weights, save (one or more processes).
+
+Run by tests/test_multihost.py once per process (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES,
+JAX_PROCESS_ID, JAX_NUM_CPU_DEVICES set), and called in-process for the single-process
+reference. Imports only the checkpoint stack (no TF, no evosax) to start fast.
+"""
+import argparse
+import sys
+
+import jax
+import numpy as np
+
+
+def merge(pool_path: str, weights, output: str, model_axis: int = 8) -> None:
+  from recycle_jax import checkpoints, merging, partitioning
+  pool = checkpoints.load_pool(pool_path)
+  meta = checkpoints.validate_pool(pool)
+  mesh = partitioning.make_mesh(model=model_axis)  # parameter dims sharded across hosts
+  abstract = partitioning.with_shardings(
+      meta.abstract, partitioning.param_shardings(meta.abstract, mesh))
+  params = checkpoints.restore_pool(pool, abstract)
+  alphas = np.asarray(weights, np.float32)
+  merged, finite = jax.jit(merging.linear_checked)(alphas, params)
+  assert bool(finite)
+  checkpoints.save(output, merged, {"model": meta.model_config,
+                                    "merge": {"weights": alphas.tolist(), "pool": pool.names}})
+
+
+def main(argv=None) -> None:
+  p = argparse.ArgumentParser()
+  p.add_argument("--pool", required=True)
+  p.add_argument("--weights", required=True)
+  p.add_argument("--output", required=True)
+  args = p.parse_args(argv)
+  from recycle_jax import multihost
+  multihost.initialize()
+  assert jax.process_count() > 1 and jax.device_count() == 8, jax.devices()
+  merge(args.pool, [float(w) for w in args.weights.split(",")], args.output)
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,112 @@
+"""Pool manifests and validation from Orbax metadata alone."""
+import json
+import os
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from recycle_jax import checkpoints, models
+from recycle_jax.errors import UserError
+
+CFG = models.ModelConfig(d_model=16, num_layers=1, num_heads=2, num_kv_heads=1, d_ff=32)
+
+
+def _write(path, cfg=CFG, seed=0, mutate=None):
+  params = models.init_params(cfg, jax.random.key(seed))
+  if mutate:
+    params = mutate(params)
+  checkpoints.save(str(path), params, {"model": cfg.to_dict()})
+  return params
+
+
+def _manifest(tmp_path, names):
+  with open(tmp_path / "pool.json", "w") as f:
+    json.dump({"checkpoints": [{"name": n, "path": n} for n in names]}, f)
+  return str(tmp_path / "pool.json")
+
+
+def test_manifest_relative_paths_and_roundtrip(tmp_path):
+  for n in ("a", "b"):
+    _write(tmp_path / n)
+  pool = checkpoints.load_pool(_manifest(tmp_path, ["a", "b"]))
+  assert pool.names == ["a", "b"] and pool.paths[0] == str(tmp_path / "a")
+  meta = checkpoints.validate_pool(pool)
+  assert meta.model_config["d_model"] == 16
+  params = checkpoints.restore_pool(pool, meta.abstract)
+  ref = models.init_params(CFG, jax.random.key(0))
+  np.testing.assert_array_equal(params[0]["embed"]["embedding"], ref["embed"]["embedding"])
+  assert checkpoints.load_pool(str(tmp_path)).names == ["a", "b"]  # a directory works too
+
+
+def test_gin_list_pool(tmp_path):
+  _write(tmp_path / "a")
+  pool = checkpoints.load_pool([("x", str(tmp_path / "a"))])
+  assert pool.names == ["x"]
+
+
+def test_bad_pool_is_rejected_before_any_array_is_read(tmp_path, monkeypatch):
+  _write(tmp_path / "a")
+  _write(tmp_path / "b", models.ModelConfig(**{**CFG.to_dict(), "d_ff": 48}))
+  pool = checkpoints.load_pool(_manifest(tmp_path, ["a", "b"]))
+  def no_reads(*a, **k):
+    raise AssertionError("array data was read")
+  monkeypatch.setattr(ocp.StandardCheckpointer, "restore", no_reads)
+  with pytest.raises(UserError, match=r"'b'.*layer_0/down/kernel.*shape \(48, 16\)"):
+    checkpoints.validate_pool(pool)
+
+
+def test_dtype_and_tree_mismatch_name_the_checkpoint_and_parameter(tmp_path):
+  _write(tmp_path / "a")
+  _write(tmp_path / "b", mutate=lambda p: jax.tree.map(lambda x: x.astype(np.float16), p))
+  _write(tmp_path / "c", models.ModelConfig(**{**CFG.to_dict(), "tie_embeddings": False}))
+  with pytest.raises(UserError, match=r"'b'.*dtype float16"):
+    checkpoints.validate_pool(checkpoints.load_pool(_manifest(tmp_path, ["a", "b"])))
+  with pytest.raises(UserError, match=r"'c'.*lm_head/kernel"):
+    checkpoints.validate_pool(checkpoints.load_pool(_manifest(tmp_path, ["a", "c"])))
+
+
+def test_missing_empty_and_corrupted_checkpoints(tmp_path):
+  _write(tmp_path / "a")
+  os.makedirs(tmp_path / "empty")
+  with pytest.raises(UserError, match="not found.*'gone'"):
+    checkpoints.validate_pool(checkpoints.load_pool(_manifest(tmp_path, ["a", "gone"])))
+  with pytest.raises(UserError, match="empty.*'empty'"):
+    checkpoints.validate_pool(checkpoints.load_pool(_manifest(tmp_path, ["a", "empty"])))
+  _write(tmp_path / "bad")
+  with open(tmp_path / "bad" / "_METADATA", "w") as f:
+    f.write("{truncated")
+  with pytest.raises(UserError, match="unreadable.*'bad'"):
+    checkpoints.validate_pool(checkpoints.load_pool(_manifest(tmp_path, ["a", "bad"])))
+
+
+def test_manifest_errors(tmp_path):
+  with pytest.raises(UserError, match="not found"):
+    checkpoints.load_pool(str(tmp_path / "nope.json"))
+  (tmp_path / "p.json").write_text("{not json")
+  with pytest.raises(UserError, match="not valid JSON"):
+    checkpoints.load_pool(str(tmp_path / "p.json"))
+  (tmp_path / "q.json").write_text(json.dumps({"checkpoints": [{"name": "a", "path": "a"},
+                                                               {"name": "a", "path": "b"}]}))
+  with pytest.raises(UserError, match="duplicate"):
+    checkpoints.load_pool(str(tmp_path / "q.json"))
+
+
+def test_output_checks(tmp_path):
+  _write(tmp_path / "a")
+  with pytest.raises(UserError, match="overlaps input"):
+    checkpoints.check_output(str(tmp_path / "a" / "sub"), [str(tmp_path / "a")])
+  with pytest.raises(UserError, match="already exists"):
+    checkpoints.check_output(str(tmp_path / "a"), [])
+  checkpoints.check_output(str(tmp_path / "new"), [str(tmp_path / "a")])
+
+
+def test_save_is_atomic_and_overwrite_replaces(tmp_path):
+  p1 = _write(tmp_path / "out")
+  p2 = models.init_params(CFG, jax.random.key(5))
+  checkpoints.save(str(tmp_path / "out"), p2, {"model": CFG.to_dict()}, overwrite=True)
+  meta = checkpoints.read_metadata(str(tmp_path / "out"))
+  got = checkpoints.restore(str(tmp_path / "out"), meta.abstract)
+  np.testing.assert_array_equal(got["embed"]["embedding"], p2["embed"]["embedding"])
+  assert sorted(os.listdir(tmp_path)) == ["out"]  # no temp dirs left behind

@@ -1,0 +1,166 @@
+"""Hugging Face Llama <-> Orbax conversion, checked against transformers' own forward pass."""
+import dataclasses
+import json
+import os
+import re
+
+import jax
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from recycle_jax import checkpoints, cli, convert, models  # noqa: E402
+from recycle_jax.errors import UserError  # noqa: E402
+
+VOCAB = 300  # deliberately not the byte vocabulary (259)
+TOL = 1e-4
+
+
+def tiny_hf(path, seed=0, tie=True, kv_heads=2, **overrides):
+  """A random float32 LlamaForCausalLM saved with save_pretrained; returns the model."""
+  torch.manual_seed(seed)
+  cfg = transformers.LlamaConfig(
+      vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+      num_attention_heads=4, num_key_value_heads=kv_heads, tie_word_embeddings=tie,
+      rope_theta=500.0, rms_norm_eps=1e-5, initializer_range=0.2, **overrides)
+  model = transformers.LlamaForCausalLM(cfg).eval()
+  with torch.no_grad():  # non-trivial norm scales, so a swapped norm would show
+    for name, p in model.named_parameters():
+      if "norm" in name:
+        p.mul_(1 + 0.3 * torch.rand_like(p))
+  model.save_pretrained(path)
+  return model
+
+
+TOKENS = np.random.default_rng(0).integers(0, VOCAB, (2, 13))
+
+
+def hf_logits(model) -> np.ndarray:
+  with torch.no_grad():
+    return model(torch.tensor(TOKENS)).logits.numpy()
+
+
+def our_logits(path) -> np.ndarray:
+  meta = checkpoints.read_metadata(str(path))
+  cfg = models.ModelConfig(**meta.model_config)
+  params = checkpoints.restore(str(path), meta.abstract)
+  return np.asarray(models.make_apply(cfg)(params, TOKENS))
+
+
+@pytest.mark.parametrize("tie,kv_heads", [(True, 2), (False, 1), (False, 4)],
+                         ids=["tied-gqa", "untied-mqa", "untied-mha"])
+def test_hf_to_orbax_matches_transformers(tmp_path, tie, kv_heads):
+  model = tiny_hf(tmp_path / "hf", tie=tie, kv_heads=kv_heads)
+  assert cli.main(["convert", str(tmp_path / "hf"), str(tmp_path / "ckpt")]) == 0
+  meta = checkpoints.read_metadata(str(tmp_path / "ckpt"))
+  cfg = meta.model_config
+  assert (cfg["vocab_size"], cfg["num_kv_heads"], cfg["tie_embeddings"]) == (VOCAB, kv_heads, tie)
+  assert cfg["rope_theta"] == 500.0 and cfg["norm_eps"] == 1e-5 and cfg["d_ff"] == 48
+  assert ("lm_head" in meta.abstract) == (not tie)
+  err = np.abs(our_logits(tmp_path / "ckpt") - hf_logits(model)).max()
+  assert err < TOL, err
+
+
+def test_sharded_index_is_read(tmp_path):
+  model = tiny_hf(tmp_path / "one", tie=False)
+  tensors = convert.read_hf_tensors(str(tmp_path / "one"))
+  from safetensors.numpy import save_file
+  os.makedirs(tmp_path / "sharded")
+  names = sorted(tensors)
+  shards = {"model-00001-of-00002.safetensors": names[::2],
+            "model-00002-of-00002.safetensors": names[1::2]}
+  for fname, keys in shards.items():
+    save_file({k: tensors[k] for k in keys}, str(tmp_path / "sharded" / fname),
+              metadata={"format": "pt"})
+  index = {"weight_map": {k: f for f, keys in shards.items() for k in keys}}
+  (tmp_path / "sharded" / convert.HF_INDEX).write_text(json.dumps(index))
+  (tmp_path / "sharded" / "config.json").write_text((tmp_path / "one" / "config.json").read_text())
+  convert.convert(str(tmp_path / "sharded"), str(tmp_path / "ckpt"))
+  assert np.abs(our_logits(tmp_path / "ckpt") - hf_logits(model)).max() < TOL
+
+
+def test_merged_checkpoint_exports_to_transformers(tmp_path):
+  """Two converted models merged by `recycle-jax merge`, exported, loaded by transformers."""
+  entries = []
+  for i in range(2):
+    tiny_hf(tmp_path / f"hf{i}", seed=i, tie=False)
+    convert.convert(str(tmp_path / f"hf{i}"), str(tmp_path / "pool" / f"m{i}"))
+    entries.append({"name": f"m{i}", "path": f"m{i}"})
+  (tmp_path / "pool" / "pool.json").write_text(json.dumps({"checkpoints": entries}))
+  assert cli.main(["merge", f"--pool={tmp_path / 'pool'}", "--weights=0.3,0.7",
+                   f"--output={tmp_path / 'merged'}"]) == 0
+  assert cli.main(["convert", str(tmp_path / "merged"), str(tmp_path / "hf_merged")]) == 0
+  assert sorted(os.listdir(tmp_path / "hf_merged")) == ["config.json", "model.safetensors"]
+  loaded = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf_merged")).eval()
+  ours = our_logits(tmp_path / "merged")
+  err = np.abs(hf_logits(loaded) - ours).max()
+  assert err < TOL, err
+  # And the merge really is 0.3 * m0 + 0.7 * m1, in transformers' naming.
+  t = {k: convert.read_hf_tensors(str(tmp_path / d)) for k, d in
+       (("a", "hf0"), ("b", "hf1"), ("m", "hf_merged"))}
+  name = "model.layers.1.self_attn.k_proj.weight"
+  np.testing.assert_allclose(t["m"][name], 0.3 * t["a"][name] + 0.7 * t["b"][name], atol=1e-6)
+
+
+def test_round_trip_keeps_hf_token_ids_and_tied_export_loads(tmp_path):
+  model = tiny_hf(tmp_path / "hf", tie=True, bos_token_id=5, eos_token_id=6)
+  convert.convert(str(tmp_path / "hf"), str(tmp_path / "ckpt"))
+  convert.convert(str(tmp_path / "ckpt"), str(tmp_path / "back"))
+  cfg = json.loads((tmp_path / "back" / "config.json").read_text())
+  assert (cfg["bos_token_id"], cfg["eos_token_id"], cfg["tie_word_embeddings"]) == (5, 6, True)
+  back = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "back")).eval()
+  assert np.abs(hf_logits(back) - hf_logits(model)).max() < TOL
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"head_dim": 16}, "head_dim 16 != hidden_size / num_attention_heads = 8"),
+    ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
+    ({"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}},
+     "RoPE scaling 'linear'"),
+    ({"model_type": "gpt2"}, "model_type 'gpt2'"),
+    ({"attention_bias": True}, "biases are not supported"),
+])
+def test_unsupported_configs_are_refused_clearly(tmp_path, capsys, change, message):
+  tiny_hf(tmp_path / "hf")
+  cfg_path = tmp_path / "hf" / "config.json"
+  cfg_path.write_text(json.dumps({**json.loads(cfg_path.read_text()), **change}))
+  capsys.readouterr()  # drop save_pretrained's progress bar
+  assert cli.main(["convert", str(tmp_path / "hf"), str(tmp_path / "out")]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("error: ") and message in err and err.count("\n") == 1
+  assert not os.path.exists(tmp_path / "out")
+
+
+def test_missing_tensor_and_existing_output_are_refused(tmp_path):
+  tiny_hf(tmp_path / "hf")
+  with pytest.raises(UserError, match="overlaps input"):
+    convert.convert(str(tmp_path / "hf"), str(tmp_path / "hf" / "sub"))
+  os.makedirs(tmp_path / "taken")
+  with pytest.raises(UserError, match="already exists"):
+    convert.convert(str(tmp_path / "hf"), str(tmp_path / "taken"))
+  tensors = convert.read_hf_tensors(str(tmp_path / "hf"))
+  del tensors["model.norm.weight"]
+  from safetensors.numpy import save_file
+  save_file(tensors, str(tmp_path / "hf" / "model.safetensors"), metadata={"format": "pt"})
+  with pytest.raises(UserError, match="'model.norm.weight' is missing"):
+    convert.convert(str(tmp_path / "hf"), str(tmp_path / "out"))
+
+
+@pytest.mark.parametrize("with_config", [True, False])
+def test_pool_with_different_vocabularies_is_reported(tmp_path, with_config):
+  """By the named config field when both record one, else by the first tensor shape."""
+  tiny_hf(tmp_path / "hf")
+  convert.convert(str(tmp_path / "hf"), str(tmp_path / "a"))
+  cfg_a = models.ModelConfig(**checkpoints.read_metadata(str(tmp_path / "a")).model_config)
+  cfg_b = dataclasses.replace(cfg_a, vocab_size=259)
+  checkpoints.save(str(tmp_path / "b"), models.init_params(cfg_b, jax.random.key(0)),
+                   {"model": cfg_b.to_dict()} if with_config else {})
+  pool = checkpoints.make_pool([checkpoints.Entry("a", str(tmp_path / "a")),
+                                checkpoints.Entry("b", str(tmp_path / "b"))])
+  expected = ("model config differs from 'a': vocab_size 259 vs 300" if with_config else
+              "parameter 'embed/embedding' has shape (259, 32) but 'a' has (300, 32)")
+  with pytest.raises(UserError, match=re.escape(expected)) as e:
+    checkpoints.validate_pool(pool)
+  assert "checkpoint 'b'" in str(e.value)

@@ -1,0 +1,183 @@
+"""The out-of-core merge: equal to the in-memory merge, chunked, NaN-safe, atomic."""
+import glob
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+import tensorstore as ts
+
+from recycle_jax import checkpoints, cli, merging, partitioning, streaming
+from recycle_jax.errors import UserError
+
+ALPHAS = np.asarray([0.2, 0.3, 0.5], np.float32)
+
+
+def _pool(micro_pool):
+  pool = checkpoints.load_pool(micro_pool)
+  return pool, checkpoints.validate_pool(pool)
+
+
+def _in_memory(pool, meta, alphas):
+  return jax.tree.map(np.asarray, merging.linear(alphas, checkpoints.restore_pool(pool, meta.abstract)))
+
+
+def _restored(path):
+  return jax.tree.map(np.asarray, checkpoints.restore(path, checkpoints.read_metadata(path).abstract))
+
+
+def _assert_close(a, b):
+  for (p, x), y in zip(jax.tree_util.tree_flatten_with_path(a)[0], jax.tree.leaves(b)):
+    assert x.dtype == y.dtype and x.shape == y.shape, partitioning.path_str(p)
+    np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7, err_msg=partitioning.path_str(p))
+
+
+def _snapshot(dirs):
+  """(path, size, mtime) of every file: inputs must come out untouched."""
+  return sorted((f, os.path.getsize(f), os.stat(f).st_mtime_ns)
+                for d in dirs for f in glob.glob(os.path.join(d, "**"), recursive=True)
+                if os.path.isfile(f))
+
+
+def _write_shapes(path):
+  with open(os.path.join(path, "_METADATA")) as f:
+    return streaming.write_shapes(json.load(f))
+
+
+# ----------------------------------------------------------------------------- planning
+
+def test_blocks_keep_stored_chunks_whole():
+  leaf = streaming.Leaf(("w",), (64, 8), np.dtype(np.float32), (8, 8))  # 32 B a row
+  assert leaf.axis == 0
+  assert streaming.block_size(leaf, 32 * 20) == 16  # two whole chunks fit, not 20 rows
+  assert streaming.block_size(leaf, 32 * 5) == 5  # a chunk does not fit: rows that do
+  assert streaming.block_size(leaf, 1) == 1
+  assert streaming.block_size(leaf, 1 << 30) == 64  # never more than the leaf
+  assert streaming.blocks(leaf, 24) == [(slice(0, 24),), (slice(24, 48),), (slice(48, 64),)]
+  assert streaming.chunk_shape(leaf, 24) == [24, 8]
+  cols = streaming.Leaf(("w",), (64, 8), np.dtype(np.float32), (64, 2))  # column shards
+  assert cols.axis == 1 and streaming.block_size(cols, 64 * 4 * 5) == 4
+  assert streaming.blocks(cols, 4) == [(slice(None), slice(0, 4)), (slice(None), slice(4, 8))]
+  scalar = streaming.Leaf(("s",), (), np.dtype(np.float32), ())
+  assert streaming.blocks(scalar, streaming.block_size(scalar, 1)) == [()]
+
+
+# ----------------------------------------------------------------------------- merging
+
+@pytest.mark.parametrize("budget_mb", [256, 0.01])
+def test_streaming_equals_in_memory(micro_pool, tmp_path, budget_mb):
+  pool, meta = _pool(micro_pool)
+  before = _snapshot(pool.paths)
+  out = str(tmp_path / "merged")
+  streaming.merge_to_disk(pool, meta, ALPHAS, out, memory_budget_mb=budget_mb)
+  _assert_close(_restored(out), _in_memory(pool, meta, ALPHAS))
+  assert checkpoints.read_metadata(out).custom[checkpoints.META_KEY] == {
+      "model": meta.model_config,
+      "merge": {"method": "linear", "weights": [float(a) for a in ALPHAS],
+                "pool": pool.names}}
+  assert _snapshot(pool.paths) == before
+  emb = _write_shapes(out)["embed.embedding"]
+  if budget_mb < 1:  # 2.5 KiB float32 blocks: the [259, 32] embedding goes in 20-row blocks
+    assert emb == [20, 32]
+  else:
+    assert emb == [259, 32]
+
+
+def test_streaming_reads_sharded_checkpoints(micro_pool, tmp_path):
+  """Inputs saved from 8 devices are chunked by rows; blocks follow their chunks."""
+  pool, meta = _pool(micro_pool)
+  mesh = partitioning.make_mesh(model=8)
+  abstract = partitioning.with_shardings(
+      meta.abstract, partitioning.param_shardings(meta.abstract, mesh))
+  entries = []
+  for e in pool.entries[:2]:
+    path = str(tmp_path / e.name)
+    checkpoints.save(path, checkpoints.restore(e.path, abstract, e.name),
+                     {"model": meta.model_config})
+    entries.append(checkpoints.Entry(e.name, path))
+  sharded = checkpoints.make_pool(entries)
+  smeta = checkpoints.validate_pool(sharded)
+  assert _write_shapes(entries[0].path)["layer_0.down.kernel"] == [8, 32]  # 64 rows / 8
+  out = str(tmp_path / "merged")
+  streaming.merge_to_disk(sharded, smeta, [0.25, 0.75], out, memory_budget_mb=0.009)
+  shapes = _write_shapes(out)  # 2.3 KiB blocks: 18 rows of 128 B fit, 16 are whole chunks
+  assert shapes["layer_0.down.kernel"] == [16, 32]
+  assert shapes["layer_0.up.kernel"] == [32, 16]  # sharded over columns: blocks too
+  _assert_close(_restored(out), _in_memory(sharded, smeta, np.float32([0.25, 0.75])))
+
+
+def test_bfloat16_round_trip(micro_pool, tmp_path):
+  pool, meta = _pool(micro_pool)
+  entries = []
+  for e in pool.entries[:2]:
+    params = jax.tree.map(lambda x: x.astype(jax.numpy.bfloat16),
+                          checkpoints.restore(e.path, meta.abstract))
+    checkpoints.save(str(tmp_path / e.name), params, {"model": meta.model_config})
+    entries.append(checkpoints.Entry(e.name, str(tmp_path / e.name)))
+  bf = checkpoints.make_pool(entries)
+  bmeta = checkpoints.validate_pool(bf)
+  out = str(tmp_path / "merged")
+  streaming.merge_to_disk(bf, bmeta, [0.5, 0.5], out, memory_budget_mb=0.01)
+  merged = _restored(out)
+  assert jax.tree.leaves(merged)[0].dtype == jax.numpy.bfloat16
+  _assert_close(merged, _in_memory(bf, bmeta, np.float32([0.5, 0.5])))
+
+
+# ----------------------------------------------------------------------------- failures
+
+def _nan_copy(src: str, dst: str, leaf: str, index) -> None:
+  shutil.copytree(src, dst)
+  store = ts.open(streaming.array_spec(dst, leaf), read=True, write=True).result()
+  store[index].write(np.nan).result()
+
+
+def test_nan_input_is_named_and_nothing_is_written(micro_pool, tmp_path):
+  pool, meta = _pool(micro_pool)
+  _nan_copy(pool.entries[1].path, str(tmp_path / "bad"), "layer_1.up.kernel", (5, 7))
+  bad = checkpoints.make_pool([pool.entries[0], checkpoints.Entry("bad", str(tmp_path / "bad")),
+                               pool.entries[2]])
+  out = str(tmp_path / "out" / "merged")
+  with pytest.raises(UserError, match=r"'layer_1/up/kernel' has NaN.*checkpoint 'bad'"):
+    streaming.merge_to_disk(bad, meta, ALPHAS, out, memory_budget_mb=0.001)
+  assert os.listdir(tmp_path / "out") == []  # no output, no temp dir
+
+
+def test_cli_streaming_merge(micro_pool, tmp_path, capsys):
+  out = str(tmp_path / "merged")
+  args = ["merge", "--streaming", f"--pool={micro_pool}", "--weights=2,3,5", f"--output={out}"]
+  assert cli.main(args) == 0
+  pool, meta = _pool(micro_pool)
+  _assert_close(_restored(out), _in_memory(pool, meta, ALPHAS))
+  assert cli.main(args) == 2  # exists
+  assert "already exists" in capsys.readouterr().err
+  assert cli.main(args[:-1] + [f"--output={out}", "--overwrite", "--weights=1,0,0"]) == 0
+  _assert_close(_restored(out), _in_memory(pool, meta, np.float32([1, 0, 0])))
+
+
+def test_interrupted_merge_leaves_old_output(micro_pool, tmp_path, monkeypatch):
+  pool, meta = _pool(micro_pool)
+  out = str(tmp_path / "merged")
+  streaming.merge_to_disk(pool, meta, ALPHAS, out)
+  before = _snapshot([out])
+  stale = f"{out}.partial-deadbeef"  # as a killed writer leaves it
+  os.makedirs(stale)
+  calls, accumulate = [], streaming.accumulate
+
+  def crash(*a):
+    calls.append(1)
+    if len(calls) > 10:
+      raise KeyboardInterrupt
+    return accumulate(*a)
+  monkeypatch.setattr(streaming, "accumulate", crash)
+  with pytest.raises(KeyboardInterrupt):
+    streaming.merge_to_disk(pool, meta, ALPHAS, out, overwrite=True)
+  assert _snapshot([out]) == before
+  assert sorted(os.listdir(tmp_path)) == ["merged"]  # temp and stale dirs gone
+
+
+def test_rejects_output_inside_an_input(micro_pool):
+  pool, meta = _pool(micro_pool)
+  with pytest.raises(UserError, match="overlaps input"):
+    streaming.merge_to_disk(pool, meta, ALPHAS, os.path.join(pool.paths[0], "merged"))
