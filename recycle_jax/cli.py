@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging as pylogging
 import os
 import sys
 
@@ -185,11 +186,25 @@ def build_parser() -> argparse.ArgumentParser:
   return p
 
 
+class _ProjectInfoOnly(pylogging.Filter):
+  """At --log_level=info, INFO from recycle_jax only: Orbax logs every save at INFO."""
+
+  def filter(self, record: pylogging.LogRecord) -> bool:
+    package = os.path.basename(os.path.dirname(record.pathname))
+    return record.levelno >= pylogging.WARNING or package == "recycle_jax"
+
+
+_INFO_FILTER = _ProjectInfoOnly()
+
+
 def _init_logging(level: str) -> None:
   from absl import flags
   if not flags.FLAGS.is_parsed():  # no absl.app here: silence "before flag parsing"
     flags.FLAGS.mark_as_parsed()
+  logging.use_absl_handler()
   logging.set_verbosity(level)
+  handler = logging.get_absl_handler()
+  (handler.addFilter if level == "info" else handler.removeFilter)(_INFO_FILTER)
 
 
 def main(argv=None) -> int:

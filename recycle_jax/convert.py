@@ -67,8 +67,10 @@ def model_config_from_hf(hf: dict, where: str) -> models.ModelConfig:
 
 def hf_config_from_model(cfg: models.ModelConfig, base: dict | None = None) -> dict:
   """config.json for `cfg`; `base` (the original HF config, if any) keeps token ids etc."""
-  defaults = {"bos_token_id": None, "eos_token_id": models.EOS_ID,
-              "pad_token_id": models.PAD_ID, "max_position_embeddings": 4096}
+  byte = cfg.vocab_size == models.VOCAB.vocab_size  # ids are only known for our vocabulary
+  defaults = {"bos_token_id": None, "eos_token_id": models.EOS_ID if byte else None,
+              "pad_token_id": models.PAD_ID if byte else None,
+              "max_position_embeddings": 4096}
   keep = {k: v for k, v in (base or {}).items() if k in defaults}
   return {**defaults, **keep,
           "architectures": ["LlamaForCausalLM"], "model_type": "llama",

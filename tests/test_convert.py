@@ -104,6 +104,21 @@ def test_merged_checkpoint_exports_to_transformers(tmp_path):
   np.testing.assert_allclose(t["m"][name], 0.3 * t["a"][name] + 0.7 * t["b"][name], atol=1e-6)
 
 
+def test_bfloat16_round_trip_is_bit_exact(tmp_path):
+  tiny_hf(tmp_path / "hf32", tie=False)
+  model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf32"))
+  model.to(torch.bfloat16).save_pretrained(tmp_path / "hf")
+  convert.convert(str(tmp_path / "hf"), str(tmp_path / "ckpt"))
+  meta = checkpoints.read_metadata(str(tmp_path / "ckpt"))
+  assert meta.model_config["dtype"] == "bfloat16"
+  assert {x.dtype.name for x in jax.tree.leaves(meta.abstract)} == {"bfloat16"}
+  convert.convert(str(tmp_path / "ckpt"), str(tmp_path / "back"))
+  a, b = (convert.read_hf_tensors(str(tmp_path / d)) for d in ("hf", "back"))
+  assert sorted(a) == sorted(b)
+  for k in a:
+    assert a[k].dtype == b[k].dtype and np.array_equal(a[k].view(np.uint16), b[k].view(np.uint16))
+
+
 def test_round_trip_keeps_hf_token_ids_and_tied_export_loads(tmp_path):
   model = tiny_hf(tmp_path / "hf", tie=True, bos_token_id=5, eos_token_id=6)
   convert.convert(str(tmp_path / "hf"), str(tmp_path / "ckpt"))
