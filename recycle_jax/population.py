@@ -37,10 +37,15 @@ def choose_mode(pool: Sequence[PyTree], population_size: int, mode: str = "auto"
   return "vmap" if population_size * per_device <= memory_budget_gb * 2**30 else "map"
 
 
-def make_population_fn(score: Callable, mode: str) -> Callable:
-  """(alphas[P, N], pool, datas) -> (scores[P, T], finite[P]); pure and jittable."""
+def make_population_fn(score: Callable, mode: str,
+                       merge: Callable = merging.linear) -> Callable:
+  """(alphas[P, D], pool, datas) -> (scores[P, T], finite[P]); pure and jittable.
+
+  merge(alphas[D], pool) -> params: the linear merge, or a `MergeSpace.merge` (then `pool`
+  is that space's operands and alphas its points).
+  """
   def one(alphas, pool, datas):
-    params = merging.linear(alphas, pool)
+    params = merge(alphas, pool)
     return score(params, datas), merging.all_finite(params)
 
   def population(alphas, pool, datas):
