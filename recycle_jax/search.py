@@ -4,11 +4,17 @@
       x      = es.ask(state)                    [P, N] unnormalized
       alphas = parametrize(x)                   [P, N] on the simplex
       scores = score_population(alphas, ...)    [P, T] merged + evaluated on device
-      fitness = mean(scores, -1)                macro-average (maximized)
+      fitness = scalarize(scores)               macro-average (maximized), or a weighted /
+                                                Chebyshev scalarization (pareto.py)
       state  = es.tell(x, -fitness)             evosax minimizes
 G generations are a `lax.scan` of it, or one call per generation when the search state is
 checkpointed (then `--resume` continues bit-for-bit). Every evaluated merge goes to the
 archive; NaN candidates get the worst fitness and are logged.
+
+What is searched is a `merging.MergeSpace` (linear weights by default; layer-wise weights,
+task-vector methods and their hyperparameters otherwise): x and alphas are then [P, D].
+The compiled generation is shared by every Search with the same program (seeds, budgets
+and scalarization weights are runtime values), so repeated seeds and sweeps compile once.
 """
 from __future__ import annotations
 
@@ -28,7 +34,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from tqdm.auto import tqdm
 
-from recycle_jax import merging, population
+from recycle_jax import merging, pareto, population
 from recycle_jax.errors import check
 
 PyTree = Any
@@ -45,6 +51,9 @@ class SearchConfig:
   parametrization: str = "relu_normalize"
   warm_start: bool = False  # tell the best single checkpoints/baselines first
   seed: int = 0
+  merge_space: str = "linear"  # see merging.make_space: 'layerwise', 'ties', ...
+  scalarization: str = "mean"  # 'mean' | 'weighted' | 'chebyshev' (pareto.scalarize)
+  task_weights: Sequence[float] | None = None  # tradeoff weights, one per searched task
 
   def pop_size(self, n: int) -> int:
     return self.population_size or 4 + int(math.floor(3 * math.log(n)))
@@ -99,11 +108,18 @@ class Archive:
     return len(self.fitness)
 
 
-def make_strategy(name: str, pop: int, n: int, sigma: float):
+def make_strategy(name: str, pop: int, n: int, sigma: float, center=None):
+  """An evosax strategy over R^n. RandomSearch samples center + sigma * N(0, I) every
+  generation: the first CMA-ES generation, forever (the same-budget ablation)."""
   check(name in STRATEGIES, f"unknown search strategy {name!r}", "SearchConfig.strategy",
         f"choose from {list(STRATEGIES)}")
   cls = getattr(es_algorithms, name)
-  es = cls(population_size=pop, solution=jnp.zeros(n))
+  if name == "RandomSearch":
+    center = jnp.zeros(n) if center is None else jnp.asarray(center, jnp.float32)
+    es = cls(population_size=pop, solution=jnp.zeros(n),
+             sampling_fn=lambda k: center + sigma * jax.random.normal(k, (n,)))
+  else:
+    es = cls(population_size=pop, solution=jnp.zeros(n))
   params = es.default_params
   if hasattr(params, "std_init"):
     params = params.replace(std_init=sigma)
@@ -115,25 +131,49 @@ def fitness_from_scores(scores: jax.Array) -> jax.Array:
   return jnp.mean(scores, axis=-1)
 
 
+# (program-shaping config, space, population_fn) -> the Search whose jitted functions run it
+_PROGRAMS: dict = {}
+
+
 @dataclasses.dataclass
 class Search:
   """Builds the compiled generation for a pool and a tuple of dev TaskData."""
   cfg: SearchConfig
-  n: int
+  n: int  # pool size
   population_fn: Callable  # (alphas, pool, datas) -> (scores [P, T], finite [P])
+  space: merging.MergeSpace | None = None  # None: linear weights over the n checkpoints
 
   def __post_init__(self):
-    self.pop = self.cfg.pop_size(self.n)
-    self.es, self.es_params = make_strategy(self.cfg.strategy, self.pop, self.n,
-                                            self.cfg.sigma_init)
-    self.parametrize = merging.get_parametrization(self.cfg.parametrization)
-    self.generation = jax.jit(self._generation)
-    self.tell_seeds = jax.jit(self._tell_seeds)
+    self.space = self.space or merging.MergeSpace(n=self.n)
+    self.dim = self.space.dim
+    self.pop = self.cfg.pop_size(self.dim)
+    self.weights, self.chebyshev = pareto.scalarization_args(self.cfg.scalarization,
+                                                             self.cfg.task_weights)
+    program = (dataclasses.replace(self.cfg, budget=0, seed=0, warm_start=False,
+                                   scalarization="mean", task_weights=None),
+               self.space, self.population_fn)
+    owner = _PROGRAMS.setdefault(program, self)
+    if owner is self:
+      self.es, self.es_params = make_strategy(self.cfg.strategy, self.pop, self.dim,
+                                              self.cfg.sigma_init, self.space.init_x())
+      self.parametrize = merging.get_parametrization(self.cfg.parametrization)
+      self._jit_generation = jax.jit(self._generation)
+      self.tell_seeds = jax.jit(self._tell_seeds)
+    else:
+      self.es, self.es_params, self.parametrize = owner.es, owner.es_params, owner.parametrize
+      self._jit_generation, self.tell_seeds = owner._jit_generation, owner.tell_seeds
+
+  def generation(self, state: SearchState, pool, datas):
+    return self._jit_generation(state, pool, datas, self.weights, self.chebyshev)
+
+  def fitness(self, scores: np.ndarray) -> np.ndarray:
+    """This search's scalarization of [..., T] scores, on the host (for seeds)."""
+    return np.asarray(pareto.scalarize(scores, self.weights, self.chebyshev))
 
   def init(self, mean: np.ndarray | None = None) -> SearchState:
     key = jax.random.key(self.cfg.seed)
     key, k_init = jax.random.split(key)
-    mean = jnp.full((self.n,), 1.0 / self.n) if mean is None else jnp.asarray(mean)
+    mean = jnp.asarray(self.space.init_x() if mean is None else mean)
     es_state = self.es.init(k_init, mean, self.es_params)
     return SearchState(es_state, jax.random.key_data(key), jnp.zeros((), jnp.int32))
 
@@ -142,13 +182,13 @@ class Search:
     es_state, _ = self.es.tell(key, x, safe, state.es_state, self.es_params)
     return es_state
 
-  def _generation(self, state: SearchState, pool, datas):
+  def _generation(self, state: SearchState, pool, datas, weights, chebyshev):
     key = jax.random.wrap_key_data(state.key)
     key, k_ask, k_tell = jax.random.split(key, 3)
     x, es_state = self.es.ask(k_ask, state.es_state, self.es_params)
-    alphas = self.parametrize(x)
+    alphas = self.space.decode(x, self.parametrize)
     scores, finite = self.population_fn(alphas, pool, datas)
-    fitness = jnp.where(finite, fitness_from_scores(scores), jnp.nan)
+    fitness = jnp.where(finite, pareto.scalarize(scores, weights, chebyshev), jnp.nan)
     es_state = self._tell(state.replace(es_state=es_state), k_tell, x, fitness)
     new = SearchState(es_state, jax.random.key_data(key), state.generation + 1)
     return new, (x, alphas, scores, fitness)
@@ -178,11 +218,11 @@ def run(search: Search, pool, datas, workdir: str | None, resume: bool = False,
         progress: bool = True, on_generation: Callable | None = None) -> Archive:
   """Runs the search to its budget, checkpointing after every generation in `workdir`.
 
-  seeds: optional (alphas [S, N], scores [S, T], fitness [S]) of already evaluated points
-  (single checkpoints, baselines): they enter the archive and, when `warm_start`, the top
-  P are told to the strategy before the first generation.
+  seeds: optional (alphas [S, D], scores [S, T], fitness [S]) of already evaluated points of
+  the search's space (single checkpoints, baselines): they enter the archive and, when
+  `warm_start`, the top P are told to the strategy before the first generation.
   """
-  total = search.cfg.num_generations(search.n)
+  total = search.cfg.num_generations(search.dim)
   state, archive = search.init(), Archive()
   mngr = None
   if workdir:
@@ -198,12 +238,12 @@ def run(search: Search, pool, datas, workdir: str | None, resume: bool = False,
   else:
     if seeds is not None:
       alphas, scores, fitness = seeds
-      archive.add(alphas, alphas, scores, fitness, "seed")
+      x = search.space.encode(alphas)
+      archive.add(x, alphas, scores, fitness, "seed")
       if search.cfg.warm_start:
         order = np.argsort(-np.nan_to_num(fitness, nan=-np.inf))
         top = np.resize(order, search.pop)  # repeats when fewer seeds than P
-        state = search.tell_seeds(state, jnp.asarray(alphas[top]),
-                                  jnp.asarray(fitness[top]))
+        state = search.tell_seeds(state, jnp.asarray(x[top]), jnp.asarray(fitness[top]))
     if mngr is not None and len(archive):  # a fresh init needs no checkpoint
       mngr.save(0, args=ocp.args.StandardSave(_state_to_save(state, archive)))
   start = int(state.generation)
