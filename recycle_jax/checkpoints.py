@@ -11,6 +11,7 @@ import dataclasses
 import glob
 import json
 import os
+import re
 import shutil
 import uuid
 from typing import Any, Sequence
@@ -130,6 +131,7 @@ class CheckpointMeta:
 def read_metadata(path: str, name: str | None = None) -> CheckpointMeta:
   """Shapes, dtypes and custom metadata, reading no array data."""
   where = f"checkpoint {name!r} at {path}" if name else path
+  path = os.path.abspath(path)  # Orbax's OCDBT reader needs absolute paths
   check(os.path.isdir(path), "checkpoint directory not found", where,
         "check the path in the pool manifest or --checkpoint")
   check(bool(os.listdir(path)), "checkpoint directory is empty", where,
@@ -188,26 +190,24 @@ def validate_pool(pool: Pool) -> CheckpointMeta:
 def restore(path: str, abstract: PyTree, name: str | None = None) -> PyTree:
   """Restores arrays, placed by the shardings in `abstract` when it has them."""
   try:
-    return ocp.StandardCheckpointer().restore(path, abstract)
+    return ocp.StandardCheckpointer().restore(os.path.abspath(path), abstract)
   except Exception as e:
     where = f"checkpoint {name!r} at {path}" if name else path
     raise UserError(f"checkpoint data is unreadable (corrupted or truncated?): "
-                    f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}",
-                    where, "re-write or remove this checkpoint") from None
+                    f"{_read_error(e)}", where, "re-write or remove this checkpoint") from None
+
+
+def _read_error(e: Exception) -> str:
+  """Which parameter failed, from the TensorStore spec Orbax puts in its message."""
+  msg = str(e)
+  param = re.search(r"'path': '([^'/]+)/'", msg)  # the array's key inside the checkpoint
+  if param:
+    return f"cannot read parameter {param.group(1).replace('.', '/')!r}"
+  return f"{type(e).__name__}: {msg.splitlines()[0][:200] if msg else ''}"
 
 
 def restore_pool(pool: Pool, abstract: PyTree) -> tuple[PyTree, ...]:
   return tuple(restore(e.path, abstract, e.name) for e in pool.entries)
-
-
-def find_nonfinite(pool: Pool, meta: CheckpointMeta) -> list[str]:
-  """Names of checkpoints holding NaN/Inf; only called after a merge came out non-finite."""
-  bad = []
-  for e in pool.entries:
-    tree = restore(e.path, meta.abstract, e.name)
-    if not all(bool(np.all(np.isfinite(np.asarray(x)))) for x in jax.tree.leaves(tree)):
-      bad.append(e.name)
-  return bad
 
 
 def _inside(path: str, parent: str) -> bool:
