@@ -43,7 +43,7 @@ def matmul_peak(n: int = 1024) -> float:
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__)
   p.add_argument("--pool", default=os.path.join(ROOT, "runs/pool/pool.json"))
-  p.add_argument("--tasks", default="rj_code,rj_instruct")
+  p.add_argument("--tasks", default="rj_code,rj_reasoning")
   p.add_argument("--generations", type=int, default=3)
   args = p.parse_args()
   if not os.path.exists(args.pool):

@@ -14,9 +14,9 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-SETTINGS = ("code_instruct", "code_reasoning", "knowledge_instruct", "code_instruct_math")
+SETTINGS = ("code_reasoning", "knowledge_reasoning", "math_knowledge", "code_reasoning_math")
 TOP_N = (2, 4, 8, 16)
-TOP_N_SETTING = "code_instruct_math"
+TOP_N_SETTING = "code_reasoning_math"
 METHODS = ("best_single", "uniform", "merge_best", "search")
 
 
