@@ -1,12 +1,15 @@
 """Out-of-core linear merge: leaf by leaf, block by block, straight from the checkpoint files.
 
 Resident memory is set by the budget, not by N or the model size: a block (a slice of one
-parameter along axis 0, or along the axis its stored chunks split) is read from each checkpoint in turn and added into a float32
-accumulator while the next read is already in flight, so only [accumulator, input being
-added, input being read, output being written] are held at once. Arrays are read and
-written with tensorstore on Orbax's on-disk layout (zarr arrays in an OCDBT database);
-the few Orbax JSON files are derived from the first checkpoint's, so the result restores
-with `checkpoints.restore` like any checkpoint `checkpoints.save` writes.
+parameter along axis 0, or along the axis its stored chunks split) is read from each
+checkpoint in turn and added into a float32 accumulator while the next reads are already
+in flight, so only a few blocks are held at once. NaN/Inf is caught on the accumulated
+block (it reaches the sum from any input) and only then traced to its checkpoint, so the
+normal path makes no extra pass.
+
+Arrays are read and written with tensorstore on Orbax's on-disk layout (zarr arrays in an
+OCDBT database); the few Orbax JSON files are derived from the first checkpoint's, so the
+result restores with `checkpoints.restore` like any checkpoint `checkpoints.save` writes.
 """
 from __future__ import annotations
 
@@ -31,7 +34,11 @@ from recycle_jax.errors import UserError, check
 from recycle_jax.partitioning import path_str
 
 ACC_BYTES = 4  # float32 accumulator
-PREFETCH = 1  # reads in flight ahead of the one being added
+PREFETCH = 2  # reads in flight (on as many threads) ahead of the one being added
+# Resident at the peak, in blocks (measured, benchmarks/merge_throughput.py): the
+# accumulator, the term being added, the input in hand, PREFETCH reads each decoded then
+# copied by tensorstore, a write group filling and one committing.
+BLOCKS_IN_BUDGET = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,7 +101,8 @@ def blocks(leaf: Leaf, size: int) -> list[tuple]:
   if not leaf.shape:
     return [()]
   n, lead = leaf.shape[leaf.axis], (slice(None),) * leaf.axis
-  return [lead + (slice(s, min(s + size, n)),) for s in range(0, n, size)] or [lead + (slice(0, 0),)]
+  return ([lead + (slice(s, min(s + size, n)),) for s in range(0, n, size)]
+          or [lead + (slice(0, 0),)])
 
 
 def chunk_shape(leaf: Leaf, size: int) -> list[int]:
@@ -174,9 +182,11 @@ def orbax_json(tree_meta: dict, ckpt_meta: dict | None, custom: dict,
 
 # ----------------------------------------------------------------------------- pipeline
 
-def prefetched(fn: Callable, items: Iterable, depth: int = PREFETCH) -> Iterator:
-  """fn(item) for each item in order, computed `depth` items ahead on a reader thread."""
-  with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="merge-read") as ex:
+def prefetched(fn: Callable, items: Iterable, depth: int | None = None) -> Iterator:
+  """fn(item) for each item in order, computed up to `depth` items ahead on as many
+  reader threads."""
+  depth = depth or PREFETCH
+  with concurrent.futures.ThreadPoolExecutor(depth, thread_name_prefix="merge-read") as ex:
     queue = collections.deque()
     for item in items:
       queue.append(ex.submit(fn, item))
@@ -208,10 +218,21 @@ class Writes:
     self.flush()
     self.committing.result()
 
+  def abort(self) -> None:
+    """Drops what is not committed and waits for a commit in flight (it writes files)."""
+    self.txn.abort()
+    if self.committing is not None:
+      try:
+        self.committing.result()
+      except Exception:  # the merge is failing anyway; its error is the one to report
+        pass
+
 
 def accumulate(acc: np.ndarray | None, alpha: np.float32, x: np.ndarray) -> np.ndarray:
-  """acc + alpha * x in float32 (acc updated in place), as `merging.linear` computes it."""
-  term = np.multiply(alpha, x.astype(np.float32, copy=False), dtype=np.float32)
+  """acc + alpha * x in float32, as `merging.linear` computes it. Consumes x and acc: both
+  are updated in place, as fresh temporaries cost page faults that show in throughput."""
+  term = x.astype(np.float32, copy=not x.flags.writeable)
+  term *= alpha
   if acc is None:
     return term
   acc += term
@@ -246,8 +267,7 @@ def merge_into(tmp: str, pool: checkpoints.Pool, meta: checkpoints.CheckpointMet
         "checkpoint has no Orbax _METADATA file", f"checkpoint {pool.entries[0].name!r} at {src}",
         "streaming needs checkpoints written by Orbax >= 0.5; merge without --streaming")
   input_meta = [read_json(e.path, "_METADATA") for e in pool.entries]
-  # A quarter each for the accumulator, the input added, the input read, the write.
-  block_bytes = max(1, int(memory_budget_mb * 2**20) // 4)
+  block_bytes = max(1, int(memory_budget_mb * 2**20) // BLOCKS_IN_BUDGET)
   leaves = leaves_of(meta.abstract, write_shapes(tree_meta))
   sizes = {leaf.name: block_size(leaf, block_bytes) for leaf in leaves}
   chunks = {leaf.name: chunk_shape(leaf, sizes[leaf.name]) for leaf in leaves}
@@ -280,8 +300,11 @@ def merge_into(tmp: str, pool: checkpoints.Pool, meta: checkpoints.CheckpointMet
         del x
       if not np.all(np.isfinite(acc)):  # one check per block, on the sum: any NaN/Inf in
         raise nonfinite_error(pool, leaf, index, read)  # an input reaches it (0*inf is NaN)
-      writes.write(out[leaf.name], index, acc.astype(leaf.dtype))
+      writes.write(out[leaf.name], index, acc.astype(leaf.dtype, copy=False))
     writes.finish()
+  except BaseException:
+    writes.abort()
+    raise
   finally:
     reads.close()
     bar.close()
@@ -303,9 +326,10 @@ def merge_to_disk(pool: checkpoints.Pool, meta: checkpoints.CheckpointMeta,
                   overwrite: bool = False, progress: bool = True) -> None:
   """Linear merge `sum_i alphas[i] * checkpoint_i` written to `output`, out of core.
 
-  `meta` is `checkpoints.validate_pool(pool)`. Peak memory is about `memory_budget_mb`
-  plus the runtime, whatever N and the model size (parameters stored as one chunk larger
-  than the budget are decoded whole by tensorstore, once per block). Raises UserError
+  `meta` is `checkpoints.validate_pool(pool)`. Peak memory above the runtime stays within
+  about 1.5x `memory_budget_mb` (plus ~20 MB of tensorstore threads and buffers), whatever
+  N and the model size; a parameter stored as one chunk larger than the budget (saved
+  unsharded) is still decoded whole by tensorstore, once per block. Raises UserError
   naming the checkpoint and parameter on NaN/Inf, leaving nothing at `output`. With
   several processes, process 0 writes and the others wait.
   """

@@ -1,4 +1,5 @@
-"""Restore a pool onto the global mesh, merge with fixed weights, save (one or more processes).
+"""Restore a pool onto the global mesh, merge with fixed weights, save (one or more processes);
+then the same merge streamed to disk.
 
 Run by tests/test_multihost.py once per process (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES,
 JAX_PROCESS_ID, JAX_NUM_CPU_DEVICES set), and called in-process for the single-process
@@ -35,7 +36,12 @@ def main(argv=None) -> None:
   from recycle_jax import multihost
   multihost.initialize()
   assert jax.process_count() > 1 and jax.device_count() == 8, jax.devices()
-  merge(args.pool, [float(w) for w in args.weights.split(",")], args.output)
+  weights = [float(w) for w in args.weights.split(",")]
+  merge(args.pool, weights, args.output)
+  from recycle_jax import checkpoints, streaming  # process 0 writes, the others wait
+  pool = checkpoints.load_pool(args.pool)
+  streaming.merge_to_disk(pool, checkpoints.validate_pool(pool), weights,
+                          args.output + "_streaming", progress=False)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Two processes (4 CPU devices each, gloo) merge and save exactly as one process with 8."""
+"""Two processes (4 CPU devices each, gloo) merge and save exactly as one process with 8;
+the streaming merge works under them too."""
 import os
 import socket
 import subprocess
@@ -8,11 +9,12 @@ import jax
 import numpy as np
 
 import multihost_merge
+import recycle_jax
 from recycle_jax import checkpoints
 
 WEIGHTS = (0.2, 0.3, 0.5)
-SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "multihost_merge.py")
-ROOT = os.path.dirname(os.path.dirname(SCRIPT))
+SCRIPT = os.path.abspath(multihost_merge.__file__)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(recycle_jax.__file__)))
 
 
 def free_port() -> int:
@@ -60,4 +62,8 @@ def test_two_processes_merge_like_one(micro_pool, tmp_path):
   assert jax.tree.structure(a) == jax.tree.structure(b)
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(x, y)
-  assert sorted(os.listdir(tmp_path)) == ["one_process", "two_processes"]  # no temp dirs
+  streamed, _ = on_one_device(two + "_streaming")
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(streamed)):
+    np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
+  assert sorted(os.listdir(tmp_path)) == [  # and no temp dirs left
+      "one_process", "two_processes", "two_processes_streaming"]

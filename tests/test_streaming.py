@@ -15,17 +15,24 @@ from recycle_jax.errors import UserError
 ALPHAS = np.asarray([0.2, 0.3, 0.5], np.float32)
 
 
+def budget_mb(block_bytes: int) -> float:
+  """The memory budget that makes float32 blocks of `block_bytes`."""
+  return block_bytes * streaming.BLOCKS_IN_BUDGET / 2**20
+
+
 def _pool(micro_pool):
   pool = checkpoints.load_pool(micro_pool)
   return pool, checkpoints.validate_pool(pool)
 
 
 def _in_memory(pool, meta, alphas):
-  return jax.tree.map(np.asarray, merging.linear(alphas, checkpoints.restore_pool(pool, meta.abstract)))
+  params = checkpoints.restore_pool(pool, meta.abstract)
+  return jax.tree.map(np.asarray, merging.linear(alphas, params))
 
 
 def _restored(path):
-  return jax.tree.map(np.asarray, checkpoints.restore(path, checkpoints.read_metadata(path).abstract))
+  meta = checkpoints.read_metadata(path)
+  return jax.tree.map(np.asarray, checkpoints.restore(path, meta.abstract))
 
 
 def _assert_close(a, b):
@@ -66,23 +73,20 @@ def test_blocks_keep_stored_chunks_whole():
 
 # ----------------------------------------------------------------------------- merging
 
-@pytest.mark.parametrize("budget_mb", [256, 0.01])
-def test_streaming_equals_in_memory(micro_pool, tmp_path, budget_mb):
+@pytest.mark.parametrize("chunked", [False, True])
+def test_streaming_equals_in_memory(micro_pool, tmp_path, chunked):
   pool, meta = _pool(micro_pool)
   before = _snapshot(pool.paths)
   out = str(tmp_path / "merged")
-  streaming.merge_to_disk(pool, meta, ALPHAS, out, memory_budget_mb=budget_mb)
+  budget = budget_mb(20 * 32 * 4) if chunked else 256  # 20 rows of the embedding, or all
+  streaming.merge_to_disk(pool, meta, ALPHAS, out, memory_budget_mb=budget)
   _assert_close(_restored(out), _in_memory(pool, meta, ALPHAS))
   assert checkpoints.read_metadata(out).custom[checkpoints.META_KEY] == {
       "model": meta.model_config,
       "merge": {"method": "linear", "weights": [float(a) for a in ALPHAS],
                 "pool": pool.names}}
   assert _snapshot(pool.paths) == before
-  emb = _write_shapes(out)["embed.embedding"]
-  if budget_mb < 1:  # 2.5 KiB float32 blocks: the [259, 32] embedding goes in 20-row blocks
-    assert emb == [20, 32]
-  else:
-    assert emb == [259, 32]
+  assert _write_shapes(out)["embed.embedding"] == ([20, 32] if chunked else [259, 32])
 
 
 def test_streaming_reads_sharded_checkpoints(micro_pool, tmp_path):
@@ -101,8 +105,9 @@ def test_streaming_reads_sharded_checkpoints(micro_pool, tmp_path):
   smeta = checkpoints.validate_pool(sharded)
   assert _write_shapes(entries[0].path)["layer_0.down.kernel"] == [8, 32]  # 64 rows / 8
   out = str(tmp_path / "merged")
-  streaming.merge_to_disk(sharded, smeta, [0.25, 0.75], out, memory_budget_mb=0.009)
-  shapes = _write_shapes(out)  # 2.3 KiB blocks: 18 rows of 128 B fit, 16 are whole chunks
+  streaming.merge_to_disk(sharded, smeta, [0.25, 0.75], out,
+                          memory_budget_mb=budget_mb(18 * 128))
+  shapes = _write_shapes(out)  # 18 rows of 128 B fit in a block, 16 are whole chunks
   assert shapes["layer_0.down.kernel"] == [16, 32]
   assert shapes["layer_0.up.kernel"] == [32, 16]  # sharded over columns: blocks too
   _assert_close(_restored(out), _in_memory(sharded, smeta, np.float32([0.25, 0.75])))
@@ -119,7 +124,7 @@ def test_bfloat16_round_trip(micro_pool, tmp_path):
   bf = checkpoints.make_pool(entries)
   bmeta = checkpoints.validate_pool(bf)
   out = str(tmp_path / "merged")
-  streaming.merge_to_disk(bf, bmeta, [0.5, 0.5], out, memory_budget_mb=0.01)
+  streaming.merge_to_disk(bf, bmeta, [0.5, 0.5], out, memory_budget_mb=budget_mb(2000))
   merged = _restored(out)
   assert jax.tree.leaves(merged)[0].dtype == jax.numpy.bfloat16
   _assert_close(merged, _in_memory(bf, bmeta, np.float32([0.5, 0.5])))
@@ -140,7 +145,7 @@ def test_nan_input_is_named_and_nothing_is_written(micro_pool, tmp_path):
                                pool.entries[2]])
   out = str(tmp_path / "out" / "merged")
   with pytest.raises(UserError, match=r"'layer_1/up/kernel' has NaN.*checkpoint 'bad'"):
-    streaming.merge_to_disk(bad, meta, ALPHAS, out, memory_budget_mb=0.001)
+    streaming.merge_to_disk(bad, meta, ALPHAS, out, memory_budget_mb=budget_mb(1000))
   assert os.listdir(tmp_path / "out") == []  # no output, no temp dir
 
 

@@ -1,0 +1,224 @@
+"""Merge throughput and memory, in one run (about 2 minutes on 2 CPU cores).
+
+  (a) in-memory merge: N checkpoints sharded over 8 fake CPU devices by the partitioning
+      rules (parameter dims, never the pool axis), one jitted `merging.linear`, against a
+      numpy copy of the same input bytes.                                  goal >= 0.7
+  (b) streaming merge (`streaming.merge_to_disk`) of the same kind of pool saved to disk,
+      against reading the checkpoints' files raw (page cache warm for both).  goal >= 0.5
+      Also against reading the arrays with tensorstore without merging (zstd decode):
+      the floor for anything reading Orbax's compressed format.
+  (c) peak RSS of the streaming merge for N = 2, 4, 8, 16 at one model size, each in a
+      fresh process (VmHWM: ru_maxrss would report the parent's peak, see peak_rss_bytes),
+      next to a process that only imports and reads metadata.
+
+  .venv/bin/python benchmarks/merge_throughput.py [--size_mb 40] [--budget_mb 16]
+"""
+import os
+import sys
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import argparse  # noqa: E402
+import resource  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from recycle_jax import checkpoints, merging, partitioning, streaming  # noqa: E402
+
+MB = 2**20
+
+
+def fake_params(size_mb: float, seed: int) -> dict:
+  """A decoder-shaped float32 tree of about `size_mb`, named so the default rules shard
+  it (q/k/v/up over columns, o/down over rows, the embedding over columns)."""
+  d = 512
+  layers = max(1, round((size_mb - 8) / 16))  # 16 MB a layer + an 8 MB embedding
+  rng = np.random.default_rng(seed)
+  normal = lambda *shape: rng.standard_normal(shape, np.float32) * 0.02  # noqa: E731
+  tree = {"embed": {"embedding": normal(4096, d)}, "final_norm": {"scale": np.ones(d, np.float32)}}
+  for i in range(layers):
+    tree[f"layer_{i}"] = {
+        "attn": {k: {"kernel": normal(d, d)} for k in ("q", "k", "v", "o")},
+        **{k: {"kernel": normal(d, 4 * d)} for k in ("gate", "up")},
+        "down": {"kernel": normal(4 * d, d)}}
+  return tree
+
+
+def median_time(fn, repeat: int = 5) -> float:
+  fn()  # warm-up: compilation, page cache
+  times = []
+  for _ in range(repeat):
+    t = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t)
+  return float(np.median(times))
+
+
+def shardings_for(tree):
+  return partitioning.param_shardings(tree, partitioning.make_mesh(model=8))
+
+
+# ----------------------------------------------------------------------------- (a)
+
+def bench_in_memory(n: int, size_mb: float) -> dict:
+  trees = [fake_params(size_mb, seed) for seed in range(n)]
+  shardings = shardings_for(trees[0])
+  pool = tuple(jax.device_put(t, shardings) for t in trees)
+  nbytes = sum(x.nbytes for t in trees for x in jax.tree.leaves(t))
+  del trees
+  alphas = np.full(n, 1.0 / n, np.float32)
+  merge = jax.jit(merging.linear)
+  t_merge = median_time(lambda: jax.block_until_ready(merge(alphas, pool)))
+  src = np.ones(nbytes // 4, np.float32)
+  dst = np.empty_like(src)
+  t_copy = median_time(lambda: np.copyto(dst, src))
+  return {"bytes": nbytes, "merge_s": t_merge, "copy_s": t_copy, "ratio": t_copy / t_merge}
+
+
+# ----------------------------------------------------------------------------- (b)
+
+def write_pool(workdir: str, n: int, size_mb: float) -> str:
+  """N checkpoints saved from 8 devices (chunked like a sharded run writes them)."""
+  entries = []
+  for seed in range(n):
+    tree = fake_params(size_mb, seed)
+    path = os.path.join(workdir, f"ckpt_{seed}")
+    checkpoints.save(path, jax.device_put(tree, shardings_for(tree)), {"model": None})
+    entries.append(checkpoints.Entry(f"ckpt_{seed}", path))
+  manifest = os.path.join(workdir, "pool.json")
+  checkpoints.write_manifest(manifest, checkpoints.make_pool(entries))
+  return manifest
+
+
+def read_raw(paths, buf=bytearray(16 * MB)) -> int:
+  """Reads every file of the checkpoints; bytes read."""
+  total, view = 0, memoryview(buf)
+  for top in paths:
+    for root, _, files in os.walk(top):
+      for name in files:
+        with open(os.path.join(root, name), "rb", buffering=0) as f:
+          while (k := f.readinto(view)):
+            total += k
+  return total
+
+
+def read_arrays(pool: checkpoints.Pool, meta) -> int:
+  """Reads every array of every checkpoint with tensorstore (decoded, not merged)."""
+  import tensorstore as ts
+  leaves, ctx, total = streaming.leaves_of(meta.abstract, {}), ts.Context(), 0
+  for e in pool.entries:
+    for leaf in leaves:
+      total += ts.open(streaming.array_spec(e.path, leaf.name), read=True,
+                       context=ctx).result().read().result().nbytes
+  return total
+
+
+def pool_of(manifest: str, n: int) -> checkpoints.Pool:
+  return checkpoints.make_pool(checkpoints.read_manifest(manifest).entries[:n])
+
+
+def bench_streaming(manifest: str, n: int, budget_mb: float, workdir: str) -> dict:
+  pool = pool_of(manifest, n)
+  meta = checkpoints.validate_pool(pool)
+  out = os.path.join(workdir, "merged")
+
+  def merge():
+    shutil.rmtree(out, ignore_errors=True)
+    streaming.merge_to_disk(pool, meta, np.full(n, 1.0 / n), out,
+                            memory_budget_mb=budget_mb, progress=False)
+  t_raw = median_time(lambda: read_raw(pool.paths))
+  t_decode = median_time(lambda: read_arrays(pool, meta))
+  t_stream = median_time(merge)
+  shutil.rmtree(out, ignore_errors=True)
+  return {"file_bytes": read_raw(pool.paths), "param_bytes": read_arrays(pool, meta),
+          "raw_s": t_raw, "decode_s": t_decode, "stream_s": t_stream,
+          "ratio": t_raw / t_stream, "decode_ratio": t_decode / t_stream}
+
+
+# ----------------------------------------------------------------------------- (c)
+
+def rss_child(manifest: str, n: int, budget_mb: float, out: str) -> None:
+  """Runs in a fresh process: merges the first n (0: metadata only); prints peak RSS."""
+  pool = pool_of(manifest, max(n, 1))
+  meta = checkpoints.validate_pool(pool)
+  if n:
+    streaming.merge_to_disk(pool, meta, np.full(n, 1.0 / n), out, memory_budget_mb=budget_mb,
+                            progress=False)
+    shutil.rmtree(out)
+  print(peak_rss_bytes())
+
+
+def peak_rss_bytes() -> int:
+  """This process's peak RSS. ru_maxrss (KiB on Linux) survives fork + exec, so a child of
+  a large parent reports the parent's peak; VmHWM belongs to this process's memory only."""
+  with open("/proc/self/status") as f:
+    for line in f:
+      if line.startswith("VmHWM:"):
+        return int(line.split()[1]) * 1024
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def peak_rss(manifest: str, n: int, budget_mb: float, workdir: str) -> int:
+  cmd = [sys.executable, os.path.abspath(__file__), "--rss_child", str(n), "--manifest",
+         manifest, "--budget_mb", str(budget_mb), "--workdir", workdir]
+  res = subprocess.run(cmd, capture_output=True, text=True, check=True)
+  return int(res.stdout.split()[-1])
+
+
+# ----------------------------------------------------------------------------- main
+
+def main() -> None:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--size_mb", type=float, default=40.0, help="one checkpoint's float32 size")
+  p.add_argument("--n", type=int, default=8, help="pool size for (a) and (b)")
+  p.add_argument("--rss_ns", default="2,4,8,16")
+  p.add_argument("--budget_mb", type=float, default=16.0, help="streaming memory budget")
+  p.add_argument("--workdir", default=None, help="scratch directory (default: a temp dir)")
+  p.add_argument("--rss_child", type=int, default=None, help=argparse.SUPPRESS)
+  p.add_argument("--manifest", default=None, help=argparse.SUPPRESS)
+  args = p.parse_args()
+  if args.rss_child is not None:
+    return rss_child(args.manifest, args.rss_child, args.budget_mb,
+                     os.path.join(args.workdir, f"rss_{args.rss_child}"))
+
+  assert jax.device_count() == 8, "run with XLA_FLAGS=--xla_force_host_platform_device_count=8"
+  ns = [int(x) for x in args.rss_ns.split(",")]
+  workdir = tempfile.mkdtemp(prefix="merge_bench_", dir=args.workdir)
+  t0 = time.time()
+  try:
+    print(f"host: {os.cpu_count()} CPU cores, jax {jax.__version__}, 8 fake CPU devices; "
+          f"checkpoints of {args.size_mb:g} MB float32")
+    a = bench_in_memory(args.n, args.size_mb)
+    print(f"(a) in-memory sharded merge, N={args.n}: {a['bytes'] / MB:.0f} MB in "
+          f"{a['merge_s'] * 1e3:.1f} ms ({a['bytes'] / a['merge_s'] / 1e9:.2f} GB/s); numpy "
+          f"copy of the same bytes {a['copy_s'] * 1e3:.1f} ms -> ratio {a['ratio']:.2f} "
+          f"(goal >= 0.7)")
+    manifest = write_pool(workdir, max(ns + [args.n]), args.size_mb)
+    b = bench_streaming(manifest, args.n, args.budget_mb, workdir)
+    print(f"(b) streaming merge, N={args.n}, budget {args.budget_mb:g} MB: "
+          f"{b['param_bytes'] / MB:.0f} MB of parameters ({b['file_bytes'] / MB:.0f} MB of "
+          f"files) in {b['stream_s']:.2f} s ({b['param_bytes'] / b['stream_s'] / 1e9:.2f} "
+          f"GB/s); raw file read {b['raw_s']:.3f} s -> ratio {b['ratio']:.2f} (goal >= 0.5); "
+          f"reading the arrays alone (tensorstore, zstd decode, no merge) {b['decode_s']:.2f} s "
+          f"-> ratio {b['decode_ratio']:.2f}")
+    base = peak_rss(manifest, 0, args.budget_mb, workdir)
+    print(f"(c) streaming peak RSS, budget {args.budget_mb:g} MB, {args.size_mb:g} MB "
+          f"checkpoints: baseline (imports + metadata) {base / MB:.0f} MB")
+    for n in ns:
+      rss = peak_rss(manifest, n, args.budget_mb, workdir)
+      print(f"    N={n:2d}: peak {rss / MB:.0f} MB = baseline + {(rss - base) / MB:.0f} MB "
+            f"({(rss - base) / MB / args.budget_mb:.1f}x budget; pool {n * args.size_mb:g} MB)")
+  finally:
+    shutil.rmtree(workdir, ignore_errors=True)
+  print(f"total {time.time() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+  main()
