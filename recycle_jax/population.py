@@ -80,7 +80,10 @@ class CachedScorer:
     p = self.population_size
     for start in range(0, len(todo), p):
       idx = todo[start:start + p]
-      batch = alphas[idx + [idx[-1]] * (p - len(idx))]  # pad to the compiled shape
+      # Pad to the compiled population shape; a lone candidate (greedy soup, one-off
+      # evaluations) gets its own 1-wide program instead of paying for P.
+      width = 1 if len(idx) == 1 else p
+      batch = alphas[idx + [idx[-1]] * (width - len(idx))]
       scores, finite = jax.device_get(self.population_fn(batch, self.pool, datas))
       for j, i in enumerate(idx):
         self.cache[keys[i]] = np.where(finite[j], scores[j], np.nan)
