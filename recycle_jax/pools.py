@@ -181,6 +181,7 @@ def make_pool(workdir: str, recipes: Sequence[dict] = gin.REQUIRED,
   base_dir = os.path.join(workdir, "base")
   base_fp = _fingerprint(spec)
   params = _cached(base_dir, base_fp)
+  built = params is None
   if params is None:
     params = models.init_params(model, jax.random.key(seed))
     params = train_recipe(apply, params, base_stages, seq_len, batch_size, seed, "base")
@@ -193,6 +194,7 @@ def make_pool(workdir: str, recipes: Sequence[dict] = gin.REQUIRED,
     path = os.path.join(workdir, "checkpoints", recipe["name"])
     fp = _fingerprint({**spec, "recipe": recipe, "index": i})
     if _cached(path, fp, restore=False) is None:
+      built = True
       params = train_recipe(apply, base, recipe["stages"], seq_len, batch_size,
                             seed + 17 * (i + 1), recipe["name"])
       checkpoints.save(path, params, custom({"fingerprint": fp, "recipe": recipe}),
@@ -204,11 +206,16 @@ def make_pool(workdir: str, recipes: Sequence[dict] = gin.REQUIRED,
   old = _old_scores(manifest, eval_tasks, max_eval_examples)
   scores = {e.name: old[e.name] for e in entries if e.name in old}
   if len(scores) < len(entries):
+    built = True
     scores = score_pool(pool, eval_tasks, max_eval_examples)
   entries = [checkpoints.Entry(e.name, e.path, {**e.info, "scores": scores[e.name]})
              for e in entries]
   checkpoints.write_manifest(manifest, checkpoints.make_pool(entries, manifest))
   timing = {"train_seconds": round(train_s, 1), "total_seconds": round(time.time() - t0, 1)}
+  meta_path = os.path.join(workdir, "pool_meta.json")
+  if os.path.exists(meta_path) and not built:  # a cache hit keeps the cold build's timing
+    old_meta = json.load(open(meta_path))
+    timing = {k: old_meta.get(k, v) for k, v in timing.items()}
   with open(os.path.join(workdir, "pool_meta.json"), "w") as f:
     json.dump({"eval_tasks": list(eval_tasks), "max_eval_examples": max_eval_examples,
                **timing}, f, indent=1)
