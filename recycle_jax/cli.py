@@ -6,10 +6,12 @@ input ends with one line `error: what (where); how to fix` and exit status 2.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging as pylogging
 import os
 import sys
+import tokenize
 
 from absl import logging
 
@@ -25,12 +27,23 @@ def _parse_gin(files, bindings) -> None:
   for f in files or ():
     check(os.path.isfile(f), f"gin file not found: {f}", "--gin_file")
   gin.clear_config()  # one process may run several commands (tests, sweeps)
-  try:
-    gin.parse_config_files_and_bindings(files or [], bindings or [], skip_unknown=False)
-  except Exception as e:  # gin raises ValueError/KeyError/SyntaxError with long messages
-    msg = " ".join(str(e).split())[:300]
-    raise UserError(f"invalid gin config: {msg}", "--gin_file/--gin_bindings",
-                    "check the configurable and parameter names") from None
+  # What gin.parse_config_files_and_bindings does, a step at a time to say what is wrong.
+  steps = [(f"--gin_file={f}", functools.partial(gin.parse_config_file, f, skip_unknown=False))
+           for f in files or ()]
+  steps += [("--gin_bindings", functools.partial(gin.parse_config, bindings or [],
+                                                 skip_unknown=False)),
+            ("--gin_file/--gin_bindings", gin.finalize)]
+  for where, step in steps:
+    try:
+      step()
+    except Exception as e:  # gin raises ValueError/KeyError/SyntaxError with long messages
+      msg = " ".join(str(e).split())[:300]
+      if isinstance(e, (SyntaxError, tokenize.TokenError)):
+        raise UserError(f"invalid gin config, syntax error: {msg}", where,
+                        "fix the syntax (gin lines look like `Experiment.tasks = ['rj_code']`)"
+                        ) from None
+      raise UserError(f"invalid gin config: {msg}", where,
+                      "check the configurable and parameter names") from None
 
 
 def _init_distributed(args) -> None:
@@ -79,8 +92,8 @@ def cmd_merge(args) -> None:
     loaded = experiment.load_pool(args.pool)
     merged, finite = jax.jit(merging.linear_checked)(np.asarray(alphas, np.float32),
                                                      loaded.params)
-    if not bool(finite):
-      bad = checkpoints.find_nonfinite(pool, meta)
+    if not bool(finite):  # found in the merge's own pass; only now look for the culprit
+      bad = experiment.nonfinite_members(loaded)
       raise UserError(f"the merge has NaN or Inf values coming from {bad}", "--pool",
                       "repair or drop that checkpoint")
     checkpoints.save(args.output, merged,
@@ -97,6 +110,8 @@ def cmd_eval(args) -> None:
   cfg = experiment.model_config_from(meta, args.checkpoint)
   names = [t for t in args.tasks.split(",") if t]
   check(bool(names), "no tasks given", "--tasks", "pass --tasks=rj_code,rj_math")
+  if args.output:
+    checkpoints.check_output(args.output, [args.checkpoint], overwrite=True)
   datas = evaluation.load_split(names, args.split, args.max_examples)
   params = checkpoints.restore(args.checkpoint, meta.abstract)
   scores = np.asarray(jax.jit(evaluation.make_scorer(models.Decoder(cfg)))(params, datas))
@@ -105,9 +120,7 @@ def cmd_eval(args) -> None:
   for t, s in out["scores"].items():
     print(f"{t:20s} {s:6.2f}")
   if args.output:
-    checkpoints.check_output(args.output, [args.checkpoint], overwrite=True)
-    with open(args.output, "w") as f:
-      json.dump(out, f, indent=1)
+    checkpoints.atomic_write_text(args.output, json.dumps(out, indent=1))
 
 
 def cmd_convert(args) -> None:
@@ -207,9 +220,19 @@ def _init_logging(level: str) -> None:
   (handler.addFilter if level == "info" else handler.removeFilter)(_INFO_FILTER)
 
 
+def _log_unraisable(u) -> None:
+  """Exceptions no caller can catch, e.g. TensorStore reads that finish after Orbax gave up
+  on a corrupted checkpoint (already reported as the `error:` line): one debug log line,
+  not a traceback on stderr."""
+  msg = str(u.exc_value).splitlines()[0][:200] if str(u.exc_value) else ""
+  logging.debug("ignored %s in %r: %s", type(u.exc_value).__name__, u.object, msg)
+
+
 def main(argv=None) -> int:
   args = build_parser().parse_args(argv)
   _init_logging(args.log_level)
+  if argv is None:  # the process is ours (not a test or a sweep calling main in-process)
+    sys.unraisablehook = _log_unraisable
   try:
     _init_distributed(args)
     _parse_gin(args.gin_file, args.gin_bindings)

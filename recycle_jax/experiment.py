@@ -60,6 +60,12 @@ def load_pool(pool_spec) -> Loaded:
   return Loaded(pool, checkpoints.restore_pool(pool, abstract), cfg, mesh)
 
 
+def nonfinite_members(loaded: Loaded) -> list[str]:
+  """Names of pool members holding NaN/Inf (looked for once a merge came out non-finite)."""
+  finite = jax.jit(merging.all_finite)
+  return [n for n, p in zip(loaded.pool.names, loaded.params) if not bool(finite(p))]
+
+
 def check_workdir(workdir: str, resume: bool, overwrite: bool, inputs: Sequence[str]) -> None:
   for src in inputs:
     check(not checkpoints._inside(workdir, src) and not checkpoints._inside(src, workdir),
@@ -92,11 +98,6 @@ def run_search(workdir: str, resume: bool = False, overwrite: bool = False,
   check(scfg.strategy in search.STRATEGIES, f"unknown search strategy {scfg.strategy!r}",
         "SearchConfig.strategy", f"choose from {list(search.STRATEGIES)}")
 
-  if overwrite and os.path.isdir(workdir) and not resume and jax.process_index() == 0:
-    shutil.rmtree(workdir)
-  os.makedirs(workdir, exist_ok=True)
-  _write_config(workdir)
-
   loaded = load_pool(exp.pool)
   score = evaluation.make_scorer(models.Decoder(loaded.model_cfg))
   if exp.top_n:
@@ -111,6 +112,15 @@ def run_search(workdir: str, resume: bool = False, overwrite: bool = False,
   # Single checkpoints (one-hot merges) and baselines, scored by the same program.
   eye = np.eye(n, dtype=np.float32)
   single_dev = scorer(eye, dev, "dev")
+  bad = nonfinite_members(loaded) if np.isnan(single_dev).any() else []
+  check(not bad, f"checkpoints {bad} hold NaN or Inf values, so every merge with them does "
+        "(0 * NaN is NaN)", "Experiment.pool", "repair or drop them from the pool")
+  # The workdir is only touched once every input has been read and checked.
+  if overwrite and os.path.isdir(workdir) and not resume and jax.process_index() == 0:
+    shutil.rmtree(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  _write_config(workdir)
+
   base = baselines.baseline_weights(single_dev)
   seed_alphas = np.concatenate([eye, base["uniform"][None], base["merge_best"][None]])
   seed_scores = scorer(seed_alphas, dev, "dev")

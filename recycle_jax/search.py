@@ -188,6 +188,7 @@ class Search:
     x, es_state = self.es.ask(k_ask, state.es_state, self.es_params)
     alphas = self.space.decode(x, self.parametrize)
     scores, finite = self.population_fn(alphas, pool, datas)
+    scores = jnp.where(finite[:, None], scores, jnp.nan)  # as in CachedScorer
     fitness = jnp.where(finite, pareto.scalarize(scores, weights, chebyshev), jnp.nan)
     es_state = self._tell(state.replace(es_state=es_state), k_tell, x, fitness)
     new = SearchState(es_state, jax.random.key_data(key), state.generation + 1)
@@ -250,7 +251,10 @@ def run(search: Search, pool, datas, workdir: str | None, resume: bool = False,
   bar = tqdm(range(start, total), desc="search", disable=not progress, initial=start,
              total=total, unit="gen")
   for g in bar:
-    state, (x, alphas, scores, fitness) = search.generation(state, pool, datas)
+    # A host copy in: the first, later and resumed generations then share one program
+    # (device outputs carry the mesh, a fresh or restored state does not: two compiles).
+    state, (x, alphas, scores, fitness) = search.generation(jax.device_get(state), pool,
+                                                            datas)
     x, alphas, scores, fitness = jax.device_get((x, alphas, scores, fitness))
     population.log_nonfinite(alphas, fitness, f"generation {g}")
     archive.add(x, alphas, scores, fitness, "search")
