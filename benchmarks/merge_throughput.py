@@ -1,4 +1,4 @@
-"""Merge throughput and memory, in one run (about 2 minutes on 2 CPU cores).
+"""Merge throughput and memory, in one run (about 100 s on 2 CPU cores).
 
   (a) in-memory merge: N checkpoints sharded over 8 fake CPU devices by the partitioning
       rules (parameter dims, never the pool axis), one jitted `merging.linear`, against a
@@ -6,7 +6,8 @@
   (b) streaming merge (`streaming.merge_to_disk`) of the same kind of pool saved to disk,
       against reading the checkpoints' files raw (page cache warm for both).  goal >= 0.5
       Also against reading the arrays with tensorstore without merging (zstd decode):
-      the floor for anything reading Orbax's compressed format.
+      the floor for anything reading Orbax's compressed format; and all again on the pool
+      saved without compression.
   (c) peak RSS of the streaming merge for N = 2, 4, 8, 16 at one model size, each in a
       fresh process (VmHWM: ru_maxrss would report the parent's peak, see peak_rss_bytes),
       next to a process that only imports and reads metadata.
@@ -28,6 +29,7 @@ import time  # noqa: E402
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+import orbax.checkpoint as ocp  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from recycle_jax import checkpoints, merging, partitioning, streaming  # noqa: E402
@@ -84,13 +86,21 @@ def bench_in_memory(n: int, size_mb: float) -> dict:
 
 # ----------------------------------------------------------------------------- (b)
 
-def write_pool(workdir: str, n: int, size_mb: float) -> str:
-  """N checkpoints saved from 8 devices (chunked like a sharded run writes them)."""
+def write_pool(workdir: str, n: int, size_mb: float, compress: bool = True) -> str:
+  """N checkpoints saved from 8 devices (chunked like a sharded run writes them); Orbax's
+  default zstd compression, or none."""
+  workdir = os.path.join(workdir, "pool" if compress else "pool_uncompressed")
   entries = []
   for seed in range(n):
     tree = fake_params(size_mb, seed)
+    tree = jax.device_put(tree, shardings_for(tree))
     path = os.path.join(workdir, f"ckpt_{seed}")
-    checkpoints.save(path, jax.device_put(tree, shardings_for(tree)), {"model": None})
+    if compress:
+      checkpoints.save(path, tree, {"model": None})
+    else:
+      handler = ocp.PyTreeCheckpointHandler(use_compression=False)
+      ocp.Checkpointer(handler).save(path, args=ocp.args.PyTreeSave(tree),
+                                     custom_metadata={checkpoints.META_KEY: {"model": None}})
     entries.append(checkpoints.Entry(f"ckpt_{seed}", path))
   manifest = os.path.join(workdir, "pool.json")
   checkpoints.write_manifest(manifest, checkpoints.make_pool(entries))
@@ -201,13 +211,16 @@ def main() -> None:
           f"copy of the same bytes {a['copy_s'] * 1e3:.1f} ms -> ratio {a['ratio']:.2f} "
           f"(goal >= 0.7)")
     manifest = write_pool(workdir, max(ns + [args.n]), args.size_mb)
-    b = bench_streaming(manifest, args.n, args.budget_mb, workdir)
-    print(f"(b) streaming merge, N={args.n}, budget {args.budget_mb:g} MB: "
-          f"{b['param_bytes'] / MB:.0f} MB of parameters ({b['file_bytes'] / MB:.0f} MB of "
-          f"files) in {b['stream_s']:.2f} s ({b['param_bytes'] / b['stream_s'] / 1e9:.2f} "
-          f"GB/s); raw file read {b['raw_s']:.3f} s -> ratio {b['ratio']:.2f} (goal >= 0.5); "
-          f"reading the arrays alone (tensorstore, zstd decode, no merge) {b['decode_s']:.2f} s "
-          f"-> ratio {b['decode_ratio']:.2f}")
+    for compress in (True, False):
+      pool = manifest if compress else write_pool(workdir, args.n, args.size_mb, False)
+      b = bench_streaming(pool, args.n, args.budget_mb, workdir)
+      print(f"(b) streaming merge, N={args.n}, budget {args.budget_mb:g} MB, pool saved "
+            f"{'with zstd (Orbax default)' if compress else 'uncompressed'}: "
+            f"{b['param_bytes'] / MB:.0f} MB of parameters ({b['file_bytes'] / MB:.0f} MB of "
+            f"files) in {b['stream_s']:.2f} s ({b['param_bytes'] / b['stream_s'] / 1e9:.2f} "
+            f"GB/s); raw file read {b['raw_s']:.3f} s -> ratio {b['ratio']:.2f} (goal >= 0.5)"
+            f"; reading the arrays alone (tensorstore, no merge) {b['decode_s']:.2f} s -> "
+            f"ratio {b['decode_ratio']:.2f}")
     base = peak_rss(manifest, 0, args.budget_mb, workdir)
     print(f"(c) streaming peak RSS, budget {args.budget_mb:g} MB, {args.size_mb:g} MB "
           f"checkpoints: baseline (imports + metadata) {base / MB:.0f} MB")
