@@ -56,18 +56,58 @@ def _init_distributed(args) -> None:
 def cmd_make_pool(args) -> None:
   from recycle_jax import pools
   manifest = pools.make_pool(args.workdir)
+  try:  # figures are a convenience: failing to draw them is logged, never fatal
+    from recycle_jax import figures
+    figures.pool_figures(args.workdir)
+  except Exception as e:  # noqa: BLE001
+    logging.warning("pool figures not drawn: %s: %s", type(e).__name__, e)
   print(f"pool manifest: {manifest}")
   print(f"pool report:   {os.path.join(args.workdir, 'pool_report.md')}")
 
 
 def cmd_search(args) -> None:
   from recycle_jax import experiment
-  results = experiment.run_search(args.workdir, resume=args.resume, overwrite=args.overwrite)
+  results = experiment.run_search(args.workdir, resume=args.resume, overwrite=args.overwrite,
+                                  num_seeds=args.num_seeds)
   m = results["methods"]
   print("fitness (dev / test): " + ", ".join(
       f"{k} {m[k]['fitness']['dev']} / {m[k]['fitness']['test']}"
       for k in ("search", "uniform", "merge_best", "best_single")))
+  if "seeds" in results:
+    s = results["seeds"]["methods"]["search"]["fitness"]["test"]
+    print(f"search test fitness over {args.num_seeds} seeds: {s['mean']} ± {s['ci95']} "
+          "(95% CI)")
   print(f"report: {os.path.join(args.workdir, 'report.md')}")
+
+
+MERGE_METHODS = ("linear", "layerwise", "task_arithmetic", "ties", "dare_linear", "dare_ties",
+                 "greedy_soup")
+
+
+def _weights(text: str | None) -> list[float] | None:
+  if text is None:
+    return None
+  try:
+    return [float(w) for w in text.split(",")]
+  except ValueError:
+    raise UserError(f"weights must be numbers, got {text!r}", "--weights",
+                    "pass comma-separated numbers like 0.5,0.5") from None
+
+
+def _greedy_soup(loaded, args):
+  """Greedy soup on the dev split of --tasks: (alphas [N], its ingredients)."""
+  import jax
+  import numpy as np
+  from recycle_jax import evaluation, merging, models, population
+  names = [t for t in args.tasks.split(",") if t]
+  dev = evaluation.load_split(names, "dev", args.max_examples)
+  score = evaluation.make_scorer(models.Decoder(loaded.model_cfg))
+  scorer = population.CachedScorer(  # one candidate at a time: greedy soups are sequential
+      jax.jit(population.make_population_fn(score, "vmap")), loaded.params, 1)
+  single = scorer(np.eye(len(loaded.params), dtype=np.float32), dev, "dev")
+  alphas, soup = merging.greedy_soup(lambda a: np.mean(scorer(a[None], dev, "dev")[0]),
+                                     single.mean(-1))
+  return alphas, {"ingredients": [loaded.pool.names[i] for i in soup], "tasks": names}
 
 
 def cmd_merge(args) -> None:
@@ -76,29 +116,55 @@ def cmd_merge(args) -> None:
   from recycle_jax import checkpoints, experiment, merging
   pool = checkpoints.load_pool(args.pool)
   meta = checkpoints.validate_pool(pool)
-  try:
-    weights = [float(w) for w in args.weights.split(",")]
-  except ValueError:
-    raise UserError(f"weights must be numbers, got {args.weights!r}", "--weights",
-                    "pass comma-separated numbers like 0.5,0.5") from None
-  alphas = merging.check_explicit_weights(weights, len(pool))
-  checkpoints.check_output(args.output, pool.paths, args.overwrite)
+  n = len(pool)
+  check(args.method in MERGE_METHODS + merging.SPACE_NAMES, f"unknown merge method "
+        f"{args.method!r}", "--method", f"choose from {list(MERGE_METHODS)}")
+  soup = args.method == "greedy_soup"
+  method, layerwise = ("linear", False) if soup else merging.parse_space(args.method)
+  check(args.base is not None or not merging.needs_base(method),
+        f"--method={args.method} needs the base checkpoint", "--base",
+        "pass --base=CKPT, the checkpoint the pool was fine-tuned from")
+  check(0 < args.density <= 1, f"density {args.density} is not in (0, 1]", "--density")
+  check(not args.streaming or args.method == "linear", "--streaming merges linearly only",
+        "--streaming", "drop --streaming for other methods")
+  check(not soup or args.tasks, "greedy_soup scores soups on tasks' dev splits", "--tasks",
+        "pass --tasks=rj_code,rj_math")
+  check(not soup or args.weights is None, "greedy_soup chooses its own weights", "--weights",
+        "drop --weights")
+  groups = merging.layer_groups(meta.abstract)[0] if layerwise else ("all",)
+  rows = len(groups)
+  weights = _weights(args.weights) or [1.0] * (rows * n)
+  if layerwise:
+    check(len(weights) == rows * n, f"got {len(weights)} weights for {rows} layer groups of "
+          f"{n} checkpoints", "--weights", f"pass one row of {n} per group: {', '.join(groups)}")
+  alphas = np.concatenate([merging.check_explicit_weights(weights[r * n:(r + 1) * n], n)
+                           for r in range(rows)])
+  checkpoints.check_output(args.output, pool.paths + ([args.base] if args.base else []),
+                           args.overwrite)
   experiment.model_config_from(meta, pool.entries[0].path)
   if args.streaming:
     from recycle_jax import streaming
     streaming.merge_to_disk(pool, meta, alphas, args.output,
                             memory_budget_mb=args.memory_budget_mb, overwrite=args.overwrite)
-  else:
-    loaded = experiment.load_pool(args.pool)
-    merged, finite = jax.jit(merging.linear_checked)(np.asarray(alphas, np.float32),
-                                                     loaded.params)
-    if not bool(finite):  # found in the merge's own pass; only now look for the culprit
-      bad = experiment.nonfinite_members(loaded)
-      raise UserError(f"the merge has NaN or Inf values coming from {bad}", "--pool",
-                      "repair or drop that checkpoint")
-    checkpoints.save(args.output, merged,
-                     experiment.merged_metadata(loaded, alphas, "linear"),
-                     overwrite=args.overwrite)
+    print(f"merged checkpoint: {args.output}")
+    return
+  loaded = experiment.load_pool(args.pool)
+  how = None
+  if soup:
+    alphas, how = _greedy_soup(loaded, args)
+  space = merging.make_space("linear" if soup else args.method, loaded.params[0], n,
+                             tune=False, lam=args.lam, density=args.density, seed=args.seed)
+  base = experiment.load_base(args.base, loaded) if merging.needs_base(method) else None
+  w = np.asarray(alphas, np.float32)
+  merged, finite = jax.jit(space.merge_checked)(w, space.operands(loaded.params, base))
+  if not bool(finite):  # found in the merge's own pass; only now look for the culprit
+    bad = experiment.nonfinite_members(loaded)
+    raise UserError(f"the merge has NaN or Inf values coming from {bad or 'the base'}",
+                    "--pool", "repair or drop that checkpoint")
+  extra = {"space": space.describe(w)} if how is None else how
+  checkpoints.save(args.output, merged,
+                   experiment.merged_metadata(loaded, space.checkpoint_weights(w), args.method,
+                                              **extra), overwrite=args.overwrite)
   print(f"merged checkpoint: {args.output}")
 
 
@@ -173,10 +239,22 @@ def build_parser() -> argparse.ArgumentParser:
   s.add_argument("--workdir", required=True)
   s.add_argument("--resume", action="store_true")
   s.add_argument("--overwrite", action="store_true")
+  s.add_argument("--num_seeds", type=int, default=1,
+                 help="repeat the search with K seeds (workdir/seed_k); report mean and CI")
   s = add("merge", cmd_merge, "merge a pool with given weights")
   s.add_argument("--pool", required=True)
-  s.add_argument("--weights", required=True)
+  s.add_argument("--weights", default=None,
+                 help="N comma-separated weights (G*N for layerwise); default uniform")
   s.add_argument("--output", required=True)
+  s.add_argument("--method", default="linear",
+                 help=f"one of {', '.join(MERGE_METHODS)} (or layerwise_<task-vector method>)")
+  s.add_argument("--base", default=None, help="base checkpoint for task-vector methods")
+  s.add_argument("--lam", type=float, default=1.0,
+                 help="scale of the weighted task vector (lam = N sums task vectors)")
+  s.add_argument("--density", type=float, default=0.5, help="TIES/DARE fraction kept")
+  s.add_argument("--seed", type=int, default=0, help="DARE's drop mask")
+  s.add_argument("--tasks", default=None, help="greedy_soup: tasks whose dev split scores")
+  s.add_argument("--max_examples", type=int, default=None, help="greedy_soup: per task")
   s.add_argument("--overwrite", action="store_true")
   s.add_argument("--streaming", action="store_true", help="out-of-core, leaf by leaf")
   s.add_argument("--memory_budget_mb", type=float, default=256.0)

@@ -16,8 +16,8 @@ import jax
 import numpy as np
 from absl import logging
 
-from recycle_jax import (baselines, checkpoints, evaluation, merging, models, partitioning,
-                         population, reporting, search)
+from recycle_jax import (baselines, checkpoints, evaluation, merging, models, pareto,
+                         partitioning, population, reporting, search)
 from recycle_jax.errors import UserError, check
 
 PyTree = Any
@@ -32,6 +32,8 @@ class Experiment:
   max_examples: int | None = None  # per split, for quick runs
   top_n: int | None = None  # search only the N best checkpoints by dev fitness (ablation)
   save_merged: bool = True
+  base: str | None = None  # the checkpoint the pool was fine-tuned from: task-vector merges
+  greedy_soup: bool = True  # the greedy-soup baseline (up to N - 1 more dev evaluations)
 
 
 @dataclasses.dataclass
@@ -82,8 +84,20 @@ def _write_config(workdir: str) -> None:
                                   gin.operative_config_str())
 
 
+def load_base(path: str, loaded: Loaded) -> PyTree:
+  """The base checkpoint, checked against the pool from metadata, placed like the pool."""
+  entry = checkpoints.Entry("<base>", os.path.abspath(path))
+  checkpoints.validate_pool(checkpoints.make_pool([entry, *loaded.pool.entries], path))
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                          loaded.params[0])
+  return checkpoints.restore(entry.path, abstract, "base")
+
+
 def run_search(workdir: str, resume: bool = False, overwrite: bool = False,
-               progress: bool = True) -> dict:
+               progress: bool = True, num_seeds: int = 1) -> dict:
+  """The main job. num_seeds > 1 repeats the search with seeds seed..seed+K-1, each run in
+  workdir/seed_k, sharing the loaded pool, the scorers' caches and the compiled programs;
+  workdir then holds seed 0's results plus the mean and 95% CI over the seeds."""
   exp = Experiment()
   scfg = search.SearchConfig()
   pool = checkpoints.load_pool(exp.pool)
@@ -97,8 +111,15 @@ def run_search(workdir: str, resume: bool = False, overwrite: bool = False,
   test = evaluation.load_split(test_tasks, "test", exp.max_examples)
   check(scfg.strategy in search.STRATEGIES, f"unknown search strategy {scfg.strategy!r}",
         "SearchConfig.strategy", f"choose from {list(search.STRATEGIES)}")
+  check(num_seeds >= 1, f"num_seeds={num_seeds}", "--num_seeds", "pass 1 or more")
+  method, _ = merging.parse_space(scfg.merge_space)
+  check(exp.base is not None or not merging.needs_base(method),
+        f"merge space {scfg.merge_space!r} needs the base checkpoint", "Experiment.base",
+        "bind Experiment.base to the checkpoint the pool was fine-tuned from")
+  pareto.scalarization_args(scfg.scalarization, scfg.task_weights, len(exp.tasks))
 
   loaded = load_pool(exp.pool)
+  base = load_base(exp.base, loaded) if exp.base else None
   score = evaluation.make_scorer(models.Decoder(loaded.model_cfg))
   if exp.top_n:
     loaded = top_n_subset(loaded, score, dev, exp.top_n)
@@ -121,40 +142,139 @@ def run_search(workdir: str, resume: bool = False, overwrite: bool = False,
   os.makedirs(workdir, exist_ok=True)
   _write_config(workdir)
 
-  base = baselines.baseline_weights(single_dev)
-  seed_alphas = np.concatenate([eye, base["uniform"][None], base["merge_best"][None]])
-  seed_scores = scorer(seed_alphas, dev, "dev")
-  seeds = (seed_alphas, seed_scores, seed_scores.mean(-1))
-
-  srch = search.Search(scfg, n, pop_fn)
-  archive = search.run(srch, loaded.params, dev, workdir, resume=resume, seeds=seeds,
-                       progress=progress)
-  scorer.remember(np.asarray(archive.alphas), np.asarray(archive.scores),
-                  [d.name for d in dev], "dev")
-  best = archive.best()
-
-  methods = {"search": np.asarray(archive.alphas[best]), **base}
-  names = list(methods)
-  w = np.stack([methods[m] for m in names])
-  dev_scores = scorer(w, dev, "dev")
-  test_scores = scorer(w, test, "test")
-  single_test = scorer(eye, test, "test")
-
-  results = reporting.build_results(
-      tasks=list(exp.tasks), report_tasks=[d.name for d in test if d.name not in exp.tasks],
-      pool_names=loaded.pool.names, single_dev=single_dev, single_test=single_test,
-      methods={m: (w[i], dev_scores[i], test_scores[i]) for i, m in enumerate(names)},
-      archive=archive, config={"search": dataclasses.asdict(scfg), "population_size": pop,
-                               "population_mode": mode, "cache_hits": scorer.hits})
-
-  if exp.save_merged:
-    merged = jax.jit(merging.linear)(jax.numpy.asarray(methods["search"]), loaded.params)
-    checkpoints.save(os.path.join(workdir, "merged"), merged,
-                     merged_metadata(loaded, methods["search"], "search"), overwrite=True)
-  if jax.process_index() == 0:
-    reporting.write_run(workdir, results)
+  shared = Shared(exp, loaded, dev, test, scorer, mode, single_dev, scorer(eye, test, "test"),
+                  base)
+  shared.baselines, shared.linear_baselines = evaluate_baselines(shared)
+  space = merging.make_space(scfg.merge_space, loaded.params[0], n)
+  space_scorer = scorer
+  if not space.is_linear:  # its own program: merges of the space, P of them at a time
+    space_pop = scfg.pop_size(space.dim)
+    fn = jax.jit(population.make_population_fn(
+        score, population.choose_mode(loaded.params, space_pop), space.merge))
+    space_scorer = population.CachedScorer(fn, space.operands(loaded.params, base), space_pop)
+  sweep = pareto.SweepConfig()
+  runs = []
+  for k in range(num_seeds):  # the Pareto sweep runs once, with the first seed
+    wd = workdir if num_seeds == 1 else os.path.join(workdir, f"seed_{k}")
+    runs.append(search_once(shared, dataclasses.replace(scfg, seed=scfg.seed + k), space,
+                            space_scorer, wd, resume, progress,
+                            sweep if k == 0 else dataclasses.replace(sweep, num_weights=0)))
+  results = runs[0]
+  if num_seeds > 1:
+    results = reporting.with_seeds(runs[0], runs, [f"seed_{k}" for k in range(num_seeds)])
+    write_results(workdir, results, runs)
   _write_config(workdir)
   return results
+
+
+@dataclasses.dataclass
+class Shared:
+  """What every search of one pool shares: data, scorers, the base, evaluated baselines."""
+  exp: Experiment
+  loaded: Loaded
+  dev: tuple
+  test: tuple
+  scorer: population.CachedScorer  # linear merges
+  mode: str
+  single_dev: np.ndarray  # [N, T]
+  single_test: np.ndarray  # [N, T + R]
+  base: PyTree | None = None
+  baselines: dict = dataclasses.field(default_factory=dict)
+  linear_baselines: Sequence[str] = ()  # those that are linear merges: the search's seeds
+
+  @property
+  def n(self) -> int:
+    return len(self.loaded.pool)
+
+
+def evaluate_baselines(sh: Shared) -> tuple[dict[str, tuple], list[str]]:
+  """{name: (weights [N], dev [T], test [T + R], how it was merged | None)}, and the names
+  of the linear ones."""
+  lin = baselines.baseline_weights(sh.single_dev)
+  how = {}
+  if sh.exp.greedy_soup:
+    lin["greedy_soup"], soup = merging.greedy_soup(
+        lambda a: np.mean(sh.scorer(a[None], sh.dev, "dev")[0]), sh.single_dev.mean(-1))
+    how["greedy_soup"] = {"method": "greedy_soup",
+                          "ingredients": [sh.loaded.pool.names[i] for i in soup]}
+  names = list(lin)
+  w = np.stack([lin[m] for m in names])
+  dev, test = sh.scorer(w, sh.dev, "dev"), sh.scorer(w, sh.test, "test")
+  out = {m: (w[i], dev[i], test[i], how.get(m)) for i, m in enumerate(names)}
+  if sh.base is None:
+    return out, names
+  # Merged like the pool is placed, so the linear program scores them without recompiling.
+  shardings = jax.tree.map(lambda x: x.sharding, sh.loaded.params[0])
+  for m, (space, points) in baselines.task_vector_baselines(sh.n).items():
+    merge = jax.jit(space.merge, out_shardings=shardings)
+    trees = [merge(p, space.operands(sh.loaded.params, sh.base)) for p in points]
+    devs = sh.scorer.score_trees(trees, sh.dev)
+    i = int(np.argmax(np.nan_to_num(devs.mean(-1), nan=-np.inf)))  # lam chosen on dev
+    out[m] = (space.checkpoint_weights(points[i]), devs[i],
+              sh.scorer.score_trees([trees[i]], sh.test)[0], space.describe(points[i]))
+  return out, names
+
+
+def search_once(sh: Shared, scfg: search.SearchConfig, space: merging.MergeSpace,
+                scorer: population.CachedScorer, workdir: str, resume: bool, progress: bool,
+                sweep: pareto.SweepConfig) -> dict:
+  """One search (and its Pareto sweep) from the shared baselines; writes workdir's run."""
+  os.makedirs(workdir, exist_ok=True)
+  # The linear baselines, as points of the space, seed the archive (and warm starts).
+  seed_points = space.lift(np.concatenate(
+      [np.eye(sh.n, dtype=np.float32)] +
+      [sh.baselines[m][0][None] for m in sh.linear_baselines if m != "best_single"]))
+  seed_scores = scorer(seed_points, sh.dev, "dev")
+  names = [d.name for d in sh.dev]
+
+  def run_one(cfg, wd):
+    srch = search.Search(cfg, sh.n, scorer.population_fn, space)
+    archive = search.run(srch, scorer.pool, sh.dev, wd, resume=resume, progress=progress,
+                         seeds=(seed_points, seed_scores, srch.fitness(seed_scores)))
+    scorer.remember(np.asarray(archive.alphas), np.asarray(archive.scores), names, "dev")
+    return srch, archive
+
+  srch, archive = run_one(scfg, workdir)
+  sweeps = pareto.run_sweep(scfg, sweep, len(names), lambda c, i: run_one(
+      c, os.path.join(workdir, "sweep", f"{c.scalarization}_{i}"))[1])
+  w = np.asarray(archive.alphas[archive.best()])
+  methods = {"search": (space.checkpoint_weights(w), scorer(w[None], sh.dev, "dev")[0],
+                        scorer(w[None], sh.test, "test")[0], space.describe(w))}
+  methods.update(sh.baselines)
+  results = reporting.build_results(
+      tasks=list(sh.exp.tasks),
+      report_tasks=[d.name for d in sh.test if d.name not in sh.exp.tasks],
+      pool_names=sh.loaded.pool.names, single_dev=sh.single_dev, single_test=sh.single_test,
+      methods={m: v[:3] for m, v in methods.items()}, archive=archive,
+      config={"search": dataclasses.asdict(scfg), "population_size": srch.pop,
+              "population_mode": sh.mode, "cache_hits": scorer.hits,
+              "merge_space": {"name": space.name, "groups": list(space.groups),
+                              "tuned": list(space.tuned)}})
+  for m, v in methods.items():
+    if v[3] is not None:
+      results["methods"][m]["merge"] = v[3]
+  results["pareto"] = pareto.front_record(
+      results, archive, sweeps, space.checkpoint_weights,
+      lambda pts: scorer(pts, sh.test, "test"), sh.single_dev, sh.single_test, sweep.reference)
+  if sh.exp.save_merged:
+    merged = jax.jit(space.merge)(jax.numpy.asarray(w), scorer.pool)
+    checkpoints.save(os.path.join(workdir, "merged"), merged,
+                     merged_metadata(sh.loaded, space.checkpoint_weights(w), "search",
+                                     space=space.describe(w)), overwrite=True)
+  write_results(workdir, results)
+  return results
+
+
+def write_results(workdir: str, results: dict, runs: Sequence[dict] = ()) -> None:
+  """Figures (a convenience: a failure is logged, never fatal), results.json, report.md."""
+  if jax.process_index() != 0:
+    return
+  try:
+    from recycle_jax import figures  # matplotlib: only when a run is written
+    results["figures"] = figures.write_run_figures(workdir, results, runs)
+  except Exception as e:  # noqa: BLE001
+    logging.warning("figures not drawn: %s: %s", type(e).__name__, e)
+  reporting.write_run(workdir, results)
 
 
 def top_n_subset(loaded: Loaded, score, dev, top_n: int) -> Loaded:

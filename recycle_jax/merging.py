@@ -362,6 +362,11 @@ class MergeSpace:
       hp["key"] = jax.random.key(self.seed)
     return merge(self.method, alphas, params, base=base, **hp)
 
+  def merge_checked(self, w: jax.Array, operands: PyTree) -> tuple[PyTree, jax.Array]:
+    """The merge and whether it is all finite, in one program."""
+    merged = self.merge(w, operands)
+    return merged, all_finite(merged)
+
   def decode(self, x: jax.Array, parametrize: Callable) -> jax.Array:
     """[..., dim] strategy samples -> [..., dim] points w."""
     lead, g = x.shape[:-1], max(1, len(self.groups))
@@ -412,6 +417,13 @@ SPACE_NAMES = tuple(METHODS) + ("layerwise",) + tuple(f"layerwise_{m}" for m in 
                                                        if m != "linear")
 
 
+def parse_space(name: str) -> tuple[str, bool]:
+  """'layerwise_ties' -> ('ties', True); 'layerwise' -> ('linear', True)."""
+  check(name in SPACE_NAMES, f"unknown merge space {name!r}", "SearchConfig.merge_space",
+        f"choose from {list(SPACE_NAMES)}")
+  return name.removeprefix("layerwise").removeprefix("_") or "linear", name.startswith("layerwise")
+
+
 @gin.configurable
 def make_space(name: str, tree: PyTree, n: int, tune: bool = True, lam: float = 1.0,
                density: float = 0.5, seed: int = 0) -> MergeSpace:
@@ -421,10 +433,7 @@ def make_space(name: str, tree: PyTree, n: int, tune: bool = True, lam: float = 
   tune: search the method's hyperparameters (lam, density) too, starting from the values
   given here; otherwise they stay fixed at them.
   """
-  check(name in SPACE_NAMES, f"unknown merge space {name!r}", "SearchConfig.merge_space",
-        f"choose from {list(SPACE_NAMES)}")
-  layerwise_ = name.startswith("layerwise")
-  method = name.removeprefix("layerwise").removeprefix("_") or "linear"
+  method, layerwise_ = parse_space(name)
   values = {"lam": float(lam), "density": float(density)}
   names = HPARAMS[method]
   return MergeSpace(method, n, layer_groups(tree)[0] if layerwise_ else (),

@@ -64,6 +64,8 @@ def scalarization_args(kind: str, weights: Sequence[float] | None, num_tasks: in
 def tradeoff_weights(num_tasks: int, k: int, seed: int = 0) -> np.ndarray:
   """k weight vectors [k, T] spread over the simplex: an even grid for two tasks; for more,
   the vertices, the centre, then Dirichlet(1) draws (fixed seed)."""
+  if k <= 0:
+    return np.zeros((0, num_tasks), np.float32)
   if num_tasks == 2:
     a = np.linspace(0.0, 1.0, k) if k > 1 else np.array([0.5])
     return np.stack([a, 1 - a], -1).astype(np.float32)
@@ -150,9 +152,24 @@ def sweep_configs(scfg, sweep: SweepConfig, num_tasks: int) -> list:
 
 
 def run_sweep(scfg, sweep: SweepConfig, num_tasks: int, run_one: Callable) -> list[dict]:
-  """run_one(SearchConfig) -> Archive, for each sweep config; returns their records."""
+  """run_one(SearchConfig, index) -> Archive, for each sweep config; returns their records."""
   return [{"scalarization": c.scalarization, "task_weights": list(c.task_weights),
-           "archive": run_one(c)} for c in sweep_configs(scfg, sweep, num_tasks)]
+           "archive": run_one(c, i)} for i, c in enumerate(sweep_configs(scfg, sweep, num_tasks))]
+
+
+def evaluated(archive, sweeps: Sequence[dict]) -> tuple[list[str], np.ndarray, np.ndarray]:
+  """(source, point [D], dev scores [T]) of every evaluated merge: the main archive (seeds
+  and search) and the sweeps' search merges (their seeds repeat the main ones)."""
+  a = archive.arrays()
+  sources = ["seed" if s else "search" for s in a["is_seed"]]
+  points, scores = [a["alphas"]], [a["scores"]]
+  for rec in sweeps:
+    b = rec["archive"].arrays()
+    keep = ~b["is_seed"]
+    sources += [f"{rec['scalarization']} {rec['task_weights']}"] * int(keep.sum())
+    points.append(b["alphas"][keep])
+    scores.append(b["scores"][keep])
+  return sources, np.concatenate(points), np.concatenate(scores)
 
 
 # ----------------------------------------------------------------------------- reporting
@@ -193,3 +210,53 @@ def pareto_markdown(results: dict) -> str:
                          else f"{s['best_scores'][t]:.1f}" for t in results["tasks"])
       lines.append(f"| {s['scalarization']} | {s['task_weights']} | {cells} |")
   return "\n".join(lines) + "\n"
+
+
+def front_record(results: dict, archive, sweeps: Sequence[dict], weights_of: Callable,
+                 test_of: Callable, pool_dev: np.ndarray, pool_test: np.ndarray,
+                 reference: float = 0.0) -> dict:
+  """results['pareto']: the dev front over every evaluated merge (with test scores), the
+  sweep's best merges, and hypervolumes on dev and test.
+
+  Fronts: 'pool' (the checkpoints), 'search' (the main search's merges), 'all' (with the
+  seeds and the sweep); on test, a front's members are scored there (test_of(points) ->
+  [K, T + R] scores), so no merge is chosen on test. Every method is also one point.
+  weights_of: point [D] -> per-checkpoint weights [N].
+  """
+  tasks = results["tasks"]
+  t = len(tasks)
+  sources, points, dev = evaluated(archive, sweeps)
+  front = front_indices(dev)
+  s_idx = np.flatnonzero(np.asarray(sources) == "search")
+  s_front = s_idx[front_indices(dev[s_idx])] if len(s_idx) else s_idx
+  need = np.union1d(front, s_front).astype(int)
+  test = dict(zip(need.tolist(), np.asarray(test_of(points[need]))[:, :t])) if len(need) else {}
+  hv = lambda p: round(hypervolume(np.reshape(np.asarray(p, np.float64), (-1, t)), reference), 6)
+  scores = lambda row: dict(zip(tasks, _json_row(row, 4)))
+  sweep_best = []
+  for rec in sweeps:
+    b = rec["archive"]
+    i = b.best()
+    sweep_best.append({"scalarization": rec["scalarization"], "task_weights": rec["task_weights"],
+                       "best_scores": scores(b.scores[i]),
+                       "best_weights": np.round(weights_of(b.alphas[i]), 6).tolist()})
+  return {
+      "reference": reference,
+      "front": [{"source": sources[i], "weights": np.round(weights_of(points[i]), 6).tolist(),
+                 "point": np.round(points[i], 6).tolist(), "dev": scores(dev[i]),
+                 "test": scores(test[i])} for i in front],
+      "hypervolume": {
+          "dev": {"pool": hv(pool_dev[:, :t]), "search": hv(dev[s_idx]), "all": hv(dev),
+                  **point_hypervolumes(results["methods"], tasks, "dev", reference)},
+          "test": {"pool": hv(pool_test[:, :t]), "search": hv([test[i] for i in s_front]),
+                   "all": hv([test[i] for i in front]),
+                   **point_hypervolumes(results["methods"], tasks, "test", reference)}},
+      "sweep": sweep_best,
+      # The sweep's merges (the main search's are in results['history']), for the figures.
+      "evaluated": [_json_row(row, 3) for row in dev[len(archive):]],
+  }
+
+
+def _json_row(row, decimals: int) -> list:
+  """Rounded floats, None for NaN (results.json is strict JSON)."""
+  return [round(float(v), decimals) if np.isfinite(v) else None for v in row]

@@ -94,6 +94,24 @@ class CachedScorer:
     for a, s in zip(np.asarray(alphas, np.float32), scores):
       self.cache[(split, tuple(names), weights_key(a))] = np.asarray(s)
 
+  def score_trees(self, trees: Sequence[PyTree], datas: tuple[TaskData, ...]) -> np.ndarray:
+    """Scores [K, T] of parameter trees merged elsewhere (task vectors: no weights over
+    this pool), by this linear program: up to min(N, P) trees take the pool's slots and
+    one-hot weights pick each, exactly (1 * x + 0 * y). Same shapes and shardings, so no
+    new program is compiled. Not cached; NaN rows for non-finite trees (kept out of the
+    slots, where 0 * NaN would spoil the others)."""
+    n, p = len(self.pool), self.population_size
+    finite = [bool(jax.jit(merging.all_finite)(t)) for t in trees]
+    out = np.full((len(trees), len(datas)), np.nan, np.float32)
+    todo = [i for i, f in enumerate(finite) if f]
+    for start in range(0, len(todo), min(n, p)):
+      idx = todo[start:start + min(n, p)]
+      slots = tuple(trees[i] for i in idx) + tuple(self.pool[len(idx):])
+      pick = np.eye(n, dtype=np.float32)[list(range(len(idx))) + [0] * (p - len(idx))]
+      scores, _ = jax.device_get(self.population_fn(pick, slots, datas))
+      out[idx] = scores[:len(idx)]
+    return out
+
 
 def log_nonfinite(alphas: np.ndarray, fitness: np.ndarray, where: str) -> None:
   for a, f in zip(alphas, fitness):

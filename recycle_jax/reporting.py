@@ -1,4 +1,5 @@
-"""results.json and report.md: the paper's Table 1 for one run."""
+"""results.json and report.md: the paper's Table 1 for one run, the hypervolumes, the mean
+and 95% CI over repeated seeds, and links to the figures."""
 from __future__ import annotations
 
 import json
@@ -8,10 +9,11 @@ from typing import Sequence
 import numpy as np
 from absl import logging
 
-from recycle_jax import metrics
+from recycle_jax import metrics, pareto
 from recycle_jax.checkpoints import atomic_write_text
 
-METHOD_ORDER = ("best_single", "best_per_task", "uniform", "merge_best", "search")
+METHOD_ORDER = ("best_single", "best_per_task", "uniform", "merge_best", "greedy_soup",
+                "task_arithmetic", "ties", "dare_linear", "dare_ties", "search")
 
 
 def _task_dict(names: Sequence[str], values) -> dict[str, float]:
@@ -66,8 +68,7 @@ def table1(results: dict) -> str:
   head = ["method"] + [f"{t} dev" for t in tasks] + ["avg dev"] + \
          [f"{t} test" for t in tasks] + ["avg test"] + [f"{t} test (held-out)" for t in extra]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-  for name in [m for m in METHOD_ORDER if m in results["methods"]] + \
-              [m for m in results["methods"] if m not in METHOD_ORDER]:
+  for name in _ordered(results["methods"]):
     m = results["methods"][name]
     row = [name] + [_fmt(m["scores"]["dev"].get(t)) for t in tasks] + [_fmt(m["fitness"]["dev"])]
     row += [_fmt(m["scores"]["test"].get(t)) for t in tasks] + [_fmt(m["fitness"]["test"])]
@@ -90,6 +91,10 @@ def weights_line(weights, names) -> str:
   return ", ".join(f"{n}={w:.3f}" for n, w in zip(names, weights) if w > 1e-6)
 
 
+def _ordered(names) -> list[str]:
+  return [m for m in METHOD_ORDER if m in names] + [m for m in names if m not in METHOD_ORDER]
+
+
 def report_markdown(results: dict) -> str:
   names = [p["name"] for p in results["pool"]]
   search = results["methods"]["search"]
@@ -102,8 +107,18 @@ def report_markdown(results: dict) -> str:
       f"Pool: {len(names)} checkpoints; {len(hist)} merges evaluated by the search.", "",
       "## Table 1: methods on dev and test", "", table1(results), "",
       f"Search weights ({nonzero} of {len(names)} non-zero): "
-      f"{weights_line(search['weights'], names)}", "",
-      "## The pool on test", "", pool_table(results), ""]
+      f"{weights_line(search['weights'], names)}", ""]
+  if search.get("merge", {}).get("merge_space", "linear") != "linear":
+    parts += [f"Searched merge space: `{search['merge']['merge_space']}`, hyperparameters "
+              f"{search['merge']['hparams']} (weights above averaged over layer groups).", ""]
+  if "seeds" in results:
+    parts += [seeds_markdown(results), ""]
+  if results.get("pareto"):
+    parts += [pareto.pareto_markdown(results), ""]
+  parts += ["## The pool on test", "", pool_table(results), ""]
+  if results.get("figures"):
+    parts += ["## Figures", ""] + [f"![{os.path.splitext(os.path.basename(f))[0]}]({f})"
+                                   for f in results["figures"]] + [""]
   return "\n".join(parts)
 
 
@@ -121,6 +136,80 @@ def write_run(workdir: str, results: dict) -> None:
     metrics.write_history(workdir, results)
   except ImportError as e:  # the JSON is the record; TensorBoard files are a convenience
     logging.warning("no TensorBoard scalars written (%s)", e)
+
+
+# ----------------------------------------------------------------------------- seeds
+
+def mean_ci(values, level: float = 0.95) -> tuple[float, float, int]:
+  """(mean, half-width of the t-interval, n) of the finite values; half-width NaN if n < 2."""
+  from scipy.stats import t as student_t
+  v = np.asarray([x for x in values if x is not None and np.isfinite(x)], np.float64)
+  if len(v) == 0:
+    return float("nan"), float("nan"), 0
+  if len(v) == 1:
+    return float(v[0]), float("nan"), 1
+  half = student_t.ppf((1 + level) / 2, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v))
+  return float(v.mean()), float(half), len(v)
+
+
+def _stat(values) -> dict:
+  m, h, n = mean_ci(values)
+  r = lambda x: None if not np.isfinite(x) else round(x, 4)
+  return {"mean": r(m), "ci95": r(h), "n": n}
+
+
+def seed_summary(runs: Sequence[dict]) -> dict:
+  """Mean and 95% CI over runs (seeds) of every method's scores per task and fitness, and
+  of every hypervolume; methods absent from a run are left out."""
+  common = [m for m in runs[0]["methods"] if all(m in r["methods"] for r in runs)]
+  out = {"num_seeds": len(runs), "methods": {}, "hypervolume": {}}
+  for m in common:
+    rows = [r["methods"][m] for r in runs]
+    out["methods"][m] = {
+        split: {t: _stat([x["scores"][split].get(t) for x in rows])
+                for t in rows[0]["scores"][split]} for split in ("dev", "test")}
+    out["methods"][m]["fitness"] = {split: _stat([x["fitness"][split] for x in rows])
+                                    for split in ("dev", "test")}
+  for split in ("dev", "test"):
+    hvs = [r.get("pareto", {}).get("hypervolume", {}).get(split, {}) for r in runs]
+    for k in [k for k in hvs[0] if all(k in h for h in hvs)]:
+      out["hypervolume"].setdefault(split, {})[k] = _stat([h[k] for h in hvs])
+  return out
+
+
+def with_seeds(first: dict, runs: Sequence[dict], dirs: Sequence[str]) -> dict:
+  """The first run's results plus `seeds`: the summary over all runs and their subdirs."""
+  out = json.loads(json.dumps(first))  # a deep copy; the per-seed record stays as written
+  out["seeds"] = {**seed_summary(runs), "runs": list(dirs)}
+  return out
+
+
+def _pm(stat: dict) -> str:
+  if stat["mean"] is None:
+    return "–"
+  return f"{stat['mean']:.1f}" + ("" if stat["ci95"] is None else f" ± {stat['ci95']:.1f}")
+
+
+def seeds_markdown(results: dict) -> str:
+  """Mean ± 95% CI (t-distribution) over seeds, per method and task, on test and dev."""
+  s = results["seeds"]
+  tasks = results["tasks"] + results.get("report_tasks", [])
+  head = ["method"] + [f"{t} test" for t in tasks] + ["avg test", "avg dev"]
+  lines = [f"## Repeated seeds: mean ± 95% CI over {s['num_seeds']} seeds "
+           f"({', '.join(s['runs'])})", "",
+           "Baselines do not depend on the search seed, so their interval is 0.", "",
+           "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for name in _ordered(s["methods"]):
+    m = s["methods"][name]
+    cells = [_pm(m["test"][t]) if t in m["test"] else "–" for t in tasks]
+    lines.append(f"| {name} | " + " | ".join(cells + [_pm(m["fitness"]["test"]),
+                                                     _pm(m["fitness"]["dev"])]) + " |")
+  if s.get("hypervolume"):
+    lines += ["", "Hypervolume (mean ± 95% CI): " + "; ".join(
+        f"{split} {k} {v['mean']:.4f} ± {v['ci95'] or 0:.4f}"
+        for split, hv in s["hypervolume"].items() for k, v in hv.items()
+        if k in ("search", "all") and v["mean"] is not None)]
+  return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- pool

@@ -51,7 +51,8 @@ class SearchConfig:
   parametrization: str = "relu_normalize"
   warm_start: bool = False  # tell the best single checkpoints/baselines first
   seed: int = 0
-  merge_space: str = "linear"  # see merging.make_space: 'layerwise', 'ties', ...
+  merge_space: str = "linear"  # merging.make_space: 'layerwise', 'ties', ... (its hparams
+  #                               and whether they are tuned: make_space.lam/density/tune)
   scalarization: str = "mean"  # 'mean' | 'weighted' | 'chebyshev' (pareto.scalarize)
   task_weights: Sequence[float] | None = None  # tradeoff weights, one per searched task
 
@@ -126,11 +127,6 @@ def make_strategy(name: str, pop: int, n: int, sigma: float, center=None):
   return es, params
 
 
-def fitness_from_scores(scores: jax.Array) -> jax.Array:
-  """Macro-average over tasks; [..., T] -> [...]."""
-  return jnp.mean(scores, axis=-1)
-
-
 # (program-shaping config, space, population_fn) -> the Search whose jitted functions run it
 _PROGRAMS: dict = {}
 
@@ -164,7 +160,10 @@ class Search:
       self._jit_generation, self.tell_seeds = owner._jit_generation, owner.tell_seeds
 
   def generation(self, state: SearchState, pool, datas):
-    return self._jit_generation(state, pool, datas, self.weights, self.chebyshev)
+    weights = self.weights
+    if weights is None and datas is not None:  # the mean as uniform weights: always an
+      weights = np.full(len(datas), 1.0 / len(datas), np.float32)  # array, one program
+    return self._jit_generation(state, pool, datas, weights, self.chebyshev)
 
   def fitness(self, scores: np.ndarray) -> np.ndarray:
     """This search's scalarization of [..., T] scores, on the host (for seeds)."""
@@ -175,6 +174,8 @@ class Search:
     key, k_init = jax.random.split(key)
     mean = jnp.asarray(self.space.init_x() if mean is None else mean)
     es_state = self.es.init(k_init, mean, self.es_params)
+    # Strong dtypes, as a generation returns them: else the second generation recompiles.
+    es_state = jax.tree.map(lambda v: jnp.asarray(v, jnp.result_type(v)), es_state)
     return SearchState(es_state, jax.random.key_data(key), jnp.zeros((), jnp.int32))
 
   def _tell(self, state: SearchState, key, x, fitness):

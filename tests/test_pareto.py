@@ -47,3 +47,4 @@ def test_tradeoff_weights_and_sweep_configs():
   assert [(c.scalarization, c.task_weights, c.budget) for c in cfgs][:2] == [
       ("weighted", (0.0, 1.0), 10), ("weighted", (0.5, 0.5), 10)]
   assert len(cfgs) == 6 and cfgs[-1].scalarization == "chebyshev"
+  assert pareto.tradeoff_weights(2, 0).shape == (0, 2)

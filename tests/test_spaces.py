@@ -1,0 +1,90 @@
+"""CMA-ES over non-linear merge spaces (layer-wise weights; task arithmetic with its lam
+tuned) through the real population function, scored by distance to a known target merge."""
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from recycle_jax import merging, population, search
+
+N = 3
+
+
+def _setup():
+  rng = np.random.default_rng(0)
+  tree = lambda: {"embed": {"embedding": rng.normal(size=(6, 4))},
+                  "layer_0": {"w": rng.normal(size=(4, 4))},
+                  "final_norm": {"scale": rng.normal(size=(4,))}}
+  base = jax.tree.map(lambda x: x.astype(np.float32), tree())
+  pool = tuple(jax.tree.map(lambda b: (b + rng.normal(size=b.shape)).astype(np.float32), base)
+               for _ in range(N))
+  return pool, base
+
+
+def _closeness_to(target):
+  """score(params, datas) -> [2]: 100 minus the squared distance to `target`, on the first
+  leaf and on the rest (two 'tasks')."""
+  def score(params, datas):
+    d = [jnp.mean((a - b) ** 2) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(target))]
+    return jnp.stack([100 - 100 * d[0], 100 - 100 * sum(d[1:])])
+  return score
+
+
+def _search(space, operands, score, budget=240):
+  pop_fn = jax.jit(population.make_population_fn(score, "vmap", space.merge))
+  cfg = search.SearchConfig(budget=budget, sigma_init=0.3, population_size=8)
+  s = search.Search(cfg, N, pop_fn, space)
+  archive = search.run(s, operands, None, workdir=None, progress=False)
+  return s, archive
+
+
+def test_layerwise_search_recovers_per_group_weights():
+  pool, _ = _setup()
+  rows = np.array([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8], [0.2, 0.6, 0.2]], np.float32)
+  space = merging.make_space("layerwise", pool[0], N)
+  assert space.groups == ("embed", "layer_0", "final") and space.dim == 9
+  s, archive = _search(space, space.operands(pool, None),
+                       _closeness_to(merging.layerwise(rows, pool)))
+  assert s.dim == 9 and s.pop == 8
+  best = np.asarray(archive.alphas[archive.best()]).reshape(3, N)
+  np.testing.assert_allclose(best, rows, atol=0.12)
+  # No single weight vector does as well: the per-group search beats the best linear merge.
+  linear_best = max(float(np.mean(_closeness_to(merging.layerwise(rows, pool))(
+      merging.linear(rows[g], pool), None))) for g in range(3))
+  assert archive.fitness[archive.best()] > linear_best + 1
+
+
+def test_task_arithmetic_search_tunes_lam():
+  pool, base = _setup()
+  alphas = np.array([0.5, 0.3, 0.2], np.float32)
+  space = merging.make_space("task_arithmetic", pool[0], N)
+  assert space.tuned == ("lam",) and space.dim == N + 1
+  s, archive = _search(space, space.operands(pool, base),
+                       _closeness_to(merging.task_arithmetic(alphas, pool, base, 1.8)))
+  best = np.asarray(archive.alphas[archive.best()])
+  np.testing.assert_allclose(best[:N], alphas, atol=0.1)
+  assert abs(best[N] - 1.8) < 0.2
+  np.testing.assert_allclose(space.checkpoint_weights(best), best[:N])
+
+
+def test_score_trees_reuses_the_linear_program_exactly(caplog):
+  pool, base = jax.device_put(_setup(), jax.devices()[0])  # committed, as restored pools are
+  leaf_sums = lambda params, datas: jnp.stack([jnp.sum(x) for x in jax.tree.leaves(params)])
+  fn = jax.jit(population.make_population_fn(leaf_sums, "vmap"))
+  scorer = population.CachedScorer(fn, pool, 4)
+  a = np.array([0.5, 0.3, 0.2], np.float32)
+  # As the experiment does: merged where the pool lies, so the program's inputs match.
+  ties = jax.jit(lambda lam: merging.ties(a, pool, base, lam, 0.5),
+                 out_shardings=jax.tree.map(lambda x: x.sharding, pool[0]))
+  trees = [ties(lam) for lam in (0.5, 1.0, 1.5, 2.0)]
+  trees.insert(1, jax.tree.map(lambda x: x * np.nan, trees[0]))  # a diverged merge
+  datas = (0, 0, 0)  # three 'tasks': the score ignores them
+  with jax.log_compiles(), caplog.at_level(logging.WARNING):
+    got = scorer.score_trees(trees, datas)
+    fn(np.eye(N, dtype=np.float32)[[0, 1, 2, 0]], pool, datas)  # the pool's own merges
+  compiled = [r for r in caplog.records if "Compiling jit(population)" in r.getMessage()]
+  assert len(compiled) == 1  # the trees went through the pool's own program
+  assert np.isnan(got[1]).all()
+  for i in (0, 2, 3, 4):
+    np.testing.assert_array_equal(got[i], np.asarray(leaf_sums(trees[i], None)))
