@@ -212,7 +212,8 @@ class Search:
 # ----------------------------------------------------------------------------- running
 
 def _state_to_save(state: SearchState, archive: Archive) -> dict:
-  return {"state": state, "archive": archive.arrays()}
+  # Host copies: under several processes Orbax refuses single-device arrays.
+  return {"state": jax.device_get(state), "archive": archive.arrays()}
 
 
 def run(search: Search, pool, datas, workdir: str | None, resume: bool = False,
