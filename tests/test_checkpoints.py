@@ -53,7 +53,7 @@ def test_bad_pool_is_rejected_before_any_array_is_read(tmp_path, monkeypatch):
   def no_reads(*a, **k):
     raise AssertionError("array data was read")
   monkeypatch.setattr(ocp.StandardCheckpointer, "restore", no_reads)
-  with pytest.raises(UserError, match=r"'b'.*layer_0/down/kernel.*shape \(48, 16\)"):
+  with pytest.raises(UserError, match=r"d_ff 48 vs 32.*checkpoint 'b'"):
     checkpoints.validate_pool(pool)
 
 
@@ -61,9 +61,9 @@ def test_dtype_and_tree_mismatch_name_the_checkpoint_and_parameter(tmp_path):
   _write(tmp_path / "a")
   _write(tmp_path / "b", mutate=lambda p: jax.tree.map(lambda x: x.astype(np.float16), p))
   _write(tmp_path / "c", models.ModelConfig(**{**CFG.to_dict(), "tie_embeddings": False}))
-  with pytest.raises(UserError, match=r"'b'.*dtype float16"):
+  with pytest.raises(UserError, match=r"dtype float16.*checkpoint 'b'"):
     checkpoints.validate_pool(checkpoints.load_pool(_manifest(tmp_path, ["a", "b"])))
-  with pytest.raises(UserError, match=r"'c'.*lm_head/kernel"):
+  with pytest.raises(UserError, match=r"tie_embeddings.*checkpoint 'c'"):
     checkpoints.validate_pool(checkpoints.load_pool(_manifest(tmp_path, ["a", "c"])))
 
 
