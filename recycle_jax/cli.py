@@ -317,7 +317,7 @@ def main(argv=None) -> int:
     logging.info("recycle-jax %s", args.command)
     args.fn(args)
   except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
+    print(f"error: {e.message}", file=sys.stderr)
     return EXIT_USAGE
   return 0
 

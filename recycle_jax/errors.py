@@ -11,6 +11,7 @@ class UserError(Exception):
     msg = " ".join(parts)
     if fix:
       msg += f"; {fix}"
+    self.message = msg  # gin appends "In call to configurable ..." lines to str(e)
     super().__init__(msg)
 
 
