@@ -17,10 +17,13 @@ import collections
 import concurrent.futures
 import dataclasses
 import functools
+import itertools
 import json
 import math
 import os
+import queue
 import shutil
+import threading
 import time
 from typing import Callable, Iterable, Iterator, Sequence
 
@@ -34,10 +37,11 @@ from recycle_jax.errors import UserError, check
 from recycle_jax.partitioning import path_str
 
 ACC_BYTES = 4  # float32 accumulator
-PREFETCH = 2  # reads in flight (on as many threads) ahead of the one being added
-# Resident at the peak, in blocks (measured, benchmarks/merge_throughput.py): the
-# accumulator, the term being added, the input in hand, PREFETCH reads each decoded then
-# copied by tensorstore, a write group filling and one committing.
+PREFETCH = 2  # batches read (on as many threads) ahead of the one being added
+TILE = 1 << 15  # elements per fused multiply-add step: the term stays in L2 cache
+# Resident at the peak, in batches: the accumulator, PREFETCH + 2 read buffers (one being
+# added, PREFETCH filling, one spare), one batch of finished sums waiting in the output's
+# write queue and tensorstore's copy of it.
 BLOCKS_IN_BUDGET = 8
 
 
@@ -60,15 +64,6 @@ class Leaf:
   def nbytes(self) -> int:
     return math.prod(self.shape) * self.dtype.itemsize
 
-  @property
-  def axis(self) -> int:
-    """The axis blocks slice: 0, unless the stored chunks split another axis only (a
-    parameter saved sharded over columns), so a block never needs a sliver of a chunk."""
-    if not self.shape or self.write_shape[0] < self.shape[0]:
-      return 0
-    split = [d for d, (n, c) in enumerate(zip(self.shape, self.write_shape)) if c < n]
-    return split[0] if split else 0
-
 
 # ----------------------------------------------------------------------------- planning
 
@@ -80,37 +75,52 @@ def leaves_of(abstract, write_shapes: dict[str, Sequence[int]]) -> list[Leaf]:
     shape = tuple(x.shape)
     ws = write_shapes.get(".".join(keys))
     ws = tuple(ws) if ws and len(ws) == len(shape) else shape
-    out.append(Leaf(keys, shape, np.dtype(x.dtype), ws))
+    out.append(Leaf(keys, shape, np.dtype(x.dtype), tuple(max(1, c) for c in ws)))
   return out
 
 
-def block_size(leaf: Leaf, max_bytes: int) -> int:
-  """Length of a block along `leaf.axis`: whole stored chunks when they fit `max_bytes`
-  of float32 (a block then decodes only chunks it needs whole), else what fits (>= 1)."""
+def unit_shape(leaf: Leaf, max_bytes: int) -> tuple[int, ...]:
+  """Shape of a unit: the piece of a leaf read from every input, summed and written as one
+  output chunk. It is the stored chunk shape with leading dimensions cut down until a
+  float32 unit fits `max_bytes` (>= 1 element): dimensions before the cut one are 1, the
+  cut one takes what fits (whole chunks when one fits), later ones are whole. So a unit
+  is one contiguous run of a stored chunk, or of a few stored chunks along one axis."""
   if not leaf.shape:
-    return 1
-  n = max(1, leaf.shape[leaf.axis])
-  slab = ACC_BYTES * math.prod(leaf.shape) // n  # bytes of one index along the axis
-  fit = max(1, max_bytes // max(slab, 1))
-  chunk = max(1, min(leaf.write_shape[leaf.axis], n))
-  return min(n, fit // chunk * chunk if chunk <= fit else fit)
+    return ()
+  chunk = leaf.write_shape
+  for d in range(len(chunk)):
+    inner = ACC_BYTES * math.prod(chunk[d + 1:])
+    if inner <= max_bytes or d == len(chunk) - 1:
+      fit = max(1, max_bytes // inner)
+      n = fit // chunk[d] * chunk[d] if fit >= chunk[d] else fit
+      n = min(n, max(chunk[d], leaf.shape[d]))  # no longer than the leaf, or one chunk
+      return (1,) * d + (max(1, n),) + tuple(chunk[d + 1:])
+  raise AssertionError("unreachable")
 
 
-def blocks(leaf: Leaf, size: int) -> list[tuple]:
-  """Indices covering the leaf: `()` for a scalar, else slices of `size` along its axis."""
-  if not leaf.shape:
-    return [()]
-  n, lead = leaf.shape[leaf.axis], (slice(None),) * leaf.axis
-  return ([lead + (slice(s, min(s + size, n)),) for s in range(0, n, size)]
-          or [lead + (slice(0, 0),)])
+def units(leaf: Leaf, ushape: Sequence[int]) -> list[tuple[int, ...]]:
+  """Origins of the units covering the leaf, in C order (`()` for a scalar)."""
+  grid = [range(0, n, u) for n, u in zip(leaf.shape, ushape)]
+  return [tuple(o) for o in itertools.product(*grid)] if all(leaf.shape) else (
+      [] if leaf.shape else [()])
 
 
-def chunk_shape(leaf: Leaf, size: int) -> list[int]:
-  """Output chunks are the blocks, so every write fills whole chunks."""
-  shape = list(leaf.shape)
-  if shape:
-    shape[leaf.axis] = max(1, size)
-  return [max(1, d) for d in shape]
+def region(leaf: Leaf, ushape: Sequence[int], origin: Sequence[int]) -> tuple[slice, ...]:
+  """The part of the leaf a unit covers (units at the far edge are cut by the shape)."""
+  return tuple(slice(o, min(o + u, n)) for o, u, n in zip(origin, ushape, leaf.shape))
+
+
+def crop(ushape: Sequence[int], reg: Sequence[slice]) -> tuple[slice, ...]:
+  """The valid part of a unit-shaped buffer."""
+  return tuple(slice(0, r.stop - r.start) for r in reg)
+
+
+def batches(leaf: Leaf, ushape: Sequence[int], max_bytes: int) -> list[list[tuple]]:
+  """Units of a leaf grouped into batches of at most `max_bytes` of float32 (>= 1 unit):
+  a batch is read from every input in turn and summed in one accumulator."""
+  per = max(1, max_bytes // max(1, ACC_BYTES * math.prod(ushape)))
+  us = units(leaf, ushape)
+  return [us[i:i + per] for i in range(0, len(us), per)]
 
 
 # ----------------------------------------------------------------------------- storage
@@ -144,23 +154,113 @@ def array_spec(ckpt_dir: str, name: str, tree_meta: dict | None = None) -> dict:
   return {"driver": "zarr3" if tree_meta.get("use_zarr3", False) else "zarr", "kvstore": kv}
 
 
-def create_arrays(out_dir: str, leaves: Sequence[Leaf], chunks: dict[str, list[int]],
-                  ctx: ts.Context) -> dict[str, ts.TensorStore]:
-  """Empty output arrays, created in one commit."""
+def create_arrays(out_dir: str, leaves: Sequence[Leaf], chunks: dict[str, Sequence[int]],
+                  ctx: ts.Context, compress: bool = False) -> dict[str, ts.TensorStore]:
+  """Empty output arrays, created in one commit; returned outside any transaction."""
   txn = ts.Transaction()
-  out = {leaf.name: ts.open(output_spec(out_dir, leaf, chunks[leaf.name]), create=True,
-                            dtype=ts.dtype(leaf.dtype.name), shape=leaf.shape,
+  out = {leaf.name: ts.open(output_spec(out_dir, leaf, chunks[leaf.name], compress),
+                            create=True, dtype=ts.dtype(leaf.dtype.name), shape=leaf.shape,
                             transaction=txn, context=ctx).result() for leaf in leaves}
   txn.commit_sync()
-  return out
+  return {k: v.with_transaction(None) for k, v in out.items()}
 
 
-def output_spec(out_dir: str, leaf: Leaf, chunks: list[int]) -> dict:
-  """A zarr array like Orbax writes (zstd, every chunk stored)."""
+def output_spec(out_dir: str, leaf: Leaf, chunks: Sequence[int], compress: bool = False) -> dict:
+  """A zarr array in Orbax's layout, every chunk stored; zstd only if `compress` (float
+  weights shrink by ~8% and encoding costs more than the rest of the merge together)."""
   spec = array_spec(out_dir, leaf.name)
-  spec["metadata"] = {"chunks": chunks, "compressor": {"id": "zstd", "level": 1}}
+  spec["metadata"] = {"chunks": [max(1, c) for c in chunks] or [1],
+                      "compressor": {"id": "zstd", "level": 1} if compress else None}
+  if not leaf.shape:
+    spec["metadata"].pop("chunks")
   spec["store_data_equal_to_fill_value"] = True
   return spec
+
+
+def ocdbt_index(ckpt_dir: str, ctx: ts.Context) -> dict[bytes, tuple] | None:
+  """Where each key of a checkpoint's OCDBT database lies: `(file, offset, length)` for a
+  value in a data file, `(None, bytes)` for one stored in the tree. From the database's
+  own dump (`tensorstore.ocdbt.dump`); None where that is not possible (no OCDBT, a layout
+  this does not know), and the caller reads through tensorstore instead."""
+  try:
+    base = ts.KvStore.open(f"file://{os.path.abspath(ckpt_dir)}/", context=ctx).result()
+    manifest = ts.ocdbt.dump(base, context=ctx).result()
+    if not manifest.get("versions"):
+      return None
+    root = manifest["versions"][-1].get("root", {}).get("location")
+    index: dict[bytes, tuple] = {}
+    if not root:
+      return index
+    stack = [(root, b"")]
+    while stack:
+      location, prefix = stack.pop()
+      node = ts.ocdbt.dump(base, location, context=ctx).result()
+      for e in node["entries"]:
+        if "location" in e:  # an interior node: keys below it are relative to it
+          stack.append((e["location"], prefix + e.get("subtree_common_prefix", b"")))
+        elif "inline_value" in e:
+          index[prefix + e["key"]] = (None, e["inline_value"])
+        else:
+          kind, rest = e["indirect_value"].split(":", 1)
+          file_id, offset, length = rest.rsplit(":", 2)
+          if kind != "value" or "%" in file_id:
+            return None
+          index[prefix + e["key"]] = (os.path.join(ckpt_dir, file_id.replace(":", "", 1)),
+                                      int(offset), int(length))
+    return index
+  except Exception:  # noqa: BLE001 - any surprise: tensorstore reads it the slow, sure way
+    return None
+
+
+def raw_chunks(index: dict[bytes, tuple] | None, leaf: Leaf) -> tuple[dict, str] | None:
+  """`(chunk key -> location, dimension separator)` when every stored chunk of the leaf
+  can be used as bytes as they are: zarr v2, uncompressed, no filters, C order, the
+  leaf's dtype, the plan's chunk shape, no chunk left out. Else None."""
+  if index is None or not leaf.shape or not all(leaf.shape):
+    return None
+  meta = index.get(f"{leaf.name}/.zarray".encode())
+  if meta is None or meta[0] is not None:
+    return None
+  try:
+    z = json.loads(meta[1])
+  except ValueError:
+    return None
+  dtype = "bfloat16" if leaf.dtype.name == "bfloat16" else leaf.dtype.str
+  if (z.get("zarr_format") != 2 or z.get("compressor") is not None or z.get("filters")
+      or z.get("order") != "C" or z.get("dtype") != dtype or dtype[0] == ">"
+      or list(z.get("chunks", [])) != list(leaf.write_shape)
+      or list(z.get("shape", [])) != list(leaf.shape)):
+    return None
+  sep = z.get("dimension_separator", ".")
+  grid = [range(-(-n // c)) for n, c in zip(leaf.shape, leaf.write_shape)]
+  locs = {}
+  for k in itertools.product(*grid):
+    loc = index.get(f"{leaf.name}/{sep.join(map(str, k))}".encode())
+    if loc is None:
+      return None
+    locs[k] = loc
+  return locs, sep
+
+
+def pieces(leaf: Leaf, ushape: Sequence[int], origin: Sequence[int]) -> list[tuple]:
+  """Where a unit's stored bytes lie: `(chunk index, byte offset in the chunk, bytes,
+  element offset in the unit)`, one per stored chunk the unit crosses (see unit_shape)."""
+  chunk, item = leaf.write_shape, leaf.dtype.itemsize
+  d = next((i for i, u in enumerate(ushape) if u != 1), len(ushape) - 1)  # the cut axis
+  inner = math.prod(chunk[d + 1:])
+  stride = [math.prod(chunk[j + 1:]) for j in range(len(chunk))]
+  key = [o // c for o, c in zip(origin, chunk)]
+  within = sum((o % c) * s for o, c, s in zip(origin[:d], chunk[:d], stride[:d]))
+  out = []
+  start, stop = origin[d], min(origin[d] + ushape[d], leaf.shape[d])
+  while start < stop:
+    k, r = divmod(start, chunk[d])
+    n = min(chunk[d] - r, stop - start)
+    key[d] = k
+    out.append((tuple(key), (within + r * stride[d]) * item, n * inner * item,
+                (start - origin[d]) * inner))
+    start += n
+  return out
 
 
 def orbax_json(tree_meta: dict, ckpt_meta: dict | None, custom: dict,
@@ -187,62 +287,211 @@ def prefetched(fn: Callable, items: Iterable, depth: int | None = None) -> Itera
   reader threads."""
   depth = depth or PREFETCH
   with concurrent.futures.ThreadPoolExecutor(depth, thread_name_prefix="merge-read") as ex:
-    queue = collections.deque()
-    for item in items:
-      queue.append(ex.submit(fn, item))
-      if len(queue) > depth:
-        yield queue.popleft().result()
-    while queue:
-      yield queue.popleft().result()
+    pending = collections.deque()
+    try:
+      for item in items:
+        pending.append(ex.submit(fn, item))
+        if len(pending) > depth:
+          yield pending.popleft().result()
+      while pending:
+        yield pending.popleft().result()
+    finally:
+      for f in pending:
+        f.cancel()
 
 
 class Writes:
-  """Writes grouped into transactions of about `limit` bytes, so the output database gets
-  one commit (and fsync) per group, not per array; one group commits while the next fills."""
+  """Writes outside any transaction, at most about `limit` bytes in flight: the output's
+  OCDBT database commits whatever is pending at once, so commits stay few without holding
+  a transaction's worth of data. The context must not fsync each write (`file_io_sync`
+  false): `fsync_tree` makes the finished directory durable once, before it is renamed."""
 
   def __init__(self, limit: int):
-    self.limit, self.txn, self.bytes, self.committing = limit, ts.Transaction(), 0, None
+    self.limit, self.pending, self.bytes = limit, collections.deque(), 0
 
-  def write(self, store: ts.TensorStore, index, array: np.ndarray) -> None:
-    store.with_transaction(self.txn)[index].write(array).result()
+  def write(self, store: ts.TensorStore, index, array: np.ndarray) -> ts.Future:
+    """Starts a write; the returned future (tensorstore's `copy`) says when `array` may
+    be reused."""
+    future = store[index].write(array)
+    self.pending.append((future, array.nbytes))
     self.bytes += array.nbytes
-    if self.bytes >= self.limit:
-      self.flush()
+    while self.bytes > self.limit and len(self.pending) > 1:
+      self._wait_one()
+    return future.copy
 
-  def flush(self) -> None:
-    if self.committing is not None:
-      self.committing.result()
-    self.committing, self.txn, self.bytes = self.txn.commit_async(), ts.Transaction(), 0
+  def _wait_one(self) -> None:
+    future, n = self.pending.popleft()
+    self.bytes -= n
+    future.result()
 
   def finish(self) -> None:
-    self.flush()
-    self.committing.result()
+    while self.pending:
+      self._wait_one()
 
   def abort(self) -> None:
-    """Drops what is not committed and waits for a commit in flight (it writes files)."""
-    self.txn.abort()
-    if self.committing is not None:
+    """Waits for the writes in flight (they write files) and drops their errors: the
+    merge is failing anyway and its error is the one to report."""
+    while self.pending:
       try:
-        self.committing.result()
-      except Exception:  # the merge is failing anyway; its error is the one to report
+        self._wait_one()
+      except Exception:  # noqa: BLE001
         pass
 
 
-def accumulate(acc: np.ndarray | None, alpha: np.float32, x: np.ndarray) -> np.ndarray:
-  """acc + alpha * x in float32, as `merging.linear` computes it. Consumes x and acc: both
-  are updated in place, as fresh temporaries cost page faults that show in throughput."""
-  term = x.astype(np.float32, copy=not x.flags.writeable)
-  term *= alpha
+class Syncer:
+  """fsyncs the output in the background while the merge goes on, so the final fsync
+  finds little left to flush (the disk works while the CPU sums)."""
+
+  def __init__(self, top: str, every: int):
+    self.top, self.every, self.bytes, self.running = top, every, 0, None
+    self.ex = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="merge-sync")
+
+  def wrote(self, n: int) -> None:
+    self.bytes += n
+    if self.bytes >= self.every and (self.running is None or self.running.done()):
+      self.bytes, self.running = 0, self.ex.submit(fsync_tree, self.top)
+
+  def finish(self) -> None:
+    """Waits for a pass in flight (its errors are reported), then syncs everything."""
+    try:
+      if self.running is not None:
+        self.running.result()
+      fsync_tree(self.top)
+    finally:
+      self.ex.shutdown(wait=True)
+
+  def abort(self) -> None:
+    self.ex.shutdown(wait=True, cancel_futures=True)
+
+
+def fsync_tree(top: str) -> None:
+  """fsync every file and directory under `top`."""
+  paths = []
+  for root, _, files in os.walk(top):
+    paths += [os.path.join(root, f) for f in files] + [root]
+  def sync(path):
+    try:
+      fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:  # tensorstore's lock files come and go
+      return
+    try:
+      os.fsync(fd)
+    finally:
+      os.close(fd)
+  with concurrent.futures.ThreadPoolExecutor(4) as ex:
+    list(ex.map(sync, paths))
+
+
+def accumulate(acc: np.ndarray | None, alpha: np.float32, x: np.ndarray,
+               out: np.ndarray | None = None) -> np.ndarray:
+  """acc + alpha * x in float32, as `merging.linear` computes it, in place in `acc` (or
+  alpha * x into `out` when acc is None). Tiles of TILE elements keep alpha * x in cache
+  between the multiply and the add: one pass over memory, not three."""
+  if acc is not None and (acc.shape != x.shape or not acc.flags.c_contiguous):
+    acc += alpha * x.astype(np.float32)  # a unit cut at the leaf's edge
+    return acc
+  if acc is None and out is not None and (out.shape != x.shape or not out.flags.c_contiguous):
+    np.multiply(x, alpha, out=out, dtype=np.float32, casting="unsafe")
+    return out
+  x = x.reshape(-1)
   if acc is None:
-    return term
-  acc += term
+    acc = out.reshape(-1) if out is not None else np.empty(x.size, np.float32)
+    np.multiply(x, alpha, out=acc, dtype=np.float32, casting="unsafe")
+    return acc
+  flat = acc.reshape(-1)
+  term = np.empty(min(TILE, x.size), np.float32)
+  for s in range(0, x.size, TILE):
+    t = term[:min(TILE, x.size - s)]
+    np.multiply(x[s:s + t.size], alpha, out=t, dtype=np.float32, casting="unsafe")
+    np.add(flat[s:s + t.size], t, out=flat[s:s + t.size])
   return acc
 
 
-def nonfinite_error(pool: checkpoints.Pool, leaf: Leaf, index, read: Callable) -> UserError:
-  """Names the checkpoint with NaN/Inf in this block (re-reads it: the error path only)."""
+class Reader:
+  """Reads a batch of units of one leaf from one checkpoint into a flat buffer, each unit
+  unit-shaped (see unit_shape). Stored bytes that are already the array (uncompressed
+  zarr in OCDBT, chunked like the plan) are read with pread straight into the buffer;
+  anything else goes through tensorstore (zstd, other chunkings, zarr3, no OCDBT)."""
+
+  def __init__(self, pool: checkpoints.Pool, input_meta: list, ctx: ts.Context):
+    self.pool, self.input_meta, self.ctx = pool, input_meta, ctx
+    self.indexes = [ocdbt_index(e.path, ctx) if (m or {}).get("use_ocdbt", True) else None
+                    for e, m in zip(pool.entries, input_meta)]
+    self.fds: dict[str, int] = {}
+    self.lock = threading.Lock()
+    self.raw = functools.lru_cache(maxsize=4 * len(pool))(self._raw)
+    self.store = functools.lru_cache(maxsize=2 * len(pool))(self._store)
+    self.stats = collections.Counter()
+
+  def _raw(self, i: int, leaf: Leaf):
+    return raw_chunks(self.indexes[i], leaf)
+
+  def _store(self, i: int, name: str) -> ts.TensorStore:
+    spec = array_spec(self.pool.entries[i].path, name, self.input_meta[i])
+    return ts.open(spec, read=True, context=self.ctx).result()
+
+  def _fd(self, path: str) -> int:
+    with self.lock:
+      if path not in self.fds:
+        self.fds[path] = os.open(path, os.O_RDONLY)
+      return self.fds[path]
+
+  def read(self, i: int, leaf: Leaf, ushape: Sequence[int], batch: Sequence[tuple],
+           buf: np.ndarray) -> np.ndarray | list[np.ndarray]:
+    """Fills `buf` (flat, the leaf's dtype, len(batch) units) and returns it; or returns
+    the batch's units as tensorstore decoded them (a list, each cut to its region)."""
+    size = max(1, math.prod(ushape))
+    raw = self.raw(i, leaf)
+    if raw is None:  # tensorstore: all the batch's reads in flight at once; the decoded
+      store = self.store(i, leaf.name)  # arrays are added as they are (no copy into buf)
+      futures = [store[region(leaf, ushape, o)].read() for o in batch]
+      self.stats["tensorstore"] += len(batch)
+      return [f.result() for f in futures]
+    locs, _ = raw
+    raw_bytes = buf.view(np.uint8)
+    item = leaf.dtype.itemsize
+    for u, origin in enumerate(batch):
+      for key, offset, n, at in pieces(leaf, ushape, origin):
+        loc = locs[key]
+        dst = raw_bytes[(u * size + at) * item:(u * size + at) * item + n]
+        if loc[0] is None:  # stored in the tree (a small chunk)
+          dst[:] = np.frombuffer(loc[1], np.uint8, n, offset)
+        elif os.preadv(self._fd(loc[0]), [dst], loc[1] + offset) != n:
+          raise OSError(f"short read of {loc[0]} ({leaf.path})")
+    self.stats["raw"] += len(batch)
+    return buf
+
+  def close(self) -> None:
+    for fd in self.fds.values():
+      os.close(fd)
+    self.fds.clear()
+
+
+def as_flat(x, leaf: Leaf, ushape, batch, buf: np.ndarray) -> np.ndarray:
+  """A read as one flat unit-shaped buffer (tensorstore's arrays copied into `buf`)."""
+  if isinstance(x, np.ndarray):
+    return x
+  size = max(1, math.prod(ushape))
+  for u, (o, part) in enumerate(zip(batch, x)):
+    buf[u * size:(u + 1) * size].reshape(ushape)[crop(ushape, region(leaf, ushape, o))] = part
+  return buf
+
+
+def finite(acc: np.ndarray, ushape: Sequence[int], leaf: Leaf, batch: Sequence[tuple]) -> bool:
+  """No NaN/Inf in the valid part of a batch (units at the edge carry padding)."""
+  size = max(1, math.prod(ushape))
+  regions = [region(leaf, ushape, o) for o in batch]
+  if all(r.stop - r.start == u for r, u in zip(itertools.chain(*regions), ushape * len(batch))):
+    return bool(np.isfinite(acc).all())
+  return all(np.isfinite(acc[u * size:(u + 1) * size].reshape(ushape)[crop(ushape, r)]).all()
+             for u, r in enumerate(regions))
+
+
+def nonfinite_error(pool: checkpoints.Pool, leaf: Leaf, ushape, batch, read: Callable) -> UserError:
+  """Names the checkpoint with NaN/Inf in this batch (re-reads it: the error path only)."""
   for i, e in enumerate(pool.entries):
-    if not np.all(np.isfinite(read((leaf, index, i)))):
+    x = read(i, leaf, ushape, batch).astype(np.float32)
+    if not finite(x, ushape, leaf, batch):
       return UserError(f"parameter {leaf.path!r} has NaN or Inf values",
                        f"checkpoint {e.name!r} at {e.path}",
                        "repair or drop that checkpoint; nothing was written")
@@ -259,8 +508,10 @@ def merged_custom(pool: checkpoints.Pool, meta: checkpoints.CheckpointMeta,
 
 
 def merge_into(tmp: str, pool: checkpoints.Pool, meta: checkpoints.CheckpointMeta,
-               alphas: Sequence[float], memory_budget_mb: float, progress: bool) -> None:
-  """Writes the merged checkpoint into the fresh directory `tmp`."""
+               alphas: Sequence[float], memory_budget_mb: float, progress: bool,
+               compress: bool = False) -> dict:
+  """Writes the merged checkpoint into the fresh directory `tmp`; returns counts of units
+  read raw and through tensorstore."""
   src = pool.entries[0].path
   tree_meta = read_json(src, "_METADATA")
   check(tree_meta is not None and "tree_metadata" in tree_meta,
@@ -269,50 +520,90 @@ def merge_into(tmp: str, pool: checkpoints.Pool, meta: checkpoints.CheckpointMet
   input_meta = [read_json(e.path, "_METADATA") for e in pool.entries]
   block_bytes = max(1, int(memory_budget_mb * 2**20) // BLOCKS_IN_BUDGET)
   leaves = leaves_of(meta.abstract, write_shapes(tree_meta))
-  sizes = {leaf.name: block_size(leaf, block_bytes) for leaf in leaves}
-  chunks = {leaf.name: chunk_shape(leaf, sizes[leaf.name]) for leaf in leaves}
-  plan = [(leaf, index) for leaf in leaves for index in blocks(leaf, sizes[leaf.name])]
-  ctx = ts.Context()
+  shapes = {leaf.name: unit_shape(leaf, block_bytes) for leaf in leaves}
+  plan = [(leaf, shapes[leaf.name], b) for leaf in leaves
+          for b in batches(leaf, shapes[leaf.name], block_bytes)]
+  reader = Reader(pool, input_meta, ts.Context())
+  elems = max([len(b) * max(1, math.prod(u)) for _, u, b in plan], default=1)
+  buf_bytes = elems * max([leaf.dtype.itemsize for leaf in leaves] + [ACC_BYTES])
+  free = queue.SimpleQueue()
+  for _ in range(PREFETCH + 2):  # see BLOCKS_IN_BUDGET
+    free.put(np.empty(buf_bytes, np.uint8))
 
-  @functools.lru_cache(maxsize=2 * len(pool))  # this leaf's and the next's N arrays
-  def open_input(i: int, name: str) -> ts.TensorStore:
-    spec = array_spec(pool.entries[i].path, name, input_meta[i])
-    return ts.open(spec, read=True, context=ctx).result()
+  accs = collections.deque()  # (buffer, futures of the writes still copying from it)
+  for _ in range(2):
+    accs.append((np.empty(elems, np.float32), []))
 
   def read(item) -> np.ndarray:
-    leaf, index, i = item
-    return np.asarray(open_input(i, leaf.name)[index].read().result())
+    leaf, ushape, batch, i = item
+    n = len(batch) * max(1, math.prod(ushape))
+    buf = free.get()
+    x = reader.read(i, leaf, ushape, batch, buf.view(leaf.dtype)[:n])
+    if not isinstance(x, np.ndarray):  # tensorstore's own arrays: the buffer is not used
+      free.put(buf)
+    return x
+
+  def fresh_read(i, leaf, ushape, batch) -> np.ndarray:  # the error path's own buffer
+    n = len(batch) * max(1, math.prod(ushape))
+    return as_flat(reader.read(i, leaf, ushape, batch, np.empty(n, leaf.dtype)), leaf,
+                   ushape, batch, np.zeros(n, leaf.dtype))
+
+  def add(acc, w, x, out):
+    """accumulate() over a read: a flat buffer, or tensorstore's arrays unit by unit."""
+    if isinstance(x, np.ndarray):
+      return accumulate(acc, w, x, out)
+    first, acc = acc is None, out if acc is None else acc
+    for u, (o, part) in enumerate(zip(batch, x)):
+      view = acc[u * size:(u + 1) * size].reshape(ushape)[crop(ushape, region(leaf, ushape, o))]
+      accumulate(None if first else view, w, part, view)
+    return acc
 
   weights = [np.float32(a) for a in alphas]
-  writes = Writes(block_bytes)
+  writes, syncer = Writes(block_bytes), Syncer(tmp, 4 * block_bytes)
   total = sum(leaf.nbytes for leaf in leaves) * len(pool)
   bar = tqdm(total=total, unit="B", unit_scale=True, desc="merge", disable=not progress)
-  reads = prefetched(read, ((leaf, index, i) for leaf, index in plan
-                            for i in range(len(pool))))
-  out = create_arrays(tmp, leaves, chunks, ctx)
+  reads = prefetched(read, ((leaf, u, b, i) for leaf, u, b in plan for i in range(len(pool))))
+  out = create_arrays(tmp, leaves, shapes, ts.Context({"file_io_sync": False}), compress)
   try:
-    for leaf, index in plan:
-      acc = None
-      for w in weights:
-        x = next(reads)
-        acc = accumulate(acc, w, x)
-        bar.update(x.nbytes)
-        del x
-      if not np.all(np.isfinite(acc)):  # one check per block, on the sum: any NaN/Inf in
-        raise nonfinite_error(pool, leaf, index, read)  # an input reaches it (0*inf is NaN)
-      writes.write(out[leaf.name], index, acc.astype(leaf.dtype, copy=False))
+    with np.errstate(all="ignore"):  # padding at the edges may hold anything; NaN is checked
+      for leaf, ushape, batch in plan:
+        acc = None
+        size = max(1, math.prod(ushape))
+        spare, copying = accs.popleft()
+        for f in copying:  # a write still copying from this buffer
+          f.result()
+        copying = []
+        accs.append((spare, copying))
+        for w in weights:
+          x = next(reads)
+          acc = add(acc, w, x, spare[:len(batch) * size])
+          if isinstance(x, np.ndarray):
+            free.put(x.base if x.base is not None else x)
+          bar.update(sum(p.nbytes for p in x) if isinstance(x, list) else x.nbytes)
+          del x
+        if not finite(acc, ushape, leaf, batch):  # one check per batch, on the sum: any
+          raise nonfinite_error(pool, leaf, ushape, batch, fresh_read)  # NaN/Inf reaches it
+        for u, origin in enumerate(batch):
+          r = region(leaf, ushape, origin)
+          unit = acc[u * size:(u + 1) * size].reshape(ushape)[crop(ushape, r)]
+          copying.append(writes.write(out[leaf.name], r, unit.astype(leaf.dtype, copy=False)))
+        syncer.wrote(len(batch) * size * leaf.dtype.itemsize)
     writes.finish()
+    write_orbax_files(tmp, src, tree_meta, merged_custom(pool, meta, alphas), shapes)
+    syncer.finish()
   except BaseException:
     writes.abort()
+    syncer.abort()
     raise
   finally:
     reads.close()
+    reader.close()
     bar.close()
-  write_orbax_files(tmp, src, tree_meta, merged_custom(pool, meta, alphas), chunks)
+  return dict(reader.stats)
 
 
 def write_orbax_files(out_dir: str, src: str, tree_meta: dict, custom: dict,
-                      chunks: dict[str, list[int]]) -> None:
+                      chunks: dict[str, Sequence[int]]) -> None:
   files = orbax_json(tree_meta, read_json(src, "_CHECKPOINT_METADATA"), custom, chunks)
   for name, data in files.items():
     with open(os.path.join(out_dir, name), "w") as f:
@@ -323,32 +614,37 @@ def write_orbax_files(out_dir: str, src: str, tree_meta: dict, custom: dict,
 
 def merge_to_disk(pool: checkpoints.Pool, meta: checkpoints.CheckpointMeta,
                   alphas: Sequence[float], output: str, memory_budget_mb: float = 256,
-                  overwrite: bool = False, progress: bool = True) -> None:
+                  overwrite: bool = False, progress: bool = True,
+                  compress: bool = False) -> dict | None:
   """Linear merge `sum_i alphas[i] * checkpoint_i` written to `output`, out of core.
 
   `meta` is `checkpoints.validate_pool(pool)`. Peak memory above the runtime stays within
-  about 1.5x `memory_budget_mb` (plus ~20 MB of tensorstore threads and buffers), whatever
-  N and the model size; a parameter stored as one chunk larger than the budget (saved
-  unsharded) is still decoded whole by tensorstore, once per block. Raises UserError
-  naming the checkpoint and parameter on NaN/Inf, leaving nothing at `output`. With
-  several processes, process 0 writes and the others wait.
+  about 3x `memory_budget_mb` (plus tensorstore's threads and buffers), whatever N and the
+  model size; a compressed chunk larger than the budget (a parameter saved unsharded) is
+  still decoded whole by tensorstore, once per unit. Uncompressed chunks are read with
+  pread straight from the OCDBT data files. The output is written uncompressed unless
+  `compress` (zstd, as Orbax writes by default), fsynced once, then renamed into place.
+  Raises UserError naming the checkpoint and parameter on NaN/Inf, leaving nothing at
+  `output`. With several processes, process 0 writes and the others wait. Returns the
+  count of units read raw and through tensorstore (process 0; None on the others).
   """
   check(memory_budget_mb > 0, f"memory budget must be positive, got {memory_budget_mb}",
         "--memory_budget_mb")
   output = os.path.abspath(output)
   checkpoints.check_output(output, pool.paths, overwrite)
   tmp = checkpoints.temp_sibling(output)
-  error = None
+  error = stats = None
   if jax.process_index() == 0:
     try:
       os.makedirs(tmp)
-      merge_into(tmp, pool, meta, alphas, memory_budget_mb, progress)
+      stats = merge_into(tmp, pool, meta, alphas, memory_budget_mb, progress, compress)
     except BaseException as e:
       shutil.rmtree(tmp, ignore_errors=True)
       error = e
   if not _all_ok(error is None):
     raise error or UserError("the streaming merge failed on process 0", "--streaming")
   checkpoints.commit(tmp, output, overwrite)
+  return stats
 
 
 def _all_ok(ok: bool) -> bool:

@@ -55,20 +55,29 @@ def _write_shapes(path):
 
 # ----------------------------------------------------------------------------- planning
 
-def test_blocks_keep_stored_chunks_whole():
+def test_units_follow_stored_chunks():
   leaf = streaming.Leaf(("w",), (64, 8), np.dtype(np.float32), (8, 8))  # 32 B a row
-  assert leaf.axis == 0
-  assert streaming.block_size(leaf, 32 * 20) == 16  # two whole chunks fit, not 20 rows
-  assert streaming.block_size(leaf, 32 * 5) == 5  # a chunk does not fit: rows that do
-  assert streaming.block_size(leaf, 1) == 1
-  assert streaming.block_size(leaf, 1 << 30) == 64  # never more than the leaf
-  assert streaming.blocks(leaf, 24) == [(slice(0, 24),), (slice(24, 48),), (slice(48, 64),)]
-  assert streaming.chunk_shape(leaf, 24) == [24, 8]
+  assert streaming.unit_shape(leaf, 32 * 20) == (16, 8)  # two whole chunks fit, not 20 rows
+  assert streaming.unit_shape(leaf, 32 * 5) == (5, 8)  # a chunk does not fit: rows that do
+  assert streaming.unit_shape(leaf, 1) == (1, 1)  # one element (the last axis is cut)
+  assert streaming.unit_shape(leaf, 1 << 30) == (64, 8)  # never more than the leaf
+  assert streaming.units(leaf, (24, 8)) == [(0, 0), (24, 0), (48, 0)]
+  assert streaming.region(leaf, (24, 8), (48, 0)) == (slice(48, 64), slice(0, 8))
+  assert streaming.batches(leaf, (8, 8), 32 * 20) == [[(0, 0), (8, 0)], [(16, 0), (24, 0)],
+                                                      [(32, 0), (40, 0)], [(48, 0), (56, 0)]]
+  # bytes of a 5-row unit at row 5: rows 5..7 of chunk 0, rows 0..1 of chunk 1
+  assert streaming.pieces(leaf, (5, 8), (5, 0)) == [((0, 0), 5 * 32, 3 * 32, 0),
+                                                    ((1, 0), 0, 2 * 32, 3 * 8)]
   cols = streaming.Leaf(("w",), (64, 8), np.dtype(np.float32), (64, 2))  # column shards
-  assert cols.axis == 1 and streaming.block_size(cols, 64 * 4 * 5) == 4
-  assert streaming.blocks(cols, 4) == [(slice(None), slice(0, 4)), (slice(None), slice(4, 8))]
+  assert streaming.unit_shape(cols, 64 * 4 * 5) == (64, 2)
+  assert streaming.units(cols, (64, 2)) == [(0, 0), (0, 2), (0, 4), (0, 6)]
+  assert streaming.unit_shape(cols, 4 * 2 * 10) == (10, 2)
+  big = streaming.Leaf(("w",), (4, 100), np.dtype(np.float32), (4, 100))  # a row > budget
+  assert streaming.unit_shape(big, 4 * 30) == (1, 30)
+  assert streaming.pieces(big, (1, 30), (2, 60)) == [((0, 0), (200 + 60) * 4, 30 * 4, 0)]
+  assert streaming.region(big, (1, 30), (2, 90)) == (slice(2, 3), slice(90, 100))
   scalar = streaming.Leaf(("s",), (), np.dtype(np.float32), ())
-  assert streaming.blocks(scalar, streaming.block_size(scalar, 1)) == [()]
+  assert streaming.unit_shape(scalar, 1) == () and streaming.units(scalar, ()) == [()]
 
 
 # ----------------------------------------------------------------------------- merging
@@ -89,8 +98,34 @@ def test_streaming_equals_in_memory(micro_pool, tmp_path, chunked):
   assert _write_shapes(out)["embed.embedding"] == ([20, 32] if chunked else [259, 32])
 
 
+@pytest.mark.parametrize("compress", [False, True])
+def test_raw_reads_of_uncompressed_inputs(micro_pool, tmp_path, compress):
+  """Uncompressed inputs are read as bytes from the OCDBT data files, zstd ones through
+  tensorstore, edge units and all; both give the in-memory merge."""
+  pool, meta = _pool(micro_pool)
+  import orbax.checkpoint as ocp
+  entries = []
+  for e in pool.entries:
+    path = str(tmp_path / e.name)
+    handler = ocp.PyTreeCheckpointHandler(use_compression=compress)
+    ocp.Checkpointer(handler).save(path, args=ocp.args.PyTreeSave(
+        checkpoints.restore(e.path, meta.abstract)),
+        custom_metadata={checkpoints.META_KEY: {"model": meta.model_config}})
+    entries.append(checkpoints.Entry(e.name, path))
+  plain = checkpoints.make_pool(entries)
+  pmeta = checkpoints.validate_pool(plain)
+  out = str(tmp_path / "merged")
+  stats = streaming.merge_to_disk(plain, pmeta, ALPHAS, out,
+                                  memory_budget_mb=budget_mb(7 * 32 * 4))  # 7-row units
+  assert set(stats) == ({"tensorstore"} if compress else {"raw"}), stats
+  _assert_close(_restored(out), _in_memory(plain, pmeta, ALPHAS))
+  again = str(tmp_path / "merged_compressed")  # and an output like Orbax's own
+  streaming.merge_to_disk(plain, pmeta, ALPHAS, again, compress=True)
+  _assert_close(_restored(again), _in_memory(plain, pmeta, ALPHAS))
+
+
 def test_streaming_reads_sharded_checkpoints(micro_pool, tmp_path):
-  """Inputs saved from 8 devices are chunked by rows; blocks follow their chunks."""
+  """Inputs saved from 8 devices are chunked by rows or columns; units follow them."""
   pool, meta = _pool(micro_pool)
   mesh = partitioning.make_mesh(model=8)
   abstract = partitioning.with_shardings(
@@ -107,9 +142,9 @@ def test_streaming_reads_sharded_checkpoints(micro_pool, tmp_path):
   out = str(tmp_path / "merged")
   streaming.merge_to_disk(sharded, smeta, [0.25, 0.75], out,
                           memory_budget_mb=budget_mb(18 * 128))
-  shapes = _write_shapes(out)  # 18 rows of 128 B fit in a block, 16 are whole chunks
+  shapes = _write_shapes(out)  # 18 rows of 128 B fit in a unit, 16 are whole chunks
   assert shapes["layer_0.down.kernel"] == [16, 32]
-  assert shapes["layer_0.up.kernel"] == [32, 16]  # sharded over columns: blocks too
+  assert shapes["layer_0.up.kernel"] == [32, 8]  # sharded over columns: the stored chunks
   _assert_close(_restored(out), _in_memory(sharded, smeta, np.float32([0.25, 0.75])))
 
 
