@@ -1,15 +1,19 @@
-"""Out-of-core linear merge: leaf by leaf, block by block, straight from the checkpoint files.
+"""Out-of-core linear merge: leaf by leaf, unit by unit, straight from the checkpoint files.
 
-Resident memory is set by the budget, not by N or the model size: a block (a slice of one
-parameter along axis 0, or along the axis its stored chunks split) is read from each
+Resident memory is set by the budget, not by N or the model size: a unit (a run of one
+stored chunk, or of a few chunks along one axis; see `unit_shape`) is read from each
 checkpoint in turn and added into a float32 accumulator while the next reads are already
-in flight, so only a few blocks are held at once. NaN/Inf is caught on the accumulated
-block (it reaches the sum from any input) and only then traced to its checkpoint, so the
-normal path makes no extra pass.
+in flight, so only a few batches of units are held at once. NaN/Inf is caught on the
+accumulated batch (it reaches the sum from any input) and only then traced to its
+checkpoint, so the normal path makes no extra pass.
 
-Arrays are read and written with tensorstore on Orbax's on-disk layout (zarr arrays in an
-OCDBT database); the few Orbax JSON files are derived from the first checkpoint's, so the
-result restores with `checkpoints.restore` like any checkpoint `checkpoints.save` writes.
+Inputs are Orbax's on-disk layout (zarr arrays in an OCDBT database). Uncompressed chunks
+are read with pread straight from the OCDBT data files, located with the database's own
+dump (`tensorstore.ocdbt.dump`); anything else (zstd, Orbax's default) is read through
+tensorstore, whose decoding then sets the pace. The output is written with tensorstore
+in the same layout, chunked like the units, and the few Orbax JSON files are derived from
+the first checkpoint's, so the result restores with `checkpoints.restore` like any
+checkpoint `checkpoints.save` writes.
 """
 from __future__ import annotations
 
