@@ -1,18 +1,34 @@
-"""Compiled search loop vs a per-candidate loop, and the evaluation's achieved FLOP/s.
+"""Compiled search loop vs per-candidate loops, and the evaluation's achieved FLOP/s.
 
-Prints, measured in this one run on the demo pool (built first if absent):
-  * evaluated merges per second of the compiled generation (ask -> vmapped merge ->
-    evaluate every task -> tell, one XLA program per generation),
-  * the same for the loop peers use: merge on the host with numpy, then one jitted
-    evaluation per candidate; and their ratio (goal >= 5x),
-  * the evaluation's FLOP/s (XLA cost analysis / wall time) as a fraction of this
-    machine's measured f32 matmul peak (goal >= 0.4).
+Measures, in this one run (loops interleaved round by round, best round of each kept,
+so a shared machine's load drift hits every loop alike):
+  * merges evaluated per second by the compiled generation (ask -> merge every candidate
+    -> evaluate every task -> tell, one XLA program), population vmapped and lax.map-ed;
+  * the per-candidate loop with the SAME scorer: merge on the host with numpy, then one
+    jitted evaluation per candidate. compiled / this is the like-for-like ratio: it can
+    only show what compiling the loop removes (dispatch, host merge, transfers);
+  * a peer-style per-candidate loop (what mergekit + an eval harness do): host merge,
+    then greedy generation with a KV cache for generation tasks and one forward pass per
+    (prompt, choice) pair, padded to the split's longest row, for choice tasks. Exact
+    match and rank classification give the same hits as our scorer; the work differs;
+  * the evaluation's FLOP/s (XLA cost analysis of one candidate's scorer x candidates /
+    wall time) against this machine's measured f32 matmul peak, in the compiled loop and
+    for one candidate alone.
 
-  python benchmarks/search_throughput.py [--pool=runs/pool/pool.json] [--generations=3]
+  python benchmarks/search_throughput.py                      # a built-in random pool
+  python benchmarks/search_throughput.py --pool=runs/pool/pool.json   # a real pool
+
+Throughput does not depend on what the checkpoints learned, so with no --pool it builds
+16 checkpoints of the demo model config (gin_configs/pools/demo.gin: d_model 128, 2
+layers, 4 heads / 2 kv heads, d_ff 352): one random init, each member perturbed by
+independent noise, saved with checkpoints.save into a temporary directory.
 """
 import argparse
+import functools
 import os
+import shutil
 import sys
+import tempfile
 import time
 
 import jax
@@ -25,86 +41,159 @@ sys.path.insert(0, ROOT)
 from recycle_jax import (checkpoints, evaluation, experiment, merging, models,  # noqa: E402
                          population, search)
 
-
-def _timed(fn, repeats: int) -> float:
-  """Best of `repeats` after a warm-up call: the least disturbed run on a shared machine."""
-  jax.block_until_ready(fn())  # compile + warm up
-  best = float("inf")
-  for _ in range(repeats):
-    t = time.perf_counter()
-    jax.block_until_ready(fn())
-    best = min(best, time.perf_counter() - t)
-  return best
+DEMO = models.ModelConfig(d_model=128, num_layers=2, num_heads=4, num_kv_heads=2,
+                          d_ff=352)
 
 
-def matmul_peak(n: int = 1024) -> float:
-  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-  f = jax.jit(lambda x: x @ x)
-  return 2 * n ** 3 / _timed(lambda: f(a), 10)
+def build_random_pool(workdir: str, n: int = 16, cfg: models.ModelConfig = DEMO,
+                      seed: int = 0, noise: float = 0.01) -> str:
+  """pool.json of n checkpoints: one random init plus independent N(0, noise) each."""
+  base = models.init_params(cfg, jax.random.key(seed))
+  leaves, tree = jax.tree.flatten(base)
+  entries = []
+  for i in range(n):
+    keys = jax.random.split(jax.random.key(seed + 1 + i), len(leaves))
+    params = jax.tree.unflatten(tree, [x + noise * jax.random.normal(k, x.shape, x.dtype)
+                                       for x, k in zip(leaves, keys)])
+    path = os.path.join(workdir, "checkpoints", f"random_{i:02d}")
+    checkpoints.save(path, params, {"model": cfg.to_dict()})
+    entries.append(checkpoints.Entry(f"random_{i:02d}", path))
+  manifest = os.path.join(workdir, "pool.json")
+  checkpoints.write_manifest(manifest, checkpoints.make_pool(entries, manifest))
+  return manifest
+
+
+def cost_flops(fn, *args) -> float:
+  c = jax.jit(fn).lower(*args).compile().cost_analysis()
+  return float((c[0] if isinstance(c, list) else c).get("flops", float("nan")))
+
+
+def peer_scorer(decoder: models.Decoder):
+  """score(params, datas) -> [T] as a peer harness computes it: greedy KV-cache generation
+  checked by exact match; rank classification with one padded forward per choice."""
+  def score(params, datas):
+    out = []
+    for d in datas:
+      plain = d.replace(packed=None)
+      if d.kind == "choice":
+        hits = evaluation.rank_classification(decoder.apply, params, plain)
+      else:
+        hits = evaluation.greedy_exact_match(decoder.greedy_decode, params, plain)
+      out.append(100.0 * jnp.mean(hits))
+    return jnp.stack(out)
+  return score
 
 
 def main() -> None:
-  p = argparse.ArgumentParser(description=__doc__)
-  p.add_argument("--pool", default=os.path.join(ROOT, "runs/pool/pool.json"))
+  p = argparse.ArgumentParser(description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--pool", default="",
+                 help="pool.json of a real pool; default: build 16 random checkpoints")
   p.add_argument("--tasks", default="rj_code,rj_reasoning")
-  p.add_argument("--generations", type=int, default=3)
+  p.add_argument("--rounds", type=int, default=3, help="timed rounds (best is kept)")
+  p.add_argument("--peer_candidates", type=int, default=3,
+                 help="candidates timed per round in the (slow) peer-style loop")
+  p.add_argument("--skip_peer", action="store_true")
   args = p.parse_args()
-  if not os.path.exists(args.pool):
-    from recycle_jax import cli
-    cli.main(["make-pool", f"--gin_file={ROOT}/gin_configs/pools/demo.gin",
-              f"--workdir={os.path.dirname(args.pool)}"])
+
+  tmp = None
+  if not args.pool:
+    tmp = tempfile.mkdtemp(prefix="search_throughput_pool_")
+    t = time.perf_counter()
+    args.pool = build_random_pool(tmp)
+    print(f"built a random 16-checkpoint pool of the demo config in {tmp} "
+          f"({time.perf_counter() - t:.0f} s)")
+  try:
+    run(args)
+  finally:
+    if tmp:
+      shutil.rmtree(tmp, ignore_errors=True)
+
+
+def run(args) -> None:
   import gin
   gin.clear_config()
   loaded = experiment.load_pool(args.pool)
   n = len(loaded.pool)
-  dev = evaluation.load_split(args.tasks.split(","), "dev")
-  score = evaluation.make_scorer(models.Decoder(loaded.model_cfg))
+  names = args.tasks.split(",")
+  dev = evaluation.load_split(names, "dev")
+  decoder = models.Decoder(loaded.model_cfg)
+  score = evaluation.make_scorer(decoder)
   cfg = search.SearchConfig()
-  # Compiled: one program per generation, nothing leaves the device but [P, N+T] numbers.
-  # Both population modes: vmap (all P merged models at once) and map (one at a time).
-  rates = {}
+
+  loops = {}  # name -> (fn running one unit, candidates per unit)
+  # Compiled: one program per generation; only [P, N+T] numbers leave the device.
   for mode in ("vmap", "map"):
     srch = search.Search(cfg, n, population.make_population_fn(score, mode))
-    state = srch.init()
-    def compiled():
-      nonlocal state
-      state, out = srch.generation(state, loaded.params, dev)
-      return out
-    rates[mode] = srch.pop / _timed(compiled, args.generations)
-  pop = srch.pop
-  best_mode = max(rates, key=rates.get)
-  pop_fn = population.make_population_fn(score, best_mode)
+    state = [srch.init()]
 
-  # Per candidate: numpy merge on the host, then one jitted evaluation.
-  host_pool = [jax.tree.map(np.asarray, p) for p in loaded.params]
-  eval_one = jax.jit(score)
+    def compiled(srch=srch, state=state):
+      # A host copy of the state in, as search.run does: one program for every generation.
+      state[0], out = srch.generation(jax.device_get(state[0]), loaded.params, dev)
+      return out
+    loops[f"compiled generation, population {mode}"] = (compiled, srch.pop)
+  pop = srch.pop
+
+  host_pool = [jax.tree.map(np.asarray, q) for q in loaded.params]
   alphas = np.asarray(merging.relu_normalize(
       jax.random.normal(jax.random.key(1), (pop, n)) + 1.0 / n))
-  def per_candidate():
-    out = []
-    for a in alphas:
-      merged = jax.tree.map(lambda *xs: sum(w * x for w, x in zip(a, xs)), *host_pool)
-      out.append(eval_one(merged, dev))
-    return out
-  t_loop = _timed(per_candidate, args.generations)
-  loop_rate = pop / t_loop
 
-  # Achieved FLOP/s of the evaluation inside the compiled population program.
-  fn = jax.jit(pop_fn)
-  a = jnp.asarray(alphas)
-  flops = fn.lower(a, loaded.params, dev).compile().cost_analysis()
-  flops = (flops[0] if isinstance(flops, list) else flops).get("flops", float("nan"))
-  t_eval = _timed(lambda: fn(a, loaded.params, dev), args.generations)
-  peak = matmul_peak()
+  def host_merge(a):
+    return jax.tree.map(lambda *xs: sum(w * x for w, x in zip(a, xs)), *host_pool)
 
-  print(f"pool: {n} checkpoints, population {pop}, tasks {args.tasks}, "
-        f"{jax.device_count()} device(s)")
-  for mode, rate in rates.items():
-    print(f"compiled loop ({mode:4s}): {rate:8.2f} merges/s ({pop / rate:.3f} s/generation)")
-  print(f"per-candidate loop:  {loop_rate:8.2f} merges/s ({t_loop:.3f} s/generation)")
-  print(f"speedup (goal >= 5): {rates[best_mode] / loop_rate:8.2f}x (compiled {best_mode})")
-  print(f"evaluation:          {flops / t_eval / 1e9:8.2f} GFLOP/s; matmul peak "
-        f"{peak / 1e9:.1f} GFLOP/s; fraction {flops / t_eval / peak:.2f} (goal >= 0.4)")
+  def per_candidate(fn, rows):
+    return lambda: [jax.device_get(fn(host_merge(a), dev)) for a in rows]
+  loops["per candidate, same scorer"] = (per_candidate(jax.jit(score), alphas), pop)
+  if not args.skip_peer:
+    k = min(args.peer_candidates, pop)
+    loops["per candidate, peer-style scorer"] = (
+        per_candidate(jax.jit(peer_scorer(decoder)), alphas[:k]), k)
+
+  mm_n = 1024
+  mm_a = jax.random.normal(jax.random.key(0), (mm_n, mm_n), jnp.float32)
+  mm = jax.jit(lambda x: x @ x)
+  one = jax.jit(score)
+  units = dict(loops)
+  units["matmul 1024^3"] = (lambda: mm(mm_a), 1)
+  units["one candidate's evaluation"] = (lambda: one(loaded.params[0], dev), 1)
+
+  for name, (fn, _) in units.items():  # compile + warm up
+    t = time.perf_counter()
+    jax.block_until_ready(fn())
+    print(f"  warm-up {name}: {time.perf_counter() - t:.1f} s", flush=True)
+  best = {name: float("inf") for name in units}
+  for _ in range(args.rounds):
+    for name, (fn, _) in units.items():
+      reps = 10 if name.startswith("matmul") else 1
+      t = time.perf_counter()
+      for _ in range(reps):
+        jax.block_until_ready(fn())
+      best[name] = min(best[name], (time.perf_counter() - t) / reps)
+  rate = {name: k / best[name] for name, (_, k) in loops.items()}
+
+  flops_one = cost_flops(score, loaded.params[0], dev)
+  flops_peer = cost_flops(peer_scorer(decoder), loaded.params[0], dev)
+  peak = 2 * mm_n ** 3 / best["matmul 1024^3"]
+  same = rate["per candidate, same scorer"]
+  fastest = max((k for k in rate if k.startswith("compiled")), key=rate.get)
+
+  print(f"\npool: {n} checkpoints ({args.pool}), population {pop}, tasks {args.tasks} "
+        f"(dev), {jax.device_count()} device(s), {os.cpu_count()} cores, "
+        f"best of {args.rounds} interleaved rounds")
+  print(f"evaluation work per candidate (XLA cost analysis): {flops_one / 1e9:.2f} GFLOP "
+        f"(peer-style scorer: {flops_peer / 1e9:.2f} GFLOP)")
+  for name, r in rate.items():
+    print(f"  {name:38s} {r:7.2f} merges/s")
+  print(f"like-for-like ratio, compiled ({fastest.rsplit(' ', 1)[-1]}) / per candidate "
+        f"with the same scorer: {rate[fastest] / same:.2f}x")
+  if "per candidate, peer-style scorer" in rate:
+    print(f"vs the peer-style loop (different scorer work; see docstring):       "
+          f"{rate[fastest] / rate['per candidate, peer-style scorer']:.2f}x")
+  in_loop = flops_one * rate[fastest]
+  alone = flops_one / best["one candidate's evaluation"]
+  print(f"matmul peak {peak / 1e9:.1f} GFLOP/s; evaluation in the compiled loop "
+        f"{in_loop / 1e9:.1f} GFLOP/s = {in_loop / peak:.2f} of peak; one candidate alone "
+        f"{alone / 1e9:.1f} GFLOP/s = {alone / peak:.2f}")
 
 
 if __name__ == "__main__":

@@ -43,12 +43,39 @@ class TaskData:
   prompt_lens: jax.Array | None = None
   targets: jax.Array | None = None
   target_lens: jax.Array | None = None
+  packed: tuple["Packed", ...] | None = None  # the scoring layout (`pack`), by materialize
   kind: str = flax.struct.field(pytree_node=False, default="generate")
   name: str = flax.struct.field(pytree_node=False, default="")
 
   @property
   def num_examples(self) -> int:
     return self.tokens.shape[0]
+
+
+@flax.struct.dataclass
+class Packed:
+  """Rows of one length bucket of a split, laid out so one forward pass scores them.
+
+  A row is one example. Generation: prompt + target, plain causal attention. Choice: the
+  prompt once (segment 0), then every choice after it as its own segment (c + 1) that
+  attends to the prompt and to itself only, with RoPE positions continuing from the
+  prompt: each choice sees exactly the tokens and positions it has in its own padded row,
+  so the prompt runs once instead of C times. Rows are trimmed to their bucket's length.
+    tokens, positions, segments [R, L]
+    slot_pos, slot_tok, slot_group [R, S]: a scored prediction: the hidden state at
+        slot_pos predicts slot_tok, for choice slot_group (0 for generation; -1 = unused).
+    labels [R]: the right choice (choice tasks; zeros otherwise).
+  Only the S slots go through the head (no [R, L, V] logits).
+  """
+  tokens: jax.Array
+  positions: jax.Array
+  segments: jax.Array
+  slot_pos: jax.Array
+  slot_tok: jax.Array
+  slot_group: jax.Array
+  labels: jax.Array
+  num_groups: int = flax.struct.field(pytree_node=False, default=1)
+  kind: str = flax.struct.field(pytree_node=False, default="generate")
 
 
 def _round_up(n: int, m: int = 8) -> int:
@@ -100,17 +127,99 @@ def materialize(name: str, split: str, max_examples: int | None = None) -> TaskD
     flat_p = [p for p, cs in zip(prompts, choices) for _ in cs]
     tokens, mask = _sequences(flat_p, [c for cs in choices for c in cs])
     e = len(rows)
-    return TaskData(tokens=tokens.reshape(e, num_choices, -1),
-                    target_mask=mask.reshape(e, num_choices, -1),
-                    labels=np.array([r["label"] for r in rows], np.int32),
-                    kind="choice", name=name)
+    d = TaskData(tokens=tokens.reshape(e, num_choices, -1),
+                 target_mask=mask.reshape(e, num_choices, -1),
+                 labels=np.array([r["label"] for r in rows], np.int32),
+                 kind="choice", name=name)
+    return d.replace(packed=pack(d))
   targets = [r["targets"].tolist() for r in rows]  # EOS appended by seqio
   tokens, mask = _sequences(prompts, targets)
-  return TaskData(tokens=tokens, target_mask=mask, kind="generate", name=name,
-                  prompts=_pad(prompts, _round_up(max(map(len, prompts)))),
-                  prompt_lens=np.array([len(p) for p in prompts], np.int32),
-                  targets=_pad(targets, max(map(len, targets))),
-                  target_lens=np.array([len(t) for t in targets], np.int32))
+  d = TaskData(tokens=tokens, target_mask=mask, kind="generate", name=name,
+               prompts=_pad(prompts, _round_up(max(map(len, prompts)))),
+               prompt_lens=np.array([len(p) for p in prompts], np.int32),
+               targets=_pad(targets, max(map(len, targets))),
+               target_lens=np.array([len(t) for t in targets], np.int32))
+  return d.replace(packed=pack(d))
+
+
+# ----------------------------------------------------------------------------- packing
+
+def _pack_row(tokens: np.ndarray, mask: np.ndarray) -> tuple[list, list, list, list]:
+  """One example's padded rows [C, L] (C = 1 for generation) -> packed (tokens, positions,
+  segments, slots [(pos, tok, group)]). Segment 0 is the longest common prefix of the C
+  rows' non-target parts; a target token at row index i is predicted by row index i - 1
+  (never i = 0: nothing predicts it, as in the padded scorers)."""
+  lens = [int(np.flatnonzero(m).max()) + 1 if m.any() else int(np.count_nonzero(t))
+          for t, m in zip(tokens, mask)]
+  heads = [int(np.argmax(m)) if m.any() else n for m, n in zip(mask, lens)]
+  first = tokens[0]
+  shared = min(heads)
+  for t in tokens[1:]:
+    diff = np.flatnonzero(t[:shared] != first[:shared])
+    shared = int(diff[0]) if diff.size else shared
+  toks, pos, seg = list(first[:shared]), list(range(shared)), [0] * shared
+  slots = []
+  for c, (t, m, n) in enumerate(zip(tokens, mask, lens)):
+    start = len(toks)
+    where = lambda j: j if j < shared else start + j - shared  # row index -> packed index
+    toks += list(t[shared:n]); pos += list(range(shared, n)); seg += [c + 1] * (n - shared)
+    slots += [(where(i - 1), int(t[i]), c) for i in np.flatnonzero(m[:n]) if i >= 1]
+  if len(tokens) == 1:
+    seg = [0] * len(seg)  # one continuation: plain causal attention
+  return toks, pos, seg, slots
+
+
+def _buckets(lengths: np.ndarray, max_buckets: int, overhead: int) -> list[int]:
+  """Upper lengths (multiples of 8) of at most `max_buckets` buckets minimizing padded
+  tokens + `overhead` per bucket (each bucket is one more set of kernels to run)."""
+  sizes = sorted({_round_up(int(n)) for n in lengths})
+  count = {l: int(np.sum([_round_up(int(n)) == l for n in lengths])) for l in sizes}
+  below = np.cumsum([count[l] for l in sizes])  # rows with rounded length <= sizes[i]
+  rows = lambda i, j: below[j] - (below[i - 1] if i > 0 else 0)  # rows in (sizes[i..j])
+  best = {(-1, 0): (0.0, [])}  # (last index, buckets used) -> (cost, cuts)
+  for j in range(len(sizes)):
+    for k in range(1, max_buckets + 1):
+      cands = [(c + rows(i + 1, j) * sizes[j] + overhead, cuts + [sizes[j]])
+               for (i, kk), (c, cuts) in best.items() if kk == k - 1 and i < j]
+      if cands:
+        best[(j, k)] = min(cands, key=lambda x: x[0])
+  last = len(sizes) - 1
+  return min((v for (i, _), v in best.items() if i == last), key=lambda x: x[0])[1]
+
+
+def pack(d: TaskData, max_buckets: int = 4, overhead: int = 128) -> tuple[Packed, ...]:
+  """The scoring layout of a padded split (host numpy): examples packed one per row
+  (`Packed`), sorted by length into at most `max_buckets` buckets, each trimmed to its
+  longest row (rounded up to 8)."""
+  tokens = np.asarray(d.tokens)
+  mask = np.asarray(d.target_mask)
+  if d.kind != "choice":
+    tokens, mask = tokens[:, None], mask[:, None]
+  rows = [_pack_row(t, m) for t, m in zip(tokens, mask)]
+  labels = (np.asarray(d.labels, np.int32) if d.kind == "choice"
+            else np.zeros(len(rows), np.int32))
+  lengths = np.array([len(r[0]) for r in rows])
+  out = []
+  lo = 0
+  for hi in _buckets(lengths, max_buckets, overhead):
+    idx = [i for i, n in enumerate(lengths) if lo < _round_up(int(n)) <= hi]
+    lo = hi
+    if not idx:
+      continue
+    s = max(1, max(len(rows[i][3]) for i in idx))
+    arr = lambda fill, n: np.full((len(idx), n), fill, np.int32)
+    tok, pos, seg = arr(models.PAD_ID, hi), arr(0, hi), arr(-1, hi)
+    spos, stok, sgrp = arr(0, s), arr(0, s), arr(-1, s)
+    for r, i in enumerate(idx):
+      t, p, g, slots = rows[i]
+      tok[r, :len(t)], pos[r, :len(p)], seg[r, :len(g)] = t, p, g
+      pos[r, len(p):] = np.arange(len(p), hi)  # pads: ordinary later positions
+      for k, (a, b, c) in enumerate(slots):
+        spos[r, k], stok[r, k], sgrp[r, k] = a, b, c
+    out.append(Packed(tokens=tok, positions=pos, segments=seg, slot_pos=spos,
+                      slot_tok=stok, slot_group=sgrp, labels=labels[idx],
+                      num_groups=tokens.shape[1], kind=d.kind))
+  return tuple(out)
 
 
 def load_split(task_names: Sequence[str], split: str,
@@ -148,6 +257,21 @@ def rank_classification(apply, params, d: TaskData) -> jax.Array:
   return (jnp.argmax(choice_logprobs(apply, params, d), -1) == d.labels).astype(jnp.float32)
 
 
+def packed_hits(decoder: models.Decoder, params, p: Packed) -> jax.Array:
+  """[R] hits of one packed bucket: teacher-forced exact match (num_groups == 1, the
+  generation layout) or rank classification by length-normalized log-likelihood."""
+  logits = decoder.apply_packed(params, p.tokens, p.positions, p.segments, p.slot_pos)
+  used = p.slot_group >= 0
+  if p.kind != "choice":
+    ok = (jnp.argmax(logits, axis=-1) == p.slot_tok) | ~used
+    return jnp.all(ok, axis=-1).astype(jnp.float32)
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  lp = jnp.take_along_axis(logp, p.slot_tok[..., None], axis=-1)[..., 0]  # [R, S]
+  member = (p.slot_group[..., None] == jnp.arange(p.num_groups)).astype(lp.dtype)
+  score = jnp.einsum("rs,rsc->rc", lp, member) / jnp.maximum(jnp.sum(member, 1), 1)
+  return (jnp.argmax(score, -1) == p.labels).astype(jnp.float32)
+
+
 @gin.configurable
 @functools.lru_cache(None)
 def make_scorer(decoder: models.Decoder, generation: str = "teacher_forced",
@@ -157,6 +281,11 @@ def make_scorer(decoder: models.Decoder, generation: str = "teacher_forced",
   generation: 'teacher_forced' (one forward; same result as greedy), 'greedy' (KV-cache
   decoding) or 'greedy_uncached' (any apply fn). batch_size > 0 evaluates examples in
   chunks with lax.map to bound activation memory.
+
+  Splits from `materialize` carry a packed layout (`Packed`: length buckets, a choice
+  task's prompt run once for all its choices, the head only where a prediction is
+  scored); it gives the same hits as the padded scorers below, which are used for
+  TaskData built without one and for greedy decoding.
   """
   apply = decoder.apply
   check(generation in ("teacher_forced", "greedy", "greedy_uncached"),
@@ -172,16 +301,25 @@ def make_scorer(decoder: models.Decoder, generation: str = "teacher_forced",
       return teacher_forced_exact_match(apply, params, d)
     return greedy_exact_match(decode, params, d)
 
-  def one_task(params, d: TaskData) -> jax.Array:
-    e = d.num_examples
-    if batch_size <= 0 or e <= batch_size:
-      return 100.0 * jnp.mean(per_example(params, d))
-    n = -(-e // batch_size) * batch_size
-    padded = jax.tree.map(lambda x: jnp.pad(x, [(0, n - e)] + [(0, 0)] * (x.ndim - 1)), d)
+  def chunked(fn, params, tree, rows: int) -> jax.Array:
+    """fn(params, tree) -> [rows] hits, in lax.map chunks of batch_size rows."""
+    if batch_size <= 0 or rows <= batch_size:
+      return fn(params, tree)
+    n = -(-rows // batch_size) * batch_size
+    padded = jax.tree.map(
+        lambda x: jnp.pad(x, [(0, n - rows)] + [(0, 0)] * (x.ndim - 1)), tree)
     chunks = jax.tree.map(lambda x: x.reshape(n // batch_size, batch_size, *x.shape[1:]),
                           padded)
-    hits = jax.lax.map(lambda c: per_example(params, c), chunks).reshape(n)[:e]
-    return 100.0 * jnp.mean(hits)
+    return jax.lax.map(lambda c: fn(params, c), chunks).reshape(n)[:rows]
+
+  def one_task(params, d: TaskData) -> jax.Array:
+    e = d.num_examples
+    if d.packed and (d.kind == "choice" or generation == "teacher_forced"):
+      hits = [chunked(functools.partial(packed_hits, decoder), params, p,
+                      p.tokens.shape[0]) for p in d.packed]
+      return 100.0 * jnp.sum(jnp.concatenate(hits)) / e
+    plain = d.replace(packed=None)
+    return 100.0 * jnp.mean(chunked(per_example, params, plain, e))
 
   def score(params, datas: tuple[TaskData, ...]) -> jax.Array:
     return jnp.stack([one_task(params, d) for d in datas])

@@ -122,18 +122,30 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-  """tokens [B, T] -> logits [B, T, V] (float32), and the updated cache if given."""
+  """tokens [B, T] -> logits [B, T, V] (float32), and the updated cache if given.
+
+  Without a cache, two optional inputs serve packed scoring (evaluation.Packed):
+    segments [B, T]: a query attends to earlier keys of segment 0 (a shared prefix) and of
+                     its own segment only, so several continuations of one prompt share a
+                     row; `positions` [B, T] then gives each token its RoPE position.
+    gather [B, S]:   only these positions go through the final norm and the head; the
+                     logits are then [B, S, V].
+  """
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, tokens, positions=None, cache=None):
+  def __call__(self, tokens, positions=None, cache=None, segments=None, gather=None):
     cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
     b, t = tokens.shape
     embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=dt, param_dtype=dt,
                      embedding_init=nn.initializers.normal(0.02), name="embed")
     if cache is None:
-      positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+      if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(t), (b, t))
       mask = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, t, t))
+      if segments is not None:
+        mask = mask & ((segments[:, None, :] == 0)
+                       | (segments[:, None, :] == segments[:, :, None]))
     else:
       s = cache[0][0].shape[1]
       mask = jnp.arange(s)[None, None, :] <= positions[:, :, None]
@@ -143,6 +155,8 @@ class Transformer(nn.Module):
       x, c = Block(cfg, name=f"layer_{i}")(x, positions, mask,
                                            None if cache is None else cache[i])
       new_cache.append(c)
+    if gather is not None:
+      x = jnp.take_along_axis(x, gather[..., None], axis=1)
     x = RMSNorm(cfg.norm_eps, dt, name="final_norm")(x)
     if cfg.tie_embeddings:
       logits = embed.attend(x)
@@ -203,6 +217,12 @@ class Decoder:
 
   def apply(self, params: PyTree, tokens: jax.Array) -> jax.Array:
     return self.module.apply({"params": params}, tokens)
+
+  def apply_packed(self, params: PyTree, tokens: jax.Array, positions: jax.Array,
+                   segments: jax.Array, gather: jax.Array) -> jax.Array:
+    """Logits [B, S, V] at the `gather` positions of segment-packed rows (Transformer)."""
+    return self.module.apply({"params": params}, tokens, positions, segments=segments,
+                             gather=gather)
 
   def greedy_decode(self, params: PyTree, prompts: jax.Array, prompt_lens: jax.Array,
                     max_new: int) -> jax.Array:
