@@ -9,8 +9,9 @@ so a shared machine's load drift hits every loop alike):
     only show what compiling the loop removes (dispatch, host merge, transfers);
   * a peer-style per-candidate loop (what mergekit + an eval harness do): host merge,
     then greedy generation with a KV cache for generation tasks and one forward pass per
-    (prompt, choice) pair, padded to the split's longest row, for choice tasks. Exact
-    match and rank classification give the same hits as our scorer; the work differs;
+    (prompt, choice) row, rows length-sorted into buckets, for choice tasks (the prompt is
+    recomputed for every choice). Exact match and rank classification give the same hits
+    as our scorer; the work differs (its FLOPs are printed);
   * the evaluation's FLOP/s (XLA cost analysis of one candidate's scorer x candidates /
     wall time) against this machine's measured f32 matmul peak, in the compiled loop and
     for one candidate alone.
@@ -68,18 +69,45 @@ def cost_flops(fn, *args) -> float:
   return float((c[0] if isinstance(c, list) else c).get("flops", float("nan")))
 
 
-def peer_scorer(decoder: models.Decoder):
-  """score(params, datas) -> [T] as a peer harness computes it: greedy KV-cache generation
-  checked by exact match; rank classification with one padded forward per choice."""
+def _peer_choice_rows(d: evaluation.TaskData):
+  """A choice split as a harness batches it: every (prompt, choice) its own row, rows
+  sorted by length into buckets (the same bucketing as ours), each trimmed to its longest
+  row. Returns [(row indices into E*C, tokens [R, L], target mask [R, L])]."""
+  e, c, l = d.tokens.shape
+  tokens = np.asarray(d.tokens).reshape(e * c, l)
+  mask = np.asarray(d.target_mask).reshape(e * c, l)
+  lengths = np.array([int(np.flatnonzero(m).max()) + 1 for m in mask])
+  out, lo = [], 0
+  for hi in evaluation._buckets(lengths, 4, 128):
+    idx = np.flatnonzero((lengths > lo) & (lengths <= hi))
+    lo = hi
+    if idx.size:
+      out.append((idx, tokens[idx, :hi], mask[idx, :hi]))
+  return out
+
+
+def peer_scorer(decoder: models.Decoder, datas):
+  """score(params, datas) -> [T] as a peer harness (lm-eval style) computes it: greedy
+  generation with a KV cache, all prompts in one batch, checked by exact match; rank
+  classification with one forward per (prompt, choice) row, length-sorted and bucketed,
+  the prompt recomputed for every choice. Same hits as our scorer, more work."""
+  layouts = {d.name: _peer_choice_rows(d) for d in datas if d.kind == "choice"}
+
   def score(params, datas):
     out = []
     for d in datas:
-      plain = d.replace(packed=None)
-      if d.kind == "choice":
-        hits = evaluation.rank_classification(decoder.apply, params, plain)
-      else:
-        hits = evaluation.greedy_exact_match(decoder.greedy_decode, params, plain)
-      out.append(100.0 * jnp.mean(hits))
+      if d.kind != "choice":
+        hits = evaluation.greedy_exact_match(decoder.greedy_decode, params,
+                                             d.replace(packed=None))
+        out.append(100.0 * jnp.mean(hits))
+        continue
+      e, c, _ = d.tokens.shape
+      lp = jnp.zeros(e * c)
+      for idx, toks, mask in layouts[d.name]:
+        logp = models.token_logprobs(decoder.apply(params, toks), toks)
+        lp = lp.at[idx].set(jnp.sum(logp * mask, -1) / np.maximum(mask.sum(-1), 1))
+      hits = jnp.argmax(lp.reshape(e, c), -1) == d.labels
+      out.append(100.0 * jnp.mean(hits.astype(jnp.float32)))
     return jnp.stack(out)
   return score
 
@@ -147,7 +175,7 @@ def run(args) -> None:
   if not args.skip_peer:
     k = min(args.peer_candidates, pop)
     loops["per candidate, peer-style scorer"] = (
-        per_candidate(jax.jit(peer_scorer(decoder)), alphas[:k]), k)
+        per_candidate(jax.jit(peer_scorer(decoder, dev)), alphas[:k]), k)
 
   mm_n = 1024
   mm_a = jax.random.normal(jax.random.key(0), (mm_n, mm_n), jnp.float32)
@@ -172,7 +200,7 @@ def run(args) -> None:
   rate = {name: k / best[name] for name, (_, k) in loops.items()}
 
   flops_one = cost_flops(score, loaded.params[0], dev)
-  flops_peer = cost_flops(peer_scorer(decoder), loaded.params[0], dev)
+  flops_peer = cost_flops(peer_scorer(decoder, dev), loaded.params[0], dev)
   peak = 2 * mm_n ** 3 / best["matmul 1024^3"]
   same = rate["per candidate, same scorer"]
   fastest = max((k for k in rate if k.startswith("compiled")), key=rate.get)

@@ -4,7 +4,7 @@
 evaluates it on every task without returning to the host. Small models vmap the
 population (all P merged models resident at once); large ones `lax.map` it (one merged
 model at a time, each a sharded merge-and-evaluate inside the same program). The choice
-is made from sizes and can be overridden with `population_mode`.
+is made from sizes and the backend, and can be overridden with `choose_mode.mode`.
 """
 from __future__ import annotations
 
@@ -30,9 +30,13 @@ def tree_bytes(tree: PyTree) -> int:
 @gin.configurable
 def choose_mode(pool: Sequence[PyTree], population_size: int, mode: str = "auto",
                 memory_budget_gb: float = 4.0) -> str:
-  """'vmap' when P merged copies fit the budget (per device), else 'map'."""
+  """'vmap' when P merged copies fit the budget (per device), else 'map'; always 'map' on
+  CPU, where a vmapped population's batched matmuls (one weight matrix per candidate) run
+  slower than one candidate at a time (benchmarks/search_throughput.py: 15-20%)."""
   if mode != "auto":
     return mode
+  if jax.default_backend() == "cpu":
+    return "map"
   per_device = tree_bytes(pool[0]) / max(jax.device_count(), 1)
   return "vmap" if population_size * per_device <= memory_budget_gb * 2**30 else "map"
 
