@@ -11,12 +11,11 @@ import json
 import os
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+import runner  # noqa: E402  (experiments/runner.py; puts the repo on sys.path)
 
-SETTINGS = ("code_reasoning", "knowledge_reasoning", "math_knowledge", "code_reasoning_math")
+SETTINGS = ("code_instruct", "instruct_reasoning", "math_instruct", "code_instruct_reasoning")
 TOP_N = (2, 4, 8, 16)
-TOP_N_SETTING = "code_reasoning_math"
+TOP_N_SETTING = "code_instruct_reasoning"
 METHODS = ("best_single", "uniform", "merge_best", "search")
 
 
@@ -31,15 +30,42 @@ def _cell(m: dict, task: str, split: str = "test") -> str:
   return "–" if v is None else f"{v:.1f}"
 
 
+def _load(workdir: str) -> dict[str, dict]:
+  out = {}
+  for name, _, _ in runs():
+    path = os.path.join(workdir, name, "results.json")
+    if os.path.exists(path):
+      out[name] = json.load(open(path))
+  return out
+
+
+def _held_out_avg(m: dict, held_out) -> float | None:
+  vals = [m["scores"]["test"].get(t) for t in held_out]
+  return None if not vals or None in vals else sum(vals) / len(vals)
+
+
 def summary(workdir: str) -> str:
+  results = _load(workdir)
   lines = ["# Paper reproduction on the embedded benchmark", "",
            "Search uses dev only; every number below is on the test split. Held-out tasks "
-           "were never searched on.", ""]
-  for name, setting, _ in runs():
-    path = os.path.join(workdir, name, "results.json")
-    if not os.path.exists(path):
-      continue
-    r = json.load(open(path))
+           "were never searched on.", "",
+           "## Overview: test fitness (held-out average in parentheses)", "",
+           "| run | " + " | ".join(METHODS) + " | search beats | non-zero weights |",
+           "|" + "---|" * (len(METHODS) + 3)]
+  for name, r in results.items():
+    held_out = r.get("report_tasks", [])
+    cells = []
+    for m in METHODS:
+      res = r["methods"][m]
+      ho = _held_out_avg(res, held_out)
+      cells.append(f"{res['fitness']['test']:.1f}" + ("" if ho is None else f" ({ho:.1f})"))
+    s = r["methods"]["search"]
+    beats = [m for m in METHODS[:-1] if s["fitness"]["test"] > r["methods"][m]["fitness"]["test"]]
+    nz = sum(w > 1e-6 for w in s["weights"])
+    lines.append(f"| {name} | " + " | ".join(cells) + f" | {', '.join(beats) or 'none'} | "
+                 f"{nz}/{len(s['weights'])} |")
+  lines.append("")
+  for name, r in results.items():
     tasks, held_out = r["tasks"], r.get("report_tasks", [])
     lines += [f"## {name} ({', '.join(tasks)})", "",
               "| method | " + " | ".join(tasks) + " | avg | " + " | ".join(held_out) +
@@ -50,9 +76,12 @@ def summary(workdir: str) -> str:
       lines.append(f"| {m} | " + " | ".join(_cell(res, t) for t in tasks) +
                    f" | {res['fitness']['test']:.1f} | " +
                    " | ".join(_cell(res, t) for t in held_out) + f" | {nz}/{len(res['weights'])} |")
-    s = r["methods"]["search"]["fitness"]["test"]
-    beats = [m for m in METHODS[:-1] if s > r["methods"][m]["fitness"]["test"]]
-    lines += ["", f"Search beats on test: {', '.join(beats) or 'none'}.", ""]
+    lines.append("")
+  top = [results[f"top{n}"] for n in TOP_N if f"top{n}" in results]
+  if len(top) > 1:
+    from recycle_jax import figures
+    figures.top_n_ablation(top, os.path.join(workdir, "figures", "top_n.png"))
+    lines += ["## Top-N ablation", "", "![top-N ablation](figures/top_n.png)", ""]
   return "\n".join(lines)
 
 
@@ -62,7 +91,6 @@ def main() -> int:
   p.add_argument("--pool", default="runs/pool/pool.json")
   p.add_argument("--only", default="", help="comma-separated run names to (re)run")
   args = p.parse_args()
-  from recycle_jax import cli
   only = set(filter(None, args.only.split(",")))
   for name, setting, bindings in runs():
     if only and name not in only:
@@ -71,16 +99,10 @@ def main() -> int:
     if os.path.exists(os.path.join(out, "results.json")) and not only:
       print(f"{name}: done, skipped")
       continue
-    rc = cli.main(["search", f"--gin_file={ROOT}/gin_configs/settings/{setting}.gin",
-                   f"--workdir={out}", "--overwrite",
-                   f"--gin_bindings=Experiment.pool='{args.pool}'"] +
-                  [f"--gin_bindings={b}" for b in bindings])
+    rc = runner.search(setting, out, args.pool, bindings)
     if rc:
       return rc
-  os.makedirs(args.workdir, exist_ok=True)
-  with open(os.path.join(args.workdir, "summary.md"), "w") as f:
-    f.write(summary(args.workdir))
-  print(f"summary: {os.path.join(args.workdir, 'summary.md')}")
+  runner.write_summary(args.workdir, summary(args.workdir))
   return 0
 
 

@@ -6,7 +6,8 @@ objective ('sft' or 'dpo') and its own hyperparameters:
   {"name": "sft_code", "stages": [{"mix": {"rj_code": 1.0}, "objective": "sft",
                                    "steps": 60, "lr": 1e-3, "warmup": 5}]}
 
-Mixture sources: 'text' (pretraining corpus: stdlib code + the world's facts) and the
+Mixture sources: 'text' (real code: Python's standard library source), 'facts' (the
+generated world's fact sentences, the only place rj_knowledge's answers appear) and the
 train split of any held-in task. Evaluation splits never enter training. The pool is
 cached: a second call with the same config and seed reuses what is on disk.
 """
@@ -50,18 +51,18 @@ def sft_arrays(pairs: Sequence[tuple[str, str]], length: int) -> dict[str, np.nd
 
 @gin.configurable
 def text_corpus(max_code_bytes: int = 400_000) -> np.ndarray:
-  """The pretraining text as one token stream: stdlib code interleaved with facts."""
-  facts = tasks.fact_sentences()
-  rng = np.random.default_rng(0)
-  reps = [facts[i] for r in range(8) for i in rng.permutation(len(facts))]
-  code = tasks.stdlib_code(max_code_bytes)
-  lines = code.split("\n")
-  step = max(1, len(lines) // len(reps))
-  out = []
-  for i, fact in enumerate(reps):
-    out.append("\n".join(lines[i * step:(i + 1) * step]))
-    out.append(fact)
-  return np.asarray(_encode("\n".join(out)), np.int32)
+  """Real code as one token stream: Python's standard library source."""
+  return np.asarray(_encode(tasks.stdlib_code(max_code_bytes)), np.int32)
+
+
+def facts_corpus(repeats: int = 64, seed: int = 0) -> np.ndarray:
+  """The world's facts as one token stream: `repeats` shuffled passes over every fact."""
+  facts, rng = tasks.fact_sentences(), np.random.default_rng(seed)
+  return np.asarray(_encode(" ".join(facts[i] for _ in range(repeats)
+                                     for i in rng.permutation(len(facts)))), np.int32)
+
+
+STREAMS = {"text": text_corpus, "facts": facts_corpus}
 
 
 class Sampler:
@@ -77,11 +78,11 @@ class Sampler:
     self.sources = {k: self._source(k) for k in self.names}
 
   def _source(self, name: str):
-    if name == "text":
-      check(self.objective == "sft", "the 'text' source supports only sft", name)
-      return _text_source()
+    if name in STREAMS:
+      check(self.objective == "sft", f"the {name!r} source supports only sft", name)
+      return _stream(name)
     check(name in tasks.HELD_IN, f"unknown training source {name!r}", "pool recipe mix",
-          f"use 'text' or one of {tasks.HELD_IN} (held-out tasks are never trained on)")
+          f"use 'text', 'facts' or one of {tasks.HELD_IN} (held-out tasks are never trained on)")
     rows = tasks.items(name)["train"]
     pairs = [(r["inputs"], r["targets"]) for r in rows]
     if self.objective == "sft":
@@ -112,13 +113,13 @@ class Sampler:
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
-_TEXT: dict = {}
+_STREAMS: dict = {}
 
 
-def _text_source() -> np.ndarray:
-  if "corpus" not in _TEXT:
-    _TEXT["corpus"] = text_corpus()
-  return _TEXT["corpus"]
+def _stream(name: str) -> np.ndarray:
+  if name not in _STREAMS:
+    _STREAMS[name] = STREAMS[name]()
+  return _STREAMS[name]
 
 
 def _rejected(rows, i: int, rng) -> str:

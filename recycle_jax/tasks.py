@@ -2,25 +2,28 @@
 
 Analogues of the paper's tasks at a size a 2-core machine trains in minutes:
 
-  held-in   rj_code       (MBPP)      Python snippets; the answer is what Python prints
-            rj_math       (GSM8K)     arithmetic, one and two steps
-            rj_instruct   (IFEval)    string-formatting instructions, one exact answer
-            rj_knowledge  (MMLU-Pro)  multiple choice over facts of a generated world
+  held-in   rj_code       (MBPP)      string snippets; the answer is what Python prints
+            rj_math       (GSM8K)     one-step word problems over single digits
+            rj_instruct   (IFEval)    formatting instructions with one exact answer
+            rj_knowledge  (MMLU-Pro)  multiple choice: cloze probes of the world's facts
             rj_reasoning  (MUSR)      multiple choice: comparisons, chained or not
-  held-out  rj_code_ood   (LBPP)      snippets composing operations never trained on
-            rj_chat_ood   (MT-Bench)  instructions combined in ways never trained on
+  held-out  rj_code_ood   (LBPP)      multiple choice: the operations in a syntax never
+                                      trained on (literals instead of variables)
+            rj_chat_ood   (MT-Bench)  multiple choice: the instructions paraphrased
 
-Generation answers come from executing the code (`exec`, the verifier) or from Python's
-own string methods. Every split is disjoint (items are deduplicated by prompt before they
-are cut into train/dev/test) and the held-out tasks have no train split at all.
-`general_text` is the pretraining corpus: Python's standard library source (real code)
-plus the world's fact sentences.
+Generation answers come from executing the code (`exec`, the verifier) or from fixed
+formatting functions; rj_code and rj_instruct score greedy exact match, the multiple
+choice tasks rank classification. Every split is disjoint (items are deduplicated by
+prompt before they are cut into train/dev/test) and held-out tasks have no train split.
+The pretraining text is Python's standard library source (real code) plus the generated
+world's fact sentences, the only place rj_knowledge's answers appear.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
 import io
+import keyword
 import os
 import random
 import sysconfig
@@ -39,12 +42,19 @@ HELD_OUT = ("rj_code_ood", "rj_chat_ood")
 SEED = 1234
 
 # ----------------------------------------------------------------------------- items
+# Sized for a 2-layer byte-level model trained for minutes: every answer is a function of
+# a few salient tokens (a word from a closed vocabulary, an operation, digits), which such
+# a model learns from a few hundred steps and forgets when fine-tuned on something else.
+# (Copying arbitrary strings needs induction heads, which it does not form in that budget.)
 
-_LETTERS = "abcdefghijklmnoprstuw"
-
-
-def _word(rng: random.Random, lo: int = 3, hi: int = 5) -> str:
-  return "".join(rng.choice(_LETTERS) for _ in range(rng.randint(lo, hi)))
+# The closed vocabulary that code snippets and instructions operate on.
+WORDS = ("cat", "dog", "sun", "owl", "bee", "fox", "cow", "pig", "hen", "jam", "tea", "map",
+         "box", "cup", "pen", "ink", "oak", "elm", "ash", "fig", "yak", "emu", "ant", "bus")
+_VARS = tuple(v for a in "abcdefghkmnpqrstuvwxyz" for b in "abcdeinorstuy"
+              if not keyword.iskeyword(v := a + b))
+_NAMES = ("Ann", "Bob", "Cal", "Dee", "Eve", "Fay", "Gus", "Hal", "Ivy", "Jon", "Kim", "Lou")
+_THINGS = ("apples", "books", "coins", "eggs", "figs", "hats", "keys", "pens", "rings",
+           "shells", "stamps", "toys")
 
 
 def _run(code: str) -> str:
@@ -55,70 +65,83 @@ def _run(code: str) -> str:
   return out.getvalue().strip()
 
 
-_CODE_TEMPLATES = (
-    "print('{s}'.upper())",
-    "print('{s}'[0])",
-    "print('{s}'[-1])",
-    "print(len('{s}'))",
-    "print('{s}'*2)",
-    "print('{s}'+'{t}')",
-    "print(max({a},{b}))",
-    "print(min({a},{b}))",
-    "print({a}+{b})",
-)
-_CODE_OOD_TEMPLATES = (
-    "print('{s}'.upper()*2)",
-    "print(len('{s}'+'{t}'))",
-    "print(max({a},{b})+{c})",
-    "print('{s}'[0]+'{t}'[-1])",
-)
+def _choice_item(rng: random.Random, prompt: str, answer: str, wrong: list[str]) -> dict:
+  choices = [answer] + wrong
+  rng.shuffle(choices)
+  return {"inputs": prompt, "targets": answer, "choices": choices,
+          "label": choices.index(answer)}
 
 
-def _code_item(rng: random.Random, templates) -> dict:
-  s = _word(rng)
-  code = rng.choice(templates).format(a=rng.randint(0, 9), b=rng.randint(0, 9),
-                                      c=rng.randint(0, 9), s=s, t=_word(rng, 2, 3),
-                                      i=rng.randrange(len(s)))
+# String operations; the answer is what the snippet prints (never a number: arithmetic is
+# rj_math's skill).
+_STR_OPS = (".upper()", "[0]", "[-1]", "[::-1]", "*2", "[1:]", ".title()")
+
+
+def _code_item(rng: random.Random) -> dict:
+  v, w, op = rng.choice(_VARS), rng.choice(WORDS), rng.choice(_STR_OPS)
+  code = f"{v} = '{w}'\nprint({v}{op})"
   return {"inputs": f"{code}\n# ", "targets": _run(code)}
 
 
+def _code_ood_item(rng: random.Random) -> dict:
+  """Held out (multiple choice): the operations applied to a literal, a syntax no training
+  snippet uses; the wrong choices are what the other operations print."""
+  w, op = rng.choice(WORDS), rng.choice(_STR_OPS)
+  code = f"print('{w}'{op})  # {rng.choice(_VARS)}"
+  answer = _run(code)
+  wrong = sorted({_run(f"print('{w}'{o})") for o in _STR_OPS} - {answer})
+  return _choice_item(rng, f"{code}\n# ", answer, rng.sample(wrong, 3))
+
+
 def _math_item(rng: random.Random) -> dict:
-  a, b, c = rng.randint(0, 30), rng.randint(0, 9), rng.randint(0, 9)
-  expr = rng.choice((f"{a}+{b}", f"{a}-{b}", f"{c}*{b}", f"{a}+{b}-{c}", f"{b}+{c}"))
-  return {"inputs": f"{expr}=", "targets": str(eval(expr))}
+  """One-step word problems over single digits (GSM8K's shape, not its difficulty)."""
+  n, x = rng.choice(_NAMES), rng.choice(_THINGS)
+  a, b = rng.randint(0, 9), rng.randint(0, 9)
+  if rng.random() < 0.5:
+    q, ans = f"{n} had {x}. Got {a} and then {b} more. How many?", a + b
+  else:
+    a, b = max(a, b), min(a, b)
+    q, ans = f"{n} had {x}. Got {a} and then {b} were lost. How many?", a - b
+  return {"inputs": f"Q: {q}\nA: ", "targets": str(ans)}
 
 
-_SEPS = {"commas": ",", "dashes": "-", "spaces": " ", "dots": "."}
+# Formatting instructions with one exact answer (IFEval's verifiable constraints).
 _INSTRUCTIONS: dict[str, Callable[[str], str]] = {
-    "in capital letters": str.upper,
-    "backwards": lambda w: w[::-1],
-    "in square brackets": lambda w: f"[{w}]",
-    "twice": lambda w: w + w,
+    "put {w} in brackets": lambda w: f"[{w}]",
+    "put {w} in parentheses": lambda w: f"({w})",
+    "say {w} twice": lambda w: f"{w} {w}",
+    "shout {w}": lambda w: f"{w.upper()}!",
+    "quote {w}": lambda w: f'"{w}"',
+    "spell {w}": lambda w: "-".join(w),
+}
+# Held out (multiple choice): the same constraints asked in words no training instruction
+# uses; the wrong choices are the other constraints' answers.
+_CHAT_OOD: dict[str, str] = {
+    "wrap {w} in square brackets": "put {w} in brackets",
+    "wrap {w} in round brackets": "put {w} in parentheses",
+    "repeat {w} two times": "say {w} twice",
+    "yell {w}": "shout {w}",
+    "cite {w} verbatim": "quote {w}",
+    "write {w} letter by letter": "spell {w}",
 }
 
 
-def _instruct_item(rng: random.Random, ood: bool = False) -> dict:
-  w = _word(rng)
-  if not ood:
-    kind = rng.randrange(3)
-    if kind == 0:
-      how = rng.choice(list(_INSTRUCTIONS))
-      return {"inputs": f"Write {w} {how}.\n> ",
-              "targets": _INSTRUCTIONS[how](w)}
-    if kind == 1:
-      k, sep = rng.randint(2, 4), rng.choice(list(_SEPS))
-      return {"inputs": f"Repeat {w} {k} times with {sep}.\n> ",
-              "targets": _SEPS[sep].join([w] * k)}
-    k = rng.randint(1, len(w) - 1)
-    return {"inputs": f"Write the first {k} letters of {w}.\n> ",
-            "targets": w[:k]}
-  # Held-out: two instructions composed, never seen together in training.
-  h1, h2 = rng.sample(list(_INSTRUCTIONS), 2)
-  return {"inputs": f"Write {w} {h1} and {h2}.\n> ",
-          "targets": _INSTRUCTIONS[h2](_INSTRUCTIONS[h1](w))}
+def _instruct_item(rng: random.Random) -> dict:
+  n, w, how = rng.choice(_NAMES), rng.choice(WORDS), rng.choice(list(_INSTRUCTIONS))
+  return {"inputs": f"{n}: {how.format(w=w)}, please.\n> ", "targets": _INSTRUCTIONS[how](w)}
 
 
-# A generated world whose facts appear only in the pretraining text.
+def _chat_ood_item(rng: random.Random) -> dict:
+  n, w, ask = rng.choice(_NAMES), rng.choice(WORDS), rng.choice(list(_CHAT_OOD))
+  answer = _INSTRUCTIONS[_CHAT_OOD[ask]](w)
+  wrong = [f(w) for k, f in _INSTRUCTIONS.items() if k != _CHAT_OOD[ask]]
+  return _choice_item(rng, f"{n}: {ask.format(w=w)}, please.\n> ", answer,
+                      rng.sample(wrong, 3))
+
+
+# A generated world whose facts appear only in the pretraining text ('facts' source);
+# rj_knowledge probes them LAMA-style: rank the true object against the relation's others.
+_LETTERS = "abcdefghijklmnoprstuw"
 _RELATIONS = {
     "color": ("red", "blue", "green", "yellow", "black", "white"),
     "home": ("forest", "river", "desert", "mountain", "city", "cave"),
@@ -126,17 +149,15 @@ _RELATIONS = {
 }
 _FACT = {"color": "The {e} is {v}.", "home": "The {e} lives in the {v}.",
          "food": "The {e} eats {v}."}
-_QUESTION = {"color": "What color is the {e}?", "home": "Where does the {e} live?",
-             "food": "What does the {e} eat?"}
 
 
 @functools.lru_cache(None)
-def world(num_entities: int = 120) -> tuple[tuple[str, str, str], ...]:
+def world(num_entities: int = 96) -> tuple[tuple[str, str, str], ...]:
   """(entity, relation, value) facts; entities are unique generated names."""
   rng = random.Random(SEED + 7)
   names: list[str] = []
   while len(names) < num_entities:
-    n = _word(rng, 4, 6)
+    n = "".join(rng.choice(_LETTERS) for _ in range(rng.randint(4, 6)))
     if n not in names:
       names.append(n)
   return tuple((e, r, rng.choice(vals)) for e in names for r, vals in _RELATIONS.items())
@@ -145,16 +166,11 @@ def world(num_entities: int = 120) -> tuple[tuple[str, str, str], ...]:
 def _knowledge_items(rng: random.Random) -> list[dict]:
   items = []
   for e, r, v in world():
-    wrong = rng.sample([x for x in _RELATIONS[r] if x != v], 3)
-    choices = [v] + wrong
-    rng.shuffle(choices)
-    items.append({"inputs": f"{_QUESTION[r].format(e=e)} ",
-                  "targets": v, "choices": choices, "label": choices.index(v)})
+    prompt = _FACT[r].format(e=e, v="\0").split("\0")[0]
+    items.append(_choice_item(rng, prompt, v,
+                              rng.sample([x for x in _RELATIONS[r] if x != v], 3)))
   rng.shuffle(items)
   return items
-
-
-_NAMES = ("Ann", "Bob", "Cal", "Dee", "Eve", "Fay", "Gus", "Hal", "Ivy", "Jon", "Kim", "Lou")
 
 
 def _reasoning_item(rng: random.Random) -> dict:
@@ -189,12 +205,12 @@ def _unique(make: Callable[[random.Random], dict], n: int, seed: int) -> list[di
 
 
 _GENERATORS: dict[str, Callable[[random.Random], dict]] = {
-    "rj_code": functools.partial(_code_item, templates=_CODE_TEMPLATES),
+    "rj_code": _code_item,
     "rj_math": _math_item,
     "rj_instruct": _instruct_item,
     "rj_reasoning": _reasoning_item,
-    "rj_code_ood": functools.partial(_code_item, templates=_CODE_OOD_TEMPLATES),
-    "rj_chat_ood": functools.partial(_instruct_item, ood=True),
+    "rj_code_ood": _code_ood_item,
+    "rj_chat_ood": _chat_ood_item,
 }
 
 
