@@ -10,7 +10,7 @@ def main() -> int:
   p = argparse.ArgumentParser(description=__doc__)
   p.add_argument("--workdir", default="runs/demo")
   p.add_argument("--pool_dir", default="runs/pool")
-  p.add_argument("--setting", default="gin_configs/settings/code_instruct.gin")
+  p.add_argument("--setting", default="gin_configs/settings/code_reasoning.gin")
   args = p.parse_args()
   from recycle_jax import cli
   os.chdir(ROOT)
