@@ -1,4 +1,8 @@
-"""`make demo`: build the embedded pool (cached), then one 2-task search into runs/demo."""
+"""`make demo`: build the embedded pool (cached), then one 2-task search into runs/demo.
+
+The search is the paper reproduction's run of the same setting (same budget and seed),
+so runs/demo equals runs/paper/instruct_knowledge from experiments/reproduce_paper.py.
+"""
 import argparse
 import os
 import sys
@@ -10,7 +14,8 @@ def main() -> int:
   p = argparse.ArgumentParser(description=__doc__)
   p.add_argument("--workdir", default="runs/demo")
   p.add_argument("--pool_dir", default="runs/pool")
-  p.add_argument("--setting", default="gin_configs/settings/code_reasoning.gin")
+  p.add_argument("--setting", default="gin_configs/settings/instruct_knowledge.gin")
+  p.add_argument("--budget", type=int, default=96, help="merges the search evaluates")
   args = p.parse_args()
   from recycle_jax import cli
   os.chdir(ROOT)
@@ -19,7 +24,8 @@ def main() -> int:
   if rc:
     return rc
   rc = cli.main(["search", f"--gin_file={args.setting}", f"--workdir={args.workdir}",
-                 "--overwrite", f"--gin_bindings=Experiment.pool='{args.pool_dir}/pool.json'"])
+                 "--overwrite", f"--gin_bindings=Experiment.pool='{args.pool_dir}/pool.json'",
+                 f"--gin_bindings=SearchConfig.budget={args.budget}"])
   if rc == 0:
     print(f"\nDemo report: {os.path.join(args.workdir, 'report.md')}"
           f"\nPool report: {os.path.join(args.pool_dir, 'pool_report.md')}")
