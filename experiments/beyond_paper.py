@@ -83,17 +83,13 @@ def main() -> int:
   os.chdir(runner.ROOT)
   base = os.path.join(os.path.dirname(os.path.abspath(args.pool)), "base")
   only = [n for n in args.only.split(",") if n]
-  for i, (name, bindings) in enumerate(RUNS):
-    if only and name not in only:
-      continue
-    # Task-vector baselines (and spaces) need the base; the seeds are the same everywhere.
-    extra = [f"Experiment.base = '{base}'"] if i == 0 or "ties" in name else []
-    rc = runner.search(args.setting, os.path.join(args.workdir, name), args.pool,
-                       bindings + extra + args.gin_bindings, [f"--num_seeds={args.num_seeds}"])
-    if rc:
-      return rc
-  runner.write_summary(args.workdir, summary(args.workdir))
-  return 0
+  # Task-vector baselines (and spaces) need the base; the seeds are the same everywhere.
+  jobs = [(args.setting, os.path.join(args.workdir, name), bindings +
+           ([f"Experiment.base = '{base}'"] if i == 0 or "ties" in name else []) +
+           args.gin_bindings,
+           [f"--num_seeds={args.num_seeds}"])
+          for i, (name, bindings) in enumerate(RUNS) if not only or name in only]
+  return runner.run_all(jobs, args.pool, args.workdir, summary)
 
 
 if __name__ == "__main__":

@@ -94,18 +94,16 @@ def main() -> int:
   p.add_argument("--only", default="", help="comma-separated run names to (re)run")
   args = p.parse_args()
   only = set(filter(None, args.only.split(",")))
+  jobs = []
   for name, setting, bindings in runs():
+    out = os.path.join(args.workdir, name)
     if only and name not in only:
       continue
-    out = os.path.join(args.workdir, name)
     if os.path.exists(os.path.join(out, "results.json")) and not only:
       print(f"{name}: done, skipped")
       continue
-    rc = runner.search(setting, out, args.pool, bindings)
-    if rc:
-      return rc
-  runner.write_summary(args.workdir, summary(args.workdir))
-  return 0
+    jobs.append((setting, out, bindings, ()))
+  return runner.run_all(jobs, args.pool, args.workdir, summary)
 
 
 if __name__ == "__main__":

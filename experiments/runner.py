@@ -1,7 +1,7 @@
 """What the reproduction scripts share: run one `recycle-jax search`, write a summary."""
 import os
 import sys
-from typing import Sequence
+from typing import Callable, Iterable, Sequence
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -25,3 +25,14 @@ def write_summary(workdir: str, text: str) -> str:
   atomic_write_text(path, text)
   print(f"summary: {path}")
   return path
+
+
+def run_all(jobs: Iterable[tuple[str, str, Sequence[str], Sequence[str]]], pool: str,
+            workdir: str, summary: Callable[[str], str]) -> int:
+  """Runs (setting, run workdir, bindings, flags) searches in order, then the summary."""
+  for setting, out, bindings, flags in jobs:
+    rc = search(setting, out, pool, bindings, flags)
+    if rc:
+      return rc
+  write_summary(workdir, summary(workdir))
+  return 0
