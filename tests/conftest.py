@@ -19,6 +19,15 @@ def micro_pool(tmp_path_factory) -> str:
   return str(workdir / "pool.json")
 
 
+@pytest.fixture(scope="session")
+def micro_search(micro_pool, tmp_path_factory):
+  """Workdir of a finished quick search (`search_args`) on the micro pool, one process."""
+  from recycle_jax import cli
+  workdir = tmp_path_factory.mktemp("search") / "run"
+  assert cli.main(search_args(micro_pool, workdir)) == 0
+  return workdir
+
+
 def search_args(pool: str, workdir, *extra, budget: int = 14) -> list[str]:
   """CLI args for a quick search on the micro pool."""
   return ["search", f"--workdir={workdir}",

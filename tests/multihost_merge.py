@@ -1,9 +1,9 @@
 """Restore a pool onto the global mesh, merge with fixed weights, save (one or more processes);
-then the same merge streamed to disk.
+then the same merge streamed to disk; then, with --search, a whole `recycle-jax search`.
 
 Run by tests/test_multihost.py once per process (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES,
 JAX_PROCESS_ID, JAX_NUM_CPU_DEVICES set), and called in-process for the single-process
-reference. Imports only the checkpoint stack (no TF, no evosax) to start fast.
+reference. The merges import only the checkpoint stack (no TF, no evosax) to start fast.
 """
 import argparse
 import sys
@@ -32,6 +32,8 @@ def main(argv=None) -> None:
   p.add_argument("--pool", required=True)
   p.add_argument("--weights", required=True)
   p.add_argument("--output", required=True)
+  p.add_argument("--search", default=None,
+                 help="JSON list of `recycle-jax search` arguments, run after the merges")
   args = p.parse_args(argv)
   from recycle_jax import multihost
   multihost.initialize()
@@ -42,6 +44,10 @@ def main(argv=None) -> None:
   pool = checkpoints.load_pool(args.pool)
   streaming.merge_to_disk(pool, checkpoints.validate_pool(pool), weights,
                           args.output + "_streaming", progress=False)
+  if args.search:
+    import json
+    from recycle_jax import cli  # --distributed: already joined, so initialize() is a no-op
+    assert cli.main(json.loads(args.search) + ["--distributed"]) == 0
 
 
 if __name__ == "__main__":

@@ -9,11 +9,9 @@ from conftest import search_args
 from recycle_jax import checkpoints, cli
 
 
-@pytest.fixture(scope="module")
-def searched(micro_pool, tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("search") / "run"
-  assert cli.main(search_args(micro_pool, workdir)) == 0
-  return workdir
+@pytest.fixture
+def searched(micro_search):
+  return micro_search
 
 
 def test_search_writes_results_report_config_and_merged(searched):
