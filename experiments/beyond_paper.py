@@ -1,7 +1,7 @@
 """Beyond the paper, on the embedded pool: merge spaces, more baselines, other strategies.
 
   python experiments/beyond_paper.py --workdir=runs/beyond [--pool=runs/pool/pool.json]
-      [--setting=gin_configs/settings/instruct_knowledge.gin] [--num_seeds=3]
+      [--setting=gin_configs/settings/code_instruct.gin] [--num_seeds=3]
       [--gin_bindings=Experiment.max_examples=64] [--only=cma_es_linear,snes_linear]
 
 Each run goes to W/<name>/ with --num_seeds seeds and the same budget and search seeds
@@ -74,7 +74,7 @@ def main() -> int:
   p = argparse.ArgumentParser(description=__doc__)
   p.add_argument("--workdir", default="runs/beyond")
   p.add_argument("--pool", default="runs/pool/pool.json")
-  p.add_argument("--setting", default="gin_configs/settings/instruct_knowledge.gin")
+  p.add_argument("--setting", default="gin_configs/settings/code_instruct.gin")
   p.add_argument("--num_seeds", type=int, default=3)
   p.add_argument("--only", default="", help="comma-separated run names")
   p.add_argument("--gin_bindings", action="append", default=[],

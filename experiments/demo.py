@@ -1,7 +1,7 @@
 """`make demo`: build the embedded pool (cached), then one 2-task search into runs/demo.
 
 The search is the paper reproduction's run of the same setting (same budget and seed),
-so runs/demo equals runs/paper/instruct_knowledge from experiments/reproduce_paper.py.
+so runs/demo equals runs/paper/code_instruct from experiments/reproduce_paper.py.
 """
 import argparse
 import os
@@ -14,7 +14,7 @@ def main() -> int:
   p = argparse.ArgumentParser(description=__doc__)
   p.add_argument("--workdir", default="runs/demo")
   p.add_argument("--pool_dir", default="runs/pool")
-  p.add_argument("--setting", default="gin_configs/settings/instruct_knowledge.gin")
+  p.add_argument("--setting", default="gin_configs/settings/code_instruct.gin")
   p.add_argument("--budget", type=int, default=96, help="merges the search evaluates")
   args = p.parse_args()
   from recycle_jax import cli

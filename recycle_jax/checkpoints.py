@@ -197,6 +197,16 @@ def restore(path: str, abstract: PyTree, name: str | None = None) -> PyTree:
                     f"{_read_error(e)}", where, "re-write or remove this checkpoint") from None
 
 
+def restore_local(path: str, name: str | None = None) -> tuple[dict, CheckpointMeta]:
+  """(numpy arrays, metadata) on this host, wherever and however the checkpoint was sharded
+  when written (e.g. by several processes): for comparing and inspecting, not for runs."""
+  meta = read_metadata(path, name)
+  dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=dev),
+                          meta.abstract)
+  return jax.tree.map(np.asarray, restore(path, abstract, name)), meta
+
+
 def _read_error(e: Exception) -> str:
   """Which parameter failed, from the TensorStore spec Orbax puts in its message."""
   msg = str(e)

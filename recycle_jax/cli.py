@@ -100,7 +100,7 @@ def _greedy_soup(loaded, args):
   import numpy as np
   from recycle_jax import evaluation, merging, models, population
   names = [t for t in args.tasks.split(",") if t]
-  dev = evaluation.load_split(names, "dev", args.max_examples)
+  dev = evaluation.place(evaluation.load_split(names, "dev", args.max_examples), loaded.mesh)
   score = evaluation.make_scorer(models.Decoder(loaded.model_cfg))
   scorer = population.CachedScorer(  # one candidate at a time: greedy soups are sequential
       jax.jit(population.make_population_fn(score, "vmap")), loaded.params, 1)

@@ -222,6 +222,39 @@ def pack(d: TaskData, max_buckets: int = 4, overhead: int = 128) -> tuple[Packed
   return tuple(out)
 
 
+def pad_rows(p: Packed, multiple: int) -> Packed:
+  """The bucket with rows appended up to a multiple of `multiple`: pad tokens and no scored
+  slot, so they add no hit (`packed_hits`) and the scores are unchanged."""
+  rows = p.tokens.shape[0]
+  extra = -rows % multiple
+  if not extra:
+    return p
+  fill = {"tokens": models.PAD_ID, "segments": -1, "slot_group": -1}
+  grow = lambda name, x: np.concatenate(  # noqa: E731
+      [x, np.full((extra, *x.shape[1:]), fill.get(name, 0), x.dtype)])
+  out = {k: grow(k, np.asarray(getattr(p, k))) for k in
+         ("tokens", "positions", "segments", "slot_pos", "slot_tok", "slot_group", "labels")}
+  out["positions"][rows:] = np.arange(p.tokens.shape[1])
+  return p.replace(**out)
+
+
+def place(datas: tuple[TaskData, ...], mesh) -> tuple[TaskData, ...]:
+  """Splits placed on the mesh once, before the search: every packed bucket's rows split
+  over the mesh's 'data' axis (padded to a multiple of it), so each data-parallel replica
+  of the model scores its share of the examples instead of all of them; everything else
+  replicated. Scores are unchanged (a pad row scores no hit)."""
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  from recycle_jax import partitioning
+  k = mesh.shape["data"]
+  rows, full = NamedSharding(mesh, P("data")), partitioning.replicated(mesh)
+  def one(d: TaskData) -> TaskData:
+    packed = tuple(jax.tree.map(lambda x: partitioning.put(x, rows), pad_rows(p, k))
+                   for p in d.packed or ())
+    d = jax.tree.map(lambda x: partitioning.put(x, full), d.replace(packed=None))
+    return d.replace(packed=packed or None)
+  return tuple(one(d) for d in datas)
+
+
 def load_split(task_names: Sequence[str], split: str,
                max_examples: int | None = None) -> tuple[TaskData, ...]:
   return tuple(materialize(t, split, max_examples) for t in task_names)
@@ -262,14 +295,15 @@ def packed_hits(decoder: models.Decoder, params, p: Packed) -> jax.Array:
   generation layout) or rank classification by length-normalized log-likelihood."""
   logits = decoder.apply_packed(params, p.tokens, p.positions, p.segments, p.slot_pos)
   used = p.slot_group >= 0
+  real = jnp.any(used, axis=-1)  # rows with no scored slot are padding (`pad_rows`)
   if p.kind != "choice":
     ok = (jnp.argmax(logits, axis=-1) == p.slot_tok) | ~used
-    return jnp.all(ok, axis=-1).astype(jnp.float32)
+    return (jnp.all(ok, axis=-1) & real).astype(jnp.float32)
   logp = jax.nn.log_softmax(logits, axis=-1)
   lp = jnp.take_along_axis(logp, p.slot_tok[..., None], axis=-1)[..., 0]  # [R, S]
   member = (p.slot_group[..., None] == jnp.arange(p.num_groups)).astype(lp.dtype)
   score = jnp.einsum("rs,rsc->rc", lp, member) / jnp.maximum(jnp.sum(member, 1), 1)
-  return (jnp.argmax(score, -1) == p.labels).astype(jnp.float32)
+  return ((jnp.argmax(score, -1) == p.labels) & real).astype(jnp.float32)
 
 
 @gin.configurable

@@ -119,6 +119,7 @@ def run_search(workdir: str, resume: bool = False, overwrite: bool = False,
   pareto.scalarization_args(scfg.scalarization, scfg.task_weights, len(exp.tasks))
 
   loaded = load_pool(exp.pool)
+  dev, test = evaluation.place(dev, loaded.mesh), evaluation.place(test, loaded.mesh)
   base = load_base(exp.base, loaded) if exp.base else None
   score = evaluation.make_scorer(models.Decoder(loaded.model_cfg))
   if exp.top_n:

@@ -54,6 +54,15 @@ def checkpoint_weights(results: dict, w: Sequence[float]) -> np.ndarray:
   return np.asarray(w[:groups * n], np.float64).reshape(groups, n).mean(0)
 
 
+def coincident(points: dict[str, np.ndarray]) -> list[tuple[str, str, np.ndarray]]:
+  """Methods that land on the same point, drawn once: [(style key, label, point)], the
+  label naming all of them ("best_single = greedy_soup"), so none hides under another."""
+  groups: dict[tuple, list[str]] = {}
+  for name, v in points.items():
+    groups.setdefault(tuple(np.round(np.atleast_1d(v), 6)), []).append(name)
+  return [(names[0], " = ".join(names), points[names[0]]) for names in groups.values()]
+
+
 # ----------------------------------------------------------------------------- figures
 
 def pareto_scatter(results: dict, path: str, tasks: Sequence[str] | None = None) -> str:
@@ -80,11 +89,11 @@ def pareto_scatter(results: dict, path: str, tasks: Sequence[str] | None = None)
     slope, icept = np.polyfit(ck[ok, 0], ck[ok, 1], 1)
     xs = np.linspace(ck[ok, 0].min(), ck[ok, 0].max(), 2)
     ax.plot(xs, slope * xs + icept, "--", c="tab:blue", lw=1, label=f"fit (slope {slope:+.2f})")
-  for name, m in results["methods"].items():
-    s = _scores(m["scores"]["dev"], tasks)
-    if np.all(np.isfinite(s)) and name != "best_per_task":
-      ax.scatter(*s, s=90 if name == "search" else 55, marker=BASELINE_STYLE.get(name, "o"),
-                 edgecolors="k", label=name, zorder=5)
+  points = {name: _scores(m["scores"]["dev"], tasks) for name, m in results["methods"].items()
+            if name != "best_per_task"}
+  for name, label, s in coincident({k: v for k, v in points.items() if np.all(np.isfinite(v))}):
+    ax.scatter(*s, s=90 if name == "search" else 55, marker=BASELINE_STYLE.get(name, "o"),
+               edgecolors="k", label=label, zorder=5)
   ax.set_xlabel(f"{tasks[0]} (dev)")
   ax.set_ylabel(f"{tasks[1]} (dev)")
   ax.set_title("Merges and checkpoints on two tasks")
@@ -146,10 +155,11 @@ def fitness_curve(runs: Sequence[dict], path: str) -> str:
     ci = np.asarray([s[1] for s in stats])
     ax.plot(x, mean, c="tab:red", label=f"best so far (mean of {len(runs)} seeds)")
     ax.fill_between(x, mean - ci, mean + ci, color="tab:red", alpha=0.2, label="95% CI")
-  for name in ("uniform", "merge_best", "best_single", "greedy_soup"):
-    v = first["methods"].get(name, {}).get("fitness", {}).get("dev")
-    if v is not None:
-      ax.axhline(v, ls="--", lw=1, c=f"C{list(BASELINE_STYLE).index(name)}", label=name)
+  levels = {name: first["methods"][name]["fitness"]["dev"]
+            for name in ("uniform", "merge_best", "best_single", "greedy_soup")
+            if first["methods"].get(name, {}).get("fitness", {}).get("dev") is not None}
+  for name, label, v in coincident(levels):
+    ax.axhline(float(v), ls="--", lw=1, c=f"C{list(BASELINE_STYLE).index(name)}", label=label)
   ax.set_xlabel("evaluations")
   ax.set_ylabel("dev fitness")
   ax.set_title("Search progress")

@@ -73,3 +73,10 @@ def with_shardings(abstract: PyTree, shardings: PyTree) -> PyTree:
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
+
+
+def put(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
+  """A host array (the same on every process) as a global array with this sharding; each
+  process places only its own shards, so this works across hosts too."""
+  x = np.asarray(x)
+  return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])

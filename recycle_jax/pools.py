@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import platform
 import time
 from typing import Any, Iterator, Sequence
 
@@ -212,7 +213,8 @@ def make_pool(workdir: str, recipes: Sequence[dict] = gin.REQUIRED,
   entries = [checkpoints.Entry(e.name, e.path, {**e.info, "scores": scores[e.name]})
              for e in entries]
   checkpoints.write_manifest(manifest, checkpoints.make_pool(entries, manifest))
-  timing = {"train_seconds": round(train_s, 1), "total_seconds": round(time.time() - t0, 1)}
+  timing = {"train_seconds": round(train_s, 1), "total_seconds": round(time.time() - t0, 1),
+            "built_on": build_environment()}
   meta_path = os.path.join(workdir, "pool_meta.json")
   if os.path.exists(meta_path) and not built:  # a cache hit keeps the cold build's timing
     old_meta = json.load(open(meta_path))
@@ -222,6 +224,29 @@ def make_pool(workdir: str, recipes: Sequence[dict] = gin.REQUIRED,
                **timing}, f, indent=1)
   write_pool_report(workdir, entries, eval_tasks, timing)
   return manifest
+
+
+def build_environment() -> dict:
+  """What a pool's numbers depend on beyond its config: XLA:CPU's float reductions follow
+  the processor's vector width and the thread count, and training amplifies the last-bit
+  differences, so the same seed on another CPU model builds a different (equally valid)
+  pool. Recorded with every cold build."""
+  cpu, flags = platform.processor() or platform.machine(), set()
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        key, _, value = line.partition(":")
+        if key.strip() == "model name":
+          cpu = value.strip()
+        elif key.strip() == "flags":
+          flags = set(value.split())
+        if cpu and flags:
+          break
+  except OSError:
+    pass
+  isa = next((i for i in ("avx512f", "avx2", "avx", "neon", "asimd") if i in flags), "")
+  return {"cpu": cpu, "vector_isa": isa, "cores": os.cpu_count(), "jax": jax.__version__,
+          "backend": jax.default_backend(), "devices": jax.device_count()}
 
 
 def write_pool_report(workdir: str, entries, eval_tasks: Sequence[str], timing=None) -> None:

@@ -244,7 +244,15 @@ def pool_report_markdown(names, tasks, held_out, dev, test, recipes=None, timing
   lines = ["# Pool report", ""]
   if timing:
     lines += [f"Built in {timing.get('total_seconds', '?')} s "
-              f"(training {timing.get('train_seconds', '?')} s).", ""]
+              f"(training {timing.get('train_seconds', '?')} s)."]
+    env = timing.get("built_on")
+    if env:
+      lines += ["", f"Built on {env.get('cpu')} ({env.get('vector_isa') or '?'}, "
+                f"{env.get('cores')} cores), jax {env.get('jax')}, "
+                f"{env.get('devices')} {env.get('backend')} devices. The same config and seed "
+                "on another CPU model trains a different pool: XLA's float reductions "
+                "depend on the processor and the thread count."]
+    lines += [""]
   lines += ["## Table 2: checkpoints on test (dev in parentheses)", "",
             "| checkpoint | " + " | ".join(cols) + " | held-in avg |",
             "|" + "---|" * (len(cols) + 2)]

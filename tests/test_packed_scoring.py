@@ -76,3 +76,31 @@ def test_pack_covers_every_example_once_and_trims():
     scored = sum(int(np.sum(p.slot_group >= 0)) for p in d.packed)
     wanted = int(np.sum(np.asarray(d.target_mask)[..., 1:]))
     assert scored == wanted
+
+
+def test_placed_splits_score_the_same_with_rows_split_over_data():
+  """evaluation.place: packed rows padded and split over the mesh's 'data' axis (each of
+  the 8 devices holds 1/8 of them), the same scores as unplaced splits, and pad rows add
+  no hit even where every real row is a hit."""
+  from recycle_jax import partitioning
+  dec = models.Decoder(CFG)
+  mesh = partitioning.make_mesh()  # ('data', 'model') = (8, 1)
+  datas = evaluation.load_split(["rj_reasoning", "rj_code"], "dev", 44)  # 44: pads needed
+  placed = evaluation.place(datas, mesh)
+  for d in placed:
+    for p in d.packed:
+      rows = p.tokens.shape[0]
+      assert rows % 8 == 0
+      assert {s.data.shape[0] for s in p.tokens.addressable_shards} == {rows // 8}
+  score = jax.jit(evaluation.make_scorer(dec))
+  for seed in (0, 1):
+    params = jax.device_put(_noisy(seed, 5.0), partitioning.replicated(mesh))
+    np.testing.assert_array_equal(np.asarray(score(params, placed)),
+                                  np.asarray(score(params, datas)))
+  # A bucket whose every real row is a hit: padding must not add any.
+  p = datas[1].packed[0]
+  full = p.replace(slot_group=np.full_like(p.slot_group, -1))  # no scored slot: all "hit"?
+  padded = evaluation.pad_rows(p, 8 * p.tokens.shape[0])
+  hits = evaluation.packed_hits(dec, _noisy(), padded)
+  assert float(jnp.sum(hits[p.tokens.shape[0]:])) == 0.0
+  assert float(jnp.sum(evaluation.packed_hits(dec, _noisy(), full))) == 0.0
