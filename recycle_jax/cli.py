@@ -145,7 +145,8 @@ def cmd_merge(args) -> None:
   if args.streaming:
     from recycle_jax import streaming
     streaming.merge_to_disk(pool, meta, alphas, args.output,
-                            memory_budget_mb=args.memory_budget_mb, overwrite=args.overwrite)
+                            memory_budget_mb=args.memory_budget_mb, overwrite=args.overwrite,
+                            fsync=not args.no_fsync)
     print(f"merged checkpoint: {args.output}")
     return
   loaded = experiment.load_pool(args.pool)
@@ -258,6 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
   s.add_argument("--overwrite", action="store_true")
   s.add_argument("--streaming", action="store_true", help="out-of-core, leaf by leaf")
   s.add_argument("--memory_budget_mb", type=float, default=256.0)
+  s.add_argument("--no_fsync", action="store_true",
+                 help="--streaming: skip the final fsync (scratch outputs)")
   s = add("eval", cmd_eval, "score one checkpoint on tasks")
   s.add_argument("--checkpoint", required=True)
   s.add_argument("--tasks", required=True)
