@@ -24,6 +24,7 @@ import functools
 import itertools
 import json
 import math
+import mmap
 import os
 import queue
 import shutil
@@ -48,6 +49,9 @@ TILE = 1 << 15  # elements per fused multiply-add step: the term stays in L2 cac
 # added, PREFETCH filling, one spare), one batch of finished sums waiting in the output's
 # write queue and tensorstore's copy of it.
 BLOCKS_IN_BUDGET = 8
+# Uncompressed chunks are summed straight from the files' mapped pages (no copy into a
+# buffer); False reads them with pread into the buffers instead.
+MAPPED = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -440,6 +444,7 @@ class Reader:
     self.indexes = [ocdbt_index(e.path, ctx) if (m or {}).get("use_ocdbt", True) else None
                     for e, m in zip(pool.entries, input_meta)]
     self.fds: dict[str, int] = {}
+    self.maps: dict[str, mmap.mmap] = {}
     self.lock = threading.Lock()
     self.raw = functools.lru_cache(maxsize=4 * len(pool))(self._raw)
     self.store = functools.lru_cache(maxsize=2 * len(pool))(self._store)
@@ -454,14 +459,25 @@ class Reader:
 
   def _fd(self, path: str) -> int:
     with self.lock:
-      if path not in self.fds:
-        self.fds[path] = os.open(path, os.O_RDONLY)
-      return self.fds[path]
+      return self._fd_unlocked(path)
+
+  def _fd_unlocked(self, path: str) -> int:
+    if path not in self.fds:
+      self.fds[path] = os.open(path, os.O_RDONLY)
+    return self.fds[path]
+
+  def _map(self, path: str) -> mmap.mmap:
+    with self.lock:
+      if path not in self.maps:
+        self.maps[path] = mmap.mmap(self._fd_unlocked(path), 0, access=mmap.ACCESS_READ)
+      return self.maps[path]
 
   def read(self, i: int, leaf: Leaf, ushape: Sequence[int], batch: Sequence[tuple],
-           buf: np.ndarray) -> np.ndarray | list[np.ndarray]:
+           buf: np.ndarray, mapped: bool = False) -> np.ndarray | list[np.ndarray] | "Mapped":
     """Fills `buf` (flat, the leaf's dtype, len(batch) units) and returns it; or returns
-    the batch's units as tensorstore decoded them (a list, each cut to its region)."""
+    the batch's units as tensorstore decoded them (a list, each cut to its region); or,
+    with `mapped` and stored bytes usable as they are, `Mapped` views of the files' pages
+    (no copy: the sum reads the page cache directly)."""
     size = max(1, math.prod(ushape))
     raw = self.raw(i, leaf)
     if raw is None:  # tensorstore: all the batch's reads in flight at once; the decoded
@@ -470,8 +486,24 @@ class Reader:
       self.stats["tensorstore"] += len(batch)
       return [f.result() for f in futures]
     locs, _ = raw
-    raw_bytes = buf.view(np.uint8)
     item = leaf.dtype.itemsize
+    if mapped:
+      parts = []
+      for u, origin in enumerate(batch):
+        for key, offset, n, at in pieces(leaf, ushape, origin):
+          loc = locs[key]
+          if loc[0] is None:
+            parts.append((u * size + at, np.frombuffer(loc[1], leaf.dtype, n // item, offset),
+                          None, 0, 0))
+            continue
+          mm, start = self._map(loc[0]), loc[1] + offset
+          page = start - start % mmap.PAGESIZE
+          mm.madvise(mmap.MADV_WILLNEED, page, start + n - page)  # read ahead if not cached
+          parts.append((u * size + at, np.frombuffer(mm, leaf.dtype, n // item, start), mm,
+                        page, start + n - page))
+      self.stats["raw"] += len(batch)
+      return Mapped(parts)
+    raw_bytes = buf.view(np.uint8)
     for u, origin in enumerate(batch):
       for key, offset, n, at in pieces(leaf, ushape, origin):
         loc = locs[key]
@@ -484,9 +516,34 @@ class Reader:
     return buf
 
   def close(self) -> None:
+    for mm in self.maps.values():
+      try:
+        mm.close()
+      except BufferError:  # a view still alive (an error path): the GC unmaps it later
+        pass
     for fd in self.fds.values():
       os.close(fd)
     self.fds.clear()
+    self.maps.clear()
+
+
+@dataclasses.dataclass
+class Mapped:
+  """A batch read as views of the input files' mapped pages: parts are (element offset in
+  the flat unit-shaped batch, view, mapping, page-aligned start, length)."""
+  parts: list
+
+  @property
+  def nbytes(self) -> int:
+    return sum(p[1].nbytes for p in self.parts)
+
+  def release(self) -> None:
+    """Drops the views and the pages from this process's resident set (they stay in the
+    page cache), so resident memory stays bounded by the budget, not the pool."""
+    for _, _, mm, start, length in self.parts:
+      if mm is not None:
+        mm.madvise(mmap.MADV_DONTNEED, start, length)
+    self.parts = []
 
 
 def as_flat(x, leaf: Leaf, ushape, batch, buf: np.ndarray) -> np.ndarray:
@@ -560,8 +617,8 @@ def merge_into(tmp: str, pool: checkpoints.Pool, meta: checkpoints.CheckpointMet
     leaf, ushape, batch, i = item
     n = len(batch) * max(1, math.prod(ushape))
     buf = free.get()
-    x = reader.read(i, leaf, ushape, batch, buf.view(leaf.dtype)[:n])
-    if not isinstance(x, np.ndarray):  # tensorstore's own arrays: the buffer is not used
+    x = reader.read(i, leaf, ushape, batch, buf.view(leaf.dtype)[:n], mapped=MAPPED)
+    if not isinstance(x, np.ndarray):  # tensorstore's arrays or mapped pages: no buffer
       free.put(buf)
     return x
 
@@ -571,10 +628,17 @@ def merge_into(tmp: str, pool: checkpoints.Pool, meta: checkpoints.CheckpointMet
                    ushape, batch, np.zeros(n, leaf.dtype))
 
   def add(acc, w, x, out):
-    """accumulate() over a read: a flat buffer, or tensorstore's arrays unit by unit."""
+    """accumulate() over a read: a flat buffer, mapped pieces, or tensorstore's arrays
+    unit by unit."""
     if isinstance(x, np.ndarray):
       return accumulate(acc, w, x, out)
     first, acc = acc is None, out if acc is None else acc
+    if isinstance(x, Mapped):
+      for at, part, *_ in x.parts:
+        view = acc[at:at + part.size]
+        accumulate(None if first else view, w, part, view)
+      x.release()
+      return acc
     for u, (o, part) in enumerate(zip(batch, x)):
       view = acc[u * size:(u + 1) * size].reshape(ushape)[crop(ushape, region(leaf, ushape, o))]
       accumulate(None if first else view, w, part, view)
@@ -599,10 +663,11 @@ def merge_into(tmp: str, pool: checkpoints.Pool, meta: checkpoints.CheckpointMet
         accs.append((spare, copying))
         for w in weights:
           x = next(reads)
-          acc = add(acc, w, x, spare[:len(batch) * size])
+          nbytes = sum(p.nbytes for p in x) if isinstance(x, list) else x.nbytes
+          acc = add(acc, w, x, spare[:len(batch) * size])  # (releases a Mapped read)
           if isinstance(x, np.ndarray):
             free.put(x.base if x.base is not None else x)
-          bar.update(sum(p.nbytes for p in x) if isinstance(x, list) else x.nbytes)
+          bar.update(nbytes)
           del x
         if not finite(acc, ushape, leaf, batch):  # one check per batch, on the sum: any
           raise nonfinite_error(pool, leaf, ushape, batch, fresh_read)  # NaN/Inf reaches it

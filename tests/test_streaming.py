@@ -98,10 +98,12 @@ def test_streaming_equals_in_memory(micro_pool, tmp_path, chunked):
   assert _write_shapes(out)["embed.embedding"] == ([20, 32] if chunked else [259, 32])
 
 
-@pytest.mark.parametrize("compress", [False, True])
-def test_raw_reads_of_uncompressed_inputs(micro_pool, tmp_path, compress):
-  """Uncompressed inputs are read as bytes from the OCDBT data files, zstd ones through
-  tensorstore, edge units and all; both give the in-memory merge."""
+@pytest.mark.parametrize("compress,mapped", [(False, True), (False, False), (True, True)])
+def test_raw_reads_of_uncompressed_inputs(micro_pool, tmp_path, monkeypatch, compress, mapped):
+  """Uncompressed inputs are read as bytes from the OCDBT data files (summed from their
+  mapped pages, or read with pread), zstd ones through tensorstore, edge units and all;
+  all give the in-memory merge."""
+  monkeypatch.setattr(streaming, "MAPPED", mapped)
   pool, meta = _pool(micro_pool)
   import orbax.checkpoint as ocp
   entries = []
