@@ -137,6 +137,12 @@ def run_search(workdir: str, resume: bool = False, overwrite: bool = False,
   bad = nonfinite_members(loaded) if np.isnan(single_dev).any() else []
   check(not bad, f"checkpoints {bad} hold NaN or Inf values, so every merge with them does "
         "(0 * NaN is NaN)", "Experiment.pool", "repair or drop them from the pool")
+  space = merging.make_space(scfg.merge_space, loaded.params[0], n)
+  if resume:  # a changed config is refused before anything in the workdir changes
+    for k in range(num_seeds):
+      wd = workdir if num_seeds == 1 else os.path.join(workdir, f"seed_{k}")
+      search.check_signature(os.path.join(wd, "search_state"), search.signature(
+          dataclasses.replace(scfg, seed=scfg.seed + k), space, dev))
   # The workdir is only touched once every input has been read and checked.
   if overwrite and os.path.isdir(workdir) and not resume and jax.process_index() == 0:
     shutil.rmtree(workdir)
@@ -146,7 +152,6 @@ def run_search(workdir: str, resume: bool = False, overwrite: bool = False,
   shared = Shared(exp, loaded, dev, test, scorer, mode, single_dev, scorer(eye, test, "test"),
                   base)
   shared.baselines, shared.linear_baselines = evaluate_baselines(shared)
-  space = merging.make_space(scfg.merge_space, loaded.params[0], n)
   space_scorer = scorer
   if not space.is_linear:  # its own program: merges of the space, P of them at a time
     space_pop = scfg.pop_size(space.dim)

@@ -19,6 +19,7 @@ and scalarization weights are runtime values), so repeated seeds and sweeps comp
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 from typing import Any, Callable, Sequence
@@ -34,8 +35,8 @@ import orbax.checkpoint as ocp
 from absl import logging
 from tqdm.auto import tqdm
 
-from recycle_jax import merging, pareto, population
-from recycle_jax.errors import check
+from recycle_jax import checkpoints, merging, pareto, population
+from recycle_jax.errors import UserError, check
 
 PyTree = Any
 WORST = 1e9  # minimized fitness given to NaN candidates
@@ -216,6 +217,36 @@ def _state_to_save(state: SearchState, archive: Archive) -> dict:
   return {"state": jax.device_get(state), "archive": archive.arrays()}
 
 
+def signature(cfg: SearchConfig, space: merging.MergeSpace, datas) -> dict:
+  """What a resumed search must share with the saved one: everything but the budget
+  (which may grow, to extend a finished search)."""
+  fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "budget"}
+  if fields["task_weights"] is not None:
+    fields["task_weights"] = list(fields["task_weights"])
+  return {"search": fields, "dim": space.dim, "population": cfg.pop_size(space.dim),
+          "merge_space": space.name,
+          "tasks": [d.name for d in datas] if datas is not None else None}
+
+
+def check_signature(state_dir: str, sig: dict) -> None:
+  """Raises UserError when the saved search was run with another config."""
+  path = os.path.join(state_dir, "signature.json")
+  if not os.path.isfile(path):
+    return  # saved before signatures were written
+  with open(path) as f:
+    old = json.load(f)
+  flat = lambda d: {f"{k}.{j}" if isinstance(v, dict) else k: w  # noqa: E731
+                    for k, v in d.items() for j, w in (v.items() if isinstance(v, dict)
+                                                       else [(None, v)])}
+  a, b = flat(old), flat(json.loads(json.dumps(sig)))
+  diff = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+  if diff:
+    k = diff[0]
+    raise UserError(f"cannot resume: the saved search has {k} = {a.get(k)!r}, this config "
+                    f"{b.get(k)!r}", "--resume", "resume with the config the search started "
+                    "with (only SearchConfig.budget may change), or pass --overwrite")
+
+
 def run(search: Search, pool, datas, workdir: str | None, resume: bool = False,
         seeds: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
         progress: bool = True, on_generation: Callable | None = None) -> Archive:
@@ -233,6 +264,7 @@ def run(search: Search, pool, datas, workdir: str | None, resume: bool = False,
         os.path.abspath(os.path.join(workdir, "search_state")),
         options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
   if resume and mngr is not None and mngr.latest_step() is not None:
+    check_signature(str(mngr.directory), signature(search.cfg, search.space, datas))
     step = mngr.latest_step()
     restored = mngr.restore(step, args=ocp.args.StandardRestore())
     state = flax.serialization.from_state_dict(state, restored["state"])
@@ -247,6 +279,9 @@ def run(search: Search, pool, datas, workdir: str | None, resume: bool = False,
         order = np.argsort(-np.nan_to_num(fitness, nan=-np.inf))
         top = np.resize(order, search.pop)  # repeats when fewer seeds than P
         state = search.tell_seeds(state, jnp.asarray(x[top]), jnp.asarray(fitness[top]))
+    if mngr is not None and jax.process_index() == 0:
+      checkpoints.atomic_write_text(os.path.join(str(mngr.directory), "signature.json"),
+                                    json.dumps(signature(search.cfg, search.space, datas), indent=1))
     if mngr is not None and len(archive):  # a fresh init needs no checkpoint
       mngr.save(0, args=ocp.args.StandardSave(_state_to_save(state, archive)))
   start = int(state.generation)

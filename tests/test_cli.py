@@ -74,3 +74,13 @@ def test_bad_input_gives_one_line_and_writes_nothing(micro_pool, tmp_path, capsy
   _fails(search_args(micro_pool, out, "--gin_file=/nonexistent.gin"), capsys,
          "gin file not found")
   assert not out.exists()
+
+
+def test_resume_with_a_changed_config_is_refused_and_changes_nothing(micro_search, micro_pool,
+                                                                     capsys):
+  from reliability.reliability_util import snapshot
+  before = snapshot(micro_search)
+  _fails(search_args(micro_pool, micro_search, "--resume",
+                     "--gin_bindings=SearchConfig.seed=7"), capsys,
+         "cannot resume: the saved search has search.seed = 0, this config 7")
+  assert snapshot(micro_search) == before

@@ -65,6 +65,21 @@ def test_resume_after_interruption_reaches_the_same_result(tmp_path):
   np.testing.assert_array_equal(np.asarray(full.fitness), np.asarray(resumed.fitness))
 
 
+def test_resume_refuses_a_changed_config_but_extends_the_budget(tmp_path):
+  from recycle_jax.errors import UserError
+  wd = str(tmp_path / "run")
+  first = search.run(_search(40), None, None, workdir=wd, progress=False)
+  with pytest.raises(UserError, match=r"saved search has search\.seed = 0, this config 4"):
+    search.run(_search(40, seed=4), None, None, workdir=wd, resume=True, progress=False)
+  with pytest.raises(UserError, match=r"search\.strategy"):
+    search.run(_search(40, strategy="SNES"), None, None, workdir=wd, resume=True,
+               progress=False)
+  longer = search.run(_search(80), None, None, workdir=wd, resume=True, progress=False)
+  full = search.run(_search(80), None, None, workdir=str(tmp_path / "full"), progress=False)
+  assert len(longer) > len(first)
+  np.testing.assert_array_equal(np.asarray(longer.alphas), np.asarray(full.alphas))
+
+
 def test_nan_candidates_get_the_worst_fitness_and_the_search_continues():
   def nan_fn(alphas, pool, datas):
     scores, finite = _population_fn(alphas, pool, datas)
