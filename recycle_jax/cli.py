@@ -103,7 +103,8 @@ def _greedy_soup(loaded, args):
   dev = evaluation.place(evaluation.load_split(names, "dev", args.max_examples), loaded.mesh)
   score = evaluation.make_scorer(models.Decoder(loaded.model_cfg))
   scorer = population.CachedScorer(  # one candidate at a time: greedy soups are sequential
-      jax.jit(population.make_population_fn(score, "vmap")), loaded.params, 1)
+      population.jit_population(population.make_population_fn(score, "vmap"), loaded.params,
+                                loaded.mesh), loaded.params, 1)
   single = scorer(np.eye(len(loaded.params), dtype=np.float32), dev, "dev")
   alphas, soup = merging.greedy_soup(lambda a: np.mean(scorer(a[None], dev, "dev")[0]),
                                      single.mean(-1))
@@ -113,7 +114,7 @@ def _greedy_soup(loaded, args):
 def cmd_merge(args) -> None:
   import jax
   import numpy as np
-  from recycle_jax import checkpoints, experiment, merging
+  from recycle_jax import checkpoints, experiment, merging, partitioning
   pool = checkpoints.load_pool(args.pool)
   meta = checkpoints.validate_pool(pool)
   n = len(pool)
@@ -157,7 +158,9 @@ def cmd_merge(args) -> None:
                              tune=False, lam=args.lam, density=args.density, seed=args.seed)
   base = experiment.load_base(args.base, loaded) if merging.needs_base(method) else None
   w = np.asarray(alphas, np.float32)
-  merged, finite = jax.jit(space.merge_checked)(w, space.operands(loaded.params, base))
+  shardings = jax.tree.map(lambda x: x.sharding, loaded.params[0])  # the merge lands
+  merged, finite = jax.jit(space.merge_checked, out_shardings=(  # sharded like the pool
+      shardings, partitioning.replicated(loaded.mesh)))(w, space.operands(loaded.params, base))
   if not bool(finite):  # found in the merge's own pass; only now look for the culprit
     bad = experiment.nonfinite_members(loaded)
     raise UserError(f"the merge has NaN or Inf values coming from {bad or 'the base'}",

@@ -128,7 +128,8 @@ def run_search(workdir: str, resume: bool = False, overwrite: bool = False,
   pop = scfg.pop_size(n)
   mode = population.choose_mode(loaded.params, pop)
   logging.info("pool of %d, population %d, mode %s", n, pop, mode)
-  pop_fn = jax.jit(population.make_population_fn(score, mode))
+  pop_fn = population.jit_population(population.make_population_fn(score, mode),
+                                     loaded.params, loaded.mesh)
   scorer = population.CachedScorer(pop_fn, loaded.params, pop)
 
   # Single checkpoints (one-hot merges) and baselines, scored by the same program.
@@ -155,9 +156,11 @@ def run_search(workdir: str, resume: bool = False, overwrite: bool = False,
   space_scorer = scorer
   if not space.is_linear:  # its own program: merges of the space, P of them at a time
     space_pop = scfg.pop_size(space.dim)
-    fn = jax.jit(population.make_population_fn(
-        score, population.choose_mode(loaded.params, space_pop), space.merge))
-    space_scorer = population.CachedScorer(fn, space.operands(loaded.params, base), space_pop)
+    operands = space.operands(loaded.params, base)
+    fn = population.jit_population(population.make_population_fn(
+        score, population.choose_mode(loaded.params, space_pop), space.merge), operands,
+        loaded.mesh)
+    space_scorer = population.CachedScorer(fn, operands, space_pop)
   sweep = pareto.SweepConfig()
   runs = []
   for k in range(num_seeds):  # the Pareto sweep runs once, with the first seed
@@ -263,7 +266,8 @@ def search_once(sh: Shared, scfg: search.SearchConfig, space: merging.MergeSpace
       results, archive, sweeps, space.checkpoint_weights,
       lambda pts: scorer(pts, sh.test, "test"), sh.single_dev, sh.single_test, sweep.reference)
   if sh.exp.save_merged:
-    merged = jax.jit(space.merge)(jax.numpy.asarray(w), scorer.pool)
+    merged = jax.jit(space.merge, out_shardings=jax.tree.map(
+        lambda x: x.sharding, sh.loaded.params[0]))(jax.numpy.asarray(w), scorer.pool)
     checkpoints.save(os.path.join(workdir, "merged"), merged,
                      merged_metadata(sh.loaded, space.checkpoint_weights(w), "search",
                                      space=space.describe(w)), overwrite=True)

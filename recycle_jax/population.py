@@ -59,6 +59,16 @@ def make_population_fn(score: Callable, mode: str,
   return population
 
 
+def jit_population(population_fn: Callable, pool: PyTree, mesh) -> Callable:
+  """The population program with explicit shardings: weights in and scores out
+  replicated, the pool (or a merge space's operands) as restored (parameter dims over
+  'model'), the splits as `evaluation.place` put them (rows over 'data')."""
+  from recycle_jax import partitioning
+  rep = partitioning.replicated(mesh)
+  return jax.jit(population_fn, out_shardings=rep,
+                 in_shardings=(rep, jax.tree.map(lambda x: x.sharding, pool), None))
+
+
 def weights_key(alphas: np.ndarray, decimals: int = 6) -> bytes:
   """Cache key of a normalized weight vector (rounded so float noise collides)."""
   return np.round(np.asarray(alphas, np.float64), decimals).tobytes()
