@@ -163,7 +163,8 @@ def bench_streaming(manifest: str, n: int, budget_mb: float, workdir: str) -> di
           "raw_s": t_raw, "decode_s": t_decode, "stream_s": t_stream, "nosync_s": t_nosync,
           "ratio": t_raw / t_stream, "nosync_ratio": t_raw / t_nosync,
           "decode_ratio": t_decode / t_stream,
-          "path": "pread" if "tensorstore" not in stats else "tensorstore"}
+          "path": ("mapped pages" if streaming.MAPPED else "pread")
+                  if "tensorstore" not in stats else "tensorstore"}
 
 
 # ----------------------------------------------------------------------------- (c)
