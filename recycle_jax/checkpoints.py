@@ -22,7 +22,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from recycle_jax.errors import UserError, check
-from recycle_jax.partitioning import path_str
+from recycle_jax.partitioning import path_str, with_shardings
 
 PyTree = Any
 META_KEY = "recycle_jax"
@@ -202,8 +202,7 @@ def restore_local(path: str, name: str | None = None) -> tuple[dict, CheckpointM
   when written (e.g. by several processes): for comparing and inspecting, not for runs."""
   meta = read_metadata(path, name)
   dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=dev),
-                          meta.abstract)
+  abstract = with_shardings(meta.abstract, jax.tree.map(lambda _: dev, meta.abstract))
   return jax.tree.map(np.asarray, restore(path, abstract, name)), meta
 
 

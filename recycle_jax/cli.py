@@ -158,9 +158,9 @@ def cmd_merge(args) -> None:
                              tune=False, lam=args.lam, density=args.density, seed=args.seed)
   base = experiment.load_base(args.base, loaded) if merging.needs_base(method) else None
   w = np.asarray(alphas, np.float32)
-  shardings = jax.tree.map(lambda x: x.sharding, loaded.params[0])  # the merge lands
   merged, finite = jax.jit(space.merge_checked, out_shardings=(  # sharded like the pool
-      shardings, partitioning.replicated(loaded.mesh)))(w, space.operands(loaded.params, base))
+      loaded.shardings, partitioning.replicated(loaded.mesh)))(
+          w, space.operands(loaded.params, base))
   if not bool(finite):  # found in the merge's own pass; only now look for the culprit
     bad = experiment.nonfinite_members(loaded)
     raise UserError(f"the merge has NaN or Inf values coming from {bad or 'the base'}",

@@ -20,8 +20,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import seqio
+from jax.sharding import NamedSharding, PartitionSpec as P
 
-from recycle_jax import models
+from recycle_jax import models, partitioning
 from recycle_jax.errors import UserError, check
 
 PyTree = Any
@@ -243,8 +244,6 @@ def place(datas: tuple[TaskData, ...], mesh) -> tuple[TaskData, ...]:
   over the mesh's 'data' axis (padded to a multiple of it), so each data-parallel replica
   of the model scores its share of the examples instead of all of them; everything else
   replicated. Scores are unchanged (a pad row scores no hit)."""
-  from jax.sharding import NamedSharding, PartitionSpec as P
-  from recycle_jax import partitioning
   k = mesh.shape["data"]
   rows, full = NamedSharding(mesh, P("data")), partitioning.replicated(mesh)
   def one(d: TaskData) -> TaskData:

@@ -44,6 +44,11 @@ class Loaded:
   model_cfg: models.ModelConfig
   mesh: Any
 
+  @property
+  def shardings(self) -> PyTree:
+    """The parameters' placement: a merge lands sharded like the pool."""
+    return partitioning.shardings_of(self.params[0])
+
 
 def model_config_from(meta: checkpoints.CheckpointMeta, where: str) -> models.ModelConfig:
   cfg = meta.model_config
@@ -88,8 +93,7 @@ def load_base(path: str, loaded: Loaded) -> PyTree:
   """The base checkpoint, checked against the pool from metadata, placed like the pool."""
   entry = checkpoints.Entry("<base>", os.path.abspath(path))
   checkpoints.validate_pool(checkpoints.make_pool([entry, *loaded.pool.entries], path))
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                          loaded.params[0])
+  abstract = partitioning.with_shardings(loaded.params[0], loaded.shardings)
   return checkpoints.restore(entry.path, abstract, "base")
 
 
@@ -213,7 +217,7 @@ def evaluate_baselines(sh: Shared) -> tuple[dict[str, tuple], list[str]]:
   if sh.base is None:
     return out, names
   # Merged like the pool is placed, so the linear program scores them without recompiling.
-  shardings = jax.tree.map(lambda x: x.sharding, sh.loaded.params[0])
+  shardings = sh.loaded.shardings
   for m, (space, points) in baselines.task_vector_baselines(sh.n).items():
     merge = jax.jit(space.merge, out_shardings=shardings)
     trees = [merge(p, space.operands(sh.loaded.params, sh.base)) for p in points]
@@ -266,8 +270,8 @@ def search_once(sh: Shared, scfg: search.SearchConfig, space: merging.MergeSpace
       results, archive, sweeps, space.checkpoint_weights,
       lambda pts: scorer(pts, sh.test, "test"), sh.single_dev, sh.single_test, sweep.reference)
   if sh.exp.save_merged:
-    merged = jax.jit(space.merge, out_shardings=jax.tree.map(
-        lambda x: x.sharding, sh.loaded.params[0]))(jax.numpy.asarray(w), scorer.pool)
+    merged = jax.jit(space.merge, out_shardings=sh.loaded.shardings)(
+        jax.numpy.asarray(w), scorer.pool)
     checkpoints.save(os.path.join(workdir, "merged"), merged,
                      merged_metadata(sh.loaded, space.checkpoint_weights(w), "search",
                                      space=space.describe(w)), overwrite=True)

@@ -71,6 +71,11 @@ def with_shardings(abstract: PyTree, shardings: PyTree) -> PyTree:
                       abstract, shardings)
 
 
+def shardings_of(tree: PyTree) -> PyTree:
+  """The shardings a tree of arrays is placed with (e.g. to place a merge like its pool)."""
+  return jax.tree.map(lambda x: x.sharding, tree)
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 

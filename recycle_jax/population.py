@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from recycle_jax import merging
+from recycle_jax import merging, partitioning
 from recycle_jax.evaluation import TaskData
 
 PyTree = Any
@@ -63,10 +63,9 @@ def jit_population(population_fn: Callable, pool: PyTree, mesh) -> Callable:
   """The population program with explicit shardings: weights in and scores out
   replicated, the pool (or a merge space's operands) as restored (parameter dims over
   'model'), the splits as `evaluation.place` put them (rows over 'data')."""
-  from recycle_jax import partitioning
   rep = partitioning.replicated(mesh)
   return jax.jit(population_fn, out_shardings=rep,
-                 in_shardings=(rep, jax.tree.map(lambda x: x.sharding, pool), None))
+                 in_shardings=(rep, partitioning.shardings_of(pool), None))
 
 
 def weights_key(alphas: np.ndarray, decimals: int = 6) -> bytes:

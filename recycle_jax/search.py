@@ -220,12 +220,10 @@ def _state_to_save(state: SearchState, archive: Archive) -> dict:
 def signature(cfg: SearchConfig, space: merging.MergeSpace, datas) -> dict:
   """What a resumed search must share with the saved one: everything but the budget
   (which may grow, to extend a finished search)."""
-  fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "budget"}
-  if fields["task_weights"] is not None:
-    fields["task_weights"] = list(fields["task_weights"])
-  return {"search": fields, "dim": space.dim, "population": cfg.pop_size(space.dim),
-          "merge_space": space.name,
-          "tasks": [d.name for d in datas] if datas is not None else None}
+  sig = {f"search.{k}": v for k, v in dataclasses.asdict(cfg).items() if k != "budget"}
+  sig.update(dim=space.dim, population=cfg.pop_size(space.dim), merge_space=space.name,
+             tasks=[d.name for d in datas] if datas is not None else None)
+  return json.loads(json.dumps(sig))  # as it reads back (tuples become lists)
 
 
 def check_signature(state_dir: str, sig: dict) -> None:
@@ -235,15 +233,11 @@ def check_signature(state_dir: str, sig: dict) -> None:
     return  # saved before signatures were written
   with open(path) as f:
     old = json.load(f)
-  flat = lambda d: {f"{k}.{j}" if isinstance(v, dict) else k: w  # noqa: E731
-                    for k, v in d.items() for j, w in (v.items() if isinstance(v, dict)
-                                                       else [(None, v)])}
-  a, b = flat(old), flat(json.loads(json.dumps(sig)))
-  diff = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+  diff = [k for k in sorted(set(old) | set(sig)) if old.get(k) != sig.get(k)]
   if diff:
     k = diff[0]
-    raise UserError(f"cannot resume: the saved search has {k} = {a.get(k)!r}, this config "
-                    f"{b.get(k)!r}", "--resume", "resume with the config the search started "
+    raise UserError(f"cannot resume: the saved search has {k} = {old.get(k)!r}, this config "
+                    f"{sig.get(k)!r}", "--resume", "resume with the config the search started "
                     "with (only SearchConfig.budget may change), or pass --overwrite")
 
 

@@ -8,9 +8,10 @@ accumulated batch (it reaches the sum from any input) and only then traced to it
 checkpoint, so the normal path makes no extra pass.
 
 Inputs are Orbax's on-disk layout (zarr arrays in an OCDBT database). Uncompressed chunks
-are read with pread straight from the OCDBT data files, located with the database's own
-dump (`tensorstore.ocdbt.dump`); anything else (zstd, Orbax's default) is read through
-tensorstore, whose decoding then sets the pace. The output is written with tensorstore
+are summed straight from the OCDBT data files' mapped pages (or read with pread when
+`MAPPED` is off), located with the database's own dump (`tensorstore.ocdbt.dump`);
+anything else (zstd, Orbax's default) is read through tensorstore, whose decoding then
+sets the pace. The output is written with tensorstore
 in the same layout, chunked like the units, and the few Orbax JSON files are derived from
 the first checkpoint's, so the result restores with `checkpoints.restore` like any
 checkpoint `checkpoints.save` writes.
@@ -436,8 +437,9 @@ def accumulate(acc: np.ndarray | None, alpha: np.float32, x: np.ndarray,
 class Reader:
   """Reads a batch of units of one leaf from one checkpoint into a flat buffer, each unit
   unit-shaped (see unit_shape). Stored bytes that are already the array (uncompressed
-  zarr in OCDBT, chunked like the plan) are read with pread straight into the buffer;
-  anything else goes through tensorstore (zstd, other chunkings, zarr3, no OCDBT)."""
+  zarr in OCDBT, chunked like the plan) are mapped (`Mapped`, no copy) or read with pread
+  straight into the buffer; anything else goes through tensorstore (zstd, other
+  chunkings, zarr3, no OCDBT)."""
 
   def __init__(self, pool: checkpoints.Pool, input_meta: list, ctx: ts.Context):
     self.pool, self.input_meta, self.ctx = pool, input_meta, ctx
@@ -487,33 +489,30 @@ class Reader:
       return [f.result() for f in futures]
     locs, _ = raw
     item = leaf.dtype.itemsize
-    if mapped:
-      parts = []
-      for u, origin in enumerate(batch):
-        for key, offset, n, at in pieces(leaf, ushape, origin):
-          loc = locs[key]
-          if loc[0] is None:
-            parts.append((u * size + at, np.frombuffer(loc[1], leaf.dtype, n // item, offset),
-                          None, 0, 0))
-            continue
-          mm, start = self._map(loc[0]), loc[1] + offset
-          page = start - start % mmap.PAGESIZE
-          mm.madvise(mmap.MADV_WILLNEED, page, start + n - page)  # read ahead if not cached
-          parts.append((u * size + at, np.frombuffer(mm, leaf.dtype, n // item, start), mm,
-                        page, start + n - page))
-      self.stats["raw"] += len(batch)
-      return Mapped(parts)
-    raw_bytes = buf.view(np.uint8)
+    parts, raw_bytes = [], buf.view(np.uint8)
     for u, origin in enumerate(batch):
       for key, offset, n, at in pieces(leaf, ushape, origin):
-        loc = locs[key]
-        dst = raw_bytes[(u * size + at) * item:(u * size + at) * item + n]
-        if loc[0] is None:  # stored in the tree (a small chunk)
-          dst[:] = np.frombuffer(loc[1], np.uint8, n, offset)
-        elif os.preadv(self._fd(loc[0]), [dst], loc[1] + offset) != n:
-          raise OSError(f"short read of {loc[0]} ({leaf.path})")
+        path, where = locs[key][:2]  # (None, the bytes) in the tree, or (file, offset)
+        at = u * size + at
+        if mapped:
+          parts.append(self._view(path, where, offset, n, leaf.dtype, at))
+        elif path is None:
+          raw_bytes[at * item:at * item + n] = np.frombuffer(where, np.uint8, n, offset)
+        elif os.preadv(self._fd(path), [raw_bytes[at * item:at * item + n]],
+                       where + offset) != n:
+          raise OSError(f"short read of {path} ({leaf.path})")
     self.stats["raw"] += len(batch)
-    return buf
+    return Mapped(parts) if mapped else buf
+
+  def _view(self, path: str | None, where, offset: int, n: int, dtype, at: int) -> tuple:
+    """One piece of a `Mapped` read: n bytes at `offset` of a chunk stored in the tree
+    (`where` is its bytes) or in a data file (`where` is the chunk's offset there)."""
+    if path is None:
+      return at, np.frombuffer(where, dtype, n // dtype.itemsize, offset), None, 0, 0
+    mm, start = self._map(path), where + offset
+    page = start - start % mmap.PAGESIZE
+    mm.madvise(mmap.MADV_WILLNEED, page, start + n - page)  # read ahead if not cached
+    return at, np.frombuffer(mm, dtype, n // dtype.itemsize, start), mm, page, start + n - page
 
   def close(self) -> None:
     for mm in self.maps.values():
@@ -709,8 +708,8 @@ def merge_to_disk(pool: checkpoints.Pool, meta: checkpoints.CheckpointMeta,
   `meta` is `checkpoints.validate_pool(pool)`. Peak memory above the runtime stays within
   about 3x `memory_budget_mb` (plus tensorstore's threads and buffers), whatever N and the
   model size; a compressed chunk larger than the budget (a parameter saved unsharded) is
-  still decoded whole by tensorstore, once per unit. Uncompressed chunks are read with
-  pread straight from the OCDBT data files. The output is written uncompressed unless
+  still decoded whole by tensorstore, once per unit. Uncompressed chunks are summed from
+  the OCDBT data files' mapped pages. The output is written uncompressed unless
   `compress` (zstd, as Orbax writes by default), fsynced once (unless not `fsync`: for
   scratch outputs, or a filesystem whose close already makes data durable), then renamed
   into place.
