@@ -7,21 +7,26 @@ in flight, so only a few batches of units are held at once. NaN/Inf is caught on
 accumulated batch (it reaches the sum from any input) and only then traced to its
 checkpoint, so the normal path makes no extra pass.
 
-Inputs are Orbax's on-disk layout (zarr arrays in an OCDBT database). Uncompressed chunks
-are summed straight from the OCDBT data files' mapped pages (or read with pread when
-`MAPPED` is off), located with the database's own dump (`tensorstore.ocdbt.dump`);
-anything else (zstd, Orbax's default) is read through tensorstore, whose decoding then
-sets the pace. The output is written with tensorstore
-in the same layout, chunked like the units, and the few Orbax JSON files are derived from
-the first checkpoint's, so the result restores with `checkpoints.restore` like any
-checkpoint `checkpoints.save` writes.
+Inputs are Orbax's on-disk layouts (zarr arrays in an OCDBT database, or a file per
+chunk). Uncompressed chunks are summed straight from the files' mapped pages (or read with
+pread when `MAPPED` is off), located with the database's own dump
+(`tensorstore.ocdbt.dump`); anything else (zstd, Orbax's default) is read through
+tensorstore, whose decoding then sets the pace. The output is one OCDBT database like
+Orbax's, chunked like the units; uncompressed, each unit's bytes are stored as its
+chunk's value directly. The few Orbax JSON files are derived from the first
+checkpoint's, so the result restores with `checkpoints.restore` like any checkpoint
+`checkpoints.save` writes.
 """
 from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
+import ctypes
 import dataclasses
 import functools
+import gc
+import glob
 import itertools
 import json
 import math
@@ -35,6 +40,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import jax
 import numpy as np
+import scipy
 import tensorstore as ts
 from scipy.linalg.blas import saxpy as _saxpy
 from tqdm.auto import tqdm
@@ -46,9 +52,9 @@ from recycle_jax.partitioning import path_str
 ACC_BYTES = 4  # float32 accumulator
 PREFETCH = 2  # batches read (on as many threads) ahead of the one being added
 TILE = 1 << 15  # elements per fused multiply-add step: the term stays in L2 cache
-# Resident at the peak, in batches: the accumulator, PREFETCH + 2 read buffers (one being
-# added, PREFETCH filling, one spare), one batch of finished sums waiting in the output's
-# write queue and tensorstore's copy of it.
+# Resident at the peak, in batches: PREFETCH + 2 read buffers (one being added, PREFETCH
+# filling, one spare), two accumulators (one summing, one being written) and two batches
+# of finished sums in the output's writes in flight (tensorstore's copies; see Output).
 BLOCKS_IN_BUDGET = 8
 # Uncompressed chunks are summed straight from the files' mapped pages (no copy into a
 # buffer); False reads them with pread into the buffers instead.
@@ -158,10 +164,15 @@ def array_spec(ckpt_dir: str, name: str, tree_meta: dict | None = None) -> dict:
   """Tensorstore spec of one array as Orbax stores it (OCDBT + zarr unless told else)."""
   tree_meta = tree_meta or {}
   base = os.path.abspath(ckpt_dir)
-  kv = ({"driver": "ocdbt", "base": f"file://{base}/", "path": f"{name}/"}
+  kv = ({**database_spec(base), "path": f"{name}/"}
         if tree_meta.get("use_ocdbt", True) else
         {"driver": "file", "path": os.path.join(base, name) + "/"})
   return {"driver": "zarr3" if tree_meta.get("use_zarr3", False) else "zarr", "kvstore": kv}
+
+
+def database_spec(ckpt_dir: str) -> dict:
+  """The kvstore spec of a checkpoint's OCDBT database (keys: `<array>/<chunk>`)."""
+  return {"driver": "ocdbt", "base": f"file://{os.path.abspath(ckpt_dir)}/"}
 
 
 def create_arrays(out_dir: str, leaves: Sequence[Leaf], chunks: dict[str, Sequence[int]],
@@ -222,6 +233,30 @@ def ocdbt_index(ckpt_dir: str, ctx: ts.Context) -> dict[bytes, tuple] | None:
     return None
 
 
+def files_index(ckpt_dir: str) -> dict[bytes, tuple]:
+  """`ocdbt_index` for Orbax's other layout (`use_ocdbt=False`: a directory per array,
+  a file per chunk): each file is a key, its bytes the value; `.zarray` files are read."""
+  index: dict[bytes, tuple] = {}
+  top = os.path.abspath(ckpt_dir)
+  for root, _, files in os.walk(top):
+    for name in files:
+      path = os.path.join(root, name)
+      key = os.path.relpath(path, top).replace(os.sep, "/").encode()
+      if name == ".zarray":
+        with open(path, "rb") as f:
+          index[key] = (None, f.read())
+      else:
+        index[key] = (path, 0, os.path.getsize(path))
+  return index
+
+
+def chunk_index(ckpt_dir: str, tree_meta: dict | None, ctx: ts.Context) -> dict | None:
+  """Where each stored key of a checkpoint lies, in either of Orbax's layouts."""
+  if (tree_meta or {}).get("use_ocdbt", True):
+    return ocdbt_index(ckpt_dir, ctx)
+  return files_index(ckpt_dir)
+
+
 def raw_chunks(index: dict[bytes, tuple] | None, leaf: Leaf) -> tuple[dict, str] | None:
   """`(chunk key -> location, dimension separator)` when every stored chunk of the leaf
   can be used as bytes as they are: zarr v2, uncompressed, no filters, C order, the
@@ -243,11 +278,12 @@ def raw_chunks(index: dict[bytes, tuple] | None, leaf: Leaf) -> tuple[dict, str]
     return None
   sep = z.get("dimension_separator", ".")
   grid = [range(-(-n // c)) for n, c in zip(leaf.shape, leaf.write_shape)]
+  nbytes = math.prod(leaf.write_shape) * leaf.dtype.itemsize
   locs = {}
   for k in itertools.product(*grid):
     loc = index.get(f"{leaf.name}/{sep.join(map(str, k))}".encode())
-    if loc is None:
-      return None
+    if loc is None or (len(loc[1]) if loc[0] is None else loc[2]) != nbytes:
+      return None  # missing, or not a whole chunk: tensorstore reads (and reports) it
     locs[k] = loc
   return locs, sep
 
@@ -292,15 +328,22 @@ def orbax_json(tree_meta: dict, ckpt_meta: dict | None, custom: dict,
 
 # ----------------------------------------------------------------------------- pipeline
 
-def prefetched(fn: Callable, items: Iterable, depth: int | None = None) -> Iterator:
+def prefetched(fn: Callable, items: Iterable, depth: int | None = None,
+               inline: Callable = lambda item: False) -> Iterator:
   """fn(item) for each item in order, computed up to `depth` items ahead on as many
-  reader threads."""
+  reader threads; or, where `inline(item)`, right away on this thread (work too small to
+  be worth a hand-off, which under the GIL can cost more than the work)."""
   depth = depth or PREFETCH
   with concurrent.futures.ThreadPoolExecutor(depth, thread_name_prefix="merge-read") as ex:
     pending = collections.deque()
     try:
       for item in items:
-        pending.append(ex.submit(fn, item))
+        if inline(item):
+          done = concurrent.futures.Future()
+          done.set_result(fn(item))
+          pending.append(done)
+        else:
+          pending.append(ex.submit(fn, item))
         if len(pending) > depth:
           yield pending.popleft().result()
       while pending:
@@ -323,11 +366,15 @@ class Writes:
     """Starts a write; the returned future (tensorstore's `copy`) says when `array` may
     be reused."""
     future = store[index].write(array)
-    self.pending.append((future, array.nbytes))
-    self.bytes += array.nbytes
+    self.track(future, array.nbytes)
+    return future.copy
+
+  def track(self, future: ts.Future, nbytes: int) -> None:
+    """Counts a write in flight; waits for the oldest while over the limit."""
+    self.pending.append((future, nbytes))
+    self.bytes += nbytes
     while self.bytes > self.limit and len(self.pending) > 1:
       self._wait_one()
-    return future.copy
 
   def _wait_one(self) -> None:
     future, n = self.pending.popleft()
@@ -392,17 +439,57 @@ def fsync_tree(top: str) -> None:
   paths = []
   for root, _, files in os.walk(top):
     paths += [os.path.join(root, f) for f in files] + [root]
-  def sync(path):
-    try:
-      fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:  # tensorstore's lock files come and go
-      return
-    try:
-      os.fsync(fd)
-    finally:
-      os.close(fd)
   with concurrent.futures.ThreadPoolExecutor(4) as ex:
-    list(ex.map(sync, paths))
+    list(ex.map(fsync_path, paths))
+
+
+def fsync_path(path: str) -> None:
+  try:
+    fd = os.open(path, os.O_RDONLY)
+  except FileNotFoundError:  # tensorstore's lock files come and go
+    return
+  try:
+    os.fsync(fd)
+  finally:
+    os.close(fd)
+
+
+class Output:
+  """The merged checkpoint's arrays, in one OCDBT database as Orbax writes them, written
+  unit by unit (a unit is one output chunk). Uncompressed, a unit's bytes are its chunk's
+  stored value, so they go to the database as that key's value: no chunk cache and no
+  encoding, which made tensorstore's array writes cost more than the summing (measured).
+  zstd output and scalars are written as arrays. At most `limit` bytes in flight."""
+
+  def __init__(self, out_dir: str, leaves: Sequence[Leaf], chunks: dict[str, Sequence[int]],
+               compress: bool, limit: int, syncer: "Syncer | NoSync"):
+    ctx = ts.Context({"file_io_sync": False})  # see Writes
+    self.stores = create_arrays(out_dir, leaves, chunks, ctx, compress)
+    self.kv = None if compress else ts.KvStore.open(database_spec(out_dir), context=ctx).result()
+    self.writes, self.syncer = Writes(limit), syncer
+
+  def write(self, leaf: Leaf, ushape: Sequence[int], origin: Sequence[int],
+            unit: np.ndarray) -> ts.Future | None:
+    """Writes one unit from its flat float32 sum (unit-shaped: edge units carry padding);
+    returns a future after which `unit` may be reused, or None if it may be already."""
+    r = region(leaf, ushape, origin)
+    data = unit.reshape(ushape).astype(leaf.dtype, copy=False)
+    self.syncer.wrote(data.nbytes)
+    if self.kv is None or not leaf.shape:
+      return self.writes.write(self.stores[leaf.name], r, data[crop(ushape, r)])
+    if any(x.stop - x.start != u for x, u in zip(r, ushape)):  # an edge chunk: its padding
+      data = np.zeros(ushape, leaf.dtype)                      # stored as zeros, as
+      data[crop(ushape, r)] = unit.reshape(ushape)[crop(ushape, r)]  # tensorstore does
+    key = ".".join(str(o // u) for o, u in zip(origin, ushape))  # zarr v2, "." separated
+    value = data.tobytes()  # a copy: the accumulator is free again at once
+    self.writes.track(self.kv.write(f"{leaf.name}/{key}", value), len(value))
+    return None
+
+  def finish(self) -> None:
+    self.writes.finish()
+
+  def abort(self) -> None:
+    self.writes.abort()
 
 
 def accumulate(acc: np.ndarray | None, alpha: np.float32, x: np.ndarray,
@@ -434,6 +521,42 @@ def accumulate(acc: np.ndarray | None, alpha: np.float32, x: np.ndarray,
   return acc
 
 
+@contextlib.contextmanager
+def gc_paused():
+  """No cyclic garbage collection while this runs. The merge loop makes many small
+  short-lived objects (freed by reference counting, no cycles), whose allocations keep
+  triggering collections that walk the whole heap (jax and its imports: ~10^5 objects);
+  measured: 5% of the merge's time."""
+  was = gc.isenabled()
+  gc.disable()
+  try:
+    yield
+  finally:
+    if was:
+      gc.enable()
+
+
+@contextlib.contextmanager
+def blas_single_threaded():
+  """scipy's OpenBLAS on one thread while this runs. Otherwise it splits each saxpy over
+  a thread per core, which gains nothing on a memory-bound sum, and its worker then
+  spin-waits for the next call: measured, it took 46% of the merge's CPU samples, the
+  core the file writes and the kernel needed. A no-op where the library is not found."""
+  try:
+    path = glob.glob(os.path.join(os.path.dirname(scipy.__file__), os.pardir, "scipy.libs",
+                                  "libscipy_openblas*"))[0]
+    lib = ctypes.CDLL(path)  # already loaded by scipy.linalg.blas: the same handle
+    before = lib.scipy_openblas_get_num_threads()
+  except (IndexError, OSError, AttributeError):
+    yield
+    return
+  lib.scipy_openblas_set_num_threads(1)
+  try:
+    yield
+  finally:
+    lib.scipy_openblas_set_num_threads(before)
+
+
 class Reader:
   """Reads a batch of units of one leaf from one checkpoint into a flat buffer, each unit
   unit-shaped (see unit_shape). Stored bytes that are already the array (uncompressed
@@ -443,7 +566,7 @@ class Reader:
 
   def __init__(self, pool: checkpoints.Pool, input_meta: list, ctx: ts.Context):
     self.pool, self.input_meta, self.ctx = pool, input_meta, ctx
-    self.indexes = [ocdbt_index(e.path, ctx) if (m or {}).get("use_ocdbt", True) else None
+    self.indexes = [chunk_index(e.path, m, ctx)
                     for e, m in zip(pool.entries, input_meta)]
     self.fds: dict[str, int] = {}
     self.maps: dict[str, mmap.mmap] = {}
@@ -644,14 +767,16 @@ def merge_into(tmp: str, pool: checkpoints.Pool, meta: checkpoints.CheckpointMet
     return acc
 
   weights = [np.float32(a) for a in alphas]
-  writes = Writes(block_bytes)
   syncer = Syncer(tmp, 4 * block_bytes) if fsync else NoSync()
   total = sum(leaf.nbytes for leaf in leaves) * len(pool)
   bar = tqdm(total=total, unit="B", unit_scale=True, desc="merge", disable=not progress)
-  reads = prefetched(read, ((leaf, u, b, i) for leaf, u, b in plan for i in range(len(pool))))
-  out = create_arrays(tmp, leaves, shapes, ts.Context({"file_io_sync": False}), compress)
+  # Mapped reads are views and a read-ahead hint: made on this thread, as handing them to
+  # a reader thread costs more under the GIL than the work (measured).
+  reads = prefetched(read, ((leaf, u, b, i) for leaf, u, b in plan for i in range(len(pool))),
+                     inline=lambda item: MAPPED and reader.raw(item[3], item[0]) is not None)
+  out = Output(tmp, leaves, shapes, compress, 2 * block_bytes, syncer)
   try:
-    with np.errstate(all="ignore"):  # padding at the edges may hold anything; NaN is checked
+    with np.errstate(all="ignore"), blas_single_threaded(), gc_paused():  # padding at the edges may hold anything; NaN is checked
       for leaf, ushape, batch in plan:
         acc = None
         size = max(1, math.prod(ushape))
@@ -671,15 +796,14 @@ def merge_into(tmp: str, pool: checkpoints.Pool, meta: checkpoints.CheckpointMet
         if not finite(acc, ushape, leaf, batch):  # one check per batch, on the sum: any
           raise nonfinite_error(pool, leaf, ushape, batch, fresh_read)  # NaN/Inf reaches it
         for u, origin in enumerate(batch):
-          r = region(leaf, ushape, origin)
-          unit = acc[u * size:(u + 1) * size].reshape(ushape)[crop(ushape, r)]
-          copying.append(writes.write(out[leaf.name], r, unit.astype(leaf.dtype, copy=False)))
-        syncer.wrote(len(batch) * size * leaf.dtype.itemsize)
-    writes.finish()
+          f = out.write(leaf, ushape, origin, acc[u * size:(u + 1) * size])
+          if f is not None:
+            copying.append(f)
+    out.finish()
     write_orbax_files(tmp, src, tree_meta, merged_custom(pool, meta, alphas), shapes)
     syncer.finish()
   except BaseException:
-    writes.abort()
+    out.abort()
     syncer.abort()
     raise
   finally:
@@ -709,10 +833,11 @@ def merge_to_disk(pool: checkpoints.Pool, meta: checkpoints.CheckpointMeta,
   about 3x `memory_budget_mb` (plus tensorstore's threads and buffers), whatever N and the
   model size; a compressed chunk larger than the budget (a parameter saved unsharded) is
   still decoded whole by tensorstore, once per unit. Uncompressed chunks are summed from
-  the OCDBT data files' mapped pages. The output is written uncompressed unless
-  `compress` (zstd, as Orbax writes by default), fsynced once (unless not `fsync`: for
-  scratch outputs, or a filesystem whose close already makes data durable), then renamed
-  into place.
+  the input files' mapped pages (OCDBT data files, or Orbax's file-per-chunk layout).
+  The output is written in Orbax's default layout (one OCDBT database), uncompressed
+  unless `compress` (zstd, as Orbax writes by default), fsynced once (unless not `fsync`:
+  for scratch outputs, or a filesystem whose close already makes data durable), then
+  renamed into place.
   Raises UserError naming the checkpoint and parameter on NaN/Inf, leaving nothing at
   `output`. With several processes, process 0 writes and the others wait. Returns the
   count of units read raw and through tensorstore (process 0; None on the others).

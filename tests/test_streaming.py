@@ -98,18 +98,20 @@ def test_streaming_equals_in_memory(micro_pool, tmp_path, chunked):
   assert _write_shapes(out)["embed.embedding"] == ([20, 32] if chunked else [259, 32])
 
 
-@pytest.mark.parametrize("compress,mapped", [(False, True), (False, False), (True, True)])
-def test_raw_reads_of_uncompressed_inputs(micro_pool, tmp_path, monkeypatch, compress, mapped):
-  """Uncompressed inputs are read as bytes from the OCDBT data files (summed from their
-  mapped pages, or read with pread), zstd ones through tensorstore, edge units and all;
-  all give the in-memory merge."""
+@pytest.mark.parametrize("compress,mapped,ocdbt", [(False, True, True), (False, False, True),
+                                                   (True, True, True), (False, True, False)])
+def test_raw_reads_of_uncompressed_inputs(micro_pool, tmp_path, monkeypatch, compress, mapped,
+                                          ocdbt):
+  """Uncompressed inputs are read as bytes from their files (OCDBT data files, or Orbax's
+  file-per-chunk layout; summed from their mapped pages, or read with pread), zstd ones
+  through tensorstore, edge units and all; all give the in-memory merge."""
   monkeypatch.setattr(streaming, "MAPPED", mapped)
   pool, meta = _pool(micro_pool)
   import orbax.checkpoint as ocp
   entries = []
   for e in pool.entries:
     path = str(tmp_path / e.name)
-    handler = ocp.PyTreeCheckpointHandler(use_compression=compress)
+    handler = ocp.PyTreeCheckpointHandler(use_compression=compress, use_ocdbt=ocdbt)
     ocp.Checkpointer(handler).save(path, args=ocp.args.PyTreeSave(
         checkpoints.restore(e.path, meta.abstract)),
         custom_metadata={checkpoints.META_KEY: {"model": meta.model_config}})
@@ -118,12 +120,53 @@ def test_raw_reads_of_uncompressed_inputs(micro_pool, tmp_path, monkeypatch, com
   pmeta = checkpoints.validate_pool(plain)
   out = str(tmp_path / "merged")
   stats = streaming.merge_to_disk(plain, pmeta, ALPHAS, out,
-                                  memory_budget_mb=budget_mb(7 * 32 * 4))  # 7-row units
+                                  memory_budget_mb=budget_mb(6 * 32 * 4))  # 6-row units
   assert set(stats) == ({"tensorstore"} if compress else {"raw"}), stats
   _assert_close(_restored(out), _in_memory(plain, pmeta, ALPHAS))
+  # the output's chunks are stored values of whole chunks; an edge chunk's padding is zeros
+  index = streaming.ocdbt_index(out, ts.Context())
+  edge = index[b"embed.embedding/43.0"]  # rows 258..263 of 259: 1 real, 5 padding
+  with open(edge[0], "rb") as f:
+    f.seek(edge[1])
+    rows = np.frombuffer(f.read(edge[2]), np.float32).reshape(6, 32)
+  assert np.all(rows[1:] == 0) and np.any(rows[:1] != 0)
   again = str(tmp_path / "merged_compressed")  # and an output like Orbax's own
   streaming.merge_to_disk(plain, pmeta, ALPHAS, again, compress=True)
   _assert_close(_restored(again), _in_memory(plain, pmeta, ALPHAS))
+
+
+def test_raw_chunks_need_every_whole_chunk():
+  """A chunk missing or of the wrong length is not read as bytes (tensorstore reads it,
+  and reports what is wrong with it)."""
+  leaf = streaming.Leaf(("w",), (4, 2), np.dtype(np.float32), (2, 2))
+  meta = json.dumps({"zarr_format": 2, "compressor": None, "filters": None, "order": "C",
+                     "dtype": "<f4", "chunks": [2, 2], "shape": [4, 2]}).encode()
+  index = {b"w/.zarray": (None, meta), b"w/0.0": ("f", 0, 16), b"w/1.0": ("f", 16, 16)}
+  assert set(streaming.raw_chunks(index, leaf)[0]) == {(0, 0), (1, 0)}
+  assert streaming.raw_chunks({**index, b"w/1.0": ("f", 16, 12)}, leaf) is None  # short
+  assert streaming.raw_chunks({**index, b"w/1.0": (None, b"\0" * 15)}, leaf) is None
+  del index[b"w/1.0"]
+  assert streaming.raw_chunks(index, leaf) is None
+
+
+def test_prefetched_keeps_order_with_inline_items():
+  seen = []
+  out = list(streaming.prefetched(lambda x: seen.append(x) or x * x, range(7),
+                                  inline=lambda x: x % 2 == 0))
+  assert out == [x * x for x in range(7)] and sorted(seen) == list(range(7))
+
+
+def test_blas_single_threaded_restores_the_thread_count():
+  import ctypes
+  import glob
+
+  import scipy
+  lib = ctypes.CDLL(glob.glob(os.path.join(os.path.dirname(scipy.__file__), os.pardir,
+                                           "scipy.libs", "libscipy_openblas*"))[0])
+  lib.scipy_openblas_set_num_threads(2)
+  with streaming.blas_single_threaded():
+    assert lib.scipy_openblas_get_num_threads() == 1
+  assert lib.scipy_openblas_get_num_threads() == 2
 
 
 def test_streaming_reads_sharded_checkpoints(micro_pool, tmp_path):
