@@ -288,7 +288,8 @@ def raw_chunks(index: dict[bytes, tuple] | None, leaf: Leaf) -> tuple[dict, str]
   return locs, sep
 
 
-def pieces(leaf: Leaf, ushape: Sequence[int], origin: Sequence[int]) -> list[tuple]:
+@functools.lru_cache(maxsize=1 << 12)  # the same for every input chunked alike
+def pieces(leaf: Leaf, ushape: tuple[int, ...], origin: tuple[int, ...]) -> list[tuple]:
   """Where a unit's stored bytes lie: `(chunk index, byte offset in the chunk, bytes,
   element offset in the unit)`, one per stored chunk the unit crosses (see unit_shape)."""
   chunk, item = leaf.write_shape, leaf.dtype.itemsize
@@ -329,27 +330,39 @@ def orbax_json(tree_meta: dict, ckpt_meta: dict | None, custom: dict,
 # ----------------------------------------------------------------------------- pipeline
 
 def prefetched(fn: Callable, items: Iterable, depth: int | None = None,
-               inline: Callable = lambda item: False) -> Iterator:
+               inline: Callable = lambda item: False, ahead: int = 0) -> Iterator:
   """fn(item) for each item in order, computed up to `depth` items ahead on as many
-  reader threads; or, where `inline(item)`, right away on this thread (work too small to
-  be worth a hand-off, which under the GIL can cost more than the work)."""
+  reader threads; or, where `inline(item)`, on this thread when the item is taken, up to
+  `ahead` items ahead (cheap work, e.g. views of mapped pages and read-ahead hints: a
+  hand-off under the GIL can cost more than the work, and a hint is worth most early)."""
   depth = depth or PREFETCH
+  ahead = max(ahead, depth)
+  items = iter(items)
   with concurrent.futures.ThreadPoolExecutor(depth, thread_name_prefix="merge-read") as ex:
-    pending = collections.deque()
+    pending = collections.deque()  # (future, on a reader thread)
+    threaded, item, here = 0, None, False
     try:
-      for item in items:
-        if inline(item):
-          done = concurrent.futures.Future()
-          done.set_result(fn(item))
-          pending.append(done)
-        else:
-          pending.append(ex.submit(fn, item))
-        if len(pending) > depth:
-          yield pending.popleft().result()
-      while pending:
-        yield pending.popleft().result()
+      while True:
+        if item is None:
+          item = next(items, None)
+          here = item is not None and inline(item)
+        if item is not None and len(pending) < ahead and (here or threaded < depth):
+          if here:
+            done = concurrent.futures.Future()
+            done.set_result(fn(item))
+            pending.append((done, False))
+          else:
+            pending.append((ex.submit(fn, item), True))
+            threaded += 1
+          item = None
+          continue
+        if not pending:
+          return
+        future, on_thread = pending.popleft()
+        threaded -= on_thread
+        yield future.result()
     finally:
-      for f in pending:
+      for f, _ in pending:
         f.cancel()
 
 
@@ -396,8 +409,8 @@ class Writes:
 
 
 class Syncer:
-  """fsyncs the output in the background while the merge goes on, so the final fsync
-  finds little left to flush (the disk works while the CPU sums)."""
+  """Starts the output's writeback in the background while the merge goes on, so the
+  final fsync finds little left to flush (the disk works while the CPU sums)."""
 
   def __init__(self, top: str, every: int):
     self.top, self.every, self.bytes, self.running = top, every, 0, None
@@ -406,7 +419,7 @@ class Syncer:
   def wrote(self, n: int) -> None:
     self.bytes += n
     if self.bytes >= self.every and (self.running is None or self.running.done()):
-      self.bytes, self.running = 0, self.ex.submit(fsync_tree, self.top)
+      self.bytes, self.running = 0, self.ex.submit(start_writeback, self.top)
 
   def finish(self) -> None:
     """Waits for a pass in flight (its errors are reported), then syncs everything."""
@@ -441,6 +454,32 @@ def fsync_tree(top: str) -> None:
     paths += [os.path.join(root, f) for f in files] + [root]
   with concurrent.futures.ThreadPoolExecutor(4) as ex:
     list(ex.map(fsync_path, paths))
+
+
+def start_writeback(top: str) -> None:
+  """Starts writing back the dirty pages of every file under `top`, without waiting: on
+  Linux, posix_fadvise(DONTNEED) does that (and drops the pages already clean), where an
+  fsync would wait for the disk and commit the journal each time (measured: the merge
+  with fsync passes took 1.2x as long). fsync passes where there is no fadvise."""
+  if hasattr(os, "posix_fadvise"):
+    drop_cached(top)
+  else:
+    fsync_tree(top)
+
+
+def drop_cached(top: str) -> None:
+  """posix_fadvise(DONTNEED) on every file under `top`: Linux starts writing back their
+  dirty pages and drops their clean ones from the page cache."""
+  for root, _, files in os.walk(top):
+    for name in files:
+      try:
+        fd = os.open(os.path.join(root, name), os.O_RDONLY)
+      except FileNotFoundError:  # tensorstore's lock files come and go
+        continue
+      try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+      finally:
+        os.close(fd)
 
 
 def fsync_path(path: str) -> None:
@@ -771,9 +810,12 @@ def merge_into(tmp: str, pool: checkpoints.Pool, meta: checkpoints.CheckpointMet
   total = sum(leaf.nbytes for leaf in leaves) * len(pool)
   bar = tqdm(total=total, unit="B", unit_scale=True, desc="merge", disable=not progress)
   # Mapped reads are views and a read-ahead hint: made on this thread, as handing them to
-  # a reader thread costs more under the GIL than the work (measured).
+  # a reader thread costs more under the GIL than the work, and a batch ahead of every
+  # input, which holds no memory but lets the disk read the next batch while this one is
+  # summed (measured, pool not cached: 1.3x faster than two reads ahead; more was slower).
   reads = prefetched(read, ((leaf, u, b, i) for leaf, u, b in plan for i in range(len(pool))),
-                     inline=lambda item: MAPPED and reader.raw(item[3], item[0]) is not None)
+                     inline=lambda item: MAPPED and reader.raw(item[3], item[0]) is not None,
+                     ahead=len(pool))
   out = Output(tmp, leaves, shapes, compress, 2 * block_bytes, syncer)
   try:
     with np.errstate(all="ignore"), blas_single_threaded(), gc_paused():  # padding at the edges may hold anything; NaN is checked

@@ -149,11 +149,16 @@ def test_raw_chunks_need_every_whole_chunk():
   assert streaming.raw_chunks(index, leaf) is None
 
 
-def test_prefetched_keeps_order_with_inline_items():
+@pytest.mark.parametrize("ahead", [0, 5])
+def test_prefetched_keeps_order_with_inline_items(ahead):
   seen = []
-  out = list(streaming.prefetched(lambda x: seen.append(x) or x * x, range(7),
-                                  inline=lambda x: x % 2 == 0))
-  assert out == [x * x for x in range(7)] and sorted(seen) == list(range(7))
+  out = list(streaming.prefetched(lambda x: seen.append(x) or x * x, range(9), depth=2,
+                                  inline=lambda x: x % 3 != 0, ahead=ahead))
+  assert out == [x * x for x in range(9)] and sorted(seen) == list(range(9))
+  taken = []  # inline items are computed when taken, at most `ahead` before they are used
+  for x in streaming.prefetched(lambda x: taken.append(x) or x, range(20), depth=1,
+                                inline=lambda x: True, ahead=ahead):
+    assert max(taken) <= x + max(ahead, 1)
 
 
 def test_blas_single_threaded_restores_the_thread_count():
