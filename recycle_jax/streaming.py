@@ -453,7 +453,7 @@ def fsync_tree(top: str) -> None:
   for root, _, files in os.walk(top):
     paths += [os.path.join(root, f) for f in files] + [root]
   with concurrent.futures.ThreadPoolExecutor(4) as ex:
-    list(ex.map(fsync_path, paths))
+    list(ex.map(lambda path: on_file(path, os.fsync), paths))
 
 
 def start_writeback(top: str) -> None:
@@ -472,23 +472,18 @@ def drop_cached(top: str) -> None:
   dirty pages and drops their clean ones from the page cache."""
   for root, _, files in os.walk(top):
     for name in files:
-      try:
-        fd = os.open(os.path.join(root, name), os.O_RDONLY)
-      except FileNotFoundError:  # tensorstore's lock files come and go
-        continue
-      try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-      finally:
-        os.close(fd)
+      on_file(os.path.join(root, name),
+              lambda fd: os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED))
 
 
-def fsync_path(path: str) -> None:
+def on_file(path: str, fn: Callable[[int], object]) -> None:
+  """fn(fd) on `path` opened read-only (a file or a directory); nothing if it is gone."""
   try:
     fd = os.open(path, os.O_RDONLY)
   except FileNotFoundError:  # tensorstore's lock files come and go
     return
   try:
-    os.fsync(fd)
+    fn(fd)
   finally:
     os.close(fd)
 
@@ -605,8 +600,7 @@ class Reader:
 
   def __init__(self, pool: checkpoints.Pool, input_meta: list, ctx: ts.Context):
     self.pool, self.input_meta, self.ctx = pool, input_meta, ctx
-    self.indexes = [chunk_index(e.path, m, ctx)
-                    for e, m in zip(pool.entries, input_meta)]
+    self.indexes = [chunk_index(e.path, m, ctx) for e, m in zip(pool.entries, input_meta)]
     self.fds: dict[str, int] = {}
     self.maps: dict[str, mmap.mmap] = {}
     self.lock = threading.Lock()
@@ -818,7 +812,8 @@ def merge_into(tmp: str, pool: checkpoints.Pool, meta: checkpoints.CheckpointMet
                      ahead=len(pool))
   out = Output(tmp, leaves, shapes, compress, 2 * block_bytes, syncer)
   try:
-    with np.errstate(all="ignore"), blas_single_threaded(), gc_paused():  # padding at the edges may hold anything; NaN is checked
+    # (padding at the edges may hold anything: errors ignored, NaN is checked on the sums)
+    with np.errstate(all="ignore"), blas_single_threaded(), gc_paused():
       for leaf, ushape, batch in plan:
         acc = None
         size = max(1, math.prod(ushape))
