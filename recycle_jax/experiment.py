@@ -143,11 +143,13 @@ def run_search(workdir: str, resume: bool = False, overwrite: bool = False,
   check(not bad, f"checkpoints {bad} hold NaN or Inf values, so every merge with them does "
         "(0 * NaN is NaN)", "Experiment.pool", "repair or drop them from the pool")
   space = merging.make_space(scfg.merge_space, loaded.params[0], n)
+  # One search per seed, each in its own workdir (the workdir itself for one seed).
+  seeds = [(workdir if num_seeds == 1 else os.path.join(workdir, f"seed_{k}"),
+            dataclasses.replace(scfg, seed=scfg.seed + k)) for k in range(num_seeds)]
   if resume:  # a changed config is refused before anything in the workdir changes
-    for k in range(num_seeds):
-      wd = workdir if num_seeds == 1 else os.path.join(workdir, f"seed_{k}")
-      search.check_signature(os.path.join(wd, "search_state"), search.signature(
-          dataclasses.replace(scfg, seed=scfg.seed + k), space, dev))
+    for wd, cfg in seeds:
+      search.check_signature(os.path.join(wd, search.STATE_DIR),
+                             search.signature(cfg, space, dev))
   # The workdir is only touched once every input has been read and checked.
   if overwrite and os.path.isdir(workdir) and not resume and jax.process_index() == 0:
     shutil.rmtree(workdir)
@@ -167,14 +169,12 @@ def run_search(workdir: str, resume: bool = False, overwrite: bool = False,
     space_scorer = population.CachedScorer(fn, operands, space_pop)
   sweep = pareto.SweepConfig()
   runs = []
-  for k in range(num_seeds):  # the Pareto sweep runs once, with the first seed
-    wd = workdir if num_seeds == 1 else os.path.join(workdir, f"seed_{k}")
-    runs.append(search_once(shared, dataclasses.replace(scfg, seed=scfg.seed + k), space,
-                            space_scorer, wd, resume, progress,
+  for k, (wd, cfg) in enumerate(seeds):  # the Pareto sweep runs once, with the first seed
+    runs.append(search_once(shared, cfg, space, space_scorer, wd, resume, progress,
                             sweep if k == 0 else dataclasses.replace(sweep, num_weights=0)))
   results = runs[0]
   if num_seeds > 1:
-    results = reporting.with_seeds(runs[0], runs, [f"seed_{k}" for k in range(num_seeds)])
+    results = reporting.with_seeds(runs[0], runs, [os.path.basename(wd) for wd, _ in seeds])
     write_results(workdir, results, runs)
   _write_config(workdir)
   return results

@@ -228,8 +228,9 @@ def make_pool(workdir: str, recipes: Sequence[dict] = gin.REQUIRED,
 
 def build_environment() -> dict:
   """What a pool's numbers depend on beyond its config: XLA:CPU's float results depend on
-  the processor and the thread count, and training amplifies the last-bit differences, so the same seed on another CPU model builds a different (equally valid)
-  pool. Recorded with every cold build."""
+  the processor and the thread count, and training amplifies the last-bit differences, so
+  the same seed on another CPU model builds a different (equally valid) pool. Recorded
+  with every cold build."""
   cpu, flags = platform.processor() or platform.machine(), set()
   try:
     with open("/proc/cpuinfo") as f:

@@ -40,6 +40,7 @@ from recycle_jax.errors import UserError, check
 
 PyTree = Any
 WORST = 1e9  # minimized fitness given to NaN candidates
+STATE_DIR = "search_state"  # under a search's workdir: its Orbax checkpoints and signature
 
 
 @gin.configurable
@@ -255,7 +256,7 @@ def run(search: Search, pool, datas, workdir: str | None, resume: bool = False,
   mngr = None
   if workdir:
     mngr = ocp.CheckpointManager(
-        os.path.abspath(os.path.join(workdir, "search_state")),
+        os.path.abspath(os.path.join(workdir, STATE_DIR)),
         options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
   if resume and mngr is not None and mngr.latest_step() is not None:
     check_signature(str(mngr.directory), signature(search.cfg, search.space, datas))

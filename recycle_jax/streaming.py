@@ -257,6 +257,11 @@ def chunk_index(ckpt_dir: str, tree_meta: dict | None, ctx: ts.Context) -> dict 
   return files_index(ckpt_dir)
 
 
+def chunk_key(name: str, index: Sequence[int], sep: str = ".") -> str:
+  """A zarr v2 chunk's key in its checkpoint: `<array>/<i>.<j>...` (Orbax's separator)."""
+  return f"{name}/{sep.join(map(str, index))}"
+
+
 def raw_chunks(index: dict[bytes, tuple] | None, leaf: Leaf) -> tuple[dict, str] | None:
   """`(chunk key -> location, dimension separator)` when every stored chunk of the leaf
   can be used as bytes as they are: zarr v2, uncompressed, no filters, C order, the
@@ -281,7 +286,7 @@ def raw_chunks(index: dict[bytes, tuple] | None, leaf: Leaf) -> tuple[dict, str]
   nbytes = math.prod(leaf.write_shape) * leaf.dtype.itemsize
   locs = {}
   for k in itertools.product(*grid):
-    loc = index.get(f"{leaf.name}/{sep.join(map(str, k))}".encode())
+    loc = index.get(chunk_key(leaf.name, k, sep).encode())
     if loc is None or (len(loc[1]) if loc[0] is None else loc[2]) != nbytes:
       return None  # missing, or not a whole chunk: tensorstore reads (and reports) it
     locs[k] = loc
@@ -514,9 +519,9 @@ class Output:
     if any(x.stop - x.start != u for x, u in zip(r, ushape)):  # an edge chunk: its padding
       data = np.zeros(ushape, leaf.dtype)                      # stored as zeros, as
       data[crop(ushape, r)] = unit.reshape(ushape)[crop(ushape, r)]  # tensorstore does
-    key = ".".join(str(o // u) for o, u in zip(origin, ushape))  # zarr v2, "." separated
+    key = chunk_key(leaf.name, [o // u for o, u in zip(origin, ushape)])  # units = chunks
     value = data.tobytes()  # a copy: the accumulator is free again at once
-    self.writes.track(self.kv.write(f"{leaf.name}/{key}", value), len(value))
+    self.writes.track(self.kv.write(key, value), len(value))
     return None
 
   def finish(self) -> None:
