@@ -35,7 +35,8 @@ class TaskData:
   generate: tokens [E, L] = prompt + target + EOS (right-padded), target_mask [E, L]
             marks target tokens; prompts [E, Lp], prompt_lens [E]; targets [E, Lt],
             target_lens [E] (EOS included).
-  choice:   tokens [E, C, L], target_mask [E, C, L], labels [E].
+  choice:   tokens [E, C, L], target_mask [E, C, L], labels [E], choice_count [E] (the
+            example's real choices come first; the other slots are empty and never win).
   """
   tokens: jax.Array
   target_mask: jax.Array
@@ -44,6 +45,7 @@ class TaskData:
   prompt_lens: jax.Array | None = None
   targets: jax.Array | None = None
   target_lens: jax.Array | None = None
+  choice_count: jax.Array | None = None
   packed: tuple["Packed", ...] | None = None  # the scoring layout (`pack`), by materialize
   kind: str = flax.struct.field(pytree_node=False, default="generate")
   name: str = flax.struct.field(pytree_node=False, default="")
@@ -116,6 +118,37 @@ def split_examples(name: str, split: str) -> list[dict]:
   return list(ds.as_numpy_iterator())
 
 
+def task_vocabulary(task: seqio.Task) -> seqio.Vocabulary:
+  """The vocabulary a task's targets (and choices) are tokenized with."""
+  return task.output_features["targets"].vocabulary
+
+
+def choice_data(name: str, prompts: Sequence[Sequence[int]],
+                choices: Sequence[Sequence[Sequence[int]]], labels: Sequence[int]
+                ) -> TaskData:
+  """A choice split from token ids; examples may have different numbers of choices.
+
+  Each example's choices are padded to the split's maximum C with empty slots
+  (`choice_count` [E] says how many are real) that score -inf, so they never win.
+  """
+  counts = [len(cs) for cs in choices]
+  for i, (n, y) in enumerate(zip(counts, labels)):
+    check(n >= 1 and 0 <= y < n, f"example {i} has label {y} but {n} choices",
+          f"task {name!r}", "labels index the example's own choices")
+  c = max(counts)
+  flat_p = [p for p, cs in zip(prompts, choices) for _ in cs]
+  tokens, mask = _sequences(flat_p, [x for cs in choices for x in cs])
+  e, l = len(prompts), tokens.shape[1]
+  full_t, full_m = np.zeros((e, c, l), np.int32), np.zeros((e, c, l), bool)
+  row = 0
+  for i, n in enumerate(counts):
+    full_t[i, :n], full_m[i, :n] = tokens[row:row + n], mask[row:row + n]
+    row += n
+  d = TaskData(tokens=full_t, target_mask=full_m, labels=np.asarray(labels, np.int32),
+               choice_count=np.asarray(counts, np.int32), kind="choice", name=name)
+  return d.replace(packed=pack(d))
+
+
 @functools.lru_cache(None)
 def materialize(name: str, split: str, max_examples: int | None = None) -> TaskData:
   """Reads a seqio task split once and pads it into fixed-shape arrays."""
@@ -123,16 +156,9 @@ def materialize(name: str, split: str, max_examples: int | None = None) -> TaskD
   check(len(rows) > 0, f"task {name!r} split {split!r} is empty", "--split")
   prompts = [r["inputs"].tolist() for r in rows]
   if "choices" in rows[0]:
-    choices = [[models.VOCAB.encode(c.decode()) for c in r["choices"]] for r in rows]
-    num_choices = len(choices[0])
-    flat_p = [p for p, cs in zip(prompts, choices) for _ in cs]
-    tokens, mask = _sequences(flat_p, [c for cs in choices for c in cs])
-    e = len(rows)
-    d = TaskData(tokens=tokens.reshape(e, num_choices, -1),
-                 target_mask=mask.reshape(e, num_choices, -1),
-                 labels=np.array([r["label"] for r in rows], np.int32),
-                 kind="choice", name=name)
-    return d.replace(packed=pack(d))
+    vocab = task_vocabulary(get_task(name))  # the prompts' vocabulary, never another
+    choices = [[vocab.encode(c.decode()) for c in r["choices"]] for r in rows]
+    return choice_data(name, prompts, choices, [int(r["label"]) for r in rows])
   targets = [r["targets"].tolist() for r in rows]  # EOS appended by seqio
   tokens, mask = _sequences(prompts, targets)
   d = TaskData(tokens=tokens, target_mask=mask, kind="generate", name=name,
@@ -196,7 +222,9 @@ def pack(d: TaskData, max_buckets: int = 4, overhead: int = 128) -> tuple[Packed
   mask = np.asarray(d.target_mask)
   if d.kind != "choice":
     tokens, mask = tokens[:, None], mask[:, None]
-  rows = [_pack_row(t, m) for t, m in zip(tokens, mask)]
+  counts = (np.asarray(d.choice_count) if d.choice_count is not None
+            else np.full(len(tokens), tokens.shape[1]))
+  rows = [_pack_row(t[:n], m[:n]) for t, m, n in zip(tokens, mask, counts)]
   labels = (np.asarray(d.labels, np.int32) if d.kind == "choice"
             else np.zeros(len(rows), np.int32))
   lengths = np.array([len(r[0]) for r in rows])
@@ -280,8 +308,10 @@ def choice_logprobs(apply, params, d: TaskData) -> jax.Array:
   e, c, l = d.tokens.shape
   toks, mask = d.tokens.reshape(e * c, l), d.target_mask.reshape(e * c, l)
   lp = models.token_logprobs(apply(params, toks), toks)
-  score = jnp.sum(lp * mask, -1) / jnp.maximum(jnp.sum(mask, -1), 1)
-  return score.reshape(e, c)
+  score = (jnp.sum(lp * mask, -1) / jnp.maximum(jnp.sum(mask, -1), 1)).reshape(e, c)
+  if d.choice_count is None:
+    return score
+  return jnp.where(jnp.arange(c) < d.choice_count[:, None], score, -jnp.inf)
 
 
 def rank_classification(apply, params, d: TaskData) -> jax.Array:
@@ -301,7 +331,9 @@ def packed_hits(decoder: models.Decoder, params, p: Packed) -> jax.Array:
   logp = jax.nn.log_softmax(logits, axis=-1)
   lp = jnp.take_along_axis(logp, p.slot_tok[..., None], axis=-1)[..., 0]  # [R, S]
   member = (p.slot_group[..., None] == jnp.arange(p.num_groups)).astype(lp.dtype)
-  score = jnp.einsum("rs,rsc->rc", lp, member) / jnp.maximum(jnp.sum(member, 1), 1)
+  count = jnp.sum(member, 1)  # [R, C]; 0 for an example's empty (padding) choice slots
+  score = jnp.where(count > 0, jnp.einsum("rs,rsc->rc", lp, member)
+                    / jnp.maximum(count, 1), -jnp.inf)
   return ((jnp.argmax(score, -1) == p.labels) & real).astype(jnp.float32)
 
 

@@ -261,7 +261,7 @@ def _dataset_fn(task: str):
     rows = items(task)[split]
     cols = {"inputs": [r["inputs"] for r in rows], "targets": [r["targets"] for r in rows]}
     if rows and "choices" in rows[0]:
-      cols["choices"] = [r["choices"] for r in rows]
+      cols["choices"] = tf.ragged.constant([r["choices"] for r in rows])  # any count
       cols["label"] = [r["label"] for r in rows]
     if not rows:
       return tf.data.Dataset.from_tensor_slices(
