@@ -39,8 +39,8 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from recycle_jax import (checkpoints, evaluation, experiment, merging, models,  # noqa: E402
-                         population, search)
+from recycle_jax import (checkpoints, evaluation, experiment, models,  # noqa: E402
+                         population, search, spaces)
 
 DEMO = models.ModelConfig(d_model=128, num_layers=2, num_heads=4, num_kv_heads=2,
                           d_ff=352)
@@ -163,7 +163,7 @@ def run(args) -> None:
   pop = srch.pop
 
   host_pool = [jax.tree.map(np.asarray, q) for q in loaded.params]
-  alphas = np.asarray(merging.relu_normalize(
+  alphas = np.asarray(spaces.relu_normalize(
       jax.random.normal(jax.random.key(1), (pop, n)) + 1.0 / n))
 
   def host_merge(a):

@@ -66,13 +66,13 @@ def cmd_make_pool(args) -> None:
 
 
 def cmd_search(args) -> None:
-  from recycle_jax import experiment
+  from recycle_jax import baselines, experiment
   results = experiment.run_search(args.workdir, resume=args.resume, overwrite=args.overwrite,
                                   num_seeds=args.num_seeds)
   m = results["methods"]
   print("fitness (dev / test): " + ", ".join(
       f"{k} {m[k]['fitness']['dev']} / {m[k]['fitness']['test']}"
-      for k in ("search", "uniform", "merge_best", "best_single")))
+      for k in baselines.HEADLINE))
   if "seeds" in results:
     s = results["seeds"]["methods"]["search"]["fitness"]["test"]
     print(f"search test fitness over {args.num_seeds} seeds: {s['mean']} ± {s['ci95']} "
@@ -80,8 +80,11 @@ def cmd_search(args) -> None:
   print(f"report: {os.path.join(args.workdir, 'report.md')}")
 
 
-MERGE_METHODS = ("linear", "layerwise", "task_arithmetic", "ties", "dare_linear", "dare_ties",
-                 "greedy_soup")
+def _merge_methods() -> tuple[str, ...]:
+  """--method's choices, from the registry: 'layerwise' and the soup beside the methods."""
+  from recycle_jax import methods
+  return (("linear", "layerwise") + tuple(m for m in methods.METHODS if m != "linear") +
+          ("greedy_soup",))
 
 
 def _weights(text: str | None) -> list[float] | None:
@@ -114,18 +117,25 @@ def _greedy_soup(loaded, args):
 def cmd_merge(args) -> None:
   import jax
   import numpy as np
-  from recycle_jax import checkpoints, experiment, merging, partitioning
+  from recycle_jax import checkpoints, experiment, merging, methods, partitioning, spaces
   pool = checkpoints.load_pool(args.pool)
   meta = checkpoints.validate_pool(pool)
   n = len(pool)
-  check(args.method in MERGE_METHODS + merging.SPACE_NAMES, f"unknown merge method "
-        f"{args.method!r}", "--method", f"choose from {list(MERGE_METHODS)}")
+  choices = _merge_methods()
+  check(args.method in choices + spaces.space_names(), f"unknown merge method "
+        f"{args.method!r}", "--method", f"choose from {list(choices)}")
   soup = args.method == "greedy_soup"
-  method, layerwise = ("linear", False) if soup else merging.parse_space(args.method)
-  check(args.base is not None or not merging.needs_base(method),
+  method, layerwise = ("linear", False) if soup else spaces.parse_space(args.method)
+  spec = methods.get(method)
+  check(args.base is not None or not spec.needs_base,
         f"--method={args.method} needs the base checkpoint", "--base",
         "pass --base=CKPT, the checkpoint the pool was fine-tuned from")
-  check(0 < args.density <= 1, f"density {args.density} is not in (0, 1]", "--density")
+  spec.check_pool(n, True, "--base")
+  values = {h.name: getattr(args, h.name) for h in methods.hparams_by_name().values()}
+  for h in spec.hparams:
+    lo, hi = h.valid
+    check(lo < values[h.name] <= hi, f"{h.name} {values[h.name]} is not in ({lo:g}, {hi:g}]",
+          f"--{h.name}")
   check(not args.streaming or args.method == "linear", "--streaming merges linearly only",
         "--streaming", "drop --streaming for other methods")
   check(not soup or args.tasks, "greedy_soup scores soups on tasks' dev splits", "--tasks",
@@ -138,8 +148,8 @@ def cmd_merge(args) -> None:
   if layerwise:
     check(len(weights) == rows * n, f"got {len(weights)} weights for {rows} layer groups of "
           f"{n} checkpoints", "--weights", f"pass one row of {n} per group: {', '.join(groups)}")
-  alphas = np.concatenate([merging.check_explicit_weights(weights[r * n:(r + 1) * n], n)
-                           for r in range(rows)])
+  alphas = np.concatenate([merging.check_explicit_weights(
+      weights[r * n:(r + 1) * n], n, allow_negative=spec.negative_weights) for r in range(rows)])
   checkpoints.check_output(args.output, pool.paths + ([args.base] if args.base else []),
                            args.overwrite)
   experiment.model_config_from(meta, pool.entries[0].path)
@@ -154,9 +164,9 @@ def cmd_merge(args) -> None:
   how = None
   if soup:
     alphas, how = _greedy_soup(loaded, args)
-  space = merging.make_space("linear" if soup else args.method, loaded.params[0], n,
-                             tune=False, lam=args.lam, density=args.density, seed=args.seed)
-  base = experiment.load_base(args.base, loaded) if merging.needs_base(method) else None
+  space = spaces.make_space("linear" if soup else args.method, loaded.params[0], n,
+                            tune=False, seed=args.seed, **values)
+  base = experiment.load_base(args.base, loaded) if spec.needs_base else None
   w = np.asarray(alphas, np.float32)
   merged, finite = jax.jit(space.merge_checked, out_shardings=(  # sharded like the pool
       loaded.shardings, partitioning.replicated(loaded.mesh)))(
@@ -251,12 +261,12 @@ def build_parser() -> argparse.ArgumentParser:
                  help="N comma-separated weights (G*N for layerwise); default uniform")
   s.add_argument("--output", required=True)
   s.add_argument("--method", default="linear",
-                 help=f"one of {', '.join(MERGE_METHODS)} (or layerwise_<task-vector method>)")
+                 help=f"one of {', '.join(_merge_methods())} (or layerwise_<method>)")
   s.add_argument("--base", default=None, help="base checkpoint for task-vector methods")
-  s.add_argument("--lam", type=float, default=1.0,
-                 help="scale of the weighted task vector (lam = N sums task vectors)")
-  s.add_argument("--density", type=float, default=0.5, help="TIES/DARE fraction kept")
-  s.add_argument("--seed", type=int, default=0, help="DARE's drop mask")
+  from recycle_jax import methods
+  for h in methods.hparams_by_name().values():  # every method's hyperparameters
+    s.add_argument(f"--{h.name}", type=float, default=h.default, help=h.help)
+  s.add_argument("--seed", type=int, default=0, help="the random methods' key (DARE's drop)")
   s.add_argument("--tasks", default=None, help="greedy_soup: tasks whose dev split scores")
   s.add_argument("--max_examples", type=int, default=None, help="greedy_soup: per task")
   s.add_argument("--overwrite", action="store_true")

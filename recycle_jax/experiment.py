@@ -16,8 +16,8 @@ import jax
 import numpy as np
 from absl import logging
 
-from recycle_jax import (baselines, checkpoints, evaluation, merging, models, pareto,
-                         partitioning, population, reporting, search)
+from recycle_jax import (baselines, checkpoints, evaluation, merging, methods, models,
+                         pareto, partitioning, population, reporting, search, spaces)
 from recycle_jax.errors import UserError, check
 
 PyTree = Any
@@ -116,8 +116,8 @@ def run_search(workdir: str, resume: bool = False, overwrite: bool = False,
   check(scfg.strategy in search.STRATEGIES, f"unknown search strategy {scfg.strategy!r}",
         "SearchConfig.strategy", f"choose from {list(search.STRATEGIES)}")
   check(num_seeds >= 1, f"num_seeds={num_seeds}", "--num_seeds", "pass 1 or more")
-  method, _ = merging.parse_space(scfg.merge_space)
-  check(exp.base is not None or not merging.needs_base(method),
+  method, _ = spaces.parse_space(scfg.merge_space)
+  check(exp.base is not None or not methods.get(method).needs_base,
         f"merge space {scfg.merge_space!r} needs the base checkpoint", "Experiment.base",
         "bind Experiment.base to the checkpoint the pool was fine-tuned from")
   pareto.scalarization_args(scfg.scalarization, scfg.task_weights, len(exp.tasks))
@@ -142,7 +142,7 @@ def run_search(workdir: str, resume: bool = False, overwrite: bool = False,
   bad = nonfinite_members(loaded) if np.isnan(single_dev).any() else []
   check(not bad, f"checkpoints {bad} hold NaN or Inf values, so every merge with them does "
         "(0 * NaN is NaN)", "Experiment.pool", "repair or drop them from the pool")
-  space = merging.make_space(scfg.merge_space, loaded.params[0], n)
+  space = spaces.make_space(scfg.merge_space, loaded.params[0], n)
   # One search per seed, each in its own workdir (the workdir itself for one seed).
   seeds = [(workdir if num_seeds == 1 else os.path.join(workdir, f"seed_{k}"),
             dataclasses.replace(scfg, seed=scfg.seed + k)) for k in range(num_seeds)]
@@ -214,11 +214,9 @@ def evaluate_baselines(sh: Shared) -> tuple[dict[str, tuple], list[str]]:
   w = np.stack([lin[m] for m in names])
   dev, test = sh.scorer(w, sh.dev, "dev"), sh.scorer(w, sh.test, "test")
   out = {m: (w[i], dev[i], test[i], how.get(m)) for i, m in enumerate(names)}
-  if sh.base is None:
-    return out, names
   # Merged like the pool is placed, so the linear program scores them without recompiling.
   shardings = sh.loaded.shardings
-  for m, (space, points) in baselines.task_vector_baselines(sh.n).items():
+  for m, (space, points) in baselines.task_vector_baselines(sh.n, sh.base is not None).items():
     merge = jax.jit(space.merge, out_shardings=shardings)
     trees = [merge(p, space.operands(sh.loaded.params, sh.base)) for p in points]
     devs = sh.scorer.score_trees(trees, sh.dev)
@@ -228,7 +226,7 @@ def evaluate_baselines(sh: Shared) -> tuple[dict[str, tuple], list[str]]:
   return out, names
 
 
-def search_once(sh: Shared, scfg: search.SearchConfig, space: merging.MergeSpace,
+def search_once(sh: Shared, scfg: search.SearchConfig, space: spaces.MergeSpace,
                 scorer: population.CachedScorer, workdir: str, resume: bool, progress: bool,
                 sweep: pareto.SweepConfig) -> dict:
   """One search (and its Pareto sweep) from the shared baselines; writes workdir's run."""

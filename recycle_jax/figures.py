@@ -23,12 +23,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from recycle_jax import pareto  # noqa: E402
+from recycle_jax import baselines, pareto  # noqa: E402
 
 FIG_DIR = "figures"
-BASELINE_STYLE = {"best_single": "s", "uniform": "D", "merge_best": "P", "greedy_soup": "X",
-                  "task_arithmetic": "v", "ties": "^", "dare_linear": "<", "dare_ties": ">",
-                  "search": "*"}
+BASELINE_STYLE = baselines.markers()  # row -> marker; its order gives the colours
 
 
 def _save(fig, path: str) -> str:

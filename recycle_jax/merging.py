@@ -1,4 +1,4 @@
-"""Merging a pool of parameter trees, and the weight parametrizations searched over.
+"""Merge kernels over a pool of parameter trees, and the soups.
 
 The pool is a tuple of N parameter trees with identical structure (no stacked pool
 axis: each leaf keeps the sharding of its own parameter, and the merge is one fused
@@ -6,16 +6,15 @@ elementwise pass reading N inputs). Accumulation is float32; results are cast ba
 the stored dtype.
 
 Beside the linear merge: layer-wise linear merging (one weight vector per layer group),
-task-vector methods against the base checkpoint (task arithmetic, TIES, DARE), the greedy
-soup, and `MergeSpace`: which of them a search optimizes, and over which dimensions.
+task-vector methods against the base checkpoint (task arithmetic, TIES, DARE), SLERP of two
+checkpoints and the greedy soup. `methods` holds the registry of merge methods built on
+these kernels; `spaces` what a search optimizes over them.
 """
 from __future__ import annotations
 
-import dataclasses
 import re
 from typing import Any, Callable, Sequence
 
-import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -29,43 +28,18 @@ Pool = Sequence[PyTree]
 
 # ----------------------------------------------------------------------------- weights
 
-def relu_normalize(x: jax.Array) -> jax.Array:
-  """The paper's parametrization: alpha = max(x, 0) / sum(max(x, 0)); all-zero -> uniform.
-
-  x: [..., N]. Never NaN: the denominator is guarded before dividing.
-  """
-  r = jnp.maximum(x, 0.0)
-  s = jnp.sum(r, axis=-1, keepdims=True)
-  uniform = jnp.full_like(r, 1.0 / x.shape[-1])
-  return jnp.where(s > 0, r / jnp.where(s > 0, s, 1.0), uniform)
-
-
-def softmax(x: jax.Array) -> jax.Array:
-  return jax.nn.softmax(x, axis=-1)
-
-
-PARAMETRIZATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "relu_normalize": relu_normalize,
-    "softmax": softmax,
-}
-
-
-def get_parametrization(name: str) -> Callable[[jax.Array], jax.Array]:
-  check(name in PARAMETRIZATIONS, f"unknown weight parametrization {name!r}",
-        "search.parametrization", f"choose from {sorted(PARAMETRIZATIONS)}")
-  return PARAMETRIZATIONS[name]
-
-
-def check_explicit_weights(weights: Sequence[float], n: int, flag: str = "--weights"
-                           ) -> np.ndarray:
-  """User-given weights: N of them, non-negative, not all zero; returned normalized."""
+def check_explicit_weights(weights: Sequence[float], n: int, flag: str = "--weights",
+                           allow_negative: bool = False) -> np.ndarray:
+  """User-given weights: N of them, non-negative unless the method allows it, summing to a
+  positive value; returned normalized."""
   w = np.asarray(weights, np.float64)
   check(w.shape == (n,), f"got {w.size} weights for a pool of {n} checkpoints", flag,
         f"pass exactly {n} comma-separated weights")
   check(bool(np.all(np.isfinite(w))), "weights must be finite numbers", flag)
-  check(bool(np.all(w >= 0)), f"negative weight {w.min():g}", flag,
-        "linear merging needs weights >= 0")
-  check(w.sum() > 0, "all weights are zero", flag, "give at least one positive weight")
+  check(allow_negative or bool(np.all(w >= 0)), f"negative weight {w.min():g}", flag,
+        "this merge method needs weights >= 0")
+  check(w.sum() > 0, "the weights sum to zero or less" if allow_negative else
+        "all weights are zero", flag, "give at least one positive weight")
   return w / w.sum()
 
 
@@ -221,53 +195,33 @@ def dare_ties(alphas, pool: Pool, base: PyTree, key: jax.Array, lam=1.0,
   return _task_vectors(alphas, pool, base, lam, density, "random", elect=True, key=key)
 
 
-def _need_base(base: PyTree | None, method: str) -> PyTree:
-  check(base is not None, f"merge method {method!r} needs the base checkpoint the pool was "
-        "fine-tuned from", "--base / Experiment.base", "pass the base checkpoint's path")
-  return base
+def weighted(alphas: jax.Array, pool: Pool) -> PyTree:
+  """The linear merge: alphas [N] for every leaf (`linear`), or [G, N] (`layerwise`)."""
+  return (linear if jnp.ndim(alphas) == 1 else layerwise)(alphas, pool)
 
 
-def _key(key) -> jax.Array:
-  return jax.random.key(0) if key is None else key
+def slerp_tensors(t, v0: jax.Array, v1: jax.Array, dot_threshold: float = 0.9995,
+                  eps: float = 1e-8) -> jax.Array:
+  """mergekit's `slerp`: spherical interpolation from v0 (t = 0) to v1 (t = 1) along the
+  great circle through their directions, the tensors taken whole; linear interpolation when
+  they are nearly colinear (|cos| > dot_threshold), where the sine below vanishes."""
+  n0, n1 = jnp.linalg.norm(v0), jnp.linalg.norm(v1)
+  u0 = jnp.where(n0 > eps, v0 / jnp.where(n0 > eps, n0, 1.0), v0)  # mergekit normalizes only
+  u1 = jnp.where(n1 > eps, v1 / jnp.where(n1 > eps, n1, 1.0), v1)  # norms above eps
+  dot = jnp.sum(u0 * u1)
+  colinear = jnp.abs(dot) > dot_threshold
+  theta = jnp.arccos(jnp.clip(dot, -1.0, 1.0))
+  sin = jnp.where(colinear, 1.0, jnp.sin(theta))  # the spherical branch is discarded there
+  s0, s1 = jnp.sin(theta - theta * t) / sin, jnp.sin(theta * t) / sin
+  return jnp.where(colinear, (1 - t) * v0 + t * v1, s0 * v0 + s1 * v1)
 
 
-METHODS: dict[str, Callable[..., PyTree]] = {
-    "linear": lambda alphas, pool, base=None: (
-        linear if jnp.ndim(alphas) == 1 else layerwise)(alphas, pool),
-    "task_arithmetic": lambda alphas, pool, base=None, lam=1.0: task_arithmetic(
-        alphas, pool, _need_base(base, "task_arithmetic"), lam),
-    "ties": lambda alphas, pool, base=None, lam=1.0, density=0.5: ties(
-        alphas, pool, _need_base(base, "ties"), lam, density),
-    "dare_linear": lambda alphas, pool, base=None, key=None, lam=1.0, density=0.5:
-        dare_linear(alphas, pool, _need_base(base, "dare_linear"), _key(key), lam, density),
-    "dare_ties": lambda alphas, pool, base=None, key=None, lam=1.0, density=0.5:
-        dare_ties(alphas, pool, _need_base(base, "dare_ties"), _key(key), lam, density),
-}
-# The hyperparameters of each method, in search-vector order.
-HPARAMS: dict[str, tuple[str, ...]] = {
-    "linear": (), "task_arithmetic": ("lam",), "ties": ("lam", "density"),
-    "dare_linear": ("lam", "density"), "dare_ties": ("lam", "density")}
-# Search bounds of tuned hyperparameters (a sigmoid maps R onto them), and the values at
-# which a method reproduces the linear merge (exactly, or for TIES without trimming).
-BOUNDS = {"lam": (0.0, 4.0), "density": (0.05, 1.0)}
-LINEAR_HPARAMS = {"lam": 1.0, "density": 1.0}
-
-
-def needs_base(method: str) -> bool:
-  return method != "linear"
-
-
-@gin.configurable
-def merge(method: str, alphas: jax.Array, pool: Pool, base: PyTree | None = None,
-          **hparams) -> PyTree:
-  """Dispatch to a merge method by name (linear unless configured otherwise).
-
-  alphas [N], or [G, N] for one weight vector per layer group; hparams: lam, density, key.
-  """
-  fn = METHODS.get(method)
-  check(fn is not None, f"unknown merge method {method!r}", "--method",
-        f"choose from {sorted(METHODS)}")
-  return fn(alphas, pool, base=base, **hparams)
+def slerp(alphas, pool: Pool) -> PyTree:
+  """SLERP of two checkpoints, tensor by tensor; alphas [2] = (1 - t, t) on the simplex (or
+  [G, 2]: one t per layer group, mergekit's layer gradient). Base-free."""
+  check(len(pool) == 2, f"SLERP interpolates 2 checkpoints, the pool has {len(pool)}",
+        "--pool", "give a pool of exactly 2 checkpoints")
+  return _map_merge(lambda i, a, b, xs: slerp_tensors(a[1], *xs), alphas, pool)
 
 
 # ----------------------------------------------------------------------------- soups
@@ -295,146 +249,3 @@ def greedy_soup(fitness_of: Callable[[np.ndarray], float], single_fitness: Seque
       soup.append(int(i))
       best = fit
   return uniform_over(soup, len(f)), soup
-
-
-# ----------------------------------------------------------------------------- search spaces
-
-def bounded(x, lo: float, hi: float):
-  return lo + (hi - lo) * jax.nn.sigmoid(x)
-
-
-def unbounded(v, lo: float, hi: float) -> np.ndarray:
-  p = np.clip((np.asarray(v, np.float64) - lo) / (hi - lo), 1e-3, 1 - 1e-3)
-  return np.log(p / (1 - p))
-
-
-@dataclasses.dataclass(frozen=True)
-class MergeSpace:
-  """What a search optimizes: a merge method, its weights (one vector, or one per layer
-  group) and its tuned hyperparameters.
-
-  A point is a flat vector w = [alphas (G*N, row-major, each row on the simplex), tuned
-  hyperparameters in `tuned` order]; the strategy samples x of the same layout, mapped to w
-  by the weight parametrization and the bounded transforms. Hashable (a jit cache key).
-  """
-  method: str = "linear"
-  n: int = 1
-  groups: tuple[str, ...] = ()  # layer groups; () = one weight vector for every leaf
-  tuned: tuple[str, ...] = ()
-  hparams: tuple[tuple[str, float], ...] = ()  # fixed values, or initial ones when tuned
-  seed: int = 0  # DARE's drop mask: fixed, so a candidate's fitness is not noisy
-
-  @property
-  def name(self) -> str:
-    if not self.groups:
-      return self.method
-    return "layerwise" if self.method == "linear" else f"layerwise_{self.method}"
-
-  @property
-  def num_weights(self) -> int:
-    return max(1, len(self.groups)) * self.n
-
-  @property
-  def dim(self) -> int:
-    return self.num_weights + len(self.tuned)
-
-  @property
-  def is_linear(self) -> bool:
-    return self.method == "linear" and not self.groups
-
-  def operands(self, params: Sequence[PyTree], base: PyTree | None) -> PyTree:
-    """The 'pool' argument of `merge` and of the population function."""
-    if not needs_base(self.method):
-      return tuple(params)
-    return tuple(params), _need_base(base, self.method)
-
-  def unpack(self, w) -> tuple[jax.Array, dict]:
-    a = w[:self.num_weights]
-    alphas = a.reshape(len(self.groups), self.n) if self.groups else a
-    hp = dict(self.hparams)
-    hp.update({k: w[self.num_weights + j] for j, k in enumerate(self.tuned)})
-    return alphas, hp
-
-  def merge(self, w: jax.Array, operands: PyTree) -> PyTree:
-    alphas, hp = self.unpack(w)
-    params, base = operands if needs_base(self.method) else (operands, None)
-    if self.method.startswith("dare"):
-      hp["key"] = jax.random.key(self.seed)
-    return merge(self.method, alphas, params, base=base, **hp)
-
-  def merge_checked(self, w: jax.Array, operands: PyTree) -> tuple[PyTree, jax.Array]:
-    """The merge and whether it is all finite, in one program."""
-    merged = self.merge(w, operands)
-    return merged, all_finite(merged)
-
-  def decode(self, x: jax.Array, parametrize: Callable) -> jax.Array:
-    """[..., dim] strategy samples -> [..., dim] points w."""
-    lead, g = x.shape[:-1], max(1, len(self.groups))
-    a = parametrize(x[..., :self.num_weights].reshape(*lead, g, self.n))
-    hs = [bounded(x[..., self.num_weights + j], *BOUNDS[k]) for j, k in enumerate(self.tuned)]
-    return jnp.concatenate([a.reshape(*lead, self.num_weights)] +
-                           [h[..., None] for h in hs], axis=-1)
-
-  def encode(self, w: np.ndarray) -> np.ndarray:
-    """Points -> samples that decode to them (weights on the simplex are their own x under
-    relu_normalize); used to tell already evaluated points to the strategy."""
-    w = np.asarray(w, np.float32)
-    hs = [unbounded(w[..., self.num_weights + j], *BOUNDS[k]) for j, k in enumerate(self.tuned)]
-    return np.concatenate([w[..., :self.num_weights]] + [h[..., None] for h in hs],
-                          axis=-1).astype(np.float32)
-
-  def lift(self, alphas: np.ndarray) -> np.ndarray:
-    """Linear weights [K, N] -> points [K, dim] of this space that merge the same way."""
-    alphas = np.asarray(alphas, np.float32)
-    tiled = np.tile(alphas, (1, max(1, len(self.groups))))
-    hs = np.full((len(alphas), len(self.tuned)),
-                 [LINEAR_HPARAMS[k] for k in self.tuned], np.float32)
-    return np.concatenate([tiled, hs.reshape(len(alphas), -1)], axis=-1)
-
-  def init_x(self) -> np.ndarray:
-    """The strategy's initial mean: uniform weights and the configured hyperparameters."""
-    w = np.concatenate([np.full(self.num_weights, 1.0 / self.n, np.float32),
-                        np.asarray([dict(self.hparams)[k] for k in self.tuned], np.float32)])
-    return self.encode(w)
-
-  def checkpoint_weights(self, w: np.ndarray) -> np.ndarray:
-    """[..., dim] -> [..., N]: each checkpoint's weight averaged over the groups."""
-    w = np.asarray(w)
-    return w[..., :self.num_weights].reshape(*w.shape[:-1], -1, self.n).mean(-2)
-
-  def describe(self, w: np.ndarray) -> dict:
-    """A point as JSON: the space, its weights per group and its hyperparameters."""
-    alphas, hp = self.unpack(np.asarray(w, np.float64))
-    out = {"merge_space": self.name, "method": self.method,
-           "hparams": {k: round(float(v), 6) for k, v in hp.items()}}
-    if self.groups:
-      out["groups"] = list(self.groups)
-      out["group_weights"] = np.round(alphas, 6).tolist()
-    return out
-
-
-SPACE_NAMES = tuple(METHODS) + ("layerwise",) + tuple(f"layerwise_{m}" for m in METHODS
-                                                       if m != "linear")
-
-
-def parse_space(name: str) -> tuple[str, bool]:
-  """'layerwise_ties' -> ('ties', True); 'layerwise' -> ('linear', True)."""
-  check(name in SPACE_NAMES, f"unknown merge space {name!r}", "SearchConfig.merge_space",
-        f"choose from {list(SPACE_NAMES)}")
-  return name.removeprefix("layerwise").removeprefix("_") or "linear", name.startswith("layerwise")
-
-
-@gin.configurable
-def make_space(name: str, tree: PyTree, n: int, tune: bool = True, lam: float = 1.0,
-               density: float = 0.5, seed: int = 0) -> MergeSpace:
-  """'linear' | 'layerwise' | a task-vector method | 'layerwise_<method>'.
-
-  tree: one parameter tree of the pool (its paths give the layer groups).
-  tune: search the method's hyperparameters (lam, density) too, starting from the values
-  given here; otherwise they stay fixed at them.
-  """
-  method, layerwise_ = parse_space(name)
-  values = {"lam": float(lam), "density": float(density)}
-  names = HPARAMS[method]
-  return MergeSpace(method, n, layer_groups(tree)[0] if layerwise_ else (),
-                    names if tune else (), tuple((k, values[k]) for k in names), seed)

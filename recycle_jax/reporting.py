@@ -9,11 +9,9 @@ from typing import Sequence
 import numpy as np
 from absl import logging
 
-from recycle_jax import metrics, pareto
+from recycle_jax import baselines, metrics, pareto
 from recycle_jax.checkpoints import atomic_write_text
 
-METHOD_ORDER = ("best_single", "best_per_task", "uniform", "merge_best", "greedy_soup",
-                "task_arithmetic", "ties", "dare_linear", "dare_ties", "search")
 
 
 def _task_dict(names: Sequence[str], values) -> dict[str, float]:
@@ -92,7 +90,8 @@ def weights_line(weights, names) -> str:
 
 
 def _ordered(names) -> list[str]:
-  return [m for m in METHOD_ORDER if m in names] + [m for m in names if m not in METHOD_ORDER]
+  order = baselines.report_order()
+  return [m for m in order if m in names] + [m for m in names if m not in order]
 
 
 def report_markdown(results: dict) -> str:

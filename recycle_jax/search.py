@@ -11,7 +11,7 @@ G generations are a `lax.scan` of it, or one call per generation when the search
 checkpointed (then `--resume` continues bit-for-bit). Every evaluated merge goes to the
 archive; NaN candidates get the worst fitness and are logged.
 
-What is searched is a `merging.MergeSpace` (linear weights by default; layer-wise weights,
+What is searched is a `spaces.MergeSpace` (linear weights by default; layer-wise weights,
 task-vector methods and their hyperparameters otherwise): x and alphas are then [P, D].
 The compiled generation is shared by every Search with the same program (seeds, budgets
 and scalarization weights are runtime values), so repeated seeds and sweeps compile once.
@@ -24,7 +24,6 @@ import math
 import os
 from typing import Any, Callable, Sequence
 
-import evosax.algorithms as es_algorithms
 import flax.serialization
 import flax.struct
 import gin
@@ -35,7 +34,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from tqdm.auto import tqdm
 
-from recycle_jax import checkpoints, merging, pareto, population
+from recycle_jax import checkpoints, pareto, population, spaces, strategies
 from recycle_jax.errors import UserError, check
 
 PyTree = Any
@@ -53,7 +52,7 @@ class SearchConfig:
   parametrization: str = "relu_normalize"
   warm_start: bool = False  # tell the best single checkpoints/baselines first
   seed: int = 0
-  merge_space: str = "linear"  # merging.make_space: 'layerwise', 'ties', ... (its hparams
+  merge_space: str = "linear"  # spaces.make_space: 'layerwise', 'ties', ... (its hparams
   #                               and whether they are tuned: make_space.lam/density/tune)
   scalarization: str = "mean"  # 'mean' | 'weighted' | 'chebyshev' (pareto.scalarize)
   task_weights: Sequence[float] | None = None  # tradeoff weights, one per searched task
@@ -65,7 +64,7 @@ class SearchConfig:
     return max(1, self.budget // self.pop_size(n))
 
 
-STRATEGIES = ("CMA_ES", "Sep_CMA_ES", "SNES", "RandomSearch")
+STRATEGIES = strategies.STRATEGIES  # the registry, by name
 
 
 @flax.struct.dataclass
@@ -111,24 +110,6 @@ class Archive:
     return len(self.fitness)
 
 
-def make_strategy(name: str, pop: int, n: int, sigma: float, center=None):
-  """An evosax strategy over R^n. RandomSearch samples center + sigma * N(0, I) every
-  generation: the first CMA-ES generation, forever (the same-budget ablation)."""
-  check(name in STRATEGIES, f"unknown search strategy {name!r}", "SearchConfig.strategy",
-        f"choose from {list(STRATEGIES)}")
-  cls = getattr(es_algorithms, name)
-  if name == "RandomSearch":
-    center = jnp.zeros(n) if center is None else jnp.asarray(center, jnp.float32)
-    es = cls(population_size=pop, solution=jnp.zeros(n),
-             sampling_fn=lambda k: center + sigma * jax.random.normal(k, (n,)))
-  else:
-    es = cls(population_size=pop, solution=jnp.zeros(n))
-  params = es.default_params
-  if hasattr(params, "std_init"):
-    params = params.replace(std_init=sigma)
-  return es, params
-
-
 # (program-shaping config, space, population_fn) -> the Search whose jitted functions run it
 _PROGRAMS: dict = {}
 
@@ -139,10 +120,10 @@ class Search:
   cfg: SearchConfig
   n: int  # pool size
   population_fn: Callable  # (alphas, pool, datas) -> (scores [P, T], finite [P])
-  space: merging.MergeSpace | None = None  # None: linear weights over the n checkpoints
+  space: spaces.MergeSpace | None = None  # None: linear weights over the n checkpoints
 
   def __post_init__(self):
-    self.space = self.space or merging.MergeSpace(n=self.n)
+    self.space = self.space or spaces.MergeSpace(n=self.n)
     self.dim = self.space.dim
     self.pop = self.cfg.pop_size(self.dim)
     self.weights, self.chebyshev = pareto.scalarization_args(self.cfg.scalarization,
@@ -152,13 +133,15 @@ class Search:
                self.space, self.population_fn)
     owner = _PROGRAMS.setdefault(program, self)
     if owner is self:
-      self.es, self.es_params = make_strategy(self.cfg.strategy, self.pop, self.dim,
-                                              self.cfg.sigma_init, self.space.init_x())
-      self.parametrize = merging.get_parametrization(self.cfg.parametrization)
+      self.strategy = strategies.get(self.cfg.strategy)
+      self.es, self.es_params = self.strategy.make(self.pop, self.dim, self.cfg.sigma_init,
+                                                   self.space.init_x())
+      self.parametrize = spaces.get_parametrization(self.cfg.parametrization)
       self._jit_generation = jax.jit(self._generation)
       self.tell_seeds = jax.jit(self._tell_seeds)
     else:
-      self.es, self.es_params, self.parametrize = owner.es, owner.es_params, owner.parametrize
+      self.strategy, self.es, self.es_params = owner.strategy, owner.es, owner.es_params
+      self.parametrize = owner.parametrize
       self._jit_generation, self.tell_seeds = owner._jit_generation, owner.tell_seeds
 
   def generation(self, state: SearchState, pool, datas):
@@ -175,7 +158,7 @@ class Search:
     key = jax.random.key(self.cfg.seed)
     key, k_init = jax.random.split(key)
     mean = jnp.asarray(self.space.init_x() if mean is None else mean)
-    es_state = self.es.init(k_init, mean, self.es_params)
+    es_state = self.strategy.init(self.es, self.es_params, k_init, mean, self.cfg.sigma_init)
     # Strong dtypes, as a generation returns them: else the second generation recompiles.
     es_state = jax.tree.map(lambda v: jnp.asarray(v, jnp.result_type(v)), es_state)
     return SearchState(es_state, jax.random.key_data(key), jnp.zeros((), jnp.int32))
@@ -218,7 +201,7 @@ def _state_to_save(state: SearchState, archive: Archive) -> dict:
   return {"state": jax.device_get(state), "archive": archive.arrays()}
 
 
-def signature(cfg: SearchConfig, space: merging.MergeSpace, datas) -> dict:
+def signature(cfg: SearchConfig, space: spaces.MergeSpace, datas) -> dict:
   """What a resumed search must share with the saved one: everything but the budget
   (which may grow, to extend a finished search)."""
   sig = {f"search.{k}": v for k, v in dataclasses.asdict(cfg).items() if k != "budget"}

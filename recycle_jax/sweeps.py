@@ -20,13 +20,14 @@ import subprocess
 import sys
 from typing import Any, Sequence
 
+from recycle_jax import baselines
 from recycle_jax.checkpoints import atomic_write_text
 from recycle_jax.errors import UserError, check
 
 Trial = dict[str, Any]  # gin binding name -> value
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SWEEP_DIR = os.path.join(ROOT, "experiments", "sweeps")
-REPORT_METHODS = ("search", "uniform", "merge_best", "best_single")
+REPORT_METHODS = baselines.HEADLINE
 
 
 # ----------------------------------------------------------------------------- algebra

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from recycle_jax import merging
+from recycle_jax import merging, methods, spaces
 from recycle_jax.errors import UserError
 
 N = 3
@@ -118,7 +118,7 @@ def test_layerwise_uses_one_weight_row_per_group():
   got = jax.jit(merging.layerwise)(rows, pool)
   for g, i, *xs in zip(_leaves(got), gid, *map(_leaves, pool)):
     np.testing.assert_allclose(g, sum(a * x for a, x in zip(rows[i], xs)), rtol=1e-5)
-  same = merging.merge("linear", np.tile(A, (len(names), 1)), pool)
+  same = methods.merge("linear", np.tile(A, (len(names), 1)), pool)
   for g, l in zip(_leaves(same), _leaves(merging.linear(A, pool))):
     np.testing.assert_allclose(g, l, atol=1e-6)
 
@@ -126,10 +126,10 @@ def test_layerwise_uses_one_weight_row_per_group():
 def test_methods_need_a_base_and_dispatch_by_name():
   pool, base = _setup(5)
   with pytest.raises(UserError, match="needs the base checkpoint"):
-    merging.merge("ties", A, pool)
+    methods.merge("ties", A, pool)
   with pytest.raises(UserError, match="unknown merge method"):
-    merging.merge("nope", A, pool)
-  a = merging.merge("ties", A, pool, base=base, lam=0.5, density=0.3)
+    methods.merge("nope", A, pool)
+  a = methods.merge("ties", A, pool, base=base, lam=0.5, density=0.3)
   b = merging.ties(A, pool, base, 0.5, 0.3)
   np.testing.assert_array_equal(a["embed"]["embedding"], b["embed"]["embedding"])
 
@@ -152,16 +152,16 @@ def test_greedy_soup_adds_only_checkpoints_that_strictly_improve():
 
 def test_merge_space_decode_encode_lift_round_trip():
   pool, base = _setup(6)
-  space = merging.make_space("layerwise_ties", pool[0], N, density=0.5)
+  space = spaces.make_space("layerwise_ties", pool[0], N, density=0.5)
   assert space.dim == 4 * N + 2 and space.tuned == ("lam", "density")
   x = jnp.asarray(np.random.default_rng(1).normal(size=(5, space.dim)), jnp.float32)
-  w = np.asarray(space.decode(x, merging.relu_normalize))
+  w = np.asarray(space.decode(x, spaces.relu_normalize))
   np.testing.assert_allclose(w[:, :4 * N].reshape(5, 4, N).sum(-1), 1, rtol=1e-5)
   lam, dens = w[:, -2], w[:, -1]
   assert (lam >= 0).all() and (lam <= 4).all() and (dens >= 0.05).all() and (dens <= 1).all()
-  np.testing.assert_allclose(space.decode(jnp.asarray(space.encode(w)), merging.relu_normalize),
+  np.testing.assert_allclose(space.decode(jnp.asarray(space.encode(w)), spaces.relu_normalize),
                              w, rtol=1e-4, atol=1e-5)
-  init = np.asarray(space.decode(jnp.asarray(space.init_x())[None], merging.relu_normalize))[0]
+  init = np.asarray(space.decode(jnp.asarray(space.init_x())[None], spaces.relu_normalize))[0]
   np.testing.assert_allclose(init[-2:], [1.0, 0.5], rtol=1e-3)
   # A lifted linear point merges like the linear merge (TIES without trimming, one-hot).
   lifted = space.lift(np.eye(N, dtype=np.float32)[2:3])[0]
@@ -171,4 +171,4 @@ def test_merge_space_decode_encode_lift_round_trip():
   np.testing.assert_allclose(space.checkpoint_weights(lifted), [0, 0, 1])
   assert space.describe(lifted)["groups"] == ["embed", "layer_0", "layer_1", "final"]
   with pytest.raises(UserError, match="unknown merge space"):
-    merging.make_space("nope", pool[0], N)
+    spaces.make_space("nope", pool[0], N)

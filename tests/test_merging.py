@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from recycle_jax import merging
+from recycle_jax import merging, spaces
 from recycle_jax.errors import UserError
 
 
@@ -42,11 +42,11 @@ def test_population_merge_matches_single_merges():
 
 def test_relu_normalize_is_on_simplex_and_never_nan():
   x = jnp.array([[0.5, -1.0, 1.5], [0.0, 0.0, 0.0], [-1.0, -2.0, -3.0]])
-  a = merging.relu_normalize(x)
+  a = spaces.relu_normalize(x)
   np.testing.assert_allclose(a[0], [0.25, 0.0, 0.75])
   np.testing.assert_allclose(a[1], [1 / 3] * 3)
   np.testing.assert_allclose(a[2], [1 / 3] * 3)
-  g = jax.grad(lambda v: merging.relu_normalize(v).sum())(jnp.zeros(3))
+  g = jax.grad(lambda v: spaces.relu_normalize(v).sum())(jnp.zeros(3))
   assert np.all(np.isfinite(g))
 
 

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from recycle_jax import merging, population, search
+from recycle_jax import merging, population, search, spaces
 
 N = 3
 
@@ -42,7 +42,7 @@ def _search(space, operands, score, budget=240):
 def test_layerwise_search_recovers_per_group_weights():
   pool, _ = _setup()
   rows = np.array([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8], [0.2, 0.6, 0.2]], np.float32)
-  space = merging.make_space("layerwise", pool[0], N)
+  space = spaces.make_space("layerwise", pool[0], N)
   assert space.groups == ("embed", "layer_0", "final") and space.dim == 9
   s, archive = _search(space, space.operands(pool, None),
                        _closeness_to(merging.layerwise(rows, pool)))
@@ -58,7 +58,7 @@ def test_layerwise_search_recovers_per_group_weights():
 def test_task_arithmetic_search_tunes_lam():
   pool, base = _setup()
   alphas = np.array([0.5, 0.3, 0.2], np.float32)
-  space = merging.make_space("task_arithmetic", pool[0], N)
+  space = spaces.make_space("task_arithmetic", pool[0], N)
   assert space.tuned == ("lam",) and space.dim == N + 1
   s, archive = _search(space, space.operands(pool, base),
                        _closeness_to(merging.task_arithmetic(alphas, pool, base, 1.8)))
