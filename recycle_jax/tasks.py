@@ -11,9 +11,12 @@ Analogues of the paper's tasks at a size a 2-core machine trains in minutes:
                                       trained on (literals instead of variables)
             rj_chat_ood   (MT-Bench)  multiple choice: the instructions paraphrased
 
-Generation answers come from executing the code (`exec`, the verifier) or from fixed
-formatting functions; rj_code and rj_instruct score greedy exact match, the multiple
-choice tasks rank classification. Every split is disjoint (items are deduplicated by
+Generation answers come from executing the code (`exec`) or from fixed formatting
+functions. Scoring (`scoring.Scoring`, `verifiers`): rj_code decodes greedily and the
+`output_prediction` verifier executes the snippet in the sandbox and compares what it
+prints with the generation; rj_math decodes greedily and the `numeric` verifier compares
+the extracted numbers; rj_instruct scores teacher-forced exact match (`exact`); the
+multiple choice tasks rank classification. Every split is disjoint (items are deduplicated by
 prompt before they are cut into train/dev/test) and held-out tasks have no train split.
 The pretraining text is Python's standard library source (real code) plus the generated
 world's fact sentences, the only place rj_knowledge's answers appear.
@@ -23,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
+import json
 import keyword
 import os
 import random
@@ -32,6 +36,7 @@ from typing import Callable, Iterator
 import seqio
 import tensorflow as tf
 
+from recycle_jax import scoring, user_tasks, verifiers
 from recycle_jax.models import VOCAB
 
 SPLITS = ("train", "dev", "test")
@@ -80,7 +85,7 @@ _STR_OPS = (".upper()", "[0]", "[-1]", "[::-1]", "*2", "[1:]", ".title()")
 def _code_item(rng: random.Random) -> dict:
   v, w, op = rng.choice(_VARS), rng.choice(WORDS), rng.choice(_STR_OPS)
   code = f"{v} = '{w}'\nprint({v}{op})"
-  return {"inputs": f"{code}\n# ", "targets": _run(code)}
+  return {"inputs": f"{code}\n# ", "targets": _run(code), "program": code}
 
 
 def _code_ood_item(rng: random.Random) -> dict:
@@ -256,6 +261,11 @@ def fact_sentences() -> list[str]:
 
 # ----------------------------------------------------------------------------- seqio
 
+# Generated tasks' scoring: decode at most max_new_tokens (answers are a few bytes), stop at
+# a newline, score with the verifier. The rest: teacher-forced exact match or choice.
+_VERIFIED = {"rj_code": ("output_prediction", 16), "rj_math": ("numeric", 8)}
+
+
 def _dataset_fn(task: str):
   def fn(split: str, shuffle_files: bool = False, seed=None) -> tf.data.Dataset:
     rows = items(task)[split]
@@ -263,16 +273,13 @@ def _dataset_fn(task: str):
     if rows and "choices" in rows[0]:
       cols["choices"] = tf.ragged.constant([r["choices"] for r in rows])  # any count
       cols["label"] = [r["label"] for r in rows]
+    if rows and "program" in rows[0]:  # the verifier's target (user_tasks.postprocess)
+      cols["verifier_target"] = [json.dumps({"program": r["program"]}) for r in rows]
     if not rows:
       return tf.data.Dataset.from_tensor_slices(
           {"inputs": tf.constant([], tf.string), "targets": tf.constant([], tf.string)})
     return tf.data.Dataset.from_tensor_slices(cols)
   return fn
-
-
-def _exact_match(targets, predictions) -> dict:
-  return {"exact_match": 100.0 * sum(t == p for t, p in zip(targets, predictions))
-                         / max(len(targets), 1)}
 
 
 def register() -> None:
@@ -282,12 +289,15 @@ def register() -> None:
   for name in HELD_IN + HELD_OUT:
     if name in seqio.TaskRegistry.names():
       continue
+    verifier, max_new = _VERIFIED.get(name, (None, 0))
     seqio.TaskRegistry.add(
         name,
         source=seqio.FunctionDataSource(_dataset_fn(name), splits=SPLITS),
         preprocessors=[seqio.preprocessors.tokenize, seqio.preprocessors.append_eos],
-        output_features=features,
-        metric_fns=[_exact_match])
+        output_features=features, postprocess_fn=user_tasks.postprocess,
+        metric_fns=[verifiers.get(verifier)] if verifier else [])
+    if verifier:
+      scoring.declare(name, scoring.Scoring("generate", max_new, ("\n",)))
 
 
 register()

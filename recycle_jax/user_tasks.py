@@ -237,7 +237,7 @@ def _chat_preprocessor(task: str):
   return apply
 
 
-def _postprocess(output, example=None, is_target=False):
+def postprocess(output, example=None, is_target=False):
   """Targets of 'generate' tasks are their verifier's JSON targets; outputs pass as is."""
   if is_target and example is not None and "verifier_target" in example:
     raw = example["verifier_target"]
@@ -276,7 +276,7 @@ def register(t: JsonlTask, vocabulary: seqio.Vocabulary = models.VOCAB,
   seqio.TaskRegistry.remove(t.name)
   seqio.TaskRegistry.add(
       t.name, source=seqio.FunctionDataSource(dataset_fn, splits=list(t.splits)),
-      preprocessors=preprocessors, postprocess_fn=_postprocess,
+      preprocessors=preprocessors, postprocess_fn=postprocess,
       output_features={"inputs": seqio.Feature(vocabulary, add_eos=False),
                        "targets": seqio.Feature(vocabulary, add_eos=True)},
       metric_fns=[verifiers.get(t.verifier or "exact_match")] if t.kind == "generate" else [])
