@@ -1,140 +1,113 @@
-"""Hugging Face Llama <-> Orbax checkpoints of `models.Transformer`.
+"""Hugging Face folders <-> Orbax checkpoints of `models.Transformer`, for every family.
 
-The two layouts differ only in names and in kernel orientation: torch Linear stores
-[out, in], flax Dense [in, out]. Tensors go through the `safetensors` numpy API, so no
-torch is needed. Only configurations the model computes exactly are accepted: SiLU
-gated MLP, no biases, default RoPE, head_dim == hidden_size / num_attention_heads.
+What differs between the layouts (names, kernel orientation, config fields) is each
+family's mapping in `families.py`; this module reads and writes the files. Tensors go
+through the `safetensors` numpy API, so no torch is needed, and pickled weights (.bin,
+.pt) are refused, never loaded. Everything is checked from config.json and the
+safetensors headers before a tensor is read or anything written.
 """
 from __future__ import annotations
 
+import dataclasses
+import glob
 import json
 import os
 import shutil
 import uuid
-from typing import Any, Iterator
+from typing import Any
 
 import jax
 import numpy as np
 
-from recycle_jax import checkpoints, models
+from recycle_jax import checkpoints, families, models
 from recycle_jax.errors import UserError, check
 
 PyTree = Any
 HF_CONFIG, HF_WEIGHTS, HF_INDEX = "config.json", "model.safetensors", "model.safetensors.index.json"
-FAMILY = ("llama", "mistral")  # same tensors and maths as the model (no biases)
-IGNORED = ("rotary_emb.inv_freq",)  # buffers some old exports carry; recomputed anyway
+PICKLED = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+_RESAVE = ("re-save it as safetensors (save_pretrained(..., safe_serialization=True)) "
+           "where you trust the file; recycle_jax never unpickles weights")
 
 
-# ----------------------------------------------------------------------------- configs
+@dataclasses.dataclass(frozen=True)
+class HFModel:
+  """A Hugging Face folder as validated from config.json and the safetensors headers."""
+  path: str
+  family: families.Family
+  cfg: models.ModelConfig
+  hf_config: dict  # config.json as read
+  files: dict[str, str]  # HF tensor name -> safetensors file holding it
+  shapes: dict[str, tuple]  # HF tensor name -> shape
 
-def _rope_theta(hf: dict) -> float:
-  # transformers >= 5 nests it in rope_parameters; older configs keep it at the top.
-  rp = hf.get("rope_parameters") or {}
-  return float(rp.get("rope_theta", hf.get("rope_theta", 10_000.0)))
-
-
-def model_config_from_hf(hf: dict, where: str) -> models.ModelConfig:
-  """ModelConfig for a HF config.json dict; refuses what the model cannot reproduce."""
-  def need(cond, what, fix="this model family is not supported by recycle_jax's model"):
-    check(cond, what, where, fix)
-
-  need(hf.get("model_type") in FAMILY, f"model_type {hf.get('model_type')!r} is not one of "
-       f"{list(FAMILY)}")
-  for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-              "num_attention_heads"):
-    need(isinstance(hf.get(key), int), f"config.json lacks integer {key!r}",
-         "export it with transformers' save_pretrained")
-  d, h = hf["hidden_size"], hf["num_attention_heads"]
-  kv = hf.get("num_key_value_heads") or h
-  need(d % h == 0, f"hidden_size {d} is not divisible by num_attention_heads {h}")
-  need(hf.get("head_dim") in (None, d // h),
-       f"head_dim {hf.get('head_dim')} != hidden_size / num_attention_heads = {d // h}")
-  need(h % kv == 0, f"num_attention_heads {h} is not a multiple of num_key_value_heads {kv}")
-  need(hf.get("hidden_act", "silu") == "silu", f"hidden_act {hf.get('hidden_act')!r} != 'silu'")
-  need(not hf.get("attention_bias") and not hf.get("mlp_bias"), "biases are not supported")
-  rope_type = (hf.get("rope_parameters") or hf.get("rope_scaling") or {}).get(
-      "rope_type", (hf.get("rope_scaling") or {}).get("type", "default"))
-  need(rope_type == "default", f"RoPE scaling {rope_type!r} is not supported")
-  need(hf.get("sliding_window") is None, "sliding-window attention is not supported")
-  dtype = hf.get("dtype") or hf.get("torch_dtype") or "float32"
-  need(dtype in ("float32", "bfloat16", "float16"), f"dtype {dtype!r} is not supported")
-  return models.ModelConfig(
-      vocab_size=hf["vocab_size"], d_model=d, num_layers=hf["num_hidden_layers"],
-      num_heads=h, num_kv_heads=kv, d_ff=hf["intermediate_size"],
-      tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-      rope_theta=_rope_theta(hf), norm_eps=float(hf.get("rms_norm_eps", 1e-6)), dtype=dtype)
-
-
-def hf_config_from_model(cfg: models.ModelConfig, base: dict | None = None) -> dict:
-  """config.json for `cfg`; `base` (the original HF config, if any) keeps token ids etc."""
-  byte = cfg.vocab_size == models.VOCAB.vocab_size  # ids are only known for our vocabulary
-  defaults = {"bos_token_id": None, "eos_token_id": models.EOS_ID if byte else None,
-              "pad_token_id": models.PAD_ID if byte else None,
-              "max_position_embeddings": 4096}
-  keep = {k: v for k, v in (base or {}).items() if k in defaults}
-  return {**defaults, **keep,
-          "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-          "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model,
-          "intermediate_size": cfg.d_ff, "num_hidden_layers": cfg.num_layers,
-          "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads,
-          "head_dim": cfg.head_dim, "hidden_act": "silu", "attention_bias": False,
-          "mlp_bias": False, "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
-          "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
-          "tie_word_embeddings": cfg.tie_embeddings, "dtype": cfg.dtype,
-          "torch_dtype": cfg.dtype}
-
-
-# ----------------------------------------------------------------------------- names
-
-def name_map(cfg: models.ModelConfig) -> Iterator[tuple[str, tuple[str, ...], bool]]:
-  """(HF tensor name, flax param path, transposed) for every parameter of `cfg`."""
-  yield "model.embed_tokens.weight", ("embed", "embedding"), False
-  for i in range(cfg.num_layers):
-    hf, fx = f"model.layers.{i}.", f"layer_{i}"
-    for p in "qkvo":
-      yield f"{hf}self_attn.{p}_proj.weight", (fx, "attn", p, "kernel"), True
-    for p in ("gate", "up", "down"):
-      yield f"{hf}mlp.{p}_proj.weight", (fx, p, "kernel"), True
-    yield f"{hf}input_layernorm.weight", (fx, "attn_norm", "scale"), False
-    yield f"{hf}post_attention_layernorm.weight", (fx, "mlp_norm", "scale"), False
-  yield "model.norm.weight", ("final_norm", "scale"), False
-  if not cfg.tie_embeddings:
-    yield "lm_head.weight", ("lm_head", "kernel"), True
-
-
-def _set(tree: dict, path: tuple[str, ...], value) -> None:
-  for k in path[:-1]:
-    tree = tree.setdefault(k, {})
-  tree[path[-1]] = value
-
-
-def _get(tree: dict, path: tuple[str, ...]):
-  for k in path:
-    tree = tree[k]
-  return tree
-
-
-# ----------------------------------------------------------------------------- HF -> params
 
 def is_hf_dir(path: str) -> bool:
   return os.path.isfile(os.path.join(path, HF_CONFIG))
 
 
+def _read_json(path: str, what: str) -> Any:
+  try:
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise UserError(f"cannot read {what}: {e}", path,
+                    "export the model with transformers' save_pretrained") from None
+
+
 def _weight_files(src: str) -> list[str]:
+  """The safetensors files of a folder; pickled weights are refused unread."""
   index = os.path.join(src, HF_INDEX)
   if os.path.isfile(index):
-    with open(index) as f:
-      files = sorted(set(json.load(f)["weight_map"].values()))
-  else:
+    weight_map = _read_json(index, HF_INDEX).get("weight_map")
+    check(isinstance(weight_map, dict) and weight_map, "index has no weight_map", index,
+          "export the model with transformers' save_pretrained")
+    files = sorted(set(weight_map.values()))
+  elif os.path.isfile(os.path.join(src, HF_WEIGHTS)):
     files = [HF_WEIGHTS]
-  paths = [os.path.join(src, f) for f in files]
-  for p in paths:
-    check(os.path.isfile(p), f"weights file {os.path.basename(p)} not found", src,
-          "convert a directory written by save_pretrained with safe_serialization")
-  return paths
+  else:
+    pickled = sorted(os.path.basename(p) for pat in PICKLED
+                     for p in glob.glob(os.path.join(src, pat)))
+    check(not pickled, f"weights are pickled ({', '.join(pickled[:3])})", src, _RESAVE)
+    raise UserError(f"no {HF_WEIGHTS} or {HF_INDEX}", src,
+                    "convert a directory written by save_pretrained with safetensors")
+  for f in files:
+    check(isinstance(f, str) and f.endswith(".safetensors") and os.sep not in f,
+          f"weights file {f!r} is not a safetensors file in the folder", src, _RESAVE)
+    check(os.path.isfile(os.path.join(src, f)), f"weights file {f} not found", src,
+          "copy every file the index lists, or re-export the model")
+  return [os.path.join(src, f) for f in files]
+
+
+def _headers(paths: list[str]) -> tuple[dict[str, str], dict[str, tuple]]:
+  """(tensor -> file, tensor -> shape) from the safetensors headers; no tensor is read."""
+  from safetensors import safe_open
+  files, shapes = {}, {}
+  for path in paths:
+    try:
+      with safe_open(path, framework="np") as f:
+        for k in f.keys():
+          check(k not in files, f"tensor {k!r} is in two files", path,
+                "re-export the model")
+          files[k], shapes[k] = path, tuple(f.get_slice(k).get_shape())
+    except UserError:
+      raise
+    except Exception as e:  # safetensors raises its own error types for a bad header
+      raise UserError(f"cannot read safetensors header: {e}", path,
+                      "the file is truncated or not safetensors; re-export it") from None
+  return files, shapes
+
+
+def inspect_hf(src: str) -> HFModel:
+  """Family, config and tensor layout of a Hugging Face folder, every check done."""
+  path = os.path.join(src, HF_CONFIG)
+  hf = _read_json(path, HF_CONFIG)
+  fam, cfg = families.from_hf_config(hf, f"config.json at {src}")
+  files, shapes = _headers(_weight_files(src))
+  families.check_tensors(cfg, shapes, src)
+  return HFModel(src, fam, cfg, hf, files, shapes)
 
 
 def read_hf_tensors(src: str) -> dict[str, np.ndarray]:
+  """Every tensor of a folder's safetensors files (as stored)."""
   from safetensors import safe_open
   out = {}
   for path in _weight_files(src):
@@ -144,33 +117,16 @@ def read_hf_tensors(src: str) -> dict[str, np.ndarray]:
 
 
 def load_hf(src: str) -> tuple[models.ModelConfig, PyTree, dict]:
-  """(config, flax params, original HF config) from a HF model directory."""
-  path = os.path.join(src, HF_CONFIG)
-  try:
-    with open(path) as f:
-      hf = json.load(f)
-  except (OSError, json.JSONDecodeError) as e:
-    raise UserError(f"cannot read config.json: {e}", src) from None
-  cfg = model_config_from_hf(hf, path)
-  tensors = read_hf_tensors(src)
-  dtype = np.dtype(jax.numpy.dtype(cfg.dtype))
-  shapes = jax.eval_shape(lambda: models.init_params(cfg, jax.random.key(0)))  # no FLOPs
+  """(config, flax params, original config.json) from a Hugging Face folder."""
+  from safetensors import safe_open
+  m = inspect_hf(src)
+  dtype = np.dtype(jax.numpy.dtype(m.cfg.dtype))
   params: dict = {}
-  used = set()
-  for hf_name, fx_path, transpose in name_map(cfg):
-    check(hf_name in tensors, f"tensor {hf_name!r} is missing", src,
-          "the weights do not match config.json")
-    x, want = tensors[hf_name], tuple(_get(shapes, fx_path).shape)
-    want = want[::-1] if transpose else want
-    check(x.shape == want, f"tensor {hf_name!r} has shape {x.shape}, config.json implies "
-          f"{want}", src, "the weights do not match config.json")
-    _set(params, fx_path, np.ascontiguousarray((x.T if transpose else x).astype(dtype)))
-    used.add(hf_name)
-  extra = sorted(k for k in tensors if k not in used and not k.endswith(IGNORED)
-                 and not (cfg.tie_embeddings and k == "lm_head.weight"))
-  check(not extra, f"unexpected tensors {extra[:3]}{'...' if len(extra) > 3 else ''}", src,
-        "this architecture has parameters recycle_jax's model lacks")
-  return cfg, params, hf
+  for t in families.tensor_map(m.cfg):
+    with safe_open(m.files[t.hf_name], framework="np") as f:
+      x = f.get_tensor(t.hf_name)
+    families.set_path(params, t.path, np.ascontiguousarray(t.to_param(x).astype(dtype)))
+  return m.cfg, params, m.hf_config
 
 
 # ----------------------------------------------------------------------------- params -> HF
@@ -179,14 +135,12 @@ def save_hf(dst: str, cfg: models.ModelConfig, params: PyTree, base: dict | None
             ) -> None:
   from safetensors.numpy import save_file
   os.makedirs(dst, exist_ok=True)
-  tensors = {}
-  for hf_name, fx_path, transpose in name_map(cfg):
-    x = np.asarray(jax.device_get(_get(params, fx_path)))
-    tensors[hf_name] = np.ascontiguousarray(x.T if transpose else x)
+  tensors = {t.hf_name: np.ascontiguousarray(t.to_hf(np.asarray(jax.device_get(
+      families.get_path(params, t.path))))) for t in families.tensor_map(cfg)}
   # transformers refuses safetensors files without format metadata.
   save_file(tensors, os.path.join(dst, HF_WEIGHTS), metadata={"format": "pt"})
   checkpoints.atomic_write_text(os.path.join(dst, HF_CONFIG),
-                                json.dumps(hf_config_from_model(cfg, base), indent=1))
+                                json.dumps(families.to_hf_config(cfg, base), indent=1))
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -204,9 +158,8 @@ def convert(src: str, dst: str, overwrite: bool = False) -> str:
                                    "hf_config": hf}, overwrite=overwrite)
     return "huggingface -> orbax"
   meta = checkpoints.read_metadata(src)
-  check(meta.model_config is not None, "checkpoint has no recycle_jax model config", src,
-        "only checkpoints written by recycle_jax can be exported")
-  cfg = models.ModelConfig(**meta.model_config)
+  cfg = families.stored_config(meta.model_config, src)
+  families.check_params(cfg, meta.abstract, src)
   params = checkpoints.restore(src, meta.abstract)
   tmp = f"{os.path.abspath(dst)}.partial-{uuid.uuid4().hex[:8]}"  # renamed when complete
   save_hf(tmp, cfg, params, meta.custom.get(checkpoints.META_KEY, {}).get("hf_config"))

@@ -130,10 +130,10 @@ def test_round_trip_keeps_hf_token_ids_and_tied_export_loads(tmp_path):
 
 
 @pytest.mark.parametrize("change,message", [
-    ({"head_dim": 16}, "head_dim 16 != hidden_size / num_attention_heads = 8"),
+    ({"head_dim": 7}, "head_dim 7 is not an even integer"),
     ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
-    ({"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}},
-     "RoPE scaling 'linear'"),
+    ({"rope_parameters": {"rope_type": "yarn", "factor": 2.0, "rope_theta": 1e4}},
+     "RoPE scaling 'yarn'"),
     ({"model_type": "gpt2"}, "model_type 'gpt2'"),
     ({"attention_bias": True}, "biases are not supported"),
 ])
