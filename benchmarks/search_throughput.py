@@ -144,7 +144,7 @@ def run(args) -> None:
   loaded = experiment.load_pool(args.pool)
   n = len(loaded.pool)
   names = args.tasks.split(",")
-  dev = evaluation.load_split(names, "dev")
+  dev = evaluation.load_split(names, "dev", None, loaded.vocabulary)
   decoder = models.Decoder(loaded.model_cfg)
   score = evaluation.make_scorer(decoder)
   cfg = search.SearchConfig()

@@ -21,6 +21,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from recycle_jax import vocabularies
 from recycle_jax.errors import UserError, check
 from recycle_jax.partitioning import path_str, with_shardings
 
@@ -122,6 +123,7 @@ def atomic_write_text(path: str, text: str) -> None:
 class CheckpointMeta:
   abstract: PyTree  # ShapeDtypeStructs, no shardings
   custom: dict
+  vocabulary: Any = None  # seqio.Vocabulary of the checkpoint's tokenizer (validate_pool)
 
   @property
   def model_config(self) -> dict | None:
@@ -161,7 +163,8 @@ def _config_diff(ref: dict | None, cur: dict | None) -> list[str]:
 
 
 def validate_pool(pool: Pool) -> CheckpointMeta:
-  """Checks every checkpoint against the first from metadata alone; returns the first's."""
+  """Checks every checkpoint against the first from metadata alone (and their tokenizers
+  against each other); returns the first's, with the pool's vocabulary."""
   metas = [read_metadata(e.path, e.name) for e in pool.entries]
   ref, ref_name = _describe(metas[0].abstract), pool.entries[0].name
   for e, m in zip(pool.entries[1:], metas[1:]):
@@ -182,7 +185,10 @@ def validate_pool(pool: Pool) -> CheckpointMeta:
       check(cur[key][1] == ref[key][1],
             f"parameter {key!r} has dtype {cur[key][1]} but {ref_name!r} has {ref[key][1]}",
             where, "convert the pool to one dtype first")
-  return metas[0]
+  vocabs = [vocabularies.of_checkpoint(e.path, m.custom) for e, m in zip(pool.entries, metas)]
+  vocabularies.check_pool(pool.names, vocabs,
+                          [(m.model_config or {}).get("vocab_size") for m in metas], pool.source)
+  return dataclasses.replace(metas[0], vocabulary=vocabs[0])
 
 
 # ----------------------------------------------------------------------------- I/O
@@ -235,13 +241,20 @@ def check_output(path: str, inputs: Sequence[str] = (), overwrite: bool = False,
         "pass --overwrite to replace it, or choose another path")
 
 
-def save(path: str, params: PyTree, custom: dict, overwrite: bool = False) -> None:
-  """Writes an Orbax checkpoint atomically: a sibling temp dir renamed into place."""
+def save(path: str, params: PyTree, custom: dict, overwrite: bool = False,
+         vocabulary=None) -> None:
+  """Writes an Orbax checkpoint atomically: a sibling temp dir renamed into place. The
+  tokenizer of `vocabulary` is kept with it: its files in `tokenizer/`, its kind and
+  content hash in the metadata (`vocabularies.of_checkpoint` reads them back)."""
   path = os.path.abspath(path)
   tmp = temp_sibling(path)
+  if vocabulary is not None:
+    custom = {**custom, "vocabulary": vocabularies.describe(vocabulary)}
   ckptr = ocp.StandardCheckpointer()
   ckptr.save(tmp, params, custom_metadata={META_KEY: custom})
   ckptr.wait_until_finished()
+  if jax.process_index() == 0:
+    vocabularies.write_files(vocabulary, os.path.join(tmp, vocabularies.TOKENIZER_DIR))
   commit(tmp, path, overwrite)
 
 

@@ -101,9 +101,12 @@ def _greedy_soup(loaded, args):
   """Greedy soup on the dev split of --tasks: (alphas [N], its ingredients)."""
   import jax
   import numpy as np
-  from recycle_jax import evaluation, merging, models, population
+  from recycle_jax import evaluation, merging, models, population, vocabularies
   names = [t for t in args.tasks.split(",") if t]
-  dev = evaluation.place(evaluation.load_split(names, "dev", args.max_examples), loaded.mesh)
+  vocab = vocabularies.for_evaluation(loaded.vocabulary, loaded.model_cfg.vocab_size,
+                                     args.pool)
+  dev = evaluation.place(evaluation.load_split(names, "dev", args.max_examples, vocab),
+                         loaded.mesh)
   score = evaluation.make_scorer(models.Decoder(loaded.model_cfg))
   scorer = population.CachedScorer(  # one candidate at a time: greedy soups are sequential
       population.jit_population(population.make_population_fn(score, "vmap"), loaded.params,
@@ -178,21 +181,25 @@ def cmd_merge(args) -> None:
   extra = {"space": space.describe(w)} if how is None else how
   checkpoints.save(args.output, merged,
                    experiment.merged_metadata(loaded, space.checkpoint_weights(w), args.method,
-                                              **extra), overwrite=args.overwrite)
+                                              **extra), overwrite=args.overwrite,
+                   vocabulary=loaded.vocabulary)
   print(f"merged checkpoint: {args.output}")
 
 
 def cmd_eval(args) -> None:
   import jax
   import numpy as np
-  from recycle_jax import checkpoints, evaluation, experiment, models
+  from recycle_jax import checkpoints, evaluation, experiment, models, vocabularies
   meta = checkpoints.read_metadata(args.checkpoint)
   cfg = experiment.model_config_from(meta, args.checkpoint)
   names = [t for t in args.tasks.split(",") if t]
   check(bool(names), "no tasks given", "--tasks", "pass --tasks=rj_code,rj_math")
   if args.output:
     checkpoints.check_output(args.output, [args.checkpoint], overwrite=True)
-  datas = evaluation.load_split(names, args.split, args.max_examples)
+  vocab = vocabularies.for_evaluation(
+      vocabularies.of_checkpoint(args.checkpoint, meta.custom), cfg.vocab_size,
+      args.checkpoint)
+  datas = evaluation.load_split(names, args.split, args.max_examples, vocab)
   params = checkpoints.restore(args.checkpoint, meta.abstract)
   scores = np.asarray(jax.jit(evaluation.make_scorer(models.Decoder(cfg)))(params, datas))
   out = {"checkpoint": os.path.abspath(args.checkpoint), "split": args.split,

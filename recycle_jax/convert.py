@@ -19,7 +19,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from recycle_jax import checkpoints, families, models
+from recycle_jax import checkpoints, families, models, vocabularies
 from recycle_jax.errors import UserError, check
 
 PyTree = Any
@@ -155,7 +155,8 @@ def convert(src: str, dst: str, overwrite: bool = False) -> str:
     checkpoints.save(dst, params, {"model": cfg.to_dict(),
                                    "source": {"format": "huggingface",
                                               "path": os.path.abspath(src)},
-                                   "hf_config": hf}, overwrite=overwrite)
+                                   "hf_config": hf}, overwrite=overwrite,
+                     vocabulary=vocabularies.from_folder(src, hf))  # the tokenizer travels
     return "huggingface -> orbax"
   meta = checkpoints.read_metadata(src)
   cfg = families.stored_config(meta.model_config, src)
@@ -163,6 +164,7 @@ def convert(src: str, dst: str, overwrite: bool = False) -> str:
   params = checkpoints.restore(src, meta.abstract)
   tmp = f"{os.path.abspath(dst)}.partial-{uuid.uuid4().hex[:8]}"  # renamed when complete
   save_hf(tmp, cfg, params, meta.custom.get(checkpoints.META_KEY, {}).get("hf_config"))
+  vocabularies.write_files(vocabularies.of_checkpoint(src, meta.custom), tmp)
   if os.path.exists(dst):
     shutil.rmtree(dst)
   os.rename(tmp, dst)

@@ -22,7 +22,7 @@ import numpy as np
 import seqio
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from recycle_jax import models, partitioning
+from recycle_jax import models, partitioning, vocabularies
 from recycle_jax.errors import UserError, check
 
 PyTree = Any
@@ -109,9 +109,24 @@ def get_task(name: str) -> seqio.Task:
                     f"choose from: {known}") from None
 
 
-def split_examples(name: str, split: str) -> list[dict]:
-  """Tokenized examples (seqio preprocessing) as numpy dicts."""
+def bound_task(name: str, vocabulary: seqio.Vocabulary | None = None) -> seqio.Task:
+  """Task `name` tokenized with `vocabulary` (the pool's): tasks declaring
+  `vocabularies.POOL` take it, one declaring another vocabulary is refused. Without a
+  vocabulary, the task as it declares itself (which must be concrete)."""
   task = get_task(name)
+  if vocabulary is not None:
+    return vocabularies.bind(task, vocabulary)
+  check(not any(isinstance(v, vocabularies.PoolVocabulary)
+                for v in vocabularies.declared(task).values()),
+        f"task {name!r} is tokenized with the pool's vocabulary, and none was given",
+        f"task {name!r}", "evaluate it on a pool (its tokenizer is read from the checkpoints)")
+  return task
+
+
+def split_examples(name: str, split: str, vocabulary: seqio.Vocabulary | None = None
+                   ) -> list[dict]:
+  """Tokenized examples (seqio preprocessing) as numpy dicts."""
+  task = bound_task(name, vocabulary)
   check(split in task.splits, f"task {name!r} has no split {split!r}", "--split",
         f"choose from: {', '.join(task.splits)}")
   ds = task.get_dataset(sequence_length=None, split=split, shuffle=False, use_cached=False)
@@ -149,14 +164,30 @@ def choice_data(name: str, prompts: Sequence[Sequence[int]],
   return d.replace(packed=pack(d))
 
 
-@functools.lru_cache(None)
-def materialize(name: str, split: str, max_examples: int | None = None) -> TaskData:
-  """Reads a seqio task split once and pads it into fixed-shape arrays."""
-  rows = split_examples(name, split)[:max_examples]
+_MATERIALIZED: dict = {}
+
+
+def materialize(name: str, split: str, max_examples: int | None = None,
+                vocabulary: seqio.Vocabulary | None = None) -> TaskData:
+  """Reads a seqio task split once, tokenized with `vocabulary` (the pool's; see
+  `bound_task`), and pads it into fixed-shape arrays (cached per vocabulary content)."""
+  key = (name, split, max_examples,
+         None if vocabulary is None else vocabularies.content_hash(vocabulary))
+  if key not in _MATERIALIZED:
+    _MATERIALIZED[key] = _materialize(name, split, max_examples, vocabulary)
+  return _MATERIALIZED[key]
+
+
+def _materialize(name: str, split: str, max_examples: int | None,
+                 vocabulary: seqio.Vocabulary | None) -> TaskData:
+  task = bound_task(name, vocabulary)
+  vocab = task_vocabulary(task)  # the prompts' vocabulary, never another
+  rows = split_examples(name, split, vocabulary)[:max_examples]
   check(len(rows) > 0, f"task {name!r} split {split!r} is empty", "--split")
-  prompts = [r["inputs"].tolist() for r in rows]
+  bos = [vocab.bos_id] if getattr(vocab, "add_bos", False) else []  # as transformers does
+  prompts = [(bos if list(r["inputs"][:1]) != bos else []) + r["inputs"].tolist()
+             for r in rows]
   if "choices" in rows[0]:
-    vocab = task_vocabulary(get_task(name))  # the prompts' vocabulary, never another
     choices = [[vocab.encode(c.decode()) for c in r["choices"]] for r in rows]
     return choice_data(name, prompts, choices, [int(r["label"]) for r in rows])
   targets = [r["targets"].tolist() for r in rows]  # EOS appended by seqio
@@ -282,9 +313,9 @@ def place(datas: tuple[TaskData, ...], mesh) -> tuple[TaskData, ...]:
   return tuple(one(d) for d in datas)
 
 
-def load_split(task_names: Sequence[str], split: str,
-               max_examples: int | None = None) -> tuple[TaskData, ...]:
-  return tuple(materialize(t, split, max_examples) for t in task_names)
+def load_split(task_names: Sequence[str], split: str, max_examples: int | None = None,
+               vocabulary: seqio.Vocabulary | None = None) -> tuple[TaskData, ...]:
+  return tuple(materialize(t, split, max_examples, vocabulary) for t in task_names)
 
 
 # ----------------------------------------------------------------------------- scorers
@@ -392,9 +423,9 @@ def make_scorer(decoder: models.Decoder, generation: str = "teacher_forced",
   return score
 
 
-def decode_text(tokens: np.ndarray) -> str:
+def decode_text(tokens: np.ndarray, vocabulary: seqio.Vocabulary) -> str:
   """Token ids up to the first EOS as text."""
-  ids = list(np.asarray(tokens))
-  if models.EOS_ID in ids:
-    ids = ids[:ids.index(models.EOS_ID)]
-  return models.VOCAB.decode([i for i in ids if i > models.EOS_ID])
+  ids = [int(i) for i in np.asarray(tokens)]
+  if vocabulary.eos_id in ids:
+    ids = ids[:ids.index(vocabulary.eos_id)]
+  return vocabulary.decode(ids)

@@ -17,7 +17,8 @@ import numpy as np
 from absl import logging
 
 from recycle_jax import (baselines, checkpoints, evaluation, merging, methods, models,
-                         pareto, partitioning, population, reporting, search, spaces)
+                         pareto, partitioning, population, reporting, search, spaces,
+                         vocabularies)
 from recycle_jax.errors import UserError, check
 
 PyTree = Any
@@ -43,6 +44,7 @@ class Loaded:
   params: tuple  # N parameter trees, sharded by the partitioning rules
   model_cfg: models.ModelConfig
   mesh: Any
+  vocabulary: Any = None  # the pool's seqio.Vocabulary (its tokenizer); kept in merges
 
   @property
   def shardings(self) -> PyTree:
@@ -64,7 +66,7 @@ def load_pool(pool_spec) -> Loaded:
   mesh = partitioning.make_mesh()
   shardings = partitioning.param_shardings(meta.abstract, mesh)
   abstract = partitioning.with_shardings(meta.abstract, shardings)
-  return Loaded(pool, checkpoints.restore_pool(pool, abstract), cfg, mesh)
+  return Loaded(pool, checkpoints.restore_pool(pool, abstract), cfg, mesh, meta.vocabulary)
 
 
 def nonfinite_members(loaded: Loaded) -> list[str]:
@@ -109,10 +111,12 @@ def run_search(workdir: str, resume: bool = False, overwrite: bool = False,
         "bind Experiment.tasks to a list of seqio task names")
   check_workdir(workdir, resume, overwrite, pool.paths)
   # Cheap checks first: metadata of every checkpoint, every task and split.
-  checkpoints.validate_pool(pool)
-  dev = evaluation.load_split(exp.tasks, "dev", exp.max_examples)
+  meta = checkpoints.validate_pool(pool)
+  vocab = vocabularies.for_evaluation(meta.vocabulary, (meta.model_config or {}).get(
+      "vocab_size"), pool.source)  # every task is tokenized with the pool's tokenizer
+  dev = evaluation.load_split(exp.tasks, "dev", exp.max_examples, vocab)
   test_tasks = tuple(exp.tasks) + tuple(t for t in exp.report_tasks if t not in exp.tasks)
-  test = evaluation.load_split(test_tasks, "test", exp.max_examples)
+  test = evaluation.load_split(test_tasks, "test", exp.max_examples, vocab)
   check(scfg.strategy in search.STRATEGIES, f"unknown search strategy {scfg.strategy!r}",
         "SearchConfig.strategy", f"choose from {list(search.STRATEGIES)}")
   check(num_seeds >= 1, f"num_seeds={num_seeds}", "--num_seeds", "pass 1 or more")
@@ -272,7 +276,8 @@ def search_once(sh: Shared, scfg: search.SearchConfig, space: spaces.MergeSpace,
         jax.numpy.asarray(w), scorer.pool)
     checkpoints.save(os.path.join(workdir, "merged"), merged,
                      merged_metadata(sh.loaded, space.checkpoint_weights(w), "search",
-                                     space=space.describe(w)), overwrite=True)
+                                     space=space.describe(w)), overwrite=True,
+                     vocabulary=sh.loaded.vocabulary)
   write_results(workdir, results)
   return results
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 
-from recycle_jax import models, user_tasks
+from recycle_jax import user_tasks, vocabularies
 
 NAME = "humaneval"
 STOP = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\nassert ")
@@ -28,7 +28,7 @@ def problems() -> tuple[dict, ...]:
   return tuple(ps[f"HumanEval/{i}"] for i in range(len(ps)))
 
 
-def register(vocabulary=models.VOCAB) -> str:
+def register(vocabulary=vocabularies.POOL) -> str:
   ps = problems()
   return user_tasks.register(TASK, vocabulary,
                              records={"dev": list(ps[0::2]), "test": list(ps[1::2])})

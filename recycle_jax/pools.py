@@ -26,7 +26,8 @@ import numpy as np
 from absl import logging
 from tqdm.auto import tqdm
 
-from recycle_jax import checkpoints, evaluation, models, reporting, tasks, training
+from recycle_jax import (checkpoints, evaluation, models, reporting, tasks, training,
+                         vocabularies)
 from recycle_jax.errors import check
 
 PyTree = Any
@@ -177,7 +178,8 @@ def make_pool(workdir: str, recipes: Sequence[dict] = gin.REQUIRED,
   manifest = os.path.join(workdir, "pool.json")
   os.makedirs(workdir, exist_ok=True)
   apply = models.Decoder(model).apply
-  custom = lambda extra: {"model": model.to_dict(), **extra}
+  custom = lambda extra: {"model": model.to_dict(), **extra,
+                          "vocabulary": vocabularies.describe(models.VOCAB)}
 
   t0 = time.time()
   base_dir = os.path.join(workdir, "base")
@@ -296,7 +298,7 @@ def score_pool(pool: checkpoints.Pool, eval_tasks: Sequence[str],
     params = checkpoints.restore(e.path, meta.abstract, e.name)
     out[e.name] = {}
     for split in ("dev", "test"):
-      datas = evaluation.load_split(eval_tasks, split, max_examples)
+      datas = evaluation.load_split(eval_tasks, split, max_examples, meta.vocabulary)
       s = np.asarray(score(params, datas))
       out[e.name][split] = {t: round(float(v), 4) for t, v in zip(eval_tasks, s)}
   return out

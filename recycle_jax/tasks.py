@@ -37,7 +37,7 @@ import seqio
 import tensorflow as tf
 
 from recycle_jax import scoring, user_tasks, verifiers
-from recycle_jax.models import VOCAB
+from recycle_jax.vocabularies import POOL
 
 SPLITS = ("train", "dev", "test")
 NUM_EVAL = {"dev": 128, "test": 128}
@@ -284,8 +284,9 @@ def _dataset_fn(task: str):
 
 def register() -> None:
   """Registers every benchmark task in seqio.TaskRegistry (idempotent)."""
-  features = {"inputs": seqio.Feature(VOCAB, add_eos=False),
-              "targets": seqio.Feature(VOCAB, add_eos=True)}
+  # Tokenized with the vocabulary of the pool they are evaluated on (vocabularies.bind).
+  features = {"inputs": seqio.Feature(POOL, add_eos=False),
+              "targets": seqio.Feature(POOL, add_eos=True)}
   for name in HELD_IN + HELD_OUT:
     if name in seqio.TaskRegistry.names():
       continue

@@ -44,7 +44,7 @@ import gin
 import seqio
 import tensorflow as tf
 
-from recycle_jax import models, scoring, verifiers
+from recycle_jax import scoring, verifiers, vocabularies
 from recycle_jax.errors import UserError, check
 
 Record = dict[str, Any]
@@ -245,7 +245,7 @@ def postprocess(output, example=None, is_target=False):
   return output
 
 
-def register(t: JsonlTask, vocabulary: seqio.Vocabulary = models.VOCAB,
+def register(t: JsonlTask, vocabulary: seqio.Vocabulary = vocabularies.POOL,
              records: Mapping[str, list[Record]] | None = None) -> str:
   """Validates `t`, reads its files (or takes `records`, {split: [record]}, for data that
   ships in a package) and registers it in seqio.TaskRegistry, replacing a task of the same

@@ -16,7 +16,7 @@ def _decoded(text: str) -> str:
 def test_canonical_solutions_pass_and_corrupted_ones_fail():
   task = seqio.get_mixture_or_task(humaneval.NAME)
   assert scoring.of(task, False).kind == "generate"
-  examples = {s: evaluation.split_examples(humaneval.NAME, s) for s in ("dev", "test")}
+  examples = {s: evaluation.split_examples(humaneval.NAME, s, models.VOCAB) for s in ("dev", "test")}
   assert [len(v) for v in examples.values()] == [82, 82]
   start = time.time()
   for split, exs in examples.items():

@@ -18,7 +18,7 @@ def test_kv_cache_decoding_matches_uncached(micro_pool):
   # A random model with large weights too: it emits varied tokens, never an early EOS.
   noisy = jax.tree.map(lambda x: x * 20, models.init_params(cfg, jax.random.key(3)))
   dec = models.Decoder(cfg)
-  d = evaluation.materialize("rj_math", "dev", 16)
+  d = evaluation.materialize("rj_math", "dev", 16, models.VOCAB)
   cached_fn = jax.jit(dec.greedy_decode, static_argnums=3)
   plain_fn = jax.jit(models.greedy_decode_uncached, static_argnums=(0, 4))
   for params in (trained, noisy):
@@ -31,7 +31,7 @@ def test_kv_cache_decoding_matches_uncached(micro_pool):
 def test_teacher_forced_exact_match_equals_greedy(micro_pool):
   cfg, params = _trained(micro_pool)
   dec = models.Decoder(cfg)
-  datas = evaluation.load_split(["rj_code", "rj_math"], "dev", 32)
+  datas = evaluation.load_split(["rj_code", "rj_math"], "dev", 32, models.VOCAB)
   tf = evaluation.make_scorer(dec, generation="teacher_forced")(params, datas)
   greedy = evaluation.make_scorer(dec, generation="greedy")(params, datas)
   np.testing.assert_allclose(tf, greedy)
@@ -40,7 +40,7 @@ def test_teacher_forced_exact_match_equals_greedy(micro_pool):
 def test_chunked_scoring_matches_unchunked(micro_pool):
   cfg, params = _trained(micro_pool)
   dec = models.Decoder(cfg)
-  datas = evaluation.load_split(["rj_knowledge", "rj_math"], "dev", 20)
+  datas = evaluation.load_split(["rj_knowledge", "rj_math"], "dev", 20, models.VOCAB)
   a = evaluation.make_scorer(dec)(params, datas)
   b = evaluation.make_scorer(dec, batch_size=8)(params, datas)
   np.testing.assert_allclose(a, b, atol=1e-4)
@@ -51,7 +51,7 @@ def test_rank_classification_picks_the_likeliest_choice():
   cfg = models.ModelConfig(d_model=16, num_layers=1, num_heads=2, num_kv_heads=1, d_ff=32)
   params = models.init_params(cfg, jax.random.key(0))
   dec = models.Decoder(cfg)
-  d = evaluation.materialize("rj_reasoning", "dev", 8)
+  d = evaluation.materialize("rj_reasoning", "dev", 8, models.VOCAB)
   lp = np.asarray(evaluation.choice_logprobs(dec.apply, params, d))
   hits = np.asarray(evaluation.rank_classification(dec.apply, params, d))
   np.testing.assert_array_equal(hits, (lp.argmax(-1) == np.asarray(d.labels)).astype(float))

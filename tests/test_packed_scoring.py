@@ -42,7 +42,7 @@ def _own_greedy_targets(dec, params, d, new=6):
 
 def test_packed_choice_scores_equal_padded():
   dec = models.Decoder(CFG)
-  datas = evaluation.load_split(["rj_reasoning", "rj_knowledge"], "dev", 48)
+  datas = evaluation.load_split(["rj_reasoning", "rj_knowledge"], "dev", 48, models.VOCAB)
   for seed in (0, 1, 2):
     params = _noisy(seed, 5.0)
     packed = evaluation.make_scorer(dec)(params, datas)
@@ -55,7 +55,8 @@ def test_packed_choice_scores_equal_padded():
 def test_packed_teacher_forcing_equals_greedy_and_padded():
   dec = models.Decoder(CFG)
   params = _noisy()
-  d = _own_greedy_targets(dec, params, evaluation.materialize("rj_math", "dev", 24))
+  d = _own_greedy_targets(
+      dec, params, evaluation.materialize("rj_math", "dev", 24, models.VOCAB))
   tf = evaluation.make_scorer(dec, "teacher_forced")(params, (d,))
   greedy = evaluation.make_scorer(dec, "greedy")(params, (d,))
   padded = evaluation.teacher_forced_exact_match(dec.apply, params, _padded(d))
@@ -68,7 +69,7 @@ def test_packed_teacher_forcing_equals_greedy_and_padded():
 
 def test_pack_covers_every_example_once_and_trims():
   for name in ("rj_code", "rj_reasoning", "rj_knowledge"):
-    d = evaluation.materialize(name, "dev", 40)
+    d = evaluation.materialize(name, "dev", 40, models.VOCAB)
     assert sum(p.tokens.shape[0] for p in d.packed) == d.num_examples
     assert len(d.packed) <= 4
     packed_tokens = sum(p.tokens.size for p in d.packed)
@@ -85,7 +86,8 @@ def test_placed_splits_score_the_same_with_rows_split_over_data():
   from recycle_jax import partitioning
   dec = models.Decoder(CFG)
   mesh = partitioning.make_mesh()  # ('data', 'model') = (8, 1)
-  datas = evaluation.load_split(["rj_reasoning", "rj_code"], "dev", 44)  # 44: pads needed
+  # 44: pads needed
+  datas = evaluation.load_split(["rj_reasoning", "rj_code"], "dev", 44, models.VOCAB)
   placed = evaluation.place(datas, mesh)
   for d in placed:
     for p in d.packed:

@@ -6,7 +6,7 @@ import gin
 import pytest
 import seqio
 
-from recycle_jax import evaluation, scoring, user_tasks
+from recycle_jax import evaluation, models, scoring, user_tasks
 from recycle_jax.errors import UserError
 from recycle_jax.user_tasks import JsonlTask
 
@@ -25,7 +25,7 @@ def qa(tmp_path):
 
 
 def _examples(name, split):
-  return evaluation.split_examples(name, split)
+  return evaluation.split_examples(name, split, models.VOCAB)
 
 
 def test_generate_task_with_fields_few_shot_and_verifier(qa):
