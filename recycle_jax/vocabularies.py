@@ -329,13 +329,13 @@ def from_metadata(path: str, stored: Mapping | None) -> seqio.Vocabulary | None:
 
 def of_checkpoint(path: str, custom: Mapping) -> seqio.Vocabulary | None:
   """The vocabulary of the checkpoint at `path` from its custom metadata: the tokenizer
-  recorded there, else (checkpoints written before tokenizers were recorded) the byte
-  vocabulary for the byte-level model; None when it has no tokenizer."""
+  recorded there, else the byte vocabulary for the byte family's model (whose checkpoints
+  may predate recorded tokenizers); None when it has no tokenizer."""
   rj = custom.get("recycle_jax") or {}
   vocab = from_metadata(path, rj.get("vocabulary"))
-  if vocab is None and (rj.get("model") or {}).get("vocab_size") == BYTE.vocab_size \
-      and not (rj.get("source") or {}).get("format"):
-    vocab = BYTE  # the byte family, made by make-pool
+  model = rj.get("model")
+  if vocab is None and isinstance(model, dict) and model.get("family", "byte") == "byte":
+    vocab = BYTE  # the byte family's own vocabulary
   return vocab
 
 

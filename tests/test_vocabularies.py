@@ -71,7 +71,7 @@ def test_sentencepiece_tokenizer_model(tmp_path):
 
 def _ckpt(path, vocab, vocab_size, seed=0):
   cfg = models.ModelConfig(vocab_size=vocab_size, d_model=16, num_layers=1, num_heads=2,
-                           num_kv_heads=1, d_ff=32)
+                           num_kv_heads=1, d_ff=32, family="llama")
   checkpoints.save(str(path), models.init_params(cfg, jax.random.key(seed)),
                    {"model": cfg.to_dict()}, vocabulary=vocab)
   return checkpoints.Entry(os.path.basename(path), str(path))
