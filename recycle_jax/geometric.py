@@ -72,7 +72,7 @@ def nuslerp_leaf(t, v0: jax.Array, v1: jax.Array, base: jax.Array | None = None,
                  ) -> jax.Array:
   """mergekit nuslerp.py: SLERP from v0 (t = 0) to v1 (t = 1), of the whole tensors
   (flatten), or of each vector along the last axis (the first with row_wise); of the task
-  vectors when a base is given. Linear interpolation where |sin theta| < eps."""
+  vectors when a base is given. Linear interpolation where sin^2 theta <= eps^2."""
   if base is not None:
     return base + nuslerp_leaf(t, v0 - base, v1 - base, None, row_wise, flatten, eps)
   shape = v0.shape
@@ -81,12 +81,11 @@ def nuslerp_leaf(t, v0: jax.Array, v1: jax.Array, base: jax.Array | None = None,
   else:
     a, b = (jnp.swapaxes(v0, 0, -1), jnp.swapaxes(v1, 0, -1)) if row_wise else (v0, v1)
   unit = lambda x: x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-7)
-  cos = jnp.sum(unit(a) * unit(b), axis=-1, keepdims=True)
-  theta = jnp.arccos(jnp.clip(cos, -1.0, 1.0))
-  sin = jnp.sin(theta)
-  colinear = jnp.abs(sin) < eps
-  res = (jnp.sin((1 - t) * theta) * a + jnp.sin(t * theta) * b) / jnp.where(colinear, 1.0,
-                                                                            sin)
+  cos = jnp.clip(jnp.sum(unit(a) * unit(b), axis=-1, keepdims=True), -1.0, 1.0)
+  colinear = 1 - cos * cos <= eps * eps
+  theta = jnp.arccos(jnp.where(colinear, 0.0, cos))  # finite on the discarded branch
+  sin = jnp.where(colinear, 1.0, jnp.sin(theta))
+  res = (jnp.sin((1 - t) * theta) * a + jnp.sin(t * theta) * b) / sin
   res = jnp.where(colinear, (1 - t) * a + t * b, res)
   if not flatten and row_wise:
     res = jnp.swapaxes(res, 0, -1)
@@ -148,7 +147,8 @@ def model_stock_leaf(base: jax.Array, xs: Sequence[jax.Array], weights=None,
                      filter_wise: bool = False) -> jax.Array:
   """mergekit model_stock.py (Jang et al.): the average of the fine-tuned checkpoints pulled
   toward the base by t = N cos / (1 + (N - 1) cos), cos the mean pairwise cosine of their
-  task vectors, over the whole tensor or (filter_wise) per row, a vector being one row.
+  task vectors, over the whole tensor or (filter_wise) per row, a vector being one row;
+  the base where 1 + (N - 1) cos vanishes.
   weights [N] replace the uniform average (mergekit: uniform)."""
   n = len(xs)
   w = jnp.full((n,), 1.0 / n) if weights is None else jnp.asarray(weights, jnp.float32)
@@ -161,7 +161,8 @@ def model_stock_leaf(base: jax.Array, xs: Sequence[jax.Array], weights=None,
                   jnp.maximum(rownorm(offsets[i]) * rownorm(offsets[j]), 1e-6), -1.0, 1.0)
          for i in range(n) for j in range(i + 1, n)]
   c = jnp.mean(jnp.stack(cos), axis=0)[:, None]
-  t = n * c / (1 + (n - 1) * c)
+  den = 1 + (n - 1) * c
+  t = jnp.where(jnp.abs(den) < 1e-6, 0.0, n * c / jnp.where(jnp.abs(den) < 1e-6, 1.0, den))
   avg = sum(w[i] * v for i, v in enumerate(vs))
   return (t * avg + (1 - t) * b).reshape(shape)
 

@@ -8,13 +8,13 @@ to the base:
 
 The rules (`SPARSIFY`): TIES' magnitude trim, DARE's random drop, Model Breadcrumbs'
 magnitude band (drop the smallest and the gamma largest), DELLA's magnitude-ranked random
-drop (MAGPRUNE). Two conventions exist for trimming and rescaling, and `mergekit_rules`
+drop (MAGPRUNE), as in mergekit 0.1.5. Two conventions exist for trimming and rescaling, and `mergekit_rules`
 chooses:
   - recycle_jax's (the default, the papers' code): TIES keeps round(density * size) entries
     and every entry tied with the k-th magnitude; DARE rescales kept entries by 1 / density
     and DELLA by 1 / p_i, each entry's own keep probability (unbiased in expectation).
   - mergekit's (used when a mergekit config is given, so its results are reproduced):
-    exactly k = floor(density * size) entries kept (ties broken by position), and random
+    exactly k = max(1, floor(density * size)) entries kept (ties broken by position), random
     drops rescaled, when `rescale` is on, so the tensor keeps its L1 norm; the sign
     election counts a zero weighted sum as positive.
 Weights may be negative (task negation: mergekit's `weight: -1`).
@@ -71,11 +71,12 @@ def _finish(tv, kept, rescale, dense):
 # Each rule: (tv, density, key, mergekit_rules, rescale, gamma, epsilon) -> sparse tv.
 
 def magnitude(tv, density, key, mergekit_rules, rescale, gamma, epsilon):
-  """TIES' trim: keep the largest-magnitude entries."""
+  """TIES' trim: keep the largest-magnitude entries (mergekit: at least one when
+  density > 0)."""
   if not mergekit_rules:
     return merging.trim_magnitude(tv, density)
-  k = floor_count(density, tv.size)
-  kept = ranks_ascending(jnp.abs(tv)) >= tv.size - k
+  k = jnp.maximum(floor_count(density, tv.size), 1)
+  kept = (ranks_ascending(jnp.abs(tv)) >= tv.size - k) & (jnp.asarray(density) > 0)
   return _finish(tv, kept, rescale, jnp.asarray(density) >= 1)
 
 
@@ -88,24 +89,14 @@ def random(tv, density, key, mergekit_rules, rescale, gamma, epsilon):
 
 
 def magnitude_outliers(tv, density, key, mergekit_rules, rescale, gamma, epsilon):
-  """Model Breadcrumbs: drop the floor(gamma * size) largest magnitudes (outliers) and the
-  smallest, keeping floor(density * size) entries (fewer outliers dropped when both do
-  not fit).
-
-  mergekit's slice `indices[n_bot:-n_top]` is empty when n_top = 0 (gamma * size < 1, e.g.
-  every norm vector at gamma = 0.01): it drops the whole task vector of such tensors. Under
-  mergekit's rules that is reproduced (its results are the reference); recycle_jax's rule
-  keeps the band [n_bot, size - n_top) as the method intends.
-  """
+  """Model Breadcrumbs: keep floor(density * size) entries, the band of magnitudes just
+  below the floor(gamma * size) largest (outliers); fewer outliers are dropped when both
+  do not fit. The same rule under both conventions."""
   size = tv.size
   target, n_top = floor_count(density, size), floor_count(gamma, size)
-  n_bot = size - target - n_top
-  n_top = n_top + jnp.minimum(n_bot, 0)
-  n_bot = jnp.maximum(n_bot, 0)
+  n_bot = jnp.maximum(size - target - n_top, 0)
   r = ranks_ascending(jnp.abs(tv))
-  kept = (r >= n_bot) & (r < size - n_top)
-  if mergekit_rules:
-    kept = kept & (n_top > 0)
+  kept = (r >= n_bot) & (r < n_bot + target)
   return _finish(tv, kept, rescale, jnp.asarray(density) >= 1)
 
 

@@ -98,28 +98,24 @@ def ref_model_stock(base, xs, filter_wise=False):
 
 
 def ref_magnitude(tv, density):
-  """mergekit sparsify.magnitude: exactly int(density * numel) largest magnitudes."""
+  """mergekit sparsify.magnitude: exactly max(1, int(density * numel)) largest magnitudes."""
   if density >= 1:
     return tv
-  k = int(density * tv.size)
+  k = max(1, int(density * tv.size))
   mask = np.zeros(tv.size)
   mask[np.argsort(-np.abs(tv).ravel(), kind="stable")[:k]] = 1
   return tv * mask.reshape(tv.shape)
 
 
 def ref_magnitude_outliers(tv, density, gamma):
-  """mergekit sparsify.magnitude_outliers, including its empty slice when n_top = 0."""
+  """mergekit sparsify.magnitude_outliers."""
   if density >= 1:
     return tv
   n = tv.size
   target, n_top = int(density * n), int(gamma * n)
-  n_bot = n - target - n_top
-  if n_bot < 0:
-    n_top += n_bot
-    n_bot = 0
-  idx = np.argsort(np.abs(tv).ravel(), kind="stable")
+  n_bot = max(0, n - target - n_top)
   mask = np.zeros(n)
-  mask[idx[n_bot:-n_top]] = 1
+  mask[np.argsort(np.abs(tv).ravel(), kind="stable")[n_bot:n_bot + target]] = 1
   return tv * mask.reshape(tv.shape)
 
 
@@ -191,6 +187,9 @@ def test_model_stock_equals_mergekit_formula(filter_wise):
   got = jax.jit(lambda b, xs: geometric.model_stock_leaf(b, xs, filter_wise=filter_wise))(
       base, _j(xs))
   close(got, ref_model_stock(base, xs, filter_wise))
+  # Opposite task vectors (cos = -1 for N = 2): 1 + (N - 1) cos = 0, the base is kept.
+  b, x = jnp.asarray(base), jnp.asarray(xs[0])
+  close(geometric.model_stock_leaf(b, [x, 2 * b - x]), base)
 
 
 # ----------------------------------------------------------------------------- sparsification
@@ -207,6 +206,9 @@ def test_mergekit_magnitude_keeps_exactly_floor_k(density):
                                                      False, 0, 0))) == 7
   assert int(np.count_nonzero(task_vectors.magnitude(jnp.asarray(tied), 0.37, None, False,
                                                      False, 0, 0))) == 20
+  # A positive density keeps at least one entry (mergekit 0.1.5).
+  assert int(np.count_nonzero(task_vectors.magnitude(jnp.asarray(tv), 0.001, None, True,
+                                                     False, 0, 0))) == 1
 
 
 def test_floor_count_is_mergekit_int_on_the_host():
@@ -214,17 +216,13 @@ def test_floor_count_is_mergekit_int_on_the_host():
   assert int(task_vectors.floor_count(jnp.float32(0.5), 9)) == 4
 
 
-@pytest.mark.parametrize("mergekit_rules", [True, False])
-@pytest.mark.parametrize("gamma", [0.1, 0.01])
-def test_breadcrumbs_band_equals_mergekit(gamma, mergekit_rules):
+@pytest.mark.parametrize("density,gamma", [(0.5, 0.1), (0.5, 0.01), (0.9, 0.2)])
+def test_breadcrumbs_band_equals_mergekit(density, gamma):
   base, xs = _arrays(1, shape=(6, 8), seed=6)
   tv = xs[0] - base
-  got = np.asarray(task_vectors.magnitude_outliers(jnp.asarray(tv), 0.5, None, mergekit_rules,
-                                                   False, gamma, 0))
-  if mergekit_rules or int(gamma * tv.size) > 0:
-    close(got, ref_magnitude_outliers(tv, 0.5, gamma))
-  else:  # gamma * size < 1: no outlier to drop, recycle_jax keeps the top half (mergekit none)
-    close(got, ref_magnitude(tv, 0.5))
+  got = task_vectors.magnitude_outliers(jnp.asarray(tv), density, None, True, False, gamma, 0)
+  close(got, ref_magnitude_outliers(tv, density, gamma))
+  assert np.count_nonzero(np.asarray(got)) == int(density * tv.size)
 
 
 def test_dare_mergekit_rule_keeps_density_and_the_l1_norm():
