@@ -35,12 +35,20 @@ PyTree = Any
 
 # ----------------------------------------------------------------------------- helpers
 
-def floor_count(fraction, size: int):
-  """floor(fraction * size), as mergekit's int(): exact on the host for a Python number
-  (float64, as mergekit computes it), traced float32 otherwise (searched values)."""
+def floor_count(fraction, size: int, exact=None):
+  """floor(fraction * size), as mergekit's int(): `exact` when the caller computed it on
+  the host (float64, as mergekit does: float32 cannot count past 2^24, nor floor 0.7 * 10
+  to 7), exact for a Python number, traced float32 otherwise (searched values)."""
+  if exact is not None:
+    return exact
   if isinstance(fraction, (int, float)):
     return int(fraction * size)
   return jnp.floor(fraction * size).astype(jnp.int32)
+
+
+def host_counts(density: float, gamma: float, size: int) -> tuple[int, int]:
+  """(floor(density * size), floor(gamma * size)) in float64, for `combine(counts=...)`."""
+  return int(density * size), int(gamma * size)
 
 
 def ranks_ascending(mag: jax.Array) -> jax.Array:
@@ -68,19 +76,20 @@ def _finish(tv, kept, rescale, dense):
 
 
 # ----------------------------------------------------------------------------- rules
-# Each rule: (tv, density, key, mergekit_rules, rescale, gamma, epsilon) -> sparse tv.
+# Each rule: (tv, density, key, mergekit_rules, rescale, gamma, epsilon, counts) -> sparse
+# tv; counts: None, or host_counts' (kept, outliers) for exact counts.
 
-def magnitude(tv, density, key, mergekit_rules, rescale, gamma, epsilon):
+def magnitude(tv, density, key, mergekit_rules, rescale, gamma, epsilon, counts=None):
   """TIES' trim: keep the largest-magnitude entries (mergekit: at least one when
   density > 0)."""
   if not mergekit_rules:
     return merging.trim_magnitude(tv, density)
-  k = jnp.maximum(floor_count(density, tv.size), 1)
+  k = jnp.maximum(floor_count(density, tv.size, None if counts is None else counts[0]), 1)
   kept = (ranks_ascending(jnp.abs(tv)) >= tv.size - k) & (jnp.asarray(density) > 0)
   return _finish(tv, kept, rescale, jnp.asarray(density) >= 1)
 
 
-def random(tv, density, key, mergekit_rules, rescale, gamma, epsilon):
+def random(tv, density, key, mergekit_rules, rescale, gamma, epsilon, counts=None):
   """DARE: keep each entry with probability density."""
   if not mergekit_rules:
     return merging.dare_drop(tv, density, key)
@@ -88,19 +97,20 @@ def random(tv, density, key, mergekit_rules, rescale, gamma, epsilon):
   return _finish(tv, kept, rescale, jnp.asarray(density) >= 1)
 
 
-def magnitude_outliers(tv, density, key, mergekit_rules, rescale, gamma, epsilon):
+def magnitude_outliers(tv, density, key, mergekit_rules, rescale, gamma, epsilon, counts=None):
   """Model Breadcrumbs: keep floor(density * size) entries, the band of magnitudes just
   below the floor(gamma * size) largest (outliers); fewer outliers are dropped when both
   do not fit. The same rule under both conventions."""
   size = tv.size
-  target, n_top = floor_count(density, size), floor_count(gamma, size)
+  target, n_top = (floor_count(density, size), floor_count(gamma, size)) if counts is None \
+      else counts
   n_bot = jnp.maximum(size - target - n_top, 0)
   r = ranks_ascending(jnp.abs(tv))
   kept = (r >= n_bot) & (r < n_bot + target)
   return _finish(tv, kept, rescale, jnp.asarray(density) >= 1)
 
 
-def della_magprune(tv, density, key, mergekit_rules, rescale, gamma, epsilon):
+def della_magprune(tv, density, key, mergekit_rules, rescale, gamma, epsilon, counts=None):
   """DELLA's MAGPRUNE: per row (a vector is one row), entries ranked by magnitude are kept
   with probability p = density - epsilon + 2 epsilon (rank / (cols - 1)), so larger ones
   survive more often. Rescaled by 1 / p (the paper) or, under mergekit's rules when
@@ -139,11 +149,13 @@ def elect(weighted: Sequence[jax.Array], mergekit_rules: bool) -> list[jax.Array
 def combine(base: jax.Array, xs: Sequence[jax.Array], weights, lam=1.0, *,
             sparsify: str | None = None, density=1.0, consensus: bool = False,
             normalize: bool = True, mergekit_rules: bool = False, rescale: bool = False,
-            gamma=0.01, epsilon=0.15, key: jax.Array | None = None) -> jax.Array:
+            gamma=0.01, epsilon=0.15, key: jax.Array | None = None,
+            counts: jax.Array | None = None) -> jax.Array:
   """One leaf of a task-vector merge, float32.
 
   base, xs[i]: [...] leaves; weights: [N] (any sign); density, gamma, epsilon: scalars or
-  [N] (per checkpoint); key: for the random rules (one stream per checkpoint).
+  [N] (per checkpoint); key: for the random rules (one stream per checkpoint); counts:
+  [N, 2] int32 host_counts per checkpoint (mergekit's exact trims), or None.
   normalize divides by the sum of the weights (with consensus: of the agreeing weights; a
   zero divisor leaves the sum as it is, as mergekit does).
   """
@@ -153,7 +165,8 @@ def combine(base: jax.Array, xs: Sequence[jax.Array], weights, lam=1.0, *,
   if sparsify is not None:
     rule = SPARSIFY[sparsify]
     tvs = [rule(t, per(density, j), None if key is None else jax.random.fold_in(key, j),
-                mergekit_rules, rescale, per(gamma, j), per(epsilon, j))
+                mergekit_rules, rescale, per(gamma, j), per(epsilon, j),
+                None if counts is None else (counts[j, 0], counts[j, 1]))
            for j, t in enumerate(tvs)]
   weighted = [weights[j] * t for j, t in enumerate(tvs)]
   if consensus:
