@@ -117,7 +117,23 @@ def _greedy_soup(loaded, args):
   return alphas, {"ingredients": [loaded.pool.names[i] for i in soup], "tasks": names}
 
 
+def _merge_config(args) -> None:
+  """`merge --config=merge.yml`: a mergekit config, merged into a Hugging Face folder."""
+  from recycle_jax import mergekit_config
+  check(args.pool is None, "--config names the models itself", "--pool",
+        "drop --pool (or --config)")
+  plan = mergekit_config.load(args.config)
+  from recycle_jax import hf_merge
+  hf_merge.merge(plan, args.output, overwrite=args.overwrite, seed=args.seed,
+                 fsync=not args.no_fsync)
+  print(f"merged model: {args.output}")
+
+
 def cmd_merge(args) -> None:
+  if args.config is not None:
+    return _merge_config(args)
+  check(args.pool is not None, "no pool given", "--pool", "pass --pool=pool.json or "
+        "--config=merge.yml (a mergekit config)")
   import jax
   import numpy as np
   from recycle_jax import checkpoints, experiment, merging, methods, partitioning, spaces
@@ -263,7 +279,10 @@ def build_parser() -> argparse.ArgumentParser:
   s.add_argument("--num_seeds", type=int, default=1,
                  help="repeat the search with K seeds (workdir/seed_k); report mean and CI")
   s = add("merge", cmd_merge, "merge a pool with given weights")
-  s.add_argument("--pool", required=True)
+  s.add_argument("--pool", default=None)
+  s.add_argument("--config", default=None,
+                 help="a mergekit YAML config (merge_method, base_model, models, ...): "
+                 "merges its Hugging Face folders into one, as mergekit does")
   s.add_argument("--weights", default=None,
                  help="N comma-separated weights (G*N for layerwise); default uniform")
   s.add_argument("--output", required=True)

@@ -129,7 +129,8 @@ def plan_tensors(plan: mergekit_config.Plan) -> tuple[dict, list[tuple]]:
                      ) if floating and (plan.out_dtype or plan.dtype) else info.dtype
     shared, per = plan.resolve(name)
     if plan.method.name in ("della", "della_linear"):
-      for m, p in per.items():
+      for m in plan.non_base:
+        p = per[m]
         check(p["density"] >= 1 or p["density"] <= 0 or task_vectors.check_della(
             p["density"], p["epsilon"]), f"density {p['density']:g} +- epsilon "
             f"{p['epsilon']:g} is not inside (0, 1) for {os.path.basename(m)}:{name}",
