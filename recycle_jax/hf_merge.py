@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from recycle_jax import geometric, mergekit_config, safetensors_io, task_vectors
+from recycle_jax import geometric, merging, mergekit_config, safetensors_io, task_vectors
 from recycle_jax.errors import check
 
 # mergekit's generalized task arithmetic methods: (sparsification rule, sign consensus).
@@ -71,6 +71,8 @@ def merge_tensor(xs, per, shared, counts, key, *, method: str, base: int | None,
         density=take(per["density"]), consensus=consensus, normalize=opt["normalize"],
         mergekit_rules=True, rescale=opt["rescale"], gamma=take(per["gamma"]),
         epsilon=take(per["epsilon"]), key=key, counts=counts[jnp.asarray(nb)])
+  elif method == "slerp":
+    out = merging.slerp_tensors(shared["t"], b, xs[nb[0]])
   elif method == "nuslerp":
     out = geometric.nuslerp_leaf(geometric.nuslerp_t(w[nb[0]], w[nb[1]]), xs[nb[0]],
                                  xs[nb[1]], b, opt["nuslerp_row_wise"], opt["nuslerp_flatten"])

@@ -3,8 +3,9 @@ pattern), from which everything else is derived: the CLI's `--method` choices an
 the task-vector baselines, the report's row order, the figures' markers, the search spaces
 and whether a base checkpoint is needed.
 
-Adding a method is one kernel in `merging` and one `MergeMethod` entry below (or
-`register(...)` from another module); tests/test_methods_registry.py covers it for free.
+Adding a method is one kernel (in `merging`, `task_vectors` or `geometric`) and one
+`MergeMethod` entry below (or `register(...)` from another module);
+tests/test_methods_registry.py covers it for free.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from typing import Any, Callable
 
 import jax
 
-from recycle_jax import merging
+from recycle_jax import geometric, merging, task_vectors
 from recycle_jax.errors import check
 
 PyTree = Any
@@ -43,6 +44,8 @@ class MergeMethod:
   baseline: bool = False  # scored as a baseline: uniform weights, hparams chosen on dev
   negative_weights: bool = False  # explicit weights may be negative (task negation)
   num_models: int | None = None  # a pool of exactly this many checkpoints (SLERP: 2)
+  members: bool = True  # one-hot weights at the linear hparams give that checkpoint (model
+  #                       stock: no, its pull toward the base comes from the angles)
   doc: str = ""
 
   @property
@@ -83,7 +86,11 @@ class MergeMethod:
 LAM = Hparam("lam", 1.0, (0.0, 4.0), linear=1.0,
              help="scale of the weighted task vector (lam = N sums task vectors)")
 DENSITY = Hparam("density", 0.5, (0.05, 1.0), linear=1.0, valid=(0.0, 1.0),
-                 help="TIES/DARE fraction kept")
+                 help="TIES/DARE/breadcrumbs/DELLA fraction kept")
+GAMMA = Hparam("gamma", 0.01, (0.001, 0.1), linear=0.01, valid=(0.0, 0.5),
+               help="breadcrumbs: fraction of largest-magnitude entries dropped (outliers)")
+EPSILON = Hparam("epsilon", 0.1, (0.01, 0.2), linear=0.1, valid=(0.0, 0.5),
+                 help="DELLA: keep probabilities span density +- epsilon by magnitude rank")
 
 METHODS: dict[str, MergeMethod] = {}
 
@@ -98,17 +105,37 @@ def register(method: MergeMethod) -> MergeMethod:
 for _m in (
     MergeMethod("linear", merging.weighted, doc="sum_i alphas_i pool_i"),
     MergeMethod("task_arithmetic", merging.task_arithmetic, (LAM,), needs_base=True,
-                marker="v", baseline=True, doc="base + lam sum_i alphas_i (pool_i - base)"),
+                marker="v", baseline=True, negative_weights=True, doc="base + lam sum_i alphas_i (pool_i - base)"),
     MergeMethod("ties", merging.ties, (LAM, DENSITY), needs_base=True, marker="^",
-                baseline=True, doc="trim, elect signs, disjoint mean"),
+                baseline=True, negative_weights=True, doc="trim, elect signs, disjoint mean"),
     MergeMethod("dare_linear", merging.dare_linear, (LAM, DENSITY), needs_base=True,
-                needs_key=True, marker="<", baseline=True,
+                needs_key=True, marker="<", baseline=True, negative_weights=True,
                 doc="random drop and rescale, then task arithmetic"),
     MergeMethod("dare_ties", merging.dare_ties, (LAM, DENSITY), needs_base=True,
-                needs_key=True, marker=">", baseline=True,
+                needs_key=True, marker=">", baseline=True, negative_weights=True,
                 doc="random drop and rescale, then TIES' election"),
     MergeMethod("slerp", merging.slerp, marker="h", num_models=2,
                 doc="spherical interpolation of 2 checkpoints, weights (1 - t, t)"),
+    MergeMethod("breadcrumbs", task_vectors.breadcrumbs, (LAM, DENSITY, GAMMA),
+                needs_base=True, negative_weights=True,
+                doc="task vectors without their largest and smallest entries, summed"),
+    MergeMethod("breadcrumbs_ties", task_vectors.breadcrumbs_ties, (LAM, DENSITY, GAMMA),
+                needs_base=True, negative_weights=True,
+                doc="breadcrumbs' band, then TIES' election"),
+    MergeMethod("della", task_vectors.della, (LAM, DENSITY, EPSILON), needs_base=True,
+                needs_key=True, negative_weights=True,
+                doc="drop by magnitude rank (MAGPRUNE), rescale, then TIES' election"),
+    MergeMethod("della_linear", task_vectors.della_linear, (LAM, DENSITY, EPSILON),
+                needs_base=True, needs_key=True, negative_weights=True,
+                doc="MAGPRUNE, then task arithmetic"),
+    MergeMethod("multislerp", geometric.multislerp,
+                doc="barycentric interpolation on the hypersphere (tangent space)"),
+    MergeMethod("nuslerp", geometric.nuslerp, num_models=2,
+                doc="SLERP of 2 checkpoints, t = alpha_2 / (alpha_1 + alpha_2)"),
+    MergeMethod("karcher", geometric.karcher,
+                doc="weighted Riemannian (Karcher) mean of the directions, mean norm"),
+    MergeMethod("model_stock", geometric.model_stock, needs_base=True, members=False,
+                doc="average pulled toward the base by the task vectors' mean angle"),
 ):
   register(_m)
 

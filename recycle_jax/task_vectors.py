@@ -126,7 +126,8 @@ def della_magprune(tv, density, key, mergekit_rules, rescale, gamma, epsilon, co
   if mergekit_rules:
     out = _finish(tv, kept, rescale, jnp.asarray(density) >= 1)
   else:
-    out = jnp.where(kept, tv / jnp.where(kept, p, 1.0), 0.0)
+    out = jnp.where(jnp.asarray(density) >= 1, tv, jnp.where(kept, tv / jnp.where(kept, p, 1.0),
+                                                              0.0))
   return jnp.where(jnp.asarray(density) <= 0, 0.0, out)
 
 
@@ -196,14 +197,14 @@ def merge_tree(alphas, pool, base: PyTree, lam=1.0, key: jax.Array | None = None
 # ----------------------------------------------------------------------------- methods
 # recycle_jax's conventions: alphas on the simplex (normalize is then a no-op), lam scales.
 
-def breadcrumbs(alphas, pool, base, lam=1.0, density=0.9, gamma=0.01) -> PyTree:
+def breadcrumbs(alphas, pool, base, lam=1.0, density=0.5, gamma=0.01) -> PyTree:
   """Davari & Belilovsky: each task vector keeps a band of magnitudes (no outliers, no
   small ones), then task arithmetic."""
   return merge_tree(alphas, pool, base, lam, sparsify="magnitude_outliers", density=density,
                     gamma=gamma)
 
 
-def breadcrumbs_ties(alphas, pool, base, lam=1.0, density=0.9, gamma=0.01) -> PyTree:
+def breadcrumbs_ties(alphas, pool, base, lam=1.0, density=0.5, gamma=0.01) -> PyTree:
   """Breadcrumbs' band, then TIES' sign election and disjoint mean."""
   return merge_tree(alphas, pool, base, lam, sparsify="magnitude_outliers", density=density,
                     gamma=gamma, consensus=True)
