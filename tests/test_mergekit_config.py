@@ -194,3 +194,14 @@ def test_ties_merge_of_sharded_folders_equals_the_kernel(folders, tmp_path):
                                 0.8, sparsify="magnitude", density=0.5, consensus=True,
                                 normalize=True, mergekit_rules=True, counts=counts)
     np.testing.assert_allclose(v, np.asarray(want), rtol=1e-6, atol=1e-6)
+
+
+def test_merge_needs_a_pool_or_a_config_not_both(folders, tmp_path, capsys):
+  out = tmp_path / "out"
+  assert cli.main(["merge", f"--output={out}"]) == 2
+  assert "no pool given" in capsys.readouterr().err
+  cfg = config(tmp_path, {"merge_method": "linear", "parameters": {"weight": 1.0},
+                          "models": [{"model": folders["m0"]}]})
+  assert cli.main(["merge", f"--config={cfg}", "--pool=p.json", f"--output={out}"]) == 2
+  assert "--config names the models itself" in capsys.readouterr().err
+  assert not os.path.exists(out)
