@@ -19,9 +19,7 @@ from typing import Any, Sequence
 import gin
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 
-from recycle_jax import vocabularies
 from recycle_jax.errors import UserError, check
 from recycle_jax.partitioning import path_str, with_shardings
 
@@ -139,6 +137,7 @@ def read_metadata(path: str, name: str | None = None) -> CheckpointMeta:
   check(bool(os.listdir(path)), "checkpoint directory is empty", where,
         "point at a directory written by Orbax")
   try:
+    import orbax.checkpoint as ocp  # here, not at import: `merge --config` and errors skip it
     meta = ocp.StandardCheckpointer().metadata(path)
     tree = meta.item_metadata
     abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), np.dtype(m.dtype)),
@@ -185,6 +184,7 @@ def validate_pool(pool: Pool) -> CheckpointMeta:
       check(cur[key][1] == ref[key][1],
             f"parameter {key!r} has dtype {cur[key][1]} but {ref_name!r} has {ref[key][1]}",
             where, "convert the pool to one dtype first")
+  from recycle_jax import vocabularies  # seqio and TensorFlow: only once a pool is valid
   vocabs = [vocabularies.of_checkpoint(e.path, m.custom) for e, m in zip(pool.entries, metas)]
   vocabularies.check_pool(pool.names, vocabs,
                           [(m.model_config or {}).get("vocab_size") for m in metas], pool.source)
@@ -196,6 +196,7 @@ def validate_pool(pool: Pool) -> CheckpointMeta:
 def restore(path: str, abstract: PyTree, name: str | None = None) -> PyTree:
   """Restores arrays, placed by the shardings in `abstract` when it has them."""
   try:
+    import orbax.checkpoint as ocp
     return ocp.StandardCheckpointer().restore(os.path.abspath(path), abstract)
   except Exception as e:
     where = f"checkpoint {name!r} at {path}" if name else path
@@ -246,6 +247,8 @@ def save(path: str, params: PyTree, custom: dict, overwrite: bool = False,
   """Writes an Orbax checkpoint atomically: a sibling temp dir renamed into place. The
   tokenizer of `vocabulary` is kept with it: its files in `tokenizer/`, its kind and
   content hash in the metadata (`vocabularies.of_checkpoint` reads them back)."""
+  import orbax.checkpoint as ocp
+  from recycle_jax import vocabularies
   path = os.path.abspath(path)
   tmp = temp_sibling(path)
   if vocabulary is not None:

@@ -22,11 +22,13 @@ EXIT_USAGE = 2
 
 def _parse_gin(files, bindings) -> None:
   import gin
-  from recycle_jax import (checkpoints, evaluation, experiment, models, multihost,  # noqa
-                           partitioning, pools, population, search, training)
   for f in files or ():
     check(os.path.isfile(f), f"gin file not found: {f}", "--gin_file")
   gin.clear_config()  # one process may run several commands (tests, sweeps)
+  if not files and not bindings:  # nothing to bind: the configurables' modules (seqio,
+    return                        # TensorFlow, orbax) load when a command needs them
+  from recycle_jax import (checkpoints, evaluation, experiment, models, multihost,  # noqa
+                           partitioning, pools, population, search, training)
   # What gin.parse_config_files_and_bindings does, a step at a time to say what is wrong.
   steps = [(f"--gin_file={f}", functools.partial(gin.parse_config_file, f, skip_unknown=False))
            for f in files or ()]
@@ -136,7 +138,7 @@ def cmd_merge(args) -> None:
         "--config=merge.yml (a mergekit config)")
   import jax
   import numpy as np
-  from recycle_jax import checkpoints, experiment, merging, methods, partitioning, spaces
+  from recycle_jax import checkpoints, merging, methods, partitioning, spaces
   pool = checkpoints.load_pool(args.pool)
   meta = checkpoints.validate_pool(pool)
   n = len(pool)
@@ -171,6 +173,7 @@ def cmd_merge(args) -> None:
       weights[r * n:(r + 1) * n], n, allow_negative=spec.negative_weights) for r in range(rows)])
   checkpoints.check_output(args.output, pool.paths + ([args.base] if args.base else []),
                            args.overwrite)
+  from recycle_jax import experiment  # evaluation (seqio, TensorFlow): after the checks
   experiment.model_config_from(meta, pool.entries[0].path)
   if args.streaming:
     from recycle_jax import streaming
