@@ -96,11 +96,15 @@ MK_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
 
 def load_folder(path: str) -> dict[str, np.ndarray]:
-  from safetensors.numpy import load_file
-  out = {}
-  for f in sorted(glob.glob(os.path.join(path, "*.safetensors"))):
-    out.update({k: v.astype(np.float64) for k, v in load_file(f).items()})
-  return out
+  """Every tensor of a folder as float64 (safetensors' numpy API has no bfloat16)."""
+  sys.path.insert(0, ROOT)
+  from recycle_jax import safetensors_io
+  reader = safetensors_io.Reader()
+  try:
+    return {k: reader.read(info).astype(np.float64)
+            for k, info in safetensors_io.folder_tensors(path).items()}
+  finally:
+    reader.close()
 
 
 def max_diff(a: dict, b: dict) -> float:
