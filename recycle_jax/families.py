@@ -254,9 +254,14 @@ def _gemma_read(f: Fields, every: int) -> dict:
           "final_softcap": f.float_("final_logit_softcapping")}
 
 
+def _int_if_whole(x: float | None) -> float | int | None:
+  return int(x) if x is not None and float(x).is_integer() else x  # transformers wants int
+
+
 def _gemma_write(cfg: models.ModelConfig) -> dict:
   return {"hidden_activation": cfg.activation, "attention_bias": False,
-          "query_pre_attn_scalar": cfg.query_scale, "sliding_window": cfg.sliding_window,
+          "query_pre_attn_scalar": _int_if_whole(cfg.query_scale),
+          "sliding_window": cfg.sliding_window,
           "layer_types": list(cfg.layer_types), "attn_logit_softcapping": cfg.attn_softcap,
           "final_logit_softcapping": cfg.final_softcap}
 

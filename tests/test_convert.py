@@ -179,3 +179,88 @@ def test_pool_with_different_vocabularies_is_reported(tmp_path, with_config):
   with pytest.raises(UserError, match=re.escape(expected)) as e:
     checkpoints.validate_pool(pool)
   assert "checkpoint 'b'" in str(e.value)
+
+
+def _digest(folder) -> dict:
+  return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def _break_pickled(hf):
+  """Only pickled weights, which would leave a marker file if they were ever unpickled."""
+  import pickle
+
+  class Bomb:
+    def __reduce__(self):
+      return (open, (str(hf.parent / "UNPICKLED"), "w"))
+  os.remove(hf / "model.safetensors")
+  (hf / "pytorch_model.bin").write_bytes(pickle.dumps(Bomb()))
+  (hf / "model.pt").write_bytes(pickle.dumps(Bomb()))
+
+
+def _break_index(hf):
+  (hf / convert.HF_INDEX).write_text(json.dumps(
+      {"weight_map": {"model.norm.weight": "pytorch_model-00001-of-00001.bin"}}))
+
+
+def _break_family(hf):
+  cfg = json.loads((hf / "config.json").read_text())
+  (hf / "config.json").write_text(json.dumps({**cfg, "model_type": "gpt_neox"}))
+
+
+def _break_shapes(hf):
+  cfg = json.loads((hf / "config.json").read_text())
+  (hf / "config.json").write_text(json.dumps({**cfg, "intermediate_size": 64}))
+
+
+def _break_extra(hf):
+  from safetensors.numpy import save_file
+  tensors = convert.read_hf_tensors(str(hf))
+  tensors["model.layers.0.self_attn.o_proj.bias"] = np.zeros(32, np.float32)
+  save_file(tensors, str(hf / "model.safetensors"), metadata={"format": "pt"})
+
+
+def _break_truncated(hf):
+  data = (hf / "model.safetensors").read_bytes()
+  (hf / "model.safetensors").write_bytes(data[:len(data) // 2])
+
+
+@pytest.mark.parametrize("damage,message", [
+    (_break_pickled, "weights are pickled (model.pt, pytorch_model.bin)"),
+    (_break_index, "weights file 'pytorch_model-00001-of-00001.bin' is not a safetensors"),
+    (_break_family, "model_type 'gpt_neox' is not a supported family (config.json at "),
+    (_break_shapes, "tensor 'model.layers.0.mlp.gate_proj.weight' has shape (48, 32), "
+                    "config.json implies (64, 32)"),
+    (_break_extra, "unexpected tensors ['model.layers.0.self_attn.o_proj.bias']"),
+    (_break_truncated, "cannot read safetensors header"),
+], ids=["pickled", "pickled-index", "family", "shapes", "extra-tensor", "truncated"])
+def test_bad_hf_folders_are_refused_and_nothing_is_written(tmp_path, capsys, damage, message):
+  tiny_hf(tmp_path / "hf")
+  damage(tmp_path / "hf")
+  before = _digest(tmp_path / "hf")
+  capsys.readouterr()
+  assert cli.main(["convert", str(tmp_path / "hf"), str(tmp_path / "out")]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("error: ") and err.count("\n") == 1, err
+  assert message in err, err
+  assert sorted(os.listdir(tmp_path)) == ["hf"]  # no output, no partial, no marker
+  assert _digest(tmp_path / "hf") == before
+
+
+def test_config_json_keeps_family_fields_on_export(tmp_path):
+  """A Mistral config's window, RoPE and token ids survive HF -> Orbax -> HF verbatim."""
+  torch.manual_seed(0)
+  cfg = transformers.MistralConfig(
+      vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+      num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=7,
+      max_position_embeddings=321, bos_token_id=3, eos_token_id=4, pad_token_id=5,
+      rope_parameters={"rope_type": "llama3", "rope_theta": 300.0, "factor": 4.0,
+                       "low_freq_factor": 1.0, "high_freq_factor": 2.0,
+                       "original_max_position_embeddings": 64})
+  transformers.MistralForCausalLM(cfg).save_pretrained(tmp_path / "hf")
+  convert.convert(str(tmp_path / "hf"), str(tmp_path / "ckpt"))
+  convert.convert(str(tmp_path / "ckpt"), str(tmp_path / "back"))
+  a, b = (json.loads((tmp_path / d / "config.json").read_text()) for d in ("hf", "back"))
+  for key in ("model_type", "architectures", "sliding_window", "head_dim", "rope_parameters",
+              "max_position_embeddings", "bos_token_id", "eos_token_id", "pad_token_id",
+              "tie_word_embeddings", "rms_norm_eps", "num_key_value_heads"):
+    assert a[key] == b[key], key
