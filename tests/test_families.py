@@ -8,6 +8,7 @@ unexpected tensors and the same logits. Sequences are longer than the sliding wi
 """
 import dataclasses
 import json
+import os
 
 import jax
 import numpy as np
@@ -255,3 +256,20 @@ def test_hub_configs_read_as_transformers_reads_them(name):
     assert cfg.sliding_window is None
   if name == "mistral-7b-v0.1":
     assert cfg.sliding_window == 4096 and set(cfg.layer_types) == {models.SLIDING}
+
+
+def test_configs_of_older_checkpoints_still_load(tmp_path, capsys):
+  """Metadata written before families existed holds only the first ten fields."""
+  old = {"vocab_size": 259, "d_model": 32, "num_layers": 2, "num_heads": 4,
+         "num_kv_heads": 2, "d_ff": 64, "tie_embeddings": True, "rope_theta": 10000.0,
+         "norm_eps": 1e-5, "dtype": "float32"}
+  cfg = families.stored_config(old, "old")
+  assert (cfg.family, cfg.head_dim, cfg.layer_types) == ("byte", 8, (models.FULL,) * 2)
+  params = models.init_params(cfg, jax.random.key(0))
+  families.check_params(cfg, params, "old")
+  checkpoints.save(str(tmp_path / "ckpt"), params, {"model": {**old, "family": "gpt9"}})
+  capsys.readouterr()
+  assert cli.main(["convert", str(tmp_path / "ckpt"), str(tmp_path / "hf")]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("error: model family 'gpt9' is not registered (") and "ckpt" in err
+  assert not os.path.exists(tmp_path / "hf")
