@@ -1,14 +1,17 @@
-"""Reproduce the paper's experiments on the embedded benchmark pool.
+"""Reproduce the paper's experiments on the embedded benchmark pool, K seeds each.
 
 Runs the paper's three 2-task settings' analogues (code-instruct, code-reasoning,
 instruct-knowledge) and math-reasoning, the 3-task setting and the top-N ablation
-(N = 2, 4, 8, 16 on the 3-task setting), each into W/<setting>/, then writes
-W/summary.md with the paper-style tables (Table 1, Table 3, held-out, weight density).
+(N = 2, 4, 8, 16 on the 3-task setting), each K times (`recycle-jax search --num_seeds=K`:
+W/<run>/seed_k), then writes W/summary.md: per setting, mean ± 95% CI (t-distribution) of
+test fitness for the search and every baseline, the paired difference search - best
+baseline with its CI and the verdict it supports, the non-zero weights per seed and the
+held-out averages.
 
   python experiments/reproduce_paper.py --workdir=runs/paper [--pool=runs/pool/pool.json]
+      [--num_seeds=5] [--only=code_instruct,top8]
 """
 import argparse
-import json
 import os
 import sys
 
@@ -19,7 +22,6 @@ SETTINGS = ("code_instruct", "code_reasoning", "instruct_knowledge", "math_reaso
 TOP_N = (2, 4, 8, 16)
 BUDGET = 96  # merges per search (`make demo` uses the same)
 TOP_N_SETTING = "code_instruct_reasoning"
-METHODS = ("best_single", "uniform", "merge_best", "search")
 
 
 def runs() -> list[tuple[str, str, list[str]]]:
@@ -29,63 +31,26 @@ def runs() -> list[tuple[str, str, list[str]]]:
   return out
 
 
-def _cell(m: dict, task: str, split: str = "test") -> str:
-  v = m["scores"][split].get(task)
-  return "–" if v is None else f"{v:.1f}"
-
-
-def _load(workdir: str) -> dict[str, dict]:
-  out = {}
-  for name, _, _ in runs():
-    path = os.path.join(workdir, name, "results.json")
-    if os.path.exists(path):
-      out[name] = json.load(open(path))
-  return out
-
-
-def _held_out_avg(m: dict, held_out) -> float | None:
-  vals = [m["scores"]["test"].get(t) for t in held_out]
-  return None if not vals or None in vals else sum(vals) / len(vals)
-
-
 def summary(workdir: str) -> str:
-  results = _load(workdir)
+  results = {name: r for name, _, _ in runs()
+             if (r := runner.seed_results(os.path.join(workdir, name)))}
   lines = ["# Paper reproduction on the embedded benchmark", "",
-           "Search uses dev only; every number below is on the test split. Held-out tasks "
-           "were never searched on.", "",
-           "## Overview: test fitness (held-out average in parentheses)", "",
-           "| run | " + " | ".join(METHODS) + " | search beats | non-zero weights |",
-           "|" + "---|" * (len(METHODS) + 3)]
-  for name, r in results.items():
-    held_out = r.get("report_tasks", [])
-    cells = []
-    for m in METHODS:
-      res = r["methods"][m]
-      ho = _held_out_avg(res, held_out)
-      cells.append(f"{res['fitness']['test']:.1f}" + ("" if ho is None else f" ({ho:.1f})"))
-    s = r["methods"]["search"]
-    beats = [m for m in METHODS[:-1] if s["fitness"]["test"] > r["methods"][m]["fitness"]["test"]]
-    nz = sum(w > 1e-6 for w in s["weights"])
-    lines.append(f"| {name} | " + " | ".join(cells) + f" | {', '.join(beats) or 'none'} | "
-                 f"{nz}/{len(s['weights'])} |")
-  lines.append("")
-  for name, r in results.items():
-    tasks, held_out = r["tasks"], r.get("report_tasks", [])
-    lines += [f"## {name} ({', '.join(tasks)})", "",
-              "| method | " + " | ".join(tasks) + " | avg | " + " | ".join(held_out) +
-              " | non-zero weights |", "|" + "---|" * (len(tasks) + len(held_out) + 3)]
-    for m in METHODS:
-      res = r["methods"][m]
-      nz = sum(w > 1e-6 for w in res["weights"])
-      lines.append(f"| {m} | " + " | ".join(_cell(res, t) for t in tasks) +
-                   f" | {res['fitness']['test']:.1f} | " +
-                   " | ".join(_cell(res, t) for t in held_out) + f" | {nz}/{len(res['weights'])} |")
-    lines.append("")
-  top = [results[f"top{n}"] for n in TOP_N if f"top{n}" in results]
+           "Search uses dev only; every number below is on the test split (mean ± 95% CI, "
+           "t-distribution, over the search seeds; the baselines do not depend on the seed). "
+           "Held-out tasks were never searched on. The verdict follows from the paired "
+           "difference search - best baseline (the baseline with the highest mean test "
+           "fitness: the strongest competitor): beats / loses when its whole CI is above / "
+           "below 0, ties otherwise.", ""]
+  lines += runner.overview_table(results) + [""]
+  for name, rs in results.items():
+    lines += runner.setting_section(name, rs) + [""]
+  lines += runner.timing_lines(workdir, [name for name, _, _ in runs()])
+  top = [results[f"top{n}"][0] for n in TOP_N if f"top{n}" in results]
   if len(top) > 1:
     from recycle_jax import figures
     figures.top_n_ablation(top, os.path.join(workdir, "figures", "top_n.png"))
-    lines += ["## Top-N ablation", "", "![top-N ablation](figures/top_n.png)", ""]
+    lines += ["## Top-N ablation (seed 0's runs)", "", "![top-N ablation](figures/top_n.png)",
+              ""]
   return "\n".join(lines)
 
 
@@ -94,17 +59,22 @@ def main() -> int:
   p.add_argument("--workdir", required=True)
   p.add_argument("--pool", default="runs/pool/pool.json")
   p.add_argument("--only", default="", help="comma-separated run names to (re)run")
+  p.add_argument("--num_seeds", type=int, default=5, help="search seeds per run (K)")
   args = p.parse_args()
+  if args.num_seeds < 1:
+    print(f"error: --num_seeds={args.num_seeds} (reproduce_paper); pass 1 or more",
+          file=sys.stderr)
+    return 2
   only = set(filter(None, args.only.split(",")))
   jobs = []
   for name, setting, bindings in runs():
     out = os.path.join(args.workdir, name)
     if only and name not in only:
       continue
-    if os.path.exists(os.path.join(out, "results.json")) and not only:
+    if runner.done(out, args.num_seeds) and not only:
       print(f"{name}: done, skipped")
       continue
-    jobs.append((setting, out, bindings, ()))
+    jobs.append((setting, out, bindings, (f"--num_seeds={args.num_seeds}",)))
   return runner.run_all(jobs, args.pool, args.workdir, summary)
 
 

@@ -68,7 +68,9 @@ def cmd_make_pool(args) -> None:
 
 
 def cmd_search(args) -> None:
-  from recycle_jax import baselines, experiment
+  from recycle_jax import baselines, experiment, tasks
+  if args.dev_size is not None:
+    tasks.set_dev_size(args.dev_size)
   results = experiment.run_search(args.workdir, resume=args.resume, overwrite=args.overwrite,
                                   num_seeds=args.num_seeds)
   m = results["methods"]
@@ -281,6 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
   s.add_argument("--overwrite", action="store_true")
   s.add_argument("--num_seeds", type=int, default=1,
                  help="repeat the search with K seeds (workdir/seed_k); report mean and CI")
+  s.add_argument("--dev_size", type=int, default=None,
+                 help="the embedded benchmark's dev examples per task (default 128; test "
+                      "fixed, train untouched)")
   s = add("merge", cmd_merge, "merge a pool with given weights")
   s.add_argument("--pool", default=None)
   s.add_argument("--config", default=None,

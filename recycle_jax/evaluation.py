@@ -318,6 +318,21 @@ def load_split(task_names: Sequence[str], split: str, max_examples: int | None =
   return tuple(materialize(t, split, max_examples, vocabulary) for t in task_names)
 
 
+def subset(d: TaskData, fraction: float, seed: int) -> TaskData:
+  """A host split cut to a fixed random subset of ceil(fraction * E) of its examples (at
+  least one), in their original order and packed again: adaptive fidelity's first pass.
+  The subset depends on the task's name and `seed` only, so it is the same in every
+  generation and on resume."""
+  check(0.0 < fraction <= 1.0, f"fidelity subset fraction {fraction}",
+        "SearchConfig.fidelity_subset", "choose a fraction in (0, 1]")
+  e = d.num_examples
+  k = max(1, int(np.ceil(fraction * e)))
+  rng = np.random.default_rng([seed, *map(ord, d.name)])
+  idx = np.sort(rng.choice(e, size=k, replace=False))
+  rows = jax.tree.map(lambda x: np.asarray(x)[idx], d.replace(packed=None))
+  return rows.replace(packed=pack(rows)) if d.packed else rows
+
+
 # ----------------------------------------------------------------------------- scorers
 
 def teacher_forced_exact_match(apply, params, d: TaskData) -> jax.Array:

@@ -9,6 +9,7 @@ import dataclasses
 import json
 import os
 import shutil
+import time
 from typing import Any, Sequence
 
 import gin
@@ -244,12 +245,22 @@ def search_once(sh: Shared, scfg: search.SearchConfig, space: spaces.MergeSpace,
 
   def run_one(cfg, wd):
     srch = search.Search(cfg, sh.n, scorer.population_fn, space)
+    subset = None
+    if cfg.adaptive:  # a fixed random subset of each dev split, drawn from the search's seed
+      subset = evaluation.place(tuple(
+          evaluation.subset(d, cfg.fidelity_subset, cfg.seed)
+          for d in evaluation.load_split(names, "dev", sh.exp.max_examples)), sh.loaded.mesh)
     archive = search.run(srch, scorer.pool, sh.dev, wd, resume=resume, progress=progress,
-                         seeds=(seed_points, seed_scores, srch.fitness(seed_scores)))
-    scorer.remember(np.asarray(archive.alphas), np.asarray(archive.scores), names, "dev")
+                         seeds=(seed_points, seed_scores, srch.fitness(seed_scores)),
+                         subset=subset)
+    full = archive.full()  # subset estimates never enter the cache of dev scores
+    scorer.remember(np.asarray(archive.alphas)[full], np.asarray(archive.scores)[full],
+                    names, "dev")
     return srch, archive
 
+  start = time.perf_counter()
   srch, archive = run_one(scfg, workdir)
+  wall = time.perf_counter() - start  # the search alone (its first generation compiles)
   sweeps = pareto.run_sweep(scfg, sweep, len(names), lambda c, i: run_one(
       c, os.path.join(workdir, "sweep", f"{c.scalarization}_{i}"))[1])
   w = np.asarray(archive.alphas[archive.best()])
@@ -262,6 +273,9 @@ def search_once(sh: Shared, scfg: search.SearchConfig, space: spaces.MergeSpace,
       pool_names=sh.loaded.pool.names, single_dev=sh.single_dev, single_test=sh.single_test,
       methods={m: v[:3] for m, v in methods.items()}, archive=archive,
       config={"search": dataclasses.asdict(scfg), "population_size": srch.pop,
+              "sigma_init": srch.sigma, "dev_examples_evaluated": archive.dev_examples(),
+              "search_wall_s": round(wall, 2),
+              "dev_examples": {d.name: int(d.num_examples) for d in sh.dev},
               "population_mode": sh.mode, "cache_hits": scorer.hits,
               "merge_space": {"name": space.name, "groups": list(space.groups),
                               "tuned": list(space.tuned)}})

@@ -158,14 +158,16 @@ def run_sweep(scfg, sweep: SweepConfig, num_tasks: int, run_one: Callable) -> li
 
 
 def evaluated(archive, sweeps: Sequence[dict]) -> tuple[list[str], np.ndarray, np.ndarray]:
-  """(source, point [D], dev scores [T]) of every evaluated merge: the main archive (seeds
-  and search) and the sweeps' search merges (their seeds repeat the main ones)."""
+  """(source, point [D], dev scores [T]) of every merge evaluated on the full dev split (an
+  adaptive search's subset estimates are left out): the main archive (seeds and search) and
+  the sweeps' search merges (their seeds repeat the main ones)."""
   a = archive.arrays()
-  sources = ["seed" if s else "search" for s in a["is_seed"]]
-  points, scores = [a["alphas"]], [a["scores"]]
+  full = archive.full()
+  sources = ["seed" if s else "search" for s in a["is_seed"][full]]
+  points, scores = [a["alphas"][full]], [a["scores"][full]]
   for rec in sweeps:
     b = rec["archive"].arrays()
-    keep = ~b["is_seed"]
+    keep = ~b["is_seed"] & rec["archive"].full()
     sources += [f"{rec['scalarization']} {rec['task_weights']}"] * int(keep.sum())
     points.append(b["alphas"][keep])
     scores.append(b["scores"][keep])
@@ -253,7 +255,7 @@ def front_record(results: dict, archive, sweeps: Sequence[dict], weights_of: Cal
                    **point_hypervolumes(results["methods"], tasks, "test", reference)}},
       "sweep": sweep_best,
       # The sweep's merges (the main search's are in results['history']), for the figures.
-      "evaluated": [_json_row(row, 3) for row in dev[len(archive):]],
+      "evaluated": [_json_row(row, 3) for row in dev[int(archive.full().sum()):]],
   }
 
 

@@ -52,7 +52,9 @@ def build_results(tasks, report_tasks, pool_names, single_dev, single_test, meth
                            "fitness": None if not np.isfinite(arrays["fitness"][i])
                            else round(float(arrays["fitness"][i]), 4),
                            "scores": _task_dict(tasks, arrays["scores"][i]),
-                           "kind": "seed" if arrays["is_seed"][i] else "search"})
+                           "kind": "seed" if arrays["is_seed"][i] else "search",
+                           "fidelity": round(float(arrays["fidelity"][i]), 4),
+                           "dev_examples": int(arrays["examples"][i])})
   return out
 
 
@@ -149,6 +151,31 @@ def mean_ci(values, level: float = 0.95) -> tuple[float, float, int]:
     return float(v[0]), float("nan"), 1
   half = student_t.ppf((1 + level) / 2, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v))
   return float(v.mean()), float(half), len(v)
+
+
+def paired(a, b, level: float = 0.95) -> dict:
+  """The paired difference a - b over seeds: mean, CI half-width (t-distribution), n, and
+  the verdict the interval supports: 'beats' (all of it above 0), 'loses' (all below),
+  'ties' (it holds 0); one pair has no interval: 'n/a'."""
+  d = [x - y for x, y in zip(a, b) if x is not None and y is not None]
+  m, h, n = mean_ci(d, level)
+  if n < 2:
+    verdict = "n/a"
+  elif m - h > 0:
+    verdict = "beats"
+  elif m + h < 0:
+    verdict = "loses"
+  else:
+    verdict = "ties"
+  return {"mean": m, "ci95": h, "n": n, "verdict": verdict}
+
+
+def fmt_ci(values, digits: int = 1) -> str:
+  """'mean ± half-width' (95% t-interval) of the finite values; the mean alone for one."""
+  m, h, n = mean_ci(values)
+  if n == 0:
+    return "–"
+  return f"{m:.{digits}f}" + (f" ± {h:.{digits}f}" if n > 1 else "")
 
 
 def _stat(values) -> dict:

@@ -7,9 +7,18 @@
       fitness = scalarize(scores)               macro-average (maximized), or a weighted /
                                                 Chebyshev scalarization (pareto.py)
       state  = es.tell(x, -fitness)             evosax minimizes
-G generations are a `lax.scan` of it, or one call per generation when the search state is
-checkpointed (then `--resume` continues bit-for-bit). Every evaluated merge goes to the
-archive; NaN candidates get the worst fitness and are logged.
+The search calls it once per generation and checkpoints its state in between (then
+`--resume` continues bit-for-bit). Every evaluated merge goes to the
+archive; NaN candidates get the worst fitness and are logged. A host strategy
+(`optuna_cmaes`) asks and tells on the host around the same compiled evaluation.
+
+Adaptive fidelity (successive halving, `fidelity_subset` < 1): a generation's candidates
+are scored first on a fixed random subset of each dev task's examples, and only the best
+`fidelity_promote` fraction of them on the full split. A candidate left on the subset gets
+its subset scores shifted by the generation's mean (full - subset) gap of the promoted ones,
+task by task: the fixed subset's difficulty made comparable with the full split's, from
+paired scores of the same generation. The archive records each point's fidelity and how
+many dev examples it cost; only full-fidelity points can be the best one.
 
 What is searched is a `spaces.MergeSpace` (linear weights by default; layer-wise weights,
 task-vector methods and their hyperparameters otherwise): x and alphas are then [P, D].
@@ -47,9 +56,11 @@ STATE_DIR = "search_state"  # under a search's workdir: its Orbax checkpoints an
 class SearchConfig:
   budget: int = 50  # evaluated merges, excluding warm-start seeds
   population_size: int | None = None  # None: 4 + floor(3 ln N), as the paper
-  sigma_init: float = 1.0
+  sigma_init: float | None = None  # None: the parametrization's (spaces.Parametrization)
   strategy: str = "CMA_ES"
-  parametrization: str = "relu_normalize"
+  parametrization: str = "relu_normalize"  # 'relu_normalize' | 'softmax' | 'box'
+  fidelity_subset: float = 1.0  # fraction of each dev task's examples a first pass scores
+  fidelity_promote: float = 0.25  # fraction of a generation then scored on the full split
   warm_start: bool = False  # tell the best single checkpoints/baselines first
   seed: int = 0
   merge_space: str = "linear"  # spaces.make_space: 'layerwise', 'ties', ... (its hparams
@@ -62,6 +73,18 @@ class SearchConfig:
 
   def num_generations(self, n: int) -> int:
     return max(1, self.budget // self.pop_size(n))
+
+  def sigma(self) -> float:
+    param = spaces.get_parametrization(self.parametrization)
+    return param.sigma if self.sigma_init is None else self.sigma_init
+
+  @property
+  def adaptive(self) -> bool:
+    return self.fidelity_subset < 1.0
+
+  def promoted(self, pop: int) -> int:
+    """Candidates of a generation scored on the full split (adaptive fidelity)."""
+    return max(1, min(pop, int(math.ceil(self.fidelity_promote * pop))))
 
 
 STRATEGIES = strategies.STRATEGIES  # the registry, by name
@@ -82,29 +105,51 @@ class Archive:
   scores: list = dataclasses.field(default_factory=list)  # [T] dev scores
   fitness: list = dataclasses.field(default_factory=list)
   kind: list = dataclasses.field(default_factory=list)  # 'seed' or 'search'
+  # The fraction of the dev examples each point was scored on (1: the full split; else its
+  # scores are subset estimates), and how many dev examples scoring it took.
+  fidelity: list = dataclasses.field(default_factory=list)
+  examples: list = dataclasses.field(default_factory=list)
 
-  def add(self, x, alphas, scores, fitness, kind) -> None:
-    for row in zip(x, alphas, scores, fitness):
+  def add(self, x, alphas, scores, fitness, kind, fidelity=None, examples=None) -> None:
+    k = len(fitness)
+    fidelity = np.ones(k) if fidelity is None else np.asarray(fidelity)
+    examples = np.zeros(k) if examples is None else np.asarray(examples)
+    for row in zip(x, alphas, scores, fitness, fidelity, examples):
       self.x.append(np.asarray(row[0])); self.alphas.append(np.asarray(row[1]))
       self.scores.append(np.asarray(row[2])); self.fitness.append(float(row[3]))
-      self.kind.append(kind)
+      self.kind.append(kind); self.fidelity.append(float(row[4]))
+      self.examples.append(int(row[5]))
 
   def arrays(self) -> dict[str, np.ndarray]:
     return {"x": np.asarray(self.x, np.float32), "alphas": np.asarray(self.alphas, np.float32),
             "scores": np.asarray(self.scores, np.float32),
             "fitness": np.asarray(self.fitness, np.float32),
-            "is_seed": np.asarray([k == "seed" for k in self.kind], bool)}
+            "is_seed": np.asarray([k == "seed" for k in self.kind], bool),
+            "fidelity": np.asarray(self.fidelity, np.float32),
+            "examples": np.asarray(self.examples, np.int64)}
 
   @classmethod
   def from_arrays(cls, a: dict) -> "Archive":
     out = cls()
-    for x, al, s, f, seed in zip(a["x"], a["alphas"], a["scores"], a["fitness"], a["is_seed"]):
-      out.add([x], [al], [s], [f], "seed" if seed else "search")
+    k = len(a["fitness"])  # archives saved before fidelities: all full, uncounted
+    fid, ex = a.get("fidelity", np.ones(k)), a.get("examples", np.zeros(k))
+    for x, al, s, f, seed, fi, e in zip(a["x"], a["alphas"], a["scores"], a["fitness"],
+                                        a["is_seed"], fid, ex):
+      out.add([x], [al], [s], [f], "seed" if seed else "search", [fi], [e])
     return out
 
+  def full(self) -> np.ndarray:
+    """[K] bool: points scored on the full dev split (their scores are not estimates)."""
+    return np.asarray(self.fidelity, np.float64) >= 1.0
+
   def best(self) -> int:
-    f = np.where(np.isfinite(self.fitness), self.fitness, -np.inf)
+    """The best full-fidelity point."""
+    f = np.where(np.isfinite(self.fitness) & self.full(), self.fitness, -np.inf)
     return int(np.argmax(f))
+
+  def dev_examples(self) -> int:
+    """Dev examples the search's own candidates were scored on (seeds excluded)."""
+    return int(sum(e for e, k in zip(self.examples, self.kind) if k == "search"))
 
   def __len__(self) -> int:
     return len(self.fitness)
@@ -126,6 +171,9 @@ class Search:
     self.space = self.space or spaces.MergeSpace(n=self.n)
     self.dim = self.space.dim
     self.pop = self.cfg.pop_size(self.dim)
+    self.param = spaces.get_parametrization(self.cfg.parametrization)
+    self.sigma = self.cfg.sigma()
+    self.study = None  # a host strategy's, made by `init`
     self.weights, self.chebyshev = pareto.scalarization_args(self.cfg.scalarization,
                                                              self.cfg.task_weights)
     program = (dataclasses.replace(self.cfg, budget=0, seed=0, warm_start=False,
@@ -134,21 +182,34 @@ class Search:
     owner = _PROGRAMS.setdefault(program, self)
     if owner is self:
       self.strategy = strategies.get(self.cfg.strategy)
-      self.es, self.es_params = self.strategy.make(self.pop, self.dim, self.cfg.sigma_init,
-                                                   self.space.init_x())
-      self.parametrize = spaces.get_parametrization(self.cfg.parametrization)
-      self._jit_generation = jax.jit(self._generation)
-      self.tell_seeds = jax.jit(self._tell_seeds)
+      self.es = self.es_params = self._jit_generation = self.tell_seeds = None
+      if not self.strategy.host:
+        self.es, self.es_params = self.strategy.make(self.pop, self.dim, self.sigma,
+                                                     self.space.init_x(self.param))
+        self._jit_generation = jax.jit(self._generation)
+        self.tell_seeds = jax.jit(self._tell_seeds)
+      self._jit_evaluate = jax.jit(self._evaluate)
     else:
       self.strategy, self.es, self.es_params = owner.strategy, owner.es, owner.es_params
-      self.parametrize = owner.parametrize
       self._jit_generation, self.tell_seeds = owner._jit_generation, owner.tell_seeds
+      self._jit_evaluate = owner._jit_evaluate
 
-  def generation(self, state: SearchState, pool, datas):
+  @property
+  def parametrize(self) -> spaces.Parametrization:
+    return self.param
+
+  def generation(self, state: SearchState, pool, datas, subset=None):
+    """One generation -> (state, (x, alphas, scores, fitness, fidelity)), each [P, ...].
+    subset: the dev splits' fixed subsets (adaptive fidelity), or None."""
     weights = self.weights
     if weights is None and datas is not None:  # the mean as uniform weights: always an
       weights = np.full(len(datas), 1.0 / len(datas), np.float32)  # array, one program
-    return self._jit_generation(state, pool, datas, weights, self.chebyshev)
+    if not self.strategy.host:
+      return self._jit_generation(state, pool, datas, subset, weights, self.chebyshev)
+    x = self.study.ask()
+    out = self._jit_evaluate(jnp.asarray(x), pool, datas, subset, weights, self.chebyshev)
+    self.study.tell(np.asarray(jax.device_get(out[2])))
+    return state.replace(generation=state.generation + 1), (x, *out)
 
   def fitness(self, scores: np.ndarray) -> np.ndarray:
     """This search's scalarization of [..., T] scores, on the host (for seeds)."""
@@ -157,28 +218,90 @@ class Search:
   def init(self, mean: np.ndarray | None = None) -> SearchState:
     key = jax.random.key(self.cfg.seed)
     key, k_init = jax.random.split(key)
-    mean = jnp.asarray(self.space.init_x() if mean is None else mean)
-    es_state = self.strategy.init(self.es, self.es_params, k_init, mean, self.cfg.sigma_init)
+    mean = self.space.init_x(self.param) if mean is None else mean
+    if self.strategy.host:  # a fresh study; its state is the archive (`replay`)
+      k = self.space.num_weights
+      lo = [0.0] * k + [-4.0] * (self.dim - k)  # weights in the box, as the paper
+      hi = [1.0] * k + [4.0] * (self.dim - k)
+      self.study = self.strategy.study(self.pop, np.asarray(mean), self.sigma, self.cfg.seed,
+                                       lo, hi)
+      es_state = jnp.zeros((), jnp.int32)
+    else:
+      es_state = self.strategy.init(self.es, self.es_params, k_init, jnp.asarray(mean),
+                                    self.sigma)
     # Strong dtypes, as a generation returns them: else the second generation recompiles.
     es_state = jax.tree.map(lambda v: jnp.asarray(v, jnp.result_type(v)), es_state)
     return SearchState(es_state, jax.random.key_data(key), jnp.zeros((), jnp.int32))
+
+  def start(self, state: SearchState, x: np.ndarray, fitness: np.ndarray) -> SearchState:
+    """Already evaluated points x [S, D] (seeds): when `warm_start`, the top P are told to
+    the strategy first; a host study also takes them all as its history."""
+    fitness = np.asarray(fitness, np.float32)
+    order = np.argsort(-np.nan_to_num(fitness, nan=-np.inf))
+    top = np.resize(order, self.pop)  # repeats when fewer seeds than P
+    if not self.strategy.host:
+      if self.cfg.warm_start:
+        state = self.tell_seeds(state, jnp.asarray(x[top]), jnp.asarray(fitness[top]))
+      return state
+    self.study.history(x, fitness)
+    if self.cfg.warm_start:
+      self.study.enqueue(x[top])
+      self.study.ask()
+      self.study.tell(fitness[top])
+    return state
+
+  def replay(self, archive: "Archive") -> None:
+    """Rebuilds a host study from a restored archive by repeating its calls: the seeded
+    sampler proposes the archived points again, each checked, and is told their fitness."""
+    a = archive.arrays()
+    seed = a["is_seed"]
+    self.start(None, a["x"][seed], a["fitness"][seed])
+    xs, fs = a["x"][~seed], a["fitness"][~seed]
+    for g in range(0, len(xs), self.pop):
+      x = self.study.ask()
+      check(np.array_equal(x, xs[g:g + self.pop]), f"cannot resume: replaying the saved "
+            f"search, {self.cfg.strategy} proposed other points at generation {g // self.pop}",
+            "--resume", "resume with the same optuna version and config, or pass --overwrite")
+      self.study.tell(fs[g:g + self.pop])
+
+  def _evaluate(self, x, pool, datas, subset, weights, chebyshev):
+    """[P, D] samples -> (points, scores [P, T], fitness [P], fidelity [P]); NaN scores and
+    fitness for non-finite merges. subset: adaptive fidelity's dev subsets, or None."""
+    alphas = self.space.decode(x, self.parametrize)
+    fit = lambda s, ok: jnp.where(ok, pareto.scalarize(s, weights, chebyshev), jnp.nan)
+    if subset is None:
+      scores, finite = self.population_fn(alphas, pool, datas)
+      fidelity = jnp.ones(x.shape[0], jnp.float32)
+    else:
+      low, finite = self.population_fn(alphas, pool, subset)
+      low = jnp.where(finite[:, None], low, jnp.nan)
+      top = jnp.argsort(-jnp.nan_to_num(fit(low, finite), nan=-jnp.inf))[
+          :self.cfg.promoted(x.shape[0])]
+      high, finite_top = self.population_fn(alphas[top], pool, datas)
+      high = jnp.where(finite_top[:, None], high, jnp.nan)
+      diff = high - low[top]
+      ok = jnp.isfinite(diff)
+      gap = jnp.sum(jnp.where(ok, diff, 0), 0) / jnp.maximum(jnp.sum(ok, 0), 1)  # [T]
+      scores = jnp.clip(low + gap, 0.0, 100.0).at[top].set(high)
+      finite = finite.at[top].set(finite_top)
+      fidelity = jnp.full(x.shape[0], self.cfg.fidelity_subset, jnp.float32).at[top].set(1.0)
+    scores = jnp.where(finite[:, None], scores, jnp.nan)  # as in CachedScorer
+    return alphas, scores, fit(scores, finite), fidelity
 
   def _tell(self, state: SearchState, key, x, fitness):
     safe = jnp.where(jnp.isfinite(fitness), -fitness, WORST)
     es_state, _ = self.es.tell(key, x, safe, state.es_state, self.es_params)
     return es_state
 
-  def _generation(self, state: SearchState, pool, datas, weights, chebyshev):
+  def _generation(self, state: SearchState, pool, datas, subset, weights, chebyshev):
     key = jax.random.wrap_key_data(state.key)
     key, k_ask, k_tell = jax.random.split(key, 3)
     x, es_state = self.es.ask(k_ask, state.es_state, self.es_params)
-    alphas = self.space.decode(x, self.parametrize)
-    scores, finite = self.population_fn(alphas, pool, datas)
-    scores = jnp.where(finite[:, None], scores, jnp.nan)  # as in CachedScorer
-    fitness = jnp.where(finite, pareto.scalarize(scores, weights, chebyshev), jnp.nan)
+    alphas, scores, fitness, fidelity = self._evaluate(x, pool, datas, subset, weights,
+                                                       chebyshev)
     es_state = self._tell(state.replace(es_state=es_state), k_tell, x, fitness)
     new = SearchState(es_state, jax.random.key_data(key), state.generation + 1)
-    return new, (x, alphas, scores, fitness)
+    return new, (x, alphas, scores, fitness, fidelity)
 
   def _tell_seeds(self, state: SearchState, x, fitness):
     key = jax.random.wrap_key_data(state.key)
@@ -186,13 +309,6 @@ class Search:
     _, es_state = self.es.ask(k_ask, state.es_state, self.es_params)  # advances counters
     es_state = self._tell(state.replace(es_state=es_state), k_tell, x, fitness)
     return SearchState(es_state, jax.random.key_data(key), state.generation)
-
-  def scan(self, state: SearchState, pool, datas, num_generations: int):
-    """All generations as one program (no checkpoints in between)."""
-    def body(s, _):
-      return self.generation(s, pool, datas)
-    return jax.lax.scan(body, state, None, length=num_generations)
-
 
 # ----------------------------------------------------------------------------- running
 
@@ -217,7 +333,11 @@ def check_signature(state_dir: str, sig: dict) -> None:
     return  # saved before signatures were written
   with open(path) as f:
     old = json.load(f)
-  diff = [k for k in sorted(set(old) | set(sig)) if old.get(k) != sig.get(k)]
+  # A field added since the search was saved counts as its default there.
+  defaults = json.loads(json.dumps({f"search.{f.name}": f.default
+                                    for f in dataclasses.fields(SearchConfig)}))
+  diff = [k for k in sorted(set(old) | set(sig))
+          if old.get(k, defaults.get(k)) != sig.get(k, defaults.get(k))]
   if diff:
     k = diff[0]
     raise UserError(f"cannot resume: the saved search has {k} = {old.get(k)!r}, this config "
@@ -225,15 +345,26 @@ def check_signature(state_dir: str, sig: dict) -> None:
                     "with (only SearchConfig.budget may change), or pass --overwrite")
 
 
+def _examples(datas) -> int:
+  return 0 if datas is None else sum(int(d.num_examples) for d in datas)
+
+
 def run(search: Search, pool, datas, workdir: str | None, resume: bool = False,
         seeds: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
-        progress: bool = True, on_generation: Callable | None = None) -> Archive:
+        progress: bool = True, on_generation: Callable | None = None,
+        subset=None) -> Archive:
   """Runs the search to its budget, checkpointing after every generation in `workdir`.
 
   seeds: optional (alphas [S, D], scores [S, T], fitness [S]) of already evaluated points of
   the search's space (single checkpoints, baselines): they enter the archive and, when
   `warm_start`, the top P are told to the strategy before the first generation.
+  subset: the dev splits' fixed subsets, required when the config is adaptive (the splits
+  as `datas`, each cut to a fixed random subset of its examples: `evaluation.subset`).
   """
+  check(search.cfg.adaptive == (subset is not None), "adaptive fidelity needs the dev "
+        "subsets, and only it", "search.run", "pass subset= exactly when "
+        "SearchConfig.fidelity_subset < 1")
+  full_n, sub_n = _examples(datas), _examples(subset)
   total = search.cfg.num_generations(search.dim)
   state, archive = search.init(), Archive()
   mngr = None
@@ -247,16 +378,15 @@ def run(search: Search, pool, datas, workdir: str | None, resume: bool = False,
     restored = mngr.restore(step, args=ocp.args.StandardRestore())
     state = flax.serialization.from_state_dict(state, restored["state"])
     archive = Archive.from_arrays({k: np.asarray(v) for k, v in restored["archive"].items()})
+    if search.strategy.host:
+      search.replay(archive)
     logging.info("resumed search at generation %d (%d merges archived)", step, len(archive))
   else:
     if seeds is not None:
       alphas, scores, fitness = seeds
-      x = search.space.encode(alphas)
-      archive.add(x, alphas, scores, fitness, "seed")
-      if search.cfg.warm_start:
-        order = np.argsort(-np.nan_to_num(fitness, nan=-np.inf))
-        top = np.resize(order, search.pop)  # repeats when fewer seeds than P
-        state = search.tell_seeds(state, jnp.asarray(x[top]), jnp.asarray(fitness[top]))
+      x = search.space.encode(alphas, search.param)
+      archive.add(x, alphas, scores, fitness, "seed", examples=np.full(len(x), full_n))
+      state = search.start(state, x, fitness)
     if mngr is not None and jax.process_index() == 0:
       checkpoints.atomic_write_text(os.path.join(str(mngr.directory), "signature.json"),
                                     json.dumps(signature(search.cfg, search.space, datas), indent=1))
@@ -268,11 +398,13 @@ def run(search: Search, pool, datas, workdir: str | None, resume: bool = False,
   for g in bar:
     # A host copy in: the first, later and resumed generations then share one program
     # (device outputs carry the mesh, a fresh or restored state does not: two compiles).
-    state, (x, alphas, scores, fitness) = search.generation(jax.device_get(state), pool,
-                                                            datas)
-    x, alphas, scores, fitness = jax.device_get((x, alphas, scores, fitness))
+    state, out = search.generation(jax.device_get(state), pool, datas, subset)
+    x, alphas, scores, fitness, fidelity = jax.device_get(out)
     population.log_nonfinite(alphas, fitness, f"generation {g}")
-    archive.add(x, alphas, scores, fitness, "search")
+    # Dev examples per candidate: the subset pass for all (adaptive), the full split for
+    # the promoted ones (every one otherwise).
+    examples = (sub_n if subset is not None else 0) + (fidelity >= 1.0) * full_n
+    archive.add(x, alphas, scores, fitness, "search", fidelity, examples)
     if mngr is not None:
       mngr.save(g + 1, args=ocp.args.StandardSave(_state_to_save(state, archive)))
       mngr.wait_until_finished()

@@ -6,14 +6,20 @@ SNES, ...) start from a mean, `init(key, mean, params)`; population-based ones
 (differential evolution, PSO, genetic algorithms) from a population and its fitness,
 `init(key, population, fitness, params)`. Both then `ask` and `tell` alike, so the search's
 generation is the same program for every entry. tests/test_strategies.py runs each entry.
+
+`optuna_cmaes` is the paper's optimizer, Optuna's CmaEsSampler, run on the host: each
+generation asks P trials, the same compiled population program scores them, and their
+fitness is told back (`OptunaStudy`).
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+import warnings
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from recycle_jax.errors import check
 
@@ -22,6 +28,7 @@ from recycle_jax.errors import check
 class Strategy:
   name: str  # also the evosax.algorithms class name
   population_based: bool = False
+  host = False  # asked and told inside the compiled generation
   # Extra constructor arguments from (sigma, centre [dim]): RandomSearch's sampler,
   # SimpleGA's mutation scale.
   options: Callable[[float, jax.Array], dict] | None = None
@@ -48,6 +55,80 @@ class Strategy:
     return es.init(k_init, population, jnp.full((es.population_size,), jnp.inf), params)
 
 
+class OptunaStudy:
+  """An Optuna study whose CmaEsSampler proposes P points a generation (maximizing).
+
+  Coordinates are suggested within per-dimension bounds (weights in [0, 1], as the paper;
+  tuned hyperparameters' unbounded coordinates in [-4, 4]); the sampler starts at `center`
+  with step `sigma` and is seeded. Its whole state is its history: replaying the same
+  calls (`history`, `enqueue`, `ask`, `tell`) on a fresh study reproduces every proposal
+  bit for bit, which is how a search resumes (Optuna keeps its CMA state inside the
+  in-memory study; nothing of it is written to disk or read back from it).
+  """
+
+  def __init__(self, pop: int, center: np.ndarray, sigma: float, seed: int,
+               lo: Sequence[float], hi: Sequence[float]):
+    import optuna  # noqa: PLC0415 (only for this strategy)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    self.pop = pop
+    self.names = [f"x{i:04d}" for i in range(len(center))]
+    self.lo, self.hi = np.asarray(lo, np.float64), np.asarray(hi, np.float64)
+    self.dists = {k: optuna.distributions.FloatDistribution(float(a), float(b))
+                  for k, a, b in zip(self.names, self.lo, self.hi)}
+    x0 = dict(zip(self.names, np.clip(np.asarray(center, np.float64), self.lo, self.hi).tolist()))
+    with warnings.catch_warnings():  # x0 and sigma0 are deprecated (not removed) in 4.9
+      warnings.simplefilter("ignore")
+      sampler = optuna.samplers.CmaEsSampler(x0=x0, sigma0=float(sigma), seed=seed,
+                                             popsize=pop, warn_independent_sampling=False)
+    self.study = optuna.create_study(direction="maximize", sampler=sampler)
+    self._trials: list = []
+
+  def _params(self, x: np.ndarray) -> dict:
+    return dict(zip(self.names, np.clip(np.asarray(x, np.float64), self.lo, self.hi).tolist()))
+
+  def history(self, x: np.ndarray, fitness: np.ndarray) -> None:
+    """Already evaluated points [K, D] as completed trials: they define the search space
+    (so CMA-ES proposes from the first trial), as the paper seeds the search history; the
+    sampler only learns from trials of its own generations."""
+    import optuna  # noqa: PLC0415
+    self.study.add_trials([optuna.trial.create_trial(
+        params=self._params(r), distributions=self.dists, value=_told(f))
+        for r, f in zip(x, fitness)])
+
+  def enqueue(self, x: np.ndarray) -> None:
+    """Points [K, D] the next asks return (warm start: they form the first generation)."""
+    for r in x:
+      self.study.enqueue_trial(self._params(r))
+
+  def ask(self) -> np.ndarray:
+    """[P, D] float32 proposals (P trials, kept until `tell`)."""
+    self._trials = [self.study.ask(self.dists) for _ in range(self.pop)]
+    return np.asarray([[t.params[k] for k in self.names] for t in self._trials], np.float32)
+
+  def tell(self, fitness: np.ndarray) -> None:
+    """The last asked trials' fitness (NaN: the worst)."""
+    for t, f in zip(self._trials, np.asarray(fitness)):
+      self.study.tell(t, _told(f))
+    self._trials = []
+
+
+WORST = -1e9  # the fitness told for a non-finite candidate (maximizing)
+
+
+def _told(f) -> float:
+  f = float(np.float32(f))  # as archived, so a replay tells the very same value
+  return f if np.isfinite(f) else WORST
+
+
+@dataclasses.dataclass(frozen=True)
+class HostStrategy:
+  """A strategy asked and told on the host (one record per library)."""
+  name: str
+  study: Callable[..., Any]  # (pop, center, sigma, seed, lo, hi) -> study
+  population_based = False
+  host = True
+
+
 def _random_search(sigma: float, center: jax.Array) -> dict:
   """center + sigma * N(0, I) every generation: the first CMA-ES generation, forever (the
   same-budget ablation)."""
@@ -59,7 +140,7 @@ def _simple_ga(sigma: float, center: jax.Array) -> dict:
   return {"std_schedule": optax.constant_schedule(sigma)}
 
 
-STRATEGIES: dict[str, Strategy] = {s.name: s for s in (
+STRATEGIES: dict[str, Strategy | HostStrategy] = {s.name: s for s in (
     Strategy("CMA_ES"),
     Strategy("Sep_CMA_ES"),
     Strategy("SNES"),
@@ -67,10 +148,11 @@ STRATEGIES: dict[str, Strategy] = {s.name: s for s in (
     Strategy("DifferentialEvolution", population_based=True),
     Strategy("PSO", population_based=True),
     Strategy("SimpleGA", population_based=True, options=_simple_ga),
+    HostStrategy("optuna_cmaes", OptunaStudy),
 )}
 
 
-def get(name: str) -> Strategy:
+def get(name: str) -> Strategy | HostStrategy:
   check(name in STRATEGIES, f"unknown search strategy {name!r}", "SearchConfig.strategy",
         f"choose from {list(STRATEGIES)}")
   return STRATEGIES[name]

@@ -37,10 +37,12 @@ import seqio
 import tensorflow as tf
 
 from recycle_jax import scoring, user_tasks, verifiers
+from recycle_jax.errors import check
 from recycle_jax.vocabularies import POOL
 
 SPLITS = ("train", "dev", "test")
-NUM_EVAL = {"dev": 128, "test": 128}
+NUM_EVAL = {"dev": 128, "test": 128}  # per task; dev may grow or shrink: set_dev_size
+DEV_BASE = 128  # the dev items every pool was built beside (the split layout's first block)
 NUM_TRAIN = 4000
 HELD_IN = ("rj_code", "rj_math", "rj_instruct", "rj_knowledge", "rj_reasoning")
 HELD_OUT = ("rj_code_ood", "rj_chat_ood")
@@ -219,17 +221,37 @@ _GENERATORS: dict[str, Callable[[random.Random], dict]] = {
 }
 
 
+def set_dev_size(n: int | None) -> None:
+  """Sets the dev split's size per task (None: the default 128); test and train never
+  change. The first min(n, 128) dev items are the default dev items; more are generated
+  after the training items (the generators' streams are prefix-stable), so a larger dev
+  split never overlaps train or test. Call before any split is read."""
+  check(n is None or n >= 1, f"dev size {n}", "--dev_size", "pass a positive number")
+  NUM_EVAL["dev"] = DEV_BASE if n is None else int(n)
+  items.cache_clear()
+  from recycle_jax import evaluation  # noqa: PLC0415 (it imports this module lazily)
+  evaluation.materialize.cache_clear()
+
+
 @functools.lru_cache(None)
 def items(task: str) -> dict[str, list[dict]]:
-  """{split: [example dicts]}, disjoint by prompt; held-out tasks have no train split."""
+  """{split: [example dicts]}, disjoint by prompt; held-out tasks have no train split.
+
+  Layout of a task's item stream: 128 dev items, NUM_EVAL['test'] test items, the train
+  items, then the dev items beyond 128 (`set_dev_size`). A task whose stream runs out (its
+  item space is small) has a shorter dev split; `_dataset_fn` refuses to read it."""
   seed = SEED + sum(map(ord, task))
-  n_eval = NUM_EVAL["dev"] + NUM_EVAL["test"]
-  if task == "rj_knowledge":
+  n_eval = DEV_BASE + NUM_EVAL["test"]
+  extra = max(0, NUM_EVAL["dev"] - DEV_BASE)
+  if task == "rj_knowledge":  # a fixed world: every item past test is train
     pool = _knowledge_items(random.Random(seed))
+    n_train = len(pool) - n_eval
   else:
-    pool = _unique(_GENERATORS[task], n_eval + (0 if task in HELD_OUT else NUM_TRAIN), seed)
-  dev, test = pool[:NUM_EVAL["dev"]], pool[NUM_EVAL["dev"]:n_eval]
-  return {"dev": dev, "test": test, "train": [] if task in HELD_OUT else pool[n_eval:]}
+    n_train = 0 if task in HELD_OUT else NUM_TRAIN
+    pool = _unique(_GENERATORS[task], n_eval + n_train + extra, seed)
+  after = n_eval + n_train
+  dev = pool[:min(NUM_EVAL["dev"], DEV_BASE)] + pool[after:after + extra]
+  return {"dev": dev, "test": pool[DEV_BASE:n_eval], "train": pool[n_eval:after]}
 
 
 # ----------------------------------------------------------------------------- text
@@ -269,6 +291,10 @@ _VERIFIED = {"rj_code": ("output_prediction", 16), "rj_math": ("numeric", 8)}
 def _dataset_fn(task: str):
   def fn(split: str, shuffle_files: bool = False, seed=None) -> tf.data.Dataset:
     rows = items(task)[split]
+    if split == "dev":
+      check(len(rows) == NUM_EVAL["dev"], f"task {task!r} has {len(rows)} dev items that "
+            f"overlap neither train nor test, not {NUM_EVAL['dev']}", "--dev_size",
+            f"choose at most {len(rows)} for {task}, or leave it out of the tasks")
     cols = {"inputs": [r["inputs"] for r in rows], "targets": [r["targets"] for r in rows]}
     if rows and "choices" in rows[0]:
       cols["choices"] = tf.ragged.constant([r["choices"] for r in rows])  # any count

@@ -5,6 +5,7 @@ import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from recycle_jax import merging, population, search, spaces
 
@@ -88,3 +89,38 @@ def test_score_trees_reuses_the_linear_program_exactly(caplog):
   assert np.isnan(got[1]).all()
   for i in (0, 2, 3, 4):
     np.testing.assert_array_equal(got[i], np.asarray(leaf_sums(trees[i], None)))
+
+
+@pytest.mark.parametrize("name", spaces.PARAMETRIZATIONS)
+def test_every_parametrization_maps_onto_the_simplex_and_back(name):
+  p = spaces.get_parametrization(name)
+  space = spaces.MergeSpace(n=6)
+  x = jax.random.normal(jax.random.key(0), (50, 6)) * 2
+  w = np.asarray(space.decode(x, p))
+  assert (w >= 0).all()
+  np.testing.assert_allclose(w.sum(-1), 1, rtol=1e-5)
+  np.testing.assert_allclose(space.decode(jnp.asarray(space.init_x(p))[None], p), 1 / 6,
+                             rtol=1e-5)
+  target = np.array([[0.5, 0.3, 0.2, 0, 0, 0]], np.float32)
+  np.testing.assert_allclose(space.decode(jnp.asarray(space.encode(target, p)), p), target,
+                             atol=1e-5)
+  # A search in it: every evaluated point on the simplex.
+  cfg = search.SearchConfig(budget=16, population_size=8, parametrization=name)
+  s = search.Search(cfg, 6, jax.jit(population.make_population_fn(
+      lambda params, datas: jnp.stack([params.sum(), -params.sum()]), "vmap",
+      lambda a, pool: a * pool)))
+  archive = search.run(s, jnp.arange(6.0), None, workdir=None, progress=False)
+  np.testing.assert_allclose(np.asarray(archive.alphas).sum(-1), 1, rtol=1e-5)
+
+
+def test_box_starts_dense_where_relu_normalize_drops_half_the_pool():
+  """First-generation samples at N = 16 with each parametrization's default step: relu
+  zeroes about half of the weights (P(x < 0) = 0.48), the box almost none."""
+  space = spaces.MergeSpace(n=16)
+  x = jax.random.normal(jax.random.key(1), (4000, 16))
+  dense = {}
+  for name in ("relu_normalize", "box"):
+    p = spaces.get_parametrization(name)
+    w = np.asarray(space.decode(jnp.asarray(space.init_x(p)) + p.sigma * x, p))
+    dense[name] = float((w > 1e-6).mean())
+  assert 0.45 < dense["relu_normalize"] < 0.6 and dense["box"] > 0.99

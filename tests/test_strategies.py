@@ -42,3 +42,36 @@ def test_weighted_and_chebyshev_scalarizations_steer_the_search_and_share_its_pr
   best1 = np.asarray(a1.scores)[a1.best()]
   assert best1[1] > best1[0]  # task 1's deficit is penalized 4x more
   np.testing.assert_allclose(a0.fitness, np.asarray(a0.scores)[:, 0], rtol=1e-5)
+
+
+HOST = [name for name, s in search.STRATEGIES.items() if s.host]
+
+
+@pytest.mark.parametrize("strategy", HOST)
+def test_host_strategy_warm_starts_and_resumes_bit_for_bit(strategy, tmp_path):
+  """Seeds (the one-hot checkpoints) as history and warm start; interrupted after two
+  generations, the resumed study (rebuilt from the archive) proposes the same points."""
+  seeds = (E, np.asarray(_two_tasks(jnp.asarray(E), None, None)[0]), None)
+  def go(wd, resume=False, stop=None):
+    cfg = search.SearchConfig(budget=40, population_size=8, strategy=strategy,
+                              parametrization="box", warm_start=True)
+    s = search.Search(cfg, N, _two_tasks)
+    return search.run(s, None, None, str(tmp_path / wd), resume=resume, progress=False,
+                      seeds=(seeds[0], seeds[1], seeds[1].mean(-1)), on_generation=stop)
+  full = go("a")
+  assert len(full) == N + 40 and np.isfinite(full.fitness).all()
+  class Stop(Exception):
+    pass
+  def stop(g, archive):
+    if g == 1:
+      raise Stop
+  with pytest.raises(Stop):
+    go("b", stop=stop)
+  resumed = go("b", resume=True)
+  np.testing.assert_array_equal(np.asarray(full.x), np.asarray(resumed.x))
+  np.testing.assert_array_equal(np.asarray(full.fitness), np.asarray(resumed.fitness))
+  # Its weights are suggested in [0, 1] (the box) and normalized by their sum.
+  x = np.asarray(full.x)[N:]
+  assert x.min() >= 0 and x.max() <= 1
+  np.testing.assert_allclose(np.asarray(full.alphas)[N:], x / x.sum(-1, keepdims=True),
+                             rtol=1e-5)

@@ -1,0 +1,214 @@
+"""The paper's claims, measured (issue 18): seeds x strategies x parametrizations x fidelity.
+
+For each setting, every combination of a search strategy (evosax CMA_ES, Optuna's
+CmaEsSampler `optuna_cmaes`: the paper's), a weight parametrization (relu_normalize,
+softmax, box: the paper's) and a fidelity mode (full: every candidate on the whole dev
+split; adaptive: successive halving) is searched with K seeds (`--num_seeds`), then
+W/claims.md gets one table (test fitness mean ± 95% CI, dev fitness, the dev->test gap,
+search - best baseline and its verdict, non-zero weights, dev examples evaluated, wall time
+per merge) and W/figures/fidelity.png (test fitness against dev examples evaluated, both
+fidelity modes; and the best dev fitness so far against cumulative dev examples).
+`--dev_sizes` adds the dev-size study: the default search at each dev split size (test
+fixed), its dev->test gap.
+
+  python experiments/research_claims.py --workdir=runs/claims --settings=code_instruct \\
+      --num_seeds=3 --budget=48 --max_examples=64
+"""
+import argparse
+import itertools
+import json
+import os
+import sys
+
+import numpy as np
+
+import runner  # noqa: E402  (experiments/runner.py; puts the repo on sys.path)
+
+
+def grid(args) -> list[dict]:
+  out = []
+  for setting, strategy, param, fid in itertools.product(
+      args.settings, args.strategies, args.parametrizations, args.fidelities):
+    out.append({"name": f"{setting}/{strategy}-{param}-{fid}", "setting": setting,
+                "strategy": strategy, "parametrization": param, "fidelity": fid,
+                "dev_size": None})
+  for setting, size in itertools.product(args.settings if args.dev_sizes else (),
+                                         args.dev_sizes):
+    out.append({"name": f"{setting}/dev{size}", "setting": setting,
+                "strategy": args.strategies[0], "parametrization": args.parametrizations[0],
+                "fidelity": args.fidelities[-1], "dev_size": size})
+  return out
+
+
+def bindings(run: dict, args) -> list[str]:
+  b = [f"SearchConfig.budget = {args.budget}", f"SearchConfig.strategy = '{run['strategy']}'",
+       f"SearchConfig.parametrization = '{run['parametrization']}'",
+       "Experiment.save_merged = False", "Experiment.greedy_soup = False"]
+  if run["fidelity"] == "adaptive":
+    b += [f"SearchConfig.fidelity_subset = {args.subset}",
+          f"SearchConfig.fidelity_promote = {args.promote}"]
+  # The dev-size study keeps the whole test split (128 per task): only dev changes.
+  if args.max_examples and run["dev_size"] is None:
+    b.append(f"Experiment.max_examples = {args.max_examples}")
+  return b
+
+
+def flags(run: dict, args) -> list[str]:
+  f = [f"--num_seeds={args.num_seeds}"]
+  return f + ([f"--dev_size={run['dev_size']}"] if run["dev_size"] else [])
+
+
+def row(run: dict, rs: list[dict]) -> dict:
+  from recycle_jax import reporting
+  s = [r["methods"]["search"] for r in rs]
+  c = runner.comparison(rs)
+  test = [x["fitness"]["test"] for x in s]
+  dev = [x["fitness"]["dev"] for x in s]
+  cfg = [r["config"] for r in rs]
+  return {**run, "seeds": len(rs), "test": reporting.mean_ci(test), "dev": reporting.mean_ci(dev),
+          "gap": reporting.mean_ci([d - t for d, t in zip(dev, test)]), "vs": c,
+          "nonzero": [runner.nonzero(x["weights"]) for x in s],
+          "dev_examples": float(np.mean([c_.get("dev_examples_evaluated", np.nan) for c_ in cfg])),
+          "per_merge_s": float(np.mean([c_.get("search_wall_s", np.nan) / c_["search"]["budget"]
+                                        for c_ in cfg])),
+          "dev_size": run["dev_size"] or sum(cfg[0].get("dev_examples", {}).values())
+          // max(1, len(cfg[0].get("dev_examples", {})))}
+
+
+def _ci(stat) -> str:
+  m, h, n = stat
+  return "–" if n == 0 else f"{m:.1f}" + (f" ± {h:.1f}" if n > 1 else "")
+
+
+def table(rows: list[dict]) -> list[str]:
+  lines = ["| setting | strategy | parametrization | fidelity | seeds | test fitness | "
+           "dev fitness | dev - test | search - best baseline | verdict | non-zero weights "
+           "(mean; per seed) | dev examples evaluated | s per merge |",
+           "|" + "---|" * 13]
+  for r in rows:
+    v = r["vs"]
+    vs = "–" if v["n"] == 0 else f"{v['mean']:+.1f}" + (f" ± {v['ci95']:.1f}" if v["n"] > 1 else "")
+    lines.append(
+        f"| {r['setting']} | {r['strategy']} | {r['parametrization']} | {r['fidelity']} | "
+        f"{r['seeds']} | {_ci(r['test'])} | {_ci(r['dev'])} | {_ci(r['gap'])} | {vs} "
+        f"({v['baseline']}) | {v['verdict']} | {np.mean(r['nonzero']):.1f}; "
+        f"{', '.join(map(str, r['nonzero']))} | {r['dev_examples']:.0f} | "
+        f"{r['per_merge_s']:.2f} |")
+  return lines
+
+
+def dev_size_table(rows: list[dict]) -> list[str]:
+  lines = ["| setting | dev examples per task | seeds | search dev fitness | search test "
+           "fitness | dev - test | search - best baseline (test) | verdict |",
+           "|---|---|---|---|---|---|---|---|"]
+  for r in rows:
+    v = r["vs"]
+    vs = f"{v['mean']:+.1f}" + (f" ± {v['ci95']:.1f}" if v["n"] > 1 else "")
+    lines.append(f"| {r['setting']} | {r['dev_size']} | {r['seeds']} | {_ci(r['dev'])} | "
+                 f"{_ci(r['test'])} | {_ci(r['gap'])} | {vs} ({v['baseline']}) | "
+                 f"{v['verdict']} |")
+  return lines
+
+
+def figure(rows: list[dict], results: dict[str, list[dict]], path: str) -> None:
+  """Left: each configuration's test fitness (mean ± CI) against the dev examples its
+  search evaluated, full vs adaptive. Right: the best full-fidelity dev fitness so far
+  against cumulative dev examples, mean over seeds, per fidelity mode."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
+  style = {"full": ("o", "tab:blue"), "adaptive": ("^", "tab:orange")}
+  for r in rows:
+    mk, col = style[r["fidelity"]]
+    m, h, _ = r["test"]
+    a.errorbar(r["dev_examples"], m, yerr=0 if not np.isfinite(h) else h, fmt=mk, color=col,
+               alpha=0.8, capsize=3)
+    a.annotate(f"{r['setting'][:12]} {r['strategy'][:6]} {r['parametrization'][:4]}",
+               (r["dev_examples"], m), fontsize=6, alpha=0.7)
+  for f, (mk, col) in style.items():
+    a.plot([], [], mk, color=col, label=f)
+    curves = []
+    for r in [r for r in rows if r["fidelity"] == f]:
+      for res in results[r["name"]]:
+        h = [x for x in res["history"] if x["kind"] == "search"]
+        ex = np.cumsum([x["dev_examples"] for x in h])
+        fit = [x["fitness"] if x["fidelity"] >= 1 and x["fitness"] is not None else -np.inf
+               for x in h]
+        curves.append((ex, np.maximum.accumulate(fit)))
+    if curves:
+      grid_x = np.linspace(0, max(c[0][-1] for c in curves), 50)
+      ys = [np.interp(grid_x, c[0], np.where(np.isfinite(c[1]), c[1], np.nan)) for c in curves]
+      b.plot(grid_x, np.nanmean(ys, 0), color=col, label=f"{f} ({len(curves)} searches)")
+  a.set(xlabel="dev examples evaluated by the search", ylabel="test fitness (mean ± 95% CI)",
+        title="test fitness vs evaluation cost")
+  b.set(xlabel="cumulative dev examples", ylabel="best dev fitness so far (full fidelity)",
+        title="search progress per dev example (mean over searches)")
+  a.legend(); b.legend()
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def summary(workdir: str, runs: list[dict], args) -> str:
+  results = {r["name"]: rs for r in runs
+             if (rs := runner.seed_results(os.path.join(workdir, r["name"])))}
+  rows = [row(r, results[r["name"]]) for r in runs if r["name"] in results]
+  is_size = lambda r: r["name"].split("/")[1].startswith("dev")
+  main, sizes = [r for r in rows if not is_size(r)], [r for r in rows if is_size(r)]
+  lines = ["# The paper's claims, measured", "",
+           f"Scale: {args.num_seeds} seeds per configuration, budget {args.budget} merges, "
+           f"max_examples {args.max_examples or 'all'} per split and task (dev and test), "
+           f"adaptive fidelity subset {args.subset}, promote {args.promote}; no greedy soup. "
+           "Mean ± 95% CI (t-distribution) over seeds; the verdict follows from the paired "
+           "difference's CI (search - the baseline with the best mean test fitness).", ""]
+  lines += table(main) + [""]
+  if sizes:
+    lines += ["## Dev split size (test fixed at 128 per task)", ""] + dev_size_table(sizes) + [""]
+  if main:
+    figure(main, results, os.path.join(workdir, "figures", "fidelity.png"))
+    lines += ["![fidelity](figures/fidelity.png)", ""]
+  from recycle_jax.checkpoints import atomic_write_text
+  atomic_write_text(os.path.join(workdir, "claims.json"),
+                    json.dumps(rows, default=float, indent=1))
+  return "\n".join(lines)
+
+
+def main() -> int:
+  p = argparse.ArgumentParser(description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  split = lambda s: [x for x in s.split(",") if x]
+  p.add_argument("--workdir", required=True)
+  p.add_argument("--pool", default="runs/pool/pool.json")
+  p.add_argument("--settings", type=split, default=["code_instruct", "code_reasoning"])
+  p.add_argument("--strategies", type=split, default=["CMA_ES", "optuna_cmaes"])
+  p.add_argument("--parametrizations", type=split, default=["relu_normalize", "softmax", "box"])
+  p.add_argument("--fidelities", type=split, default=["full", "adaptive"])
+  p.add_argument("--dev_sizes", type=lambda s: [int(x) for x in split(s)], default=[])
+  p.add_argument("--num_seeds", type=int, default=3)
+  p.add_argument("--budget", type=int, default=48)
+  p.add_argument("--max_examples", type=int, default=None)
+  p.add_argument("--subset", type=float, default=0.25)
+  p.add_argument("--promote", type=float, default=0.25)
+  p.add_argument("--summary_only", action="store_true")
+  args = p.parse_args()
+  from recycle_jax import search, spaces
+  bad = ([f"--strategies {s}" for s in args.strategies if s not in search.STRATEGIES] +
+         [f"--parametrizations {s}" for s in args.parametrizations
+          if s not in spaces.PARAMETRIZATIONS] +
+         [f"--fidelities {s}" for s in args.fidelities if s not in ("full", "adaptive")])
+  if bad or args.num_seeds < 1:
+    print(f"error: unknown {bad[0] if bad else f'--num_seeds={args.num_seeds}'} "
+          "(research_claims); see --help for the choices", file=sys.stderr)
+    return 2
+  runs = grid(args)
+  jobs = [] if args.summary_only else [
+      (r["setting"], os.path.join(args.workdir, r["name"]), bindings(r, args), flags(r, args))
+      for r in runs if not runner.done(os.path.join(args.workdir, r["name"]), args.num_seeds)]
+  text = lambda w: summary(w, runs, args)
+  return runner.run_all(jobs, args.pool, args.workdir, text, "claims.md")
+
+
+if __name__ == "__main__":
+  sys.exit(main())
