@@ -26,9 +26,12 @@ import runner  # noqa: E402  (experiments/runner.py; puts the repo on sys.path)
 
 
 def grid(args) -> list[dict]:
+  """The runs: every (strategy, parametrization, fidelity) of the product, or `--configs`,
+  on every setting; then the dev-size study's."""
+  combos = ([tuple(c.split("-")) for c in args.configs] if args.configs else
+            list(itertools.product(args.strategies, args.parametrizations, args.fidelities)))
   out = []
-  for setting, strategy, param, fid in itertools.product(
-      args.settings, args.strategies, args.parametrizations, args.fidelities):
+  for setting, (strategy, param, fid) in itertools.product(args.settings, combos):
     out.append({"name": f"{setting}/{strategy}-{param}-{fid}", "setting": setting,
                 "strategy": strategy, "parametrization": param, "fidelity": fid,
                 "dev_size": None})
@@ -185,6 +188,9 @@ def main() -> int:
   p.add_argument("--strategies", type=split, default=["CMA_ES", "optuna_cmaes"])
   p.add_argument("--parametrizations", type=split, default=["relu_normalize", "softmax", "box"])
   p.add_argument("--fidelities", type=split, default=["full", "adaptive"])
+  p.add_argument("--configs", type=split, default=[],
+                 help="strategy-parametrization-fidelity triples instead of the product, "
+                      "e.g. CMA_ES-box-full,optuna_cmaes-box-adaptive")
   p.add_argument("--dev_sizes", type=lambda s: [int(x) for x in split(s)], default=[])
   p.add_argument("--num_seeds", type=int, default=3)
   p.add_argument("--budget", type=int, default=48)
@@ -194,6 +200,13 @@ def main() -> int:
   p.add_argument("--summary_only", action="store_true")
   args = p.parse_args()
   from recycle_jax import search, spaces
+  if args.configs:
+    if any(len(c.split("-")) != 3 for c in args.configs):
+      print(f"error: --configs {args.configs} (research_claims); pass "
+            "strategy-parametrization-fidelity triples", file=sys.stderr)
+      return 2
+    args.strategies, args.parametrizations, args.fidelities = (
+        list(dict.fromkeys(x)) for x in zip(*[c.split("-") for c in args.configs]))
   bad = ([f"--strategies {s}" for s in args.strategies if s not in search.STRATEGIES] +
          [f"--parametrizations {s}" for s in args.parametrizations
           if s not in spaces.PARAMETRIZATIONS] +
