@@ -178,6 +178,11 @@ def materialize(name: str, split: str, max_examples: int | None = None,
   return _MATERIALIZED[key]
 
 
+def forget_splits() -> None:
+  """Drops every materialized split (after the embedded benchmark's splits changed)."""
+  _MATERIALIZED.clear()
+
+
 def _materialize(name: str, split: str, max_examples: int | None,
                  vocabulary: seqio.Vocabulary | None) -> TaskData:
   task = bound_task(name, vocabulary)

@@ -162,7 +162,7 @@ def run_search(workdir: str, resume: bool = False, overwrite: bool = False,
   _write_config(workdir)
 
   shared = Shared(exp, loaded, dev, test, scorer, mode, single_dev, scorer(eye, test, "test"),
-                  base)
+                  base, vocab=vocab)
   shared.baselines, shared.linear_baselines = evaluate_baselines(shared)
   space_scorer = scorer
   if not space.is_linear:  # its own program: merges of the space, P of them at a time
@@ -199,6 +199,7 @@ class Shared:
   base: PyTree | None = None
   baselines: dict = dataclasses.field(default_factory=dict)
   linear_baselines: Sequence[str] = ()  # those that are linear merges: the search's seeds
+  vocab: Any = None  # the tasks' vocabulary (the pool's): adaptive fidelity's subsets
 
   @property
   def n(self) -> int:
@@ -249,7 +250,8 @@ def search_once(sh: Shared, scfg: search.SearchConfig, space: spaces.MergeSpace,
     if cfg.adaptive:  # a fixed random subset of each dev split, drawn from the search's seed
       subset = evaluation.place(tuple(
           evaluation.subset(d, cfg.fidelity_subset, cfg.seed)
-          for d in evaluation.load_split(names, "dev", sh.exp.max_examples)), sh.loaded.mesh)
+          for d in evaluation.load_split(names, "dev", sh.exp.max_examples, sh.vocab)),
+          sh.loaded.mesh)
     archive = search.run(srch, scorer.pool, sh.dev, wd, resume=resume, progress=progress,
                          seeds=(seed_points, seed_scores, srch.fitness(seed_scores)),
                          subset=subset)

@@ -230,7 +230,7 @@ def set_dev_size(n: int | None) -> None:
   NUM_EVAL["dev"] = DEV_BASE if n is None else int(n)
   items.cache_clear()
   from recycle_jax import evaluation  # noqa: PLC0415 (it imports this module lazily)
-  evaluation.materialize.cache_clear()
+  evaluation.forget_splits()
 
 
 @functools.lru_cache(None)
