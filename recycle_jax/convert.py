@@ -19,7 +19,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from recycle_jax import checkpoints, families, models, vocabularies
+from recycle_jax import checkpoints, families, models
 from recycle_jax.errors import UserError, check
 
 PyTree = Any
@@ -150,6 +150,7 @@ def convert(src: str, dst: str, overwrite: bool = False) -> str:
   check(os.path.isdir(src), "source directory not found", src,
         "pass a Hugging Face model directory or an Orbax checkpoint")
   checkpoints.check_output(dst, [src], overwrite, flag="DST")
+  from recycle_jax import vocabularies  # the tokenizer as seqio's Vocabulary (TensorFlow)
   if is_hf_dir(src):
     cfg, params, hf = load_hf(src)
     checkpoints.save(dst, params, {"model": cfg.to_dict(),

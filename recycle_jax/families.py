@@ -309,7 +309,7 @@ _LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500.0, "factor": 8.0,
 
 REGISTRY: dict[str, Family] = {f.name: f for f in [
     Family("byte", "llama", "LlamaForCausalLM", _llama_read, _llama_write, _LLAMA,
-           tiny={**_TINY, "vocab_size": models.VOCAB.vocab_size, "tie_word_embeddings": True,
+           tiny={**_TINY, "vocab_size": models.BYTE_VOCAB_SIZE, "tie_word_embeddings": True,
                  "rope_parameters": {"rope_type": "default", "rope_theta": 10_000.0}},
            token_ids={"bos_token_id": None, "eos_token_id": models.EOS_ID,
                       "pad_token_id": models.PAD_ID}, reads=False),

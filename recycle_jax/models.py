@@ -22,13 +22,24 @@ import flax.linen as nn
 import gin
 import jax
 import jax.numpy as jnp
-import seqio
 
 PyTree = Any
 ApplyFn = Callable[[PyTree, jax.Array], jax.Array]
 
 PAD_ID, EOS_ID = 0, 1
-VOCAB = seqio.ByteVocabulary()  # ids = byte + 3; 0 pad, 1 eos, 2 unk
+BYTE_VOCAB_SIZE = 256 + 3  # seqio.ByteVocabulary: ids = byte + 3; 0 pad, 1 eos, 2 unk
+
+
+def __getattr__(name: str):
+  """`models.VOCAB`, the byte vocabulary, built on first use: seqio imports TensorFlow,
+  which `merge` and `convert` of other families never need."""
+  if name == "VOCAB":
+    import seqio
+    globals()["VOCAB"] = vocab = seqio.ByteVocabulary()
+    assert vocab.vocab_size == BYTE_VOCAB_SIZE
+    return vocab
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 FULL, SLIDING = "full_attention", "sliding_attention"  # layer kinds, Hugging Face's names
 ACTIVATIONS = {"silu": nn.silu,  # Hugging Face's names for the gated MLP's activation
                "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True)}
@@ -41,7 +52,7 @@ ROPE_TYPES = ("default", "linear", "llama3")
 class ModelConfig:
   """The architecture. Defaults are the byte-level model; every field added since keeps
   the old behaviour by default, so configs stored in older checkpoints still load."""
-  vocab_size: int = VOCAB.vocab_size
+  vocab_size: int = BYTE_VOCAB_SIZE
   d_model: int = 128
   num_layers: int = 4
   num_heads: int = 4
