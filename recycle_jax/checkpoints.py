@@ -93,7 +93,11 @@ def make_pool(entries: Sequence[Entry], source: str = "<gin>") -> Pool:
 
 @gin.configurable
 def load_pool(pool: str | Sequence = gin.REQUIRED) -> Pool:
-  """A manifest path (`pool.json` or its directory), or a gin list of (name, path)."""
+  """A manifest path (`pool.json` or its directory), a mergekit config (its models besides
+  the base), or a gin list of (name, path)."""
+  from recycle_jax import mergekit_config
+  if mergekit_config.is_config(pool):
+    return make_pool([Entry(n, p) for n, p in mergekit_config.pool_and_base(pool)[0]], pool)
   if isinstance(pool, str):
     if os.path.isdir(pool):
       pool = os.path.join(pool, "pool.json")

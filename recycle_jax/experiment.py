@@ -17,9 +17,9 @@ import jax
 import numpy as np
 from absl import logging
 
-from recycle_jax import (baselines, checkpoints, evaluation, merging, methods, models,
-                         pareto, partitioning, population, reporting, search, spaces,
-                         vocabularies)
+from recycle_jax import (baselines, checkpoints, evaluation, merging, mergekit_config,
+                         methods, models, pareto, partitioning, population, reporting, search,
+                         spaces, vocabularies)
 from recycle_jax.errors import UserError, check
 
 PyTree = Any
@@ -28,7 +28,8 @@ PyTree = Any
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
 class Experiment:
-  pool: Any = gin.REQUIRED  # manifest path / directory, or [(name, path), ...]
+  pool: Any = gin.REQUIRED  # manifest path / directory, a mergekit config (its models; its
+  #                           base_model is the base unless `base` is bound), [(name, path)]
   tasks: Sequence[str] = gin.REQUIRED  # held-in tasks: the fitness is their dev average
   report_tasks: Sequence[str] = ()  # held-out tasks: test scores reported, never searched
   max_examples: int | None = None  # per split, for quick runs
@@ -106,6 +107,8 @@ def run_search(workdir: str, resume: bool = False, overwrite: bool = False,
   workdir/seed_k, sharing the loaded pool, the scorers' caches and the compiled programs;
   workdir then holds seed 0's results plus the mean and 95% CI over the seeds."""
   exp = Experiment()
+  if exp.base is None and mergekit_config.is_config(exp.pool):  # the config's base_model
+    exp = dataclasses.replace(exp, base=mergekit_config.pool_and_base(exp.pool)[1])
   scfg = search.SearchConfig()
   pool = checkpoints.load_pool(exp.pool)
   check(len(exp.tasks) > 0, "no tasks to search on", "Experiment.tasks",

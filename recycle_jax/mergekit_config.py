@@ -418,3 +418,19 @@ def load(path: str) -> Plan:
     raise UserError(f"cannot read the mergekit config: {msg}", path,
                     "fix the YAML") from None
   return parse(raw, path)
+
+
+# ----------------------------------------------------------------------------- search
+
+def is_config(spec: Any) -> bool:
+  return isinstance(spec, str) and spec.endswith((".yml", ".yaml"))
+
+
+def pool_and_base(path: str) -> tuple[list[tuple[str, str]], str | None]:
+  """A search's pool from a mergekit config: its models besides the base, named by their
+  folders, and its base_model (`Experiment.pool = 'merge.yml'`)."""
+  plan = load(path)
+  names = [os.path.basename(os.path.normpath(m)) for m in plan.non_base]
+  check(len(set(names)) == len(names), f"two models share a folder name {names}", path,
+        "rename one folder: pool members are named by their folders")
+  return list(zip(names, plan.non_base)), plan.base

@@ -224,3 +224,13 @@ def test_merge_starts_without_tensorflow_seqio_or_orbax(folders, tmp_path):
                          text=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
     assert out.stdout.strip().splitlines()[-1] == want, out.stdout + out.stderr
   assert os.path.isfile(tmp_path / "y" / "model.safetensors")
+
+
+def test_a_search_pool_from_a_config_is_its_models_besides_the_base(folders, tmp_path):
+  from recycle_jax import checkpoints
+  cfg = config(tmp_path, {"merge_method": "ties", "base_model": folders["base"],
+                          "models": [{"model": folders[m], "parameters": {"weight": 1.0}}
+                                     for m in ("m0", "base", "m2")]})
+  pool = checkpoints.load_pool(cfg)
+  assert pool.names == ["m0", "m2"] and pool.paths == [folders["m0"], folders["m2"]]
+  assert mergekit_config.pool_and_base(cfg)[1] == folders["base"]
