@@ -138,6 +138,9 @@ def read_metadata(path: str, name: str | None = None) -> CheckpointMeta:
   path = os.path.abspath(path)  # Orbax's OCDBT reader needs absolute paths
   check(os.path.isdir(path), "checkpoint directory not found", where,
         "check the path in the pool manifest or --checkpoint")
+  if is_hf_folder(path):  # a Hugging Face folder, read in place
+    from recycle_jax import hf_io
+    return hf_io.read_metadata(path, name)
   check(bool(os.listdir(path)), "checkpoint directory is empty", where,
         "point at a directory written by Orbax")
   try:
@@ -170,9 +173,14 @@ def validate_pool(pool: Pool) -> CheckpointMeta:
   against each other); returns the first's, with the pool's vocabulary."""
   metas = [read_metadata(e.path, e.name) for e in pool.entries]
   ref, ref_name = _describe(metas[0].abstract), pool.entries[0].name
+  family = lambda m: (m.model_config or {}).get("family", "byte")  # noqa: E731
   for e, m in zip(pool.entries[1:], metas[1:]):
     cur = _describe(m.abstract)
     where = f"checkpoint {e.name!r} at {e.path}"
+    check(m.model_config is None or metas[0].model_config is None or
+          family(m) == family(metas[0]), f"checkpoint {e.name!r} is a {family(m)} model but "
+          f"{ref_name!r} is a {family(metas[0])} model", pool.source,
+          "a pool holds fine-tunes of one model family")
     # Named config fields (e.g. vocab_size) say more than the first mismatching tensor.
     diff = _config_diff(metas[0].model_config, m.model_config)
     check(not diff, f"model config differs from {ref_name!r}: {', '.join(diff)}", where,
@@ -197,8 +205,15 @@ def validate_pool(pool: Pool) -> CheckpointMeta:
 
 # ----------------------------------------------------------------------------- I/O
 
+def is_hf_folder(path: str) -> bool:
+  return os.path.isfile(os.path.join(path, "config.json"))
+
+
 def restore(path: str, abstract: PyTree, name: str | None = None) -> PyTree:
   """Restores arrays, placed by the shardings in `abstract` when it has them."""
+  if is_hf_folder(path):  # each device's slices read from the mapped safetensors files
+    from recycle_jax import hf_io
+    return hf_io.restore(path, abstract, name)
   try:
     import orbax.checkpoint as ocp
     return ocp.StandardCheckpointer().restore(os.path.abspath(path), abstract)

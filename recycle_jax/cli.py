@@ -72,7 +72,7 @@ def cmd_search(args) -> None:
   if args.dev_size is not None:
     tasks.set_dev_size(args.dev_size)
   results = experiment.run_search(args.workdir, resume=args.resume, overwrite=args.overwrite,
-                                  num_seeds=args.num_seeds)
+                                  num_seeds=args.num_seeds, merged_format=args.format)
   m = results["methods"]
   print("fitness (dev / test): " + ", ".join(
       f"{k} {m[k]['fitness']['dev']} / {m[k]['fitness']['test']}"
@@ -176,7 +176,13 @@ def cmd_merge(args) -> None:
   checkpoints.check_output(args.output, pool.paths + ([args.base] if args.base else []),
                            args.overwrite)
   from recycle_jax import experiment  # evaluation (seqio, TensorFlow): after the checks
-  experiment.model_config_from(meta, pool.entries[0].path)
+  if soup or args.format == "hf":  # scoring and Hugging Face layouts need a model family
+    experiment.model_config_from(meta, pool.entries[0].path)
+  check(not args.streaming or args.format == "orbax", "--streaming writes Orbax only",
+        "--format", "drop --streaming to write a Hugging Face folder")
+  check(not args.streaming or not any(checkpoints.is_hf_folder(p) for p in pool.paths),
+        "--streaming reads Orbax checkpoints only, and the pool has Hugging Face folders",
+        "--streaming", "drop --streaming: the in-memory merge reads them in place")
   if args.streaming:
     from recycle_jax import streaming
     streaming.merge_to_disk(pool, meta, alphas, args.output,
@@ -184,7 +190,7 @@ def cmd_merge(args) -> None:
                             fsync=not args.no_fsync)
     print(f"merged checkpoint: {args.output}")
     return
-  loaded = experiment.load_pool(args.pool)
+  loaded = experiment.load_pool(args.pool, need_model=soup)
   how = None
   if soup:
     alphas, how = _greedy_soup(loaded, args)
@@ -200,10 +206,8 @@ def cmd_merge(args) -> None:
     raise UserError(f"the merge has NaN or Inf values coming from {bad or 'the base'}",
                     "--pool", "repair or drop that checkpoint")
   extra = {"space": space.describe(w)} if how is None else how
-  checkpoints.save(args.output, merged,
-                   experiment.merged_metadata(loaded, space.checkpoint_weights(w), args.method,
-                                              **extra), overwrite=args.overwrite,
-                   vocabulary=loaded.vocabulary)
+  experiment.save_merged(args.output, loaded, merged, experiment.merged_metadata(
+      loaded, space.checkpoint_weights(w), args.method, **extra), args.format, args.overwrite)
   print(f"merged checkpoint: {args.output}")
 
 
@@ -286,6 +290,9 @@ def build_parser() -> argparse.ArgumentParser:
   s.add_argument("--dev_size", type=int, default=None,
                  help="the embedded benchmark's dev examples per task (default 128; test "
                       "fixed, train untouched)")
+  s.add_argument("--format", choices=("orbax", "hf"), default=None,
+                 help="the merged model as an Orbax checkpoint (default) or a complete "
+                 "Hugging Face folder (safetensors, config, tokenizer)")
   s = add("merge", cmd_merge, "merge a pool with given weights")
   s.add_argument("--pool", default=None)
   s.add_argument("--config", default=None,
@@ -294,6 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
   s.add_argument("--weights", default=None,
                  help="N comma-separated weights (G*N for layerwise); default uniform")
   s.add_argument("--output", required=True)
+  s.add_argument("--format", choices=("orbax", "hf"), default="orbax",
+                 help="write an Orbax checkpoint or a complete Hugging Face folder")
   s.add_argument("--method", default="linear",
                  help=f"one of {', '.join(_merge_methods())} (or layerwise_<method>)")
   s.add_argument("--base", default=None, help="base checkpoint for task-vector methods")

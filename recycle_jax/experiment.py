@@ -17,12 +17,13 @@ import jax
 import numpy as np
 from absl import logging
 
-from recycle_jax import (baselines, checkpoints, evaluation, merging, mergekit_config,
-                         methods, models, pareto, partitioning, population, reporting, search,
-                         spaces, vocabularies)
+from recycle_jax import (baselines, checkpoints, evaluation, hf_io, merging,
+                         mergekit_config, methods, models, pareto, partitioning,
+                         population, reporting, search, spaces, vocabularies)
 from recycle_jax.errors import UserError, check
 
 PyTree = Any
+FORMATS = ("orbax", "hf")  # how a merge is written: Orbax checkpoint, Hugging Face folder
 
 
 @gin.configurable
@@ -35,6 +36,7 @@ class Experiment:
   max_examples: int | None = None  # per split, for quick runs
   top_n: int | None = None  # search only the N best checkpoints by dev fitness (ablation)
   save_merged: bool = True
+  merged_format: str = "orbax"  # or "hf": the merge as a Hugging Face folder (hf_io)
   base: str | None = None  # the checkpoint the pool was fine-tuned from: task-vector merges
   greedy_soup: bool = True  # the greedy-soup baseline (up to N - 1 more dev evaluations)
 
@@ -47,6 +49,7 @@ class Loaded:
   model_cfg: models.ModelConfig
   mesh: Any
   vocabulary: Any = None  # the pool's seqio.Vocabulary (its tokenizer); kept in merges
+  source_config: dict | None = None  # the pool's Hugging Face config.json, if it has one
 
   @property
   def shardings(self) -> PyTree:
@@ -56,19 +59,24 @@ class Loaded:
 
 def model_config_from(meta: checkpoints.CheckpointMeta, where: str) -> models.ModelConfig:
   cfg = meta.model_config
-  check(cfg is not None, "checkpoint has no recycle_jax model config in its metadata", where,
-        "write it with recycle_jax (or `recycle-jax convert` for Hugging Face models)")
+  check(cfg is not None, "checkpoint has no model family (no recycle_jax model config in "
+        "its metadata): it can be merged, not evaluated", where,
+        "evaluate checkpoints converted by `recycle-jax convert` or written by recycle_jax")
   return models.ModelConfig(**cfg)
 
 
-def load_pool(pool_spec) -> Loaded:
+def load_pool(pool_spec, need_model: bool = True) -> Loaded:
+  """The pool restored onto the mesh. Without `need_model`, any trees of arrays (MaxText,
+  t5x, ...) load, with `model_cfg` None when they record no model: merging needs none."""
   pool = checkpoints.load_pool(pool_spec)
   meta = checkpoints.validate_pool(pool)  # metadata only: no array read yet
-  cfg = model_config_from(meta, pool.entries[0].path)
+  cfg = (model_config_from(meta, pool.entries[0].path)
+         if need_model or meta.model_config is not None else None)
   mesh = partitioning.make_mesh()
   shardings = partitioning.param_shardings(meta.abstract, mesh)
   abstract = partitioning.with_shardings(meta.abstract, shardings)
-  return Loaded(pool, checkpoints.restore_pool(pool, abstract), cfg, mesh, meta.vocabulary)
+  return Loaded(pool, checkpoints.restore_pool(pool, abstract), cfg, mesh, meta.vocabulary,
+                meta.custom.get(checkpoints.META_KEY, {}).get("hf_config"))
 
 
 def nonfinite_members(loaded: Loaded) -> list[str]:
@@ -102,11 +110,16 @@ def load_base(path: str, loaded: Loaded) -> PyTree:
 
 
 def run_search(workdir: str, resume: bool = False, overwrite: bool = False,
-               progress: bool = True, num_seeds: int = 1) -> dict:
+               progress: bool = True, num_seeds: int = 1, merged_format: str | None = None
+               ) -> dict:
   """The main job. num_seeds > 1 repeats the search with seeds seed..seed+K-1, each run in
   workdir/seed_k, sharing the loaded pool, the scorers' caches and the compiled programs;
   workdir then holds seed 0's results plus the mean and 95% CI over the seeds."""
   exp = Experiment()
+  if merged_format is not None:
+    exp = dataclasses.replace(exp, merged_format=merged_format)
+  check(exp.merged_format in FORMATS, f"unknown format {exp.merged_format!r}",
+        "--format / Experiment.merged_format", f"choose from {list(FORMATS)}")
   if exp.base is None and mergekit_config.is_config(exp.pool):  # the config's base_model
     exp = dataclasses.replace(exp, base=mergekit_config.pool_and_base(exp.pool)[1])
   scfg = search.SearchConfig()
@@ -116,6 +129,7 @@ def run_search(workdir: str, resume: bool = False, overwrite: bool = False,
   check_workdir(workdir, resume, overwrite, pool.paths)
   # Cheap checks first: metadata of every checkpoint, every task and split.
   meta = checkpoints.validate_pool(pool)
+  model_config_from(meta, pool.entries[0].path)  # evaluation needs a model family
   vocab = vocabularies.for_evaluation(meta.vocabulary, (meta.model_config or {}).get(
       "vocab_size"), pool.source)  # every task is tokenized with the pool's tokenizer
   dev = evaluation.load_split(exp.tasks, "dev", exp.max_examples, vocab)
@@ -293,10 +307,9 @@ def search_once(sh: Shared, scfg: search.SearchConfig, space: spaces.MergeSpace,
   if sh.exp.save_merged:
     merged = jax.jit(space.merge, out_shardings=sh.loaded.shardings)(
         jax.numpy.asarray(w), scorer.pool)
-    checkpoints.save(os.path.join(workdir, "merged"), merged,
-                     merged_metadata(sh.loaded, space.checkpoint_weights(w), "search",
-                                     space=space.describe(w)), overwrite=True,
-                     vocabulary=sh.loaded.vocabulary)
+    save_merged(os.path.join(workdir, "merged"), sh.loaded, merged,
+                merged_metadata(sh.loaded, space.checkpoint_weights(w), "search",
+                                space=space.describe(w)), sh.exp.merged_format, overwrite=True)
   write_results(workdir, results)
   return results
 
@@ -325,6 +338,20 @@ def top_n_subset(loaded: Loaded, score, dev, top_n: int) -> Loaded:
 
 
 def merged_metadata(loaded: Loaded, alphas: np.ndarray, method: str, **extra) -> dict:
-  return {"model": loaded.model_cfg.to_dict(),
-          "merge": {"method": method, "weights": [float(a) for a in alphas],
-                    "pool": loaded.pool.names, **extra}}
+  out = {"model": loaded.model_cfg.to_dict() if loaded.model_cfg else None,
+         "merge": {"method": method, "weights": [float(a) for a in alphas],
+                   "pool": loaded.pool.names, **extra}}
+  if loaded.source_config:  # so an export to Hugging Face keeps the pool's values
+    out["hf_config"] = loaded.source_config
+  return out
+
+
+def save_merged(path: str, loaded: Loaded, params: PyTree, custom: dict, fmt: str,
+                overwrite: bool = False) -> None:
+  """The merge as an Orbax checkpoint or (fmt 'hf') a Hugging Face folder, the pool's
+  tokenizer kept with it either way."""
+  if fmt == "hf":
+    hf_io.save_folder(path, loaded.model_cfg, params, loaded.source_config,
+                      loaded.vocabulary, overwrite)
+  else:
+    checkpoints.save(path, params, custom, overwrite=overwrite, vocabulary=loaded.vocabulary)

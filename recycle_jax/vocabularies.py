@@ -332,6 +332,8 @@ def of_checkpoint(path: str, custom: Mapping) -> seqio.Vocabulary | None:
   recorded there, else the byte vocabulary for the byte family's model (whose checkpoints
   may predate recorded tokenizers); None when it has no tokenizer."""
   rj = custom.get("recycle_jax") or {}
+  if os.path.isfile(os.path.join(path, "config.json")):  # a Hugging Face folder
+    return from_folder(path, rj.get("hf_config"))
   vocab = from_metadata(path, rj.get("vocabulary"))
   model = rj.get("model")
   if vocab is None and isinstance(model, dict) and model.get("family", "byte") == "byte":
