@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from recycle_jax import checkpoints, cli, convert, families, hf_io, partitioning, vocabularies
+from recycle_jax import (checkpoints, cli, convert, experiment, families, hf_io, partitioning,
+                         vocabularies)
 from recycle_jax.errors import UserError
 
 import hf_fixtures  # noqa: E402
@@ -52,7 +53,7 @@ def test_folders_validate_from_headers_and_restore_sharded_slices(hf_pool, monke
   assert os.path.isfile(hf_pool / "m1" / convert.HF_INDEX)
   pool = checkpoints.load_pool(str(hf_pool / "pool.json"))
   calls = []
-  monkeypatch.setattr(hf_io.Tensor, "memmap", lambda self: calls.append(self) or
+  monkeypatch.setattr(hf_io, "memmap", lambda t: calls.append(t) or
                       (_ for _ in ()).throw(AssertionError("tensor read")))
   meta = checkpoints.validate_pool(pool)  # headers alone: no tensor read
   assert meta.model_config["family"] == "llama" and not calls
@@ -64,8 +65,8 @@ def test_folders_validate_from_headers_and_restore_sharded_slices(hf_pool, monke
   shardings = jax.tree.map(lambda x: NamedSharding(mesh, spec(x)), meta.abstract)
   abstract = partitioning.with_shardings(meta.abstract, shardings)
   read = []
-  real = hf_io.Tensor.memmap
-  monkeypatch.setattr(hf_io.Tensor, "memmap", lambda self: read.append(self) or real(self))
+  real = hf_io.memmap
+  monkeypatch.setattr(hf_io, "memmap", lambda t: read.append(t) or real(t))
   params = checkpoints.restore(pool.entries[1].path, abstract)
   _, want, _ = convert.load_hf(pool.entries[1].path)
   for path, x in jax.tree_util.tree_leaves_with_path(params):
@@ -82,7 +83,7 @@ def test_merge_hf_pool_to_hf_folder_loads_in_transformers(hf_pool, tmp_path):
   assert cli.main(["merge", f"--pool={hf_pool / 'pool.json'}", "--weights=0.5,0.3,0.2",
                    f"--output={out}", "--format=hf"]) == 0
   files = sorted(os.listdir(out))
-  for f in ("config.json", "generation_config.json", convert.HF_INDEX, "tokenizer.json",
+  for f in ("config.json", "generation_config.json", convert.HF_WEIGHTS, "tokenizer.json",
             "tokenizer_config.json"):
     assert f in files
   assert not [p for p in os.listdir(tmp_path) if ".partial-" in p]
@@ -101,6 +102,14 @@ def test_merge_hf_pool_to_hf_folder_loads_in_transformers(hf_pool, tmp_path):
         for k in members[0].state_dict()}
   for k, v in model.state_dict().items():
     np.testing.assert_allclose(v.numpy(), sd[k].numpy(), atol=1e-6)
+  # Large merges are sharded, with an index.
+  loaded = experiment.load_pool(str(hf_pool / "pool.json"))
+  hf_io.save_folder(str(tmp_path / "sharded"), loaded.model_cfg, loaded.params[0],
+                    loaded.source_config, loaded.vocabulary, shard_bytes=20_000)
+  assert os.path.isfile(tmp_path / "sharded" / convert.HF_INDEX)
+  sharded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "sharded")
+  for k, v in sharded.state_dict().items():
+    np.testing.assert_array_equal(v.numpy(), members[0].state_dict()[k].numpy())
   ids = tok("the cat sat", return_tensors="pt")
   gen_out = model.generate(**ids, max_new_tokens=12, do_sample=False)
   assert gen_out.shape[1] == ids["input_ids"].shape[1] + 1 and gen_out[0, -1] == EOS
