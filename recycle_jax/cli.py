@@ -178,11 +178,18 @@ def cmd_merge(args) -> None:
   from recycle_jax import experiment  # evaluation (seqio, TensorFlow): after the checks
   if soup or args.format == "hf":  # scoring and Hugging Face layouts need a model family
     experiment.model_config_from(meta, pool.entries[0].path)
-  check(not args.streaming or args.format == "orbax", "--streaming writes Orbax only",
-        "--format", "drop --streaming to write a Hugging Face folder")
-  check(not args.streaming or not any(checkpoints.is_hf_folder(p) for p in pool.paths),
-        "--streaming reads Orbax checkpoints only, and the pool has Hugging Face folders",
-        "--streaming", "drop --streaming: the in-memory merge reads them in place")
+  folders = [checkpoints.is_hf_folder(p) for p in pool.paths]
+  if args.streaming and any(folders):  # Hugging Face folders in, a Hugging Face folder out
+    check(all(folders) and args.format == "hf", "--streaming merges Hugging Face folders "
+          "into a Hugging Face folder only", "--format",
+          "pass --format=hf, or drop --streaming (the in-memory merge writes either)")
+    from recycle_jax import hf_io
+    hf_io.stream_merge(pool, alphas, args.output, args.overwrite, meta.vocabulary,
+                       args.memory_budget_mb, fsync=not args.no_fsync)
+    print(f"merged checkpoint: {args.output}")
+    return
+  check(not args.streaming or args.format == "orbax", "--streaming writes Orbax checkpoints "
+        "from Orbax pools", "--format", "drop --streaming to write a Hugging Face folder")
   if args.streaming:
     from recycle_jax import streaming
     streaming.merge_to_disk(pool, meta, alphas, args.output,

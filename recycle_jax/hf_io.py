@@ -86,15 +86,19 @@ def restore(path: str, abstract: PyTree, name: str | None = None) -> PyTree:
   for t in families.tensor_map(f.cfg):
     want = families.get_path(abstract, t.path)
     sharding = getattr(want, "sharding", None) or default
-    src, dtype = f.tensors[t.hf_name], np.dtype(want.dtype)
+    src, dtype, seen = f.tensors[t.hf_name], np.dtype(want.dtype), {}
 
-    def read(index, src=src, t=t, dtype=dtype):
-      mm = memmap(src)  # per call: the mapping is dropped with the slice's copy
-      part = mm[tuple(index)[::-1]].T if t.transpose else mm[tuple(index)]
-      return np.ascontiguousarray(part, dtype=dtype)
+    def read(index, src=src, t=t, dtype=dtype, seen=seen):
+      key = tuple((s.start, s.stop, s.step) for s in index)
+      if key not in seen:  # a slice replicated on several devices is read once
+        mm = memmap(src)  # dropped with the slice's copy
+        part = mm[tuple(index)[::-1]].T if t.transpose else mm[tuple(index)]
+        seen[key] = np.ascontiguousarray(part, dtype=dtype)
+      return seen[key]
 
     families.set_path(out, t.path, jax.make_array_from_callback(
         tuple(want.shape), sharding, read))
+    seen.clear()
   return out
 
 
@@ -136,12 +140,71 @@ def save_folder(path: str, cfg: models.ModelConfig, params: PyTree,
     for t, x in zip(maps, leaves):  # one tensor on the host at a time
       writer.write(t.hf_name, t.to_hf(np.asarray(jax.device_get(x))))
     writer.close()
-    config = hf_config(cfg, base, vocab)
-    for name, obj in ((convert.HF_CONFIG, config),
-                      ("generation_config.json", _generation_config(config, vocab))):
-      checkpoints.atomic_write_text(os.path.join(tmp, name), json.dumps(obj, indent=1))
-    vocabularies.write_files(vocab, tmp)
+    _write_extras(tmp, cfg, base, vocab)
     checkpoints.commit(tmp, path, overwrite)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+
+
+def _write_extras(folder: str, cfg: models.ModelConfig, base: Mapping | None, vocab) -> None:
+  """config.json, generation_config.json and the tokenizer files of a written folder."""
+  config = hf_config(cfg, base, vocab)
+  for name, obj in ((convert.HF_CONFIG, config),
+                    ("generation_config.json", _generation_config(config, vocab))):
+    checkpoints.atomic_write_text(os.path.join(folder, name), json.dumps(obj, indent=1))
+  vocabularies.write_files(vocab, folder)
+
+
+def stream_merge(pool: checkpoints.Pool, alphas, output: str, overwrite: bool = False,
+                 vocab=None, memory_budget_mb: float = 256, fsync: bool = True,
+                 shard_bytes: int = SHARD_BYTES) -> None:
+  """Linear merge of a pool of Hugging Face folders, out of core, into a Hugging Face
+  folder: each tensor is read once from every member in row blocks of about
+  `memory_budget_mb` (mapped, dropped after each block), summed in float32, written once
+  in the members' dtype. Peak memory above the runtime is about the budget plus the
+  largest output tensor."""
+  check(memory_budget_mb > 0, f"memory budget must be positive, got {memory_budget_mb}",
+        "--memory_budget_mb")
+  folders = [open_folder(e.path, e.name) for e in pool.entries]
+  cfg, alphas = folders[0].cfg, [float(a) for a in alphas]
+  output = os.path.abspath(output)
+  checkpoints.check_output(output, pool.paths, overwrite)
+  tmp = checkpoints.temp_sibling(output)
+  os.makedirs(tmp)
+  try:
+    maps = families.tensor_map(cfg)
+    first = [folders[0].tensors[t.hf_name] for t in maps]
+    writer = safetensors_io.Writer(tmp, [(t.hf_name, x.dtype, x.shape)
+                                         for t, x in zip(maps, first)], shard_bytes)
+    budget = max(1, int(memory_budget_mb * 2**20))
+    for t, ref in zip(maps, first):
+      row = max(1, int(np.prod(ref.shape[1:])) * 4)
+      step = max(1, budget // (row * (len(folders) + 1)))
+      out = np.empty(ref.shape, ref.dtype)
+      for r in range(0, max(ref.shape[0] if ref.shape else 1, 1), step):
+        acc = None
+        for a, f, e in zip(alphas, folders, pool.entries):
+          info = f.tensors[t.hf_name]
+          check(info.shape == ref.shape, f"tensor {t.hf_name!r} has shape {info.shape} but "
+                f"{pool.entries[0].name!r} has {ref.shape}", f"checkpoint {e.name!r}",
+                "every pool member must share one architecture")
+          mm = memmap(info)
+          block = (mm[r:r + step] if ref.shape else mm).astype(np.float32)
+          del mm
+          acc = a * block if acc is None else acc + a * block
+        check(bool(np.all(np.isfinite(acc))), f"the merge of tensor {t.hf_name!r} has NaN "
+              "or Inf values", "--pool", "find the member holding them (merge without "
+              "--streaming names it); nothing was written")
+        if ref.shape:
+          out[r:r + step] = acc.astype(ref.dtype)
+        else:
+          out[...] = acc.astype(ref.dtype)
+      writer.write(t.hf_name, out)
+      del out
+    writer.close(fsync)
+    _write_extras(tmp, cfg, folders[0].model.hf_config, vocab)
+    checkpoints.commit(tmp, output, overwrite)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise

@@ -741,9 +741,16 @@ def nonfinite_error(pool: checkpoints.Pool, leaf: Leaf, ushape, batch, read: Cal
 def merged_custom(pool: checkpoints.Pool, meta: checkpoints.CheckpointMeta,
                   alphas: Sequence[float]) -> dict:
   """The custom metadata the in-memory merge writes, built without loading parameters."""
-  return {"model": meta.model_config,
-          "merge": {"method": "linear", "weights": [float(a) for a in alphas],
-                    "pool": pool.names}}
+  out = {"model": meta.model_config,
+         "merge": {"method": "linear", "weights": [float(a) for a in alphas],
+                   "pool": pool.names}}
+  if meta.vocabulary is not None:  # the pool's tokenizer travels (files: merge_to_disk)
+    from recycle_jax import vocabularies
+    out["vocabulary"] = vocabularies.describe(meta.vocabulary)
+  hf = meta.custom.get(checkpoints.META_KEY, {}).get("hf_config")
+  if hf:
+    out["hf_config"] = hf
+  return out
 
 
 def merge_into(tmp: str, pool: checkpoints.Pool, meta: checkpoints.CheckpointMeta,
@@ -894,6 +901,10 @@ def merge_to_disk(pool: checkpoints.Pool, meta: checkpoints.CheckpointMeta,
     try:
       os.makedirs(tmp)
       stats = merge_into(tmp, pool, meta, alphas, memory_budget_mb, progress, compress, fsync)
+      if meta.vocabulary is not None:
+        from recycle_jax import vocabularies
+        vocabularies.write_files(meta.vocabulary,
+                                 os.path.join(tmp, vocabularies.TOKENIZER_DIR))
     except BaseException as e:
       shutil.rmtree(tmp, ignore_errors=True)
       error = e

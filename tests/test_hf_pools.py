@@ -102,6 +102,14 @@ def test_merge_hf_pool_to_hf_folder_loads_in_transformers(hf_pool, tmp_path):
         for k in members[0].state_dict()}
   for k, v in model.state_dict().items():
     np.testing.assert_allclose(v.numpy(), sd[k].numpy(), atol=1e-6)
+  # The streaming merge reads the folders too, and writes the same folder.
+  assert cli.main(["merge", f"--pool={hf_pool / 'pool.json'}", "--weights=0.5,0.3,0.2",
+                   f"--output={tmp_path / 'streamed'}", "--format=hf", "--streaming",
+                   "--memory_budget_mb=0.01"]) == 0  # several row blocks per tensor
+  streamed = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "streamed")
+  for k, v in streamed.state_dict().items():
+    np.testing.assert_allclose(v.numpy(), model.state_dict()[k].numpy(), atol=1e-6)
+  assert sorted(os.listdir(tmp_path / "streamed")) == files
   # Large merges are sharded, with an index.
   loaded = experiment.load_pool(str(hf_pool / "pool.json"))
   hf_io.save_folder(str(tmp_path / "sharded"), loaded.model_cfg, loaded.params[0],

@@ -132,3 +132,18 @@ def test_eval_refuses_a_checkpoint_without_tokenizer(tmp_path, capsys):
                    "--max_examples=2"]) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and err[0].startswith("error: the pool has no tokenizer")
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["in-memory", "streaming"])
+def test_merges_keep_the_pools_tokenizer(tok_dir, tmp_path, streaming):
+  import json
+  v = vocabularies.from_folder(tok_dir)
+  for name, seed in (("a", 0), ("b", 1)):
+    _ckpt(tmp_path / name, v, v.vocab_size, seed)
+  (tmp_path / "pool.json").write_text(json.dumps(
+      {"checkpoints": [{"name": n, "path": n} for n in "ab"]}))
+  out = tmp_path / "merged"
+  assert cli.main(["merge", f"--pool={tmp_path / 'pool.json'}", f"--output={out}",
+                   *(["--streaming"] if streaming else [])]) == 0
+  meta = checkpoints.read_metadata(str(out))
+  assert vocabularies.of_checkpoint(str(out), meta.custom) == v
