@@ -31,6 +31,8 @@ class Prompts:
   prompt_lens: jax.Array
   stop_ids: jax.Array
   max_new: int = flax.struct.field(pytree_node=False, default=32)
+  # The pool's vocabulary's EOS (vocabulary.eos_id); the default is the byte family's.
+  eos_id: int = flax.struct.field(pytree_node=False, default=models.EOS_ID)
 
 
 def stop_ids(encoded: list[list[int]]) -> np.ndarray:
@@ -71,7 +73,7 @@ def generate(decoder: models.Decoder, params, g: Prompts) -> jax.Array:
     window = jax.lax.dynamic_slice(out, (0, t), (e, ls))  # [E, Ls]: the last ls outputs
     hit = jnp.all((window[:, None, :] == g.stop_ids[None]) | (g.stop_ids[None] == NO_TOKEN),
                   axis=-1) & jnp.any(g.stop_ids != NO_TOKEN, axis=-1)[None]
-    done = done | (tok == models.EOS_ID) | jnp.any(hit, axis=-1)
+    done = done | (tok == g.eos_id) | jnp.any(hit, axis=-1)
     logits, cache = run(tok[:, None], pos[:, None], cache)
     nxt = jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32)
     return t + 1, nxt, pos + 1, cache, out, done
@@ -86,7 +88,7 @@ def texts(vocabulary, tokens: np.ndarray) -> list[str]:
   """Decoded continuations [E, T] -> text, each up to its first EOS (PAD dropped)."""
   out = []
   for row in np.asarray(tokens).tolist():
-    if models.EOS_ID in row:
-      row = row[:row.index(models.EOS_ID)]
+    if vocabulary.eos_id in row:
+      row = row[:row.index(vocabulary.eos_id)]
     out.append(vocabulary.decode([t for t in row if t != models.PAD_ID]))
   return out

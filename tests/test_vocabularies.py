@@ -147,3 +147,20 @@ def test_merges_keep_the_pools_tokenizer(tok_dir, tmp_path, streaming):
                    *(["--streaming"] if streaming else [])]) == 0
   meta = checkpoints.read_metadata(str(out))
   assert vocabularies.of_checkpoint(str(out), meta.custom) == v
+
+
+def test_chat_template_flag_uses_the_pools_template(tok_dir, tmp_path):
+  import json
+  from recycle_jax import user_tasks
+  rows = [{"q": "who is oldest ?", "a": "Ann"}, {"q": "who is tallest ?", "a": "Bob"}]
+  files = {}
+  for split in ("dev", "test"):
+    files[split] = str(tmp_path / f"{split}.jsonl")
+    (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  user_tasks.register(user_tasks.JsonlTask(name="test_chat_pool", splits=files, prompt="{q}",
+                                           target="{a}", kind="exact", chat_template=True))
+  v = vocabularies.from_folder(tok_dir)
+  ex = evaluation.split_examples("test_chat_pool", "dev", v)[0]
+  assert ex["inputs_pretokenized"].decode() == "<|user|>who is oldest ?</s><|assistant|>"
+  d = evaluation.materialize("test_chat_pool", "dev", None, v)
+  assert list(d.prompts[0, :1]) == [v.bos_id]
