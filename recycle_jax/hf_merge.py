@@ -96,14 +96,18 @@ def _donor(plan: mergekit_config.Plan) -> str:
 
 
 def _same_tokenizers(plan: mergekit_config.Plan) -> None:
-  """Embeddings are merged row by row: every input's tokenizer.json must be the same file
-  (mergekit would permute embeddings into a joint vocabulary; recycle_jax does not)."""
+  """Embeddings are merged row by row: every input's tokenizer (tokenizer.json,
+  tokenizer.model) must be the same file (mergekit would permute embeddings into a joint
+  vocabulary; recycle_jax does not)."""
   digests = {}
   for m in plan.inputs:
-    p = os.path.join(m, "tokenizer.json")
-    if os.path.isfile(p):
-      with open(p, "rb") as f:
-        digests[m] = hashlib.sha256(f.read()).hexdigest()
+    h = hashlib.sha256()
+    for name in ("tokenizer.json", "tokenizer.model"):
+      if os.path.isfile(os.path.join(m, name)):
+        with open(os.path.join(m, name), "rb") as f:
+          h.update(name.encode() + f.read())
+    if h.digest() != hashlib.sha256().digest():
+      digests[m] = h.hexdigest()
   check(len(set(digests.values())) <= 1, "the models' tokenizers differ ("
         + ", ".join(sorted(os.path.basename(m) for m in digests)) + ")", plan.path,
         "merge models that share one tokenizer (vocabulary merging is not supported)")
@@ -125,10 +129,9 @@ def plan_tensors(plan: mergekit_config.Plan) -> tuple[dict, list[tuple]]:
   out = []
   for name in sorted(ref, key=lambda n: (ref[n].file, ref[n].start)):
     info = ref[name]
-    floating = np.issubdtype(info.dtype, np.floating) or info.dtype.name == "bfloat16"
-    dtype = np.dtype(safetensors_io.DTYPES[{"float32": "F32", "float16": "F16",
-                                             "bfloat16": "BF16"}[plan.out_dtype or plan.dtype]]
-                     ) if floating and (plan.out_dtype or plan.dtype) else info.dtype
+    want = plan.out_dtype or plan.dtype
+    floating = jnp.issubdtype(info.dtype, jnp.floating)
+    dtype = jnp.dtype(want) if floating and want else info.dtype
     shared, per = plan.resolve(name)
     if plan.method.name in ("della", "della_linear"):
       for m in plan.non_base:
@@ -194,7 +197,7 @@ def merge(plan: mergekit_config.Plan, output: str, overwrite: bool = False, seed
     key = jax.random.key(seed)
     for i, (name, dtype, shape, resolved) in enumerate(tensors):
       xs = [reader.read(infos[m][name]) for m in plan.inputs]
-      if not (np.issubdtype(dtype, np.floating) or dtype.name == "bfloat16"):
+      if not jnp.issubdtype(dtype, jnp.floating):
         writer.write(name, xs[plan.inputs.index(_donor(plan))])  # integer buffers
         continue
       per, shared, counts, static = _arguments(plan, resolved, int(np.prod(shape)))
