@@ -164,7 +164,9 @@ def test_export_and_merge_load_in_transformers(family):
   assert cli.main(["convert", str(tmp / "hf1"), str(tmp / "pool" / "m1")]) == 0
   (tmp / "pool" / "pool.json").write_text(json.dumps({"checkpoints": [
       {"name": "m0", "path": "m0"}, {"name": "m1", "path": "m1"}]}))
-  assert cli.main(["merge", f"--pool={tmp / 'pool'}", "--weights=0.3,0.7",
+  # The streaming merge (a twentieth of the in-memory one's CPU here, bit-identical to it;
+  # test_convert exports an in-memory merge).
+  assert cli.main(["merge", f"--pool={tmp / 'pool'}", "--weights=0.3,0.7", "--streaming",
                    f"--output={tmp / 'merged'}"]) == 0
   assert cli.main(["convert", str(tmp / "merged"), str(tmp / "hf_merged")]) == 0
   cfg, params = restore(tmp / "merged")
