@@ -12,8 +12,6 @@ import dataclasses
 import glob
 import json
 import os
-import shutil
-import uuid
 from typing import Any
 
 import jax
@@ -129,20 +127,6 @@ def load_hf(src: str) -> tuple[models.ModelConfig, PyTree, dict]:
   return m.cfg, params, m.hf_config
 
 
-# ----------------------------------------------------------------------------- params -> HF
-
-def save_hf(dst: str, cfg: models.ModelConfig, params: PyTree, base: dict | None = None
-            ) -> None:
-  from safetensors.numpy import save_file
-  os.makedirs(dst, exist_ok=True)
-  tensors = {t.hf_name: np.ascontiguousarray(t.to_hf(np.asarray(jax.device_get(
-      families.get_path(params, t.path))))) for t in families.tensor_map(cfg)}
-  # transformers refuses safetensors files without format metadata.
-  save_file(tensors, os.path.join(dst, HF_WEIGHTS), metadata={"format": "pt"})
-  checkpoints.atomic_write_text(os.path.join(dst, HF_CONFIG),
-                                json.dumps(families.to_hf_config(cfg, base), indent=1))
-
-
 # ----------------------------------------------------------------------------- entry point
 
 def convert(src: str, dst: str, overwrite: bool = False) -> str:
@@ -163,10 +147,7 @@ def convert(src: str, dst: str, overwrite: bool = False) -> str:
   cfg = families.stored_config(meta.model_config, src)
   families.check_params(cfg, meta.abstract, src)
   params = checkpoints.restore(src, meta.abstract)
-  tmp = f"{os.path.abspath(dst)}.partial-{uuid.uuid4().hex[:8]}"  # renamed when complete
-  save_hf(tmp, cfg, params, meta.custom.get(checkpoints.META_KEY, {}).get("hf_config"))
-  vocabularies.write_files(vocabularies.of_checkpoint(src, meta.custom), tmp)
-  if os.path.exists(dst):
-    shutil.rmtree(dst)
-  os.rename(tmp, dst)
+  from recycle_jax import hf_io  # the one writer of Hugging Face folders (merges too)
+  hf_io.save_folder(dst, cfg, params, meta.custom.get(checkpoints.META_KEY, {}).get(
+      "hf_config"), vocabularies.of_checkpoint(src, meta.custom), overwrite)
   return "orbax -> huggingface"

@@ -115,10 +115,12 @@ def _generation_config(config: Mapping, vocab) -> dict:
 
 def hf_config(cfg: models.ModelConfig, base: Mapping | None, vocab) -> dict:
   """config.json of a merge: the family's mapping of `cfg` over the pool's source config
-  (`base`: token ids), the ids the tokenizer knows filling those it lacks."""
-  out = families.to_hf_config(cfg, dict(base or {}))
+  (`base`: token ids, kept as they are, null included); without one, the ids the
+  tokenizer knows."""
+  base = dict(base or {})
+  out = families.to_hf_config(cfg, base)
   gen = _generation_config(out, vocab)
-  out.update({k: v for k, v in gen.items() if out.get(k) is None})
+  out.update({k: v for k, v in gen.items() if out.get(k) is None and k not in base})
   return out
 
 

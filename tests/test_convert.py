@@ -92,7 +92,8 @@ def test_merged_checkpoint_exports_to_transformers(tmp_path):
   assert cli.main(["merge", f"--pool={tmp_path / 'pool'}", "--weights=0.3,0.7",
                    f"--output={tmp_path / 'merged'}"]) == 0
   assert cli.main(["convert", str(tmp_path / "merged"), str(tmp_path / "hf_merged")]) == 0
-  assert sorted(os.listdir(tmp_path / "hf_merged")) == ["config.json", "model.safetensors"]
+  assert sorted(os.listdir(tmp_path / "hf_merged")) == [
+      "config.json", "generation_config.json", "model.safetensors"]
   loaded = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf_merged")).eval()
   ours = our_logits(tmp_path / "merged")
   err = np.abs(hf_logits(loaded) - ours).max()
