@@ -191,3 +191,9 @@ def test_any_orbax_tree_merges_without_metadata(tmp_path, capsys):
   rc = cli.main(["eval", f"--checkpoint={tmp_path / 'merged0'}", "--tasks=rj_code"])
   err = capsys.readouterr().err.strip().splitlines()
   assert rc == 2 and len(err) == 1 and "has no model family" in err[0], err
+  rc = cli.main(["search", f"--workdir={tmp_path / 'run'}",
+                 f"--gin_bindings=Experiment.pool={str(tmp_path / 'pool.json')!r}",
+                 "--gin_bindings=Experiment.tasks=['rj_code']"])
+  err = capsys.readouterr().err.strip().splitlines()
+  assert rc == 2 and len(err) == 1 and "has no model family" in err[0], err
+  assert not (tmp_path / "run").exists()
