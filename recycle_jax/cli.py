@@ -28,7 +28,7 @@ def _parse_gin(files, bindings) -> None:
   if not files and not bindings:  # nothing to bind: the configurables' modules (seqio,
     return                        # TensorFlow, orbax) load when a command needs them
   from recycle_jax import (checkpoints, evaluation, experiment, models, multihost,  # noqa
-                           partitioning, pools, population, search, training)
+                           partitioning, pools, population, search, training, user_tasks)
   # What gin.parse_config_files_and_bindings does, a step at a time to say what is wrong.
   steps = [(f"--gin_file={f}", functools.partial(gin.parse_config_file, f, skip_unknown=False))
            for f in files or ()]
@@ -45,7 +45,10 @@ def _parse_gin(files, bindings) -> None:
                         "fix the syntax (gin lines look like `Experiment.tasks = ['rj_code']`)"
                         ) from None
       raise UserError(f"invalid gin config: {msg}", where,
-                      "check the configurable and parameter names") from None
+                      "check the configurable and parameter names (a configurable of your "
+                      "own module needs `import my_module` in the gin file, found in the "
+                      "working directory too)") from None
+  user_tasks.jsonl_tasks()  # the JsonlTasks the config declares, checked and registered
 
 
 def _init_distributed(args) -> None:
@@ -233,7 +236,8 @@ def cmd_eval(args) -> None:
       args.checkpoint)
   datas = evaluation.load_split(names, args.split, args.max_examples, vocab)
   params = checkpoints.restore(args.checkpoint, meta.abstract)
-  scores = np.asarray(jax.jit(evaluation.make_scorer(models.Decoder(cfg)))(params, datas))
+  scores = evaluation.evaluate(jax.jit(evaluation.make_scorer(models.Decoder(cfg))), params,
+                               datas)
   out = {"checkpoint": os.path.abspath(args.checkpoint), "split": args.split,
          "scores": {t: round(float(s), 4) for t, s in zip(names, scores)}}
   for t, s in out["scores"].items():
@@ -283,6 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="call jax.distributed.initialize() (one process per host)")
     s.add_argument("--log_level", default="info",
                    choices=["debug", "info", "warning", "error"])
+    s.add_argument("--task_module", action="append", default=[],
+                   help="import this module (from the working directory or PYTHONPATH) "
+                        "first: it registers your own seqio Tasks (repeatable)")
     s.set_defaults(fn=fn)
     return s
 
@@ -379,6 +386,11 @@ def main(argv=None) -> int:
     sys.unraisablehook = _log_unraisable
   try:
     _init_distributed(args)
+    if os.getcwd() not in sys.path:  # gin `import` lines and --task_module find modules here
+      sys.path.insert(0, os.getcwd())
+    if args.task_module:
+      from recycle_jax import user_tasks
+      user_tasks.import_modules(args.task_module)
     _parse_gin(args.gin_file, args.gin_bindings)
     logging.info("recycle-jax %s", args.command)
     args.fn(args)

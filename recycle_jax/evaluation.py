@@ -2,15 +2,22 @@
 
 A split becomes a `TaskData` pytree (static `kind`, fixed shapes), so one compiled
 program can score any candidate, or a vmapped population, without leaving the device.
+How each kind is materialized and scored is one `Kind` record in `KINDS`:
 
-  generate: greedy decoding checked by exact match against the target (+EOS). Because
+  choice:   rank classification by length-normalized log-likelihood of each choice (any
+            number of choices per example).
+  exact:    greedy decoding checked by exact match against the target (+EOS). Because
             decoding is greedy, "every teacher-forced argmax equals the target" is the
             same event; `generation='teacher_forced'` scores it with one forward pass.
-  choice:   rank classification by length-normalized log-likelihood of each choice.
-Scores are percentages in [0, 100].
+  generate: greedy decoding on device (`decoding.generate`: KV cache, EOS and stop
+            sequences); the tokens come back to the host, where the task's verifier
+            (its seqio metric_fns, `scoring.score_texts`) scores them: `verify`.
+A task's kind is `scoring.of(task)`. Scores are percentages in [0, 100].
 """
 from __future__ import annotations
 
+import concurrent.futures
+import dataclasses
 import functools
 from typing import Any, Callable, Sequence
 
@@ -22,7 +29,7 @@ import numpy as np
 import seqio
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from recycle_jax import models, partitioning, vocabularies
+from recycle_jax import decoding, models, partitioning, scoring, vocabularies
 from recycle_jax.errors import UserError, check
 
 PyTree = Any
@@ -32,9 +39,13 @@ PyTree = Any
 class TaskData:
   """One task split. E examples, C choices, L sequence length.
 
-  generate: tokens [E, L] = prompt + target + EOS (right-padded), target_mask [E, L]
+  exact:    tokens [E, L] = prompt + target + EOS (right-padded), target_mask [E, L]
             marks target tokens; prompts [E, Lp], prompt_lens [E]; targets [E, Lt],
             target_lens [E] (EOS included).
+  generate: prompts [E', Lp], prompt_lens [E'] (E' >= E: `place` pads rows to split them
+            over 'data'), stop_ids [S, Ls] (decoding.stop_ids), static max_new;
+            tokens/target_mask are the prompts/zeros (unused). `split`, `examples` (E)
+            and `vocab_key` find the host examples the verifier scores against.
   choice:   tokens [E, C, L], target_mask [E, C, L], labels [E], choice_count [E] (the
             example's real choices come first; the other slots are empty and never win).
   """
@@ -46,13 +57,18 @@ class TaskData:
   targets: jax.Array | None = None
   target_lens: jax.Array | None = None
   choice_count: jax.Array | None = None
+  stop_ids: jax.Array | None = None
   packed: tuple["Packed", ...] | None = None  # the scoring layout (`pack`), by materialize
-  kind: str = flax.struct.field(pytree_node=False, default="generate")
+  kind: str = flax.struct.field(pytree_node=False, default="exact")
   name: str = flax.struct.field(pytree_node=False, default="")
+  split: str = flax.struct.field(pytree_node=False, default="")
+  examples: int = flax.struct.field(pytree_node=False, default=0)  # E; 0: tokens' rows
+  max_new: int = flax.struct.field(pytree_node=False, default=0)
+  vocab_key: str = flax.struct.field(pytree_node=False, default="")  # materialize's key
 
   @property
   def num_examples(self) -> int:
-    return self.tokens.shape[0]
+    return self.examples or self.tokens.shape[0]
 
 
 @flax.struct.dataclass
@@ -78,7 +94,7 @@ class Packed:
   slot_group: jax.Array
   labels: jax.Array
   num_groups: int = flax.struct.field(pytree_node=False, default=1)
-  kind: str = flax.struct.field(pytree_node=False, default="generate")
+  kind: str = flax.struct.field(pytree_node=False, default="exact")
 
 
 def _round_up(n: int, m: int = 8) -> int:
@@ -164,17 +180,50 @@ def choice_data(name: str, prompts: Sequence[Sequence[int]],
   return d.replace(packed=pack(d))
 
 
+def _choice(name: str, prompts: list, rows: list[dict], vocab: seqio.Vocabulary,
+            how: scoring.Scoring) -> TaskData:
+  choices = [[vocab.encode(c.decode()) for c in r["choices"]] for r in rows]
+  return choice_data(name, prompts, choices, [int(r["label"]) for r in rows])
+
+
+def _exact(name: str, prompts: list, rows: list[dict], vocab: seqio.Vocabulary,
+           how: scoring.Scoring) -> TaskData:
+  targets = [r["targets"].tolist() for r in rows]  # EOS appended by seqio
+  tokens, mask = _sequences(prompts, targets)
+  d = TaskData(tokens=tokens, target_mask=mask, kind="exact", name=name,
+               prompts=_pad(prompts, _round_up(max(map(len, prompts)))),
+               prompt_lens=np.array([len(p) for p in prompts], np.int32),
+               targets=_pad(targets, max(map(len, targets))),
+               target_lens=np.array([len(t) for t in targets], np.int32))
+  return d.replace(packed=pack(d))
+
+
+def _generate(name: str, prompts: list, rows: list[dict], vocab: seqio.Vocabulary,
+              how: scoring.Scoring) -> TaskData:
+  check(all(prompts), f"task {name!r} has an empty prompt", f"task {name!r}",
+        "every example needs a prompt to continue")
+  padded = _pad(prompts, _round_up(max(map(len, prompts))))
+  return TaskData(tokens=padded, target_mask=np.zeros(padded.shape, bool), kind="generate",
+                  name=name, prompts=padded,
+                  prompt_lens=np.array([len(p) for p in prompts], np.int32),
+                  stop_ids=decoding.stop_ids([vocab.encode(s) for s in how.stop]),
+                  max_new=how.max_new_tokens)
+
+
 _MATERIALIZED: dict = {}
+# (name, split, E, vocabulary key) -> (bound task, its E examples): what `verify` reads.
+_HOST: dict = {}
 
 
 def materialize(name: str, split: str, max_examples: int | None = None,
                 vocabulary: seqio.Vocabulary | None = None) -> TaskData:
   """Reads a seqio task split once, tokenized with `vocabulary` (the pool's; see
-  `bound_task`), and pads it into fixed-shape arrays (cached per vocabulary content)."""
+  `bound_task`), and pads it into fixed-shape arrays as its kind says (`KINDS`; cached
+  per vocabulary content)."""
   key = (name, split, max_examples,
          None if vocabulary is None else vocabularies.content_hash(vocabulary))
   if key not in _MATERIALIZED:
-    _MATERIALIZED[key] = _materialize(name, split, max_examples, vocabulary)
+    _MATERIALIZED[key] = _materialize(name, split, max_examples, vocabulary, key[3] or "")
   return _MATERIALIZED[key]
 
 
@@ -184,7 +233,7 @@ def forget_splits() -> None:
 
 
 def _materialize(name: str, split: str, max_examples: int | None,
-                 vocabulary: seqio.Vocabulary | None) -> TaskData:
+                 vocabulary: seqio.Vocabulary | None, vocab_key: str) -> TaskData:
   task = bound_task(name, vocabulary)
   vocab = task_vocabulary(task)  # the prompts' vocabulary, never another
   rows = split_examples(name, split, vocabulary)[:max_examples]
@@ -192,17 +241,13 @@ def _materialize(name: str, split: str, max_examples: int | None,
   bos = [vocab.bos_id] if getattr(vocab, "add_bos", False) else []  # as transformers does
   prompts = [(bos if list(r["inputs"][:1]) != bos else []) + r["inputs"].tolist()
              for r in rows]
-  if "choices" in rows[0]:
-    choices = [[vocab.encode(c.decode()) for c in r["choices"]] for r in rows]
-    return choice_data(name, prompts, choices, [int(r["label"]) for r in rows])
-  targets = [r["targets"].tolist() for r in rows]  # EOS appended by seqio
-  tokens, mask = _sequences(prompts, targets)
-  d = TaskData(tokens=tokens, target_mask=mask, kind="generate", name=name,
-               prompts=_pad(prompts, _round_up(max(map(len, prompts)))),
-               prompt_lens=np.array([len(p) for p in prompts], np.int32),
-               targets=_pad(targets, max(map(len, targets))),
-               target_lens=np.array([len(t) for t in targets], np.int32))
-  return d.replace(packed=pack(d))
+  how = scoring.of(task, "choices" in rows[0])
+  check(how.kind != "choice" or "choices" in rows[0],
+        f"task {name!r} is declared 'choice' but its examples have no choices",
+        f"task {name!r}", "give every example `choices` and `label`")
+  d = KINDS[how.kind].materialize(name, prompts, rows, vocab, how)
+  _HOST[(name, split, len(rows), vocab_key)] = (task, rows)
+  return d.replace(split=split, examples=len(rows), vocab_key=vocab_key)
 
 
 # ----------------------------------------------------------------------------- packing
@@ -313,8 +358,16 @@ def place(datas: tuple[TaskData, ...], mesh) -> tuple[TaskData, ...]:
   def one(d: TaskData) -> TaskData:
     packed = tuple(jax.tree.map(lambda x: partitioning.put(x, rows), pad_rows(p, k))
                    for p in d.packed or ())
-    d = jax.tree.map(lambda x: partitioning.put(x, full), d.replace(packed=None))
-    return d.replace(packed=packed or None)
+    split = {}
+    if d.kind == "generate":  # prompts over 'data', padded with empty (finished) prompts
+      extra = -d.prompts.shape[0] % k
+      split = {"prompts": np.pad(np.asarray(d.prompts), ((0, extra), (0, 0))),
+               "prompt_lens": np.pad(np.asarray(d.prompt_lens), (0, extra),
+                                     constant_values=0)}  # length 0: done at once
+      split = {n: partitioning.put(x, rows) for n, x in split.items()}
+    d = d.replace(packed=None, **{n: None for n in split})
+    d = jax.tree.map(lambda x: partitioning.put(x, full), d)
+    return d.replace(packed=packed or None, **split)
   return tuple(one(d) for d in datas)
 
 
@@ -334,6 +387,13 @@ def subset(d: TaskData, fraction: float, seed: int) -> TaskData:
   k = max(1, int(np.ceil(fraction * e)))
   rng = np.random.default_rng([seed, *map(ord, d.name)])
   idx = np.sort(rng.choice(e, size=k, replace=False))
+  if KINDS[d.kind].on_host:  # the verifier reads the subset's own host examples
+    task, rows = _HOST[(d.name, d.split, d.examples, d.vocab_key)]
+    label = f"{d.split}[subset {fraction} seed {seed}]"
+    _HOST[(d.name, label, k, d.vocab_key)] = (task, [rows[i] for i in idx])
+    cut = {f: np.asarray(getattr(d, f))[idx]
+           for f in ("tokens", "target_mask", "prompts", "prompt_lens")}
+    return d.replace(split=label, examples=k, **cut)
   rows = jax.tree.map(lambda x: np.asarray(x)[idx], d.replace(packed=None))
   return rows.replace(packed=pack(rows)) if d.packed else rows
 
@@ -388,64 +448,152 @@ def packed_hits(decoder: models.Decoder, params, p: Packed) -> jax.Array:
   return ((jnp.argmax(score, -1) == p.labels) & real).astype(jnp.float32)
 
 
+def _packed_or(ctx: "_Context", params, d: TaskData, padded: Callable) -> jax.Array:
+  """Hits of a split: from its packed layout when it has one, else `padded` rows."""
+  if d.packed:
+    return jnp.concatenate([ctx.chunked(functools.partial(packed_hits, ctx.decoder), params,
+                                        p, p.tokens.shape[0]) for p in d.packed])
+  return ctx.chunked(padded, params, d.replace(packed=None), d.num_examples)
+
+
+def _choice_hits(ctx: "_Context", params, d: TaskData) -> jax.Array:
+  return _packed_or(ctx, params, d, functools.partial(rank_classification, ctx.decoder.apply))
+
+
+def _exact_hits(ctx: "_Context", params, d: TaskData) -> jax.Array:
+  if ctx.generation == "teacher_forced":
+    return _packed_or(ctx, params, d,
+                      functools.partial(teacher_forced_exact_match, ctx.decoder.apply))
+  decode = (ctx.decoder.greedy_decode if ctx.generation == "greedy" else
+            functools.partial(models.greedy_decode_uncached, ctx.decoder.apply))
+  return ctx.chunked(functools.partial(greedy_exact_match, decode), params,
+                     d.replace(packed=None), d.num_examples)
+
+
+def _generate_tokens(ctx: "_Context", params, d: TaskData) -> jax.Array:
+  return decoding.generate(ctx.decoder, params, decoding.Prompts(
+      d.prompts, d.prompt_lens, d.stop_ids, d.max_new))
+
+
+@dataclasses.dataclass(frozen=True)
+class Kind:
+  """A scoring kind. materialize(name, prompts [E token lists], rows [E seqio examples],
+  vocabulary, scoring) -> TaskData (host).
+  device(ctx, params, d) -> hits [R] whose sum over the split's E examples is its score
+  (`on_host` False), or tokens [E', max_new] that the host's verifier scores (`verify`)."""
+  name: str
+  materialize: Callable[..., TaskData]
+  device: Callable[..., jax.Array]
+  on_host: bool
+
+
+KINDS: dict[str, Kind] = {k.name: k for k in (
+    Kind("choice", _choice, _choice_hits, on_host=False),
+    Kind("exact", _exact, _exact_hits, on_host=False),
+    Kind("generate", _generate, _generate_tokens, on_host=True),
+)}
+
+
+def on_host(datas: Sequence[TaskData]) -> bool:
+  """Whether some split's score is finished on the host (`finish`)."""
+  return any(isinstance(d, TaskData) and KINDS[d.kind].on_host for d in datas)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Context:
+  decoder: models.Decoder
+  generation: str
+  batch_size: int
+
+  def chunked(self, fn, params, tree, rows: int) -> jax.Array:
+    """fn(params, tree) -> [rows] hits, in lax.map chunks of batch_size rows."""
+    b = self.batch_size
+    if b <= 0 or rows <= b:
+      return fn(params, tree)
+    n = -(-rows // b) * b
+    padded = jax.tree.map(lambda x: jnp.pad(x, [(0, n - rows)] + [(0, 0)] * (x.ndim - 1)),
+                          tree)
+    chunks = jax.tree.map(lambda x: x.reshape(n // b, b, *x.shape[1:]), padded)
+    return jax.lax.map(lambda c: fn(params, c), chunks).reshape(n)[:rows]
+
+
 @gin.configurable
 @functools.lru_cache(None)
 def make_scorer(decoder: models.Decoder, generation: str = "teacher_forced",
-                batch_size: int = 0) -> Callable[[PyTree, tuple[TaskData, ...]], jax.Array]:
-  """`score(params, datas) -> [T]` percentages, pure and jittable.
+                batch_size: int = 0) -> Callable:
+  """`score(params, datas)`, pure and jittable: [T] percentages, or, when a split is
+  scored on the host (`on_host`), ([T] with NaN at those splits, (tokens [E', max_new]
+  of each such split, in order)), which `finish` completes.
 
-  generation: 'teacher_forced' (one forward; same result as greedy), 'greedy' (KV-cache
-  decoding) or 'greedy_uncached' (any apply fn). batch_size > 0 evaluates examples in
-  chunks with lax.map to bound activation memory.
+  generation: how `exact` splits are scored: 'teacher_forced' (one forward; same result
+  as greedy), 'greedy' (KV-cache decoding) or 'greedy_uncached' (any apply fn).
+  batch_size > 0 evaluates examples in chunks with lax.map to bound activation memory.
 
   Splits from `materialize` carry a packed layout (`Packed`: length buckets, a choice
   task's prompt run once for all its choices, the head only where a prediction is
-  scored); it gives the same hits as the padded scorers below, which are used for
+  scored); it gives the same hits as the padded scorers above, which are used for
   TaskData built without one and for greedy decoding.
   """
-  apply = decoder.apply
   check(generation in ("teacher_forced", "greedy", "greedy_uncached"),
         f"unknown generation scoring {generation!r}", "make_scorer.generation",
         "use teacher_forced, greedy or greedy_uncached")
-  decode = (decoder.greedy_decode if generation == "greedy" else
-            functools.partial(models.greedy_decode_uncached, apply))
+  ctx = _Context(decoder, generation, batch_size)
 
-  def per_example(params, d: TaskData) -> jax.Array:
-    if d.kind == "choice":
-      return rank_classification(apply, params, d)
-    if generation == "teacher_forced":
-      return teacher_forced_exact_match(apply, params, d)
-    return greedy_exact_match(decode, params, d)
-
-  def chunked(fn, params, tree, rows: int) -> jax.Array:
-    """fn(params, tree) -> [rows] hits, in lax.map chunks of batch_size rows."""
-    if batch_size <= 0 or rows <= batch_size:
-      return fn(params, tree)
-    n = -(-rows // batch_size) * batch_size
-    padded = jax.tree.map(
-        lambda x: jnp.pad(x, [(0, n - rows)] + [(0, 0)] * (x.ndim - 1)), tree)
-    chunks = jax.tree.map(lambda x: x.reshape(n // batch_size, batch_size, *x.shape[1:]),
-                          padded)
-    return jax.lax.map(lambda c: fn(params, c), chunks).reshape(n)[:rows]
-
-  def one_task(params, d: TaskData) -> jax.Array:
-    e = d.num_examples
-    if d.packed and (d.kind == "choice" or generation == "teacher_forced"):
-      hits = [chunked(functools.partial(packed_hits, decoder), params, p,
-                      p.tokens.shape[0]) for p in d.packed]
-      return 100.0 * jnp.sum(jnp.concatenate(hits)) / e
-    plain = d.replace(packed=None)
-    return 100.0 * jnp.mean(chunked(per_example, params, plain, e))
-
-  def score(params, datas: tuple[TaskData, ...]) -> jax.Array:
-    return jnp.stack([one_task(params, d) for d in datas])
+  def score(params, datas: tuple[TaskData, ...]):
+    scores, tokens = [], []
+    for d in datas:
+      out = KINDS[d.kind].device(ctx, params, d)
+      if KINDS[d.kind].on_host:
+        tokens.append(out)
+        scores.append(jnp.float32(jnp.nan))
+      else:
+        scores.append(100.0 * jnp.sum(out) / d.num_examples)
+    return (jnp.stack(scores), tuple(tokens)) if tokens else jnp.stack(scores)
 
   return score
 
 
-def decode_text(tokens: np.ndarray, vocabulary: seqio.Vocabulary) -> str:
-  """Token ids up to the first EOS as text."""
-  ids = [int(i) for i in np.asarray(tokens)]
-  if vocabulary.eos_id in ids:
-    ids = ids[:ids.index(vocabulary.eos_id)]
-  return vocabulary.decode(ids)
+# ----------------------------------------------------------------------------- on the host
+
+def verify(d: TaskData, tokens: np.ndarray) -> np.ndarray:
+  """[K] scores of K candidates' continuations tokens [K, E', T] of a `generate` split,
+  each decoded with the task's vocabulary and scored by its verifier
+  (`scoring.score_texts`)."""
+  task, rows = _HOST[(d.name, d.split, d.examples, d.vocab_key)]
+  vocab = task_vocabulary(task)
+  tokens = np.asarray(tokens)[:, :d.examples]
+  return np.array([scoring.score_texts(task, rows, decoding.texts(vocab, t)) for t in tokens],
+                  np.float32)
+
+
+_VERIFIER_THREADS = concurrent.futures.ThreadPoolExecutor(2, "verify")
+
+
+def finish(scores: np.ndarray, tokens: Sequence[np.ndarray],
+           datas: Sequence[TaskData]) -> np.ndarray:
+  """scores [K, T] with the host-scored splits' columns filled from their tokens
+  (`make_scorer`'s outputs, with a leading candidate axis K)."""
+  scores = np.array(scores, np.float32)
+  cols = [i for i, d in enumerate(datas) if KINDS[d.kind].on_host]
+  for i, t in zip(cols, tokens):
+    scores[:, i] = verify(datas[i], t)
+  return scores
+
+
+def evaluate(score: Callable, params, datas: Sequence[TaskData]) -> np.ndarray:
+  """[T] scores of one model: `score` (a jitted `make_scorer`) on device, then `finish`."""
+  out = jax.device_get(score(params, tuple(datas)))
+  if not on_host(datas):
+    return np.asarray(out, np.float32)
+  scores, tokens = out
+  return finish(scores[None], [t[None] for t in tokens], datas)[0]
+
+
+def finish_async(out, datas: Sequence[TaskData]) -> concurrent.futures.Future:
+  """`finish` of a population program's device outputs (scores, finite, tokens) on a
+  verifier thread: the caller dispatches the next program meanwhile. The future gives
+  (scores [K, T], finite [K]) on the host."""
+  def run():
+    scores, finite, tokens = jax.device_get(out)
+    return finish(scores, tokens, datas), finite
+  return _VERIFIER_THREADS.submit(run)

@@ -299,6 +299,6 @@ def score_pool(pool: checkpoints.Pool, eval_tasks: Sequence[str],
     out[e.name] = {}
     for split in ("dev", "test"):
       datas = evaluation.load_split(eval_tasks, split, max_examples, meta.vocabulary)
-      s = np.asarray(score(params, datas))
+      s = evaluation.evaluate(score, params, datas)
       out[e.name][split] = {t: round(float(v), 4) for t, v in zip(eval_tasks, s)}
   return out

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from recycle_jax import merging, partitioning
+from recycle_jax import evaluation, merging, partitioning
 from recycle_jax.evaluation import TaskData
 
 PyTree = Any
@@ -43,14 +43,19 @@ def choose_mode(pool: Sequence[PyTree], population_size: int, mode: str = "auto"
 
 def make_population_fn(score: Callable, mode: str,
                        merge: Callable = merging.linear) -> Callable:
-  """(alphas[P, D], pool, datas) -> (scores[P, T], finite[P]); pure and jittable.
+  """(alphas[P, D], pool, datas) -> (scores[P, T], finite[P]); pure and jittable. When
+  splits are scored on the host (`evaluation.on_host`: `generate` tasks), it returns
+  (scores[P, T], finite[P], tokens) and `pipelined` finishes the scores.
 
   merge(alphas[D], pool) -> params: the linear merge, or a `MergeSpace.merge` (then `pool`
   is that space's operands and alphas its points).
   """
   def one(alphas, pool, datas):
     params = merge(alphas, pool)
-    return score(params, datas), merging.all_finite(params)
+    out = score(params, datas)
+    if isinstance(out, tuple):  # (scores, tokens of the host-scored splits)
+      return out[0], merging.all_finite(params), out[1]
+    return out, merging.all_finite(params)
 
   def population(alphas, pool, datas):
     if mode == "vmap":
@@ -66,6 +71,28 @@ def jit_population(population_fn: Callable, pool: PyTree, mesh) -> Callable:
   rep = partitioning.replicated(mesh)
   return jax.jit(population_fn, out_shardings=rep,
                  in_shardings=(rep, partitioning.shardings_of(pool), None))
+
+
+def pipelined(population_fn: Callable, alphas: np.ndarray, pool, datas: tuple[TaskData, ...],
+              width: int) -> tuple[np.ndarray, np.ndarray]:
+  """(scores [K, T], finite [K]) of K candidates, `width` at a time (the last batch padded
+  by repeating its last row). Every batch's program is dispatched before any result is
+  waited for, and host-scored splits are verified on verifier threads
+  (`evaluation.finish_async`), so the verifiers work while the device decodes the next
+  batch."""
+  alphas = np.asarray(alphas, np.float32)
+  pending = []
+  for start in range(0, len(alphas), width):
+    idx = list(range(start, min(start + width, len(alphas))))
+    out = population_fn(alphas[idx + [idx[-1]] * (width - len(idx))], pool, datas)
+    pending.append((len(idx), evaluation.finish_async(out, datas)
+                    if evaluation.on_host(datas) else out))
+  scores, finite = [], []
+  for n, out in pending:
+    s, f = out.result() if hasattr(out, "result") else jax.device_get(out)
+    scores.append(np.asarray(s)[:n])
+    finite.append(np.asarray(f)[:n])
+  return np.concatenate(scores), np.concatenate(finite)
 
 
 def weights_key(alphas: np.ndarray, decimals: int = 6) -> bytes:
@@ -90,15 +117,12 @@ class CachedScorer:
     keys = [(split, names, weights_key(a)) for a in alphas]
     todo = [i for i, k in enumerate(keys) if k not in self.cache]
     self.hits += len(keys) - len(todo)
-    p = self.population_size
-    for start in range(0, len(todo), p):
-      idx = todo[start:start + p]
-      # Pad to the compiled population shape; a lone candidate (greedy soup, one-off
+    if todo:
+      # Batches of the compiled population shape; a lone candidate (greedy soup, one-off
       # evaluations) gets its own 1-wide program instead of paying for P.
-      width = 1 if len(idx) == 1 else p
-      batch = alphas[idx + [idx[-1]] * (width - len(idx))]
-      scores, finite = jax.device_get(self.population_fn(batch, self.pool, datas))
-      for j, i in enumerate(idx):
+      width = 1 if len(todo) == 1 else self.population_size
+      scores, finite = pipelined(self.population_fn, alphas[todo], self.pool, datas, width)
+      for j, i in enumerate(todo):
         self.cache[keys[i]] = np.where(finite[j], scores[j], np.nan)
     return np.stack([self.cache[k] for k in keys]) if keys else np.zeros((0, len(datas)))
 
@@ -121,7 +145,7 @@ class CachedScorer:
       idx = todo[start:start + min(n, p)]
       slots = tuple(trees[i] for i in idx) + tuple(self.pool[len(idx):])
       pick = np.eye(n, dtype=np.float32)[list(range(len(idx))) + [0] * (p - len(idx))]
-      scores, _ = jax.device_get(self.population_fn(pick, slots, datas))
+      scores, _ = pipelined(self.population_fn, pick, slots, datas, p)
       out[idx] = scores[:len(idx)]
     return out
 

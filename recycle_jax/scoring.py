@@ -12,7 +12,11 @@ import dataclasses
 
 from recycle_jax.errors import check
 
-KIND_NAMES = ("choice", "exact", "generate")
+
+def kind_names() -> tuple[str, ...]:
+  """The scoring kinds: the keys of evaluation.KINDS, where each is defined."""
+  from recycle_jax import evaluation  # evaluation imports this module
+  return tuple(evaluation.KINDS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,8 +29,8 @@ class Scoring:
   stop: tuple[str, ...] = ()
 
   def __post_init__(self):
-    check(self.kind in KIND_NAMES, f"unknown scoring kind {self.kind!r}", "kind",
-          f"choose from: {', '.join(KIND_NAMES)}")
+    check(self.kind in kind_names(), f"unknown scoring kind {self.kind!r}", "kind",
+          f"choose from: {', '.join(kind_names())}")
     check(isinstance(self.max_new_tokens, int) and 0 < self.max_new_tokens <= 4096,
           f"max_new_tokens must be an integer in [1, 4096], got {self.max_new_tokens!r}",
           "max_new_tokens")

@@ -10,7 +10,11 @@
 The search calls it once per generation and checkpoints its state in between (then
 `--resume` continues bit-for-bit). Every evaluated merge goes to the
 archive; NaN candidates get the worst fitness and are logged. A host strategy
-(`optuna_cmaes`) asks and tells on the host around the same compiled evaluation.
+(`optuna_cmaes`) asks and tells on the host around the same compiled evaluation. When some
+task is scored on the host (`generate` tasks: greedy decoding on device, then a verifier),
+the evaluation runs outside the generation's program: ask (one program), the population
+(`population.pipelined`: its halves dispatched back to back, the first half's tokens
+verified while the device decodes the second), tell (one program).
 
 Adaptive fidelity (successive halving, `fidelity_subset` < 1): a generation's candidates
 are scored first on a fixed random subset of each dev task's examples, and only the best
@@ -28,6 +32,7 @@ and scalarization weights are runtime values), so repeated seeds and sweeps comp
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -43,7 +48,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from tqdm.auto import tqdm
 
-from recycle_jax import checkpoints, pareto, population, spaces, strategies
+from recycle_jax import checkpoints, evaluation, pareto, population, spaces, strategies
 from recycle_jax.errors import UserError, check
 
 PyTree = Any
@@ -183,15 +188,18 @@ class Search:
     if owner is self:
       self.strategy = strategies.get(self.cfg.strategy)
       self.es = self.es_params = self._jit_generation = self.tell_seeds = None
+      self._jit_ask = self._jit_told = None
       if not self.strategy.host:
         self.es, self.es_params = self.strategy.make(self.pop, self.dim, self.sigma,
                                                      self.space.init_x(self.param))
         self._jit_generation = jax.jit(self._generation)
+        self._jit_ask, self._jit_told = jax.jit(self._ask), jax.jit(self._told)
         self.tell_seeds = jax.jit(self._tell_seeds)
       self._jit_evaluate = jax.jit(self._evaluate)
     else:
       self.strategy, self.es, self.es_params = owner.strategy, owner.es, owner.es_params
       self._jit_generation, self.tell_seeds = owner._jit_generation, owner.tell_seeds
+      self._jit_ask, self._jit_told = owner._jit_ask, owner._jit_told
       self._jit_evaluate = owner._jit_evaluate
 
   @property
@@ -204,10 +212,17 @@ class Search:
     weights = self.weights
     if weights is None and datas is not None:  # the mean as uniform weights: always an
       weights = np.full(len(datas), 1.0 / len(datas), np.float32)  # array, one program
+    verified = evaluation.on_host(datas or ())  # tasks scored by verifiers on the host
+    evaluate = (functools.partial(self._evaluate, score=self._pipelined(pool)) if verified
+                else self._jit_evaluate)
     if not self.strategy.host:
-      return self._jit_generation(state, pool, datas, subset, weights, self.chebyshev)
+      if not verified:  # one program: ask, evaluate, tell
+        return self._jit_generation(state, pool, datas, subset, weights, self.chebyshev)
+      x, es_state, key, k_tell = self._jit_ask(state)
+      out = evaluate(x, pool, datas, subset, weights, self.chebyshev)
+      return self._jit_told(state, es_state, key, k_tell, x, out[2]), (x, *out)
     x = self.study.ask()
-    out = self._jit_evaluate(jnp.asarray(x), pool, datas, subset, weights, self.chebyshev)
+    out = evaluate(jnp.asarray(x), pool, datas, subset, weights, self.chebyshev)
     self.study.tell(np.asarray(jax.device_get(out[2])))
     return state.replace(generation=state.generation + 1), (x, *out)
 
@@ -264,20 +279,29 @@ class Search:
             "--resume", "resume with the same optuna version and config, or pass --overwrite")
       self.study.tell(fs[g:g + self.pop])
 
-  def _evaluate(self, x, pool, datas, subset, weights, chebyshev):
+  def _pipelined(self, pool) -> Callable:
+    """score(alphas, datas) -> (scores, finite) on the host for verified tasks: the
+    population in halves, the first verified while the second decodes."""
+    return lambda alphas, datas: population.pipelined(self.population_fn, alphas, pool, datas,
+                                                      width=-(-len(alphas) // 2))
+
+  def _evaluate(self, x, pool, datas, subset, weights, chebyshev, score=None):
     """[P, D] samples -> (points, scores [P, T], fitness [P], fidelity [P]); NaN scores and
-    fitness for non-finite merges. subset: adaptive fidelity's dev subsets, or None."""
+    fitness for non-finite merges. subset: adaptive fidelity's dev subsets, or None.
+    score(alphas, datas) -> (scores, finite): the population program (default) or, for
+    verified tasks, `_pipelined` (then this runs eagerly, outside any program)."""
+    score = score or (lambda a, d: self.population_fn(a, pool, d))
     alphas = self.space.decode(x, self.parametrize)
     fit = lambda s, ok: jnp.where(ok, pareto.scalarize(s, weights, chebyshev), jnp.nan)
     if subset is None:
-      scores, finite = self.population_fn(alphas, pool, datas)
+      scores, finite = score(alphas, datas)
       fidelity = jnp.ones(x.shape[0], jnp.float32)
     else:
-      low, finite = self.population_fn(alphas, pool, subset)
+      low, finite = score(alphas, subset)
       low = jnp.where(finite[:, None], low, jnp.nan)
       top = jnp.argsort(-jnp.nan_to_num(fit(low, finite), nan=-jnp.inf))[
           :self.cfg.promoted(x.shape[0])]
-      high, finite_top = self.population_fn(alphas[top], pool, datas)
+      high, finite_top = score(alphas[top], datas)
       high = jnp.where(finite_top[:, None], high, jnp.nan)
       diff = high - low[top]
       ok = jnp.isfinite(diff)
@@ -293,14 +317,22 @@ class Search:
     es_state, _ = self.es.tell(key, x, safe, state.es_state, self.es_params)
     return es_state
 
-  def _generation(self, state: SearchState, pool, datas, subset, weights, chebyshev):
+  def _ask(self, state: SearchState):
     key = jax.random.wrap_key_data(state.key)
     key, k_ask, k_tell = jax.random.split(key, 3)
     x, es_state = self.es.ask(k_ask, state.es_state, self.es_params)
+    return x, es_state, jax.random.key_data(key), jax.random.key_data(k_tell)
+
+  def _told(self, state: SearchState, es_state, key, k_tell, x, fitness):
+    es_state = self._tell(state.replace(es_state=es_state), jax.random.wrap_key_data(k_tell),
+                          x, fitness)
+    return SearchState(es_state, key, state.generation + 1)
+
+  def _generation(self, state: SearchState, pool, datas, subset, weights, chebyshev):
+    x, es_state, key, k_tell = self._ask(state)
     alphas, scores, fitness, fidelity = self._evaluate(x, pool, datas, subset, weights,
                                                        chebyshev)
-    es_state = self._tell(state.replace(es_state=es_state), k_tell, x, fitness)
-    new = SearchState(es_state, jax.random.key_data(key), state.generation + 1)
+    new = self._told(state, es_state, key, k_tell, x, fitness)
     return new, (x, alphas, scores, fitness, fidelity)
 
   def _tell_seeds(self, state: SearchState, x, fitness):

@@ -143,8 +143,8 @@ def read_jsonl(task: str, split: str, pattern: str, needed: Mapping[str, str],
 def _validate(t: JsonlTask) -> None:
   where = f"JsonlTask {t.name!r}"
   check(isinstance(t.name, str) and bool(t.name), "a JsonlTask needs a name", "JsonlTask.name")
-  check(t.kind in scoring.KIND_NAMES, f"unknown kind {t.kind!r}", f"{where}.kind",
-        f"choose from: {', '.join(scoring.KIND_NAMES)}")
+  check(t.kind in scoring.kind_names(), f"unknown kind {t.kind!r}", f"{where}.kind",
+        f"choose from: {', '.join(scoring.kind_names())}")
   check(isinstance(t.splits, Mapping) and bool(t.splits),
         "splits must map split names to files", f"{where}.splits",
         "e.g. {'dev': 'data/dev.jsonl', 'test': 'data/test.jsonl'}")
@@ -249,7 +249,8 @@ def register(t: JsonlTask, vocabulary: seqio.Vocabulary = vocabularies.POOL,
              records: Mapping[str, list[Record]] | None = None) -> str:
   """Validates `t`, reads its files (or takes `records`, {split: [record]}, for data that
   ships in a package) and registers it in seqio.TaskRegistry, replacing a task of the same
-  name. Returns its name."""
+  name. Returns its name. Its text is tokenized with `vocabulary`: by default the
+  vocabulary of the pool it is evaluated on (`vocabularies.POOL`)."""
   _validate(t)
   templates = {"JsonlTask.prompt": [t.prompt], "JsonlTask.target": _templates(t.target),
                "JsonlTask.answer": _templates(t.answer)}

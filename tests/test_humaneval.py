@@ -3,8 +3,6 @@ pass; a corrupted copy fails (on a fixed quarter of the problems, every 4th of e
 to keep the test near 30 s on 2 shared cores: each program is its own subprocess)."""
 import time
 
-import seqio
-
 from recycle_jax import evaluation, humaneval, models, scoring
 
 
@@ -14,9 +12,10 @@ def _decoded(text: str) -> str:
 
 
 def test_canonical_solutions_pass_and_corrupted_ones_fail():
-  task = seqio.get_mixture_or_task(humaneval.NAME)
+  task = evaluation.bound_task(humaneval.NAME, models.VOCAB)
   assert scoring.of(task, False).kind == "generate"
-  examples = {s: evaluation.split_examples(humaneval.NAME, s, models.VOCAB) for s in ("dev", "test")}
+  examples = {s: evaluation.split_examples(humaneval.NAME, s, models.VOCAB)
+              for s in ("dev", "test")}
   assert [len(v) for v in examples.values()] == [82, 82]
   start = time.time()
   for split, exs in examples.items():

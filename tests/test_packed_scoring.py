@@ -32,7 +32,7 @@ def _own_greedy_targets(dec, params, d, new=6):
     targets.append(t)
   tokens, mask = evaluation._sequences(prompts, targets)
   plain = evaluation.TaskData(
-      tokens=tokens, target_mask=mask, kind="generate", name="own",
+      tokens=tokens, target_mask=mask, kind="exact", name="own",
       prompts=evaluation._pad(prompts, evaluation._round_up(max(map(len, prompts)))),
       prompt_lens=np.array([len(p) for p in prompts], np.int32),
       targets=evaluation._pad(targets, max(map(len, targets))),
@@ -56,7 +56,7 @@ def test_packed_teacher_forcing_equals_greedy_and_padded():
   dec = models.Decoder(CFG)
   params = _noisy()
   d = _own_greedy_targets(
-      dec, params, evaluation.materialize("rj_math", "dev", 24, models.VOCAB))
+      dec, params, evaluation.materialize("rj_instruct", "dev", 24, models.VOCAB))
   tf = evaluation.make_scorer(dec, "teacher_forced")(params, (d,))
   greedy = evaluation.make_scorer(dec, "greedy")(params, (d,))
   padded = evaluation.teacher_forced_exact_match(dec.apply, params, _padded(d))
@@ -68,7 +68,7 @@ def test_packed_teacher_forcing_equals_greedy_and_padded():
 
 
 def test_pack_covers_every_example_once_and_trims():
-  for name in ("rj_code", "rj_reasoning", "rj_knowledge"):
+  for name in ("rj_instruct", "rj_reasoning", "rj_knowledge"):
     d = evaluation.materialize(name, "dev", 40, models.VOCAB)
     assert sum(p.tokens.shape[0] for p in d.packed) == d.num_examples
     assert len(d.packed) <= 4
@@ -87,7 +87,7 @@ def test_placed_splits_score_the_same_with_rows_split_over_data():
   dec = models.Decoder(CFG)
   mesh = partitioning.make_mesh()  # ('data', 'model') = (8, 1)
   # 44: pads needed
-  datas = evaluation.load_split(["rj_reasoning", "rj_code"], "dev", 44, models.VOCAB)
+  datas = evaluation.load_split(["rj_reasoning", "rj_instruct"], "dev", 44, models.VOCAB)
   placed = evaluation.place(datas, mesh)
   for d in placed:
     for p in d.packed:

@@ -32,7 +32,7 @@ def test_generate_task_with_fields_few_shot_and_verifier(qa):
   name = user_tasks.register(JsonlTask(
       name="u_qa", splits=qa, prompt="Q: {question}\nA: ", fields={"question": "q"},
       target="{a}", verifier="numeric", few_shot=2, seed=3, max_new_tokens=8, stop=["\n"]))
-  task = seqio.get_mixture_or_task(name)
+  task = evaluation.bound_task(name, models.VOCAB)
   assert scoring.of(task, False) == scoring.Scoring("generate", 8, ("\n",))
   [ex] = _examples(name, "dev")
   prompt = ex["inputs_pretokenized"].decode()
@@ -50,7 +50,7 @@ def test_structured_verifier_target_and_choice_task(tmp_path):
   name = user_tasks.register(JsonlTask(
       name="u_code", splits={"dev": _write(tmp_path / "c.jsonl", rows)}, prompt="{fn}",
       target={"prefix": "{fn}", "tests": "{tests}"}, answer="{ok}", verifier="code_tests"))
-  task = seqio.get_mixture_or_task(name)
+  task = evaluation.bound_task(name, models.VOCAB)
   [ex] = _examples(name, "dev")
   target = task.postprocess_fn(ex["targets_pretokenized"], example=ex, is_target=True)
   assert target == {"prefix": "def f():\n", "tests": "assert f() == 1"}
@@ -128,8 +128,9 @@ def test_chat_template_needs_a_vocabulary_that_has_one(qa):
     def apply_chat_template(self, text):
       return f"<user>{text}</user><assistant>"
   user_tasks.register(JsonlTask(name="u_chat", splits=qa, prompt="{q}", target="{a}",
-                                chat_template=True), vocabulary=ChatBytes())
-  assert _examples("u_chat", "dev")[0]["inputs_pretokenized"] == b"<user>2+2</user><assistant>"
+                                chat_template=True))
+  got = evaluation.split_examples("u_chat", "dev", ChatBytes())
+  assert got[0]["inputs_pretokenized"] == b"<user>2+2</user><assistant>"
 
 
 def test_task_modules_are_found_in_the_working_directory(tmp_path, monkeypatch):
@@ -149,3 +150,35 @@ def test_task_modules_are_found_in_the_working_directory(tmp_path, monkeypatch):
   assert "u_module" in seqio.TaskRegistry.names()
   with pytest.raises(UserError, match=r"cannot import task module 'no_such_mod'.*--task_module"):
     user_tasks.import_modules(["no_such_mod"])
+
+
+def test_cli_eval_sees_user_tasks_from_gin_and_modules(micro_pool, qa, tmp_path, monkeypatch,
+                                                        capsys):
+  """`eval` on a task declared in a gin file (no Python), and on a task from --task_module
+  found in the working directory; an unknown module is one error line."""
+  import os
+  from recycle_jax import checkpoints, cli
+  ckpt = checkpoints.read_manifest(micro_pool).entries[0].path
+  gin_file = tmp_path / "qa.gin"
+  gin_file.write_text(textwrap.dedent(f"""
+      jsonl_tasks.tasks = [@qa/JsonlTask()]
+      qa/JsonlTask.name = 'u_cli_qa'
+      qa/JsonlTask.splits = {{'dev': {qa['dev']!r}, 'test': {qa['test']!r}}}
+      qa/JsonlTask.prompt = 'Q: {{q}}\\nA: '
+      qa/JsonlTask.target = '{{a}}'
+      qa/JsonlTask.verifier = 'numeric'
+      qa/JsonlTask.max_new_tokens = 4
+  """))
+  (tmp_path / "my_cli_tasks.py").write_text(textwrap.dedent(f"""
+      from recycle_jax import user_tasks
+      user_tasks.register(user_tasks.JsonlTask(name='u_cli_mod', splits={{'test': {qa['test']!r}}},
+                                               prompt='{{q}} = ', kind='exact', target='{{a}}'))
+  """))
+  monkeypatch.chdir(tmp_path)
+  assert cli.main(["eval", f"--checkpoint={ckpt}", "--tasks=u_cli_qa,u_cli_mod",
+                   f"--gin_file={gin_file}", "--task_module=my_cli_tasks"]) == 0
+  out = capsys.readouterr().out
+  assert "u_cli_qa" in out and "u_cli_mod" in out
+  assert cli.main(["eval", f"--checkpoint={ckpt}", "--tasks=u_cli_qa",
+                   "--task_module=nope_tasks"]) == 2
+  assert "error: cannot import task module 'nope_tasks'" in capsys.readouterr().err

@@ -3,16 +3,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from recycle_jax import generation, models
+from recycle_jax import decoding, models
 
 
-GEN = jax.jit(generation.generate, static_argnums=0)
+GEN = jax.jit(decoding.generate, static_argnums=0)
 
 
 def _stops(encoded):
   """Stop ids of one fixed shape [2, 2], so every case runs the same compiled program."""
-  out = np.full((2, 2), generation.NO_TOKEN, np.int32)
-  ids = generation.stop_ids(encoded)
+  out = np.full((2, 2), decoding.NO_TOKEN, np.int32)
+  ids = decoding.stop_ids(encoded)
   out[:ids.shape[0], 2 - ids.shape[1]:] = ids
   return out
 
@@ -31,7 +31,7 @@ def _setup():
 def test_matches_the_kv_cache_decoder_without_stops():
   dec, params, prompts, lens = _setup()
   want = jax.jit(dec.greedy_decode, static_argnums=3)(params, prompts, lens, 12)
-  got = GEN(dec, params, generation.Prompts(prompts, lens, _stops([]), max_new=12))
+  got = GEN(dec, params, decoding.Prompts(prompts, lens, _stops([]), max_new=12))
   want = np.asarray(want)
   # Identical up to each row's first EOS; PAD after it.
   for w, o in zip(want, np.asarray(got)):
@@ -41,10 +41,10 @@ def test_matches_the_kv_cache_decoder_without_stops():
 
 def test_stop_sequences_end_rows_and_the_loop_exits_early():
   dec, params, prompts, lens = _setup()
-  full = np.asarray(GEN(dec, params, generation.Prompts(prompts, lens, _stops([]), max_new=12)))
+  full = np.asarray(GEN(dec, params, decoding.Prompts(prompts, lens, _stops([]), max_new=12)))
   # Stop on the 2-token sequence row 0 produces at steps 3-4, and on row 1's first token.
   stops = [full[0, 3:5].tolist(), full[1, :1].tolist()]
-  got = np.asarray(GEN(dec, params, generation.Prompts(prompts, lens, _stops(stops),
+  got = np.asarray(GEN(dec, params, decoding.Prompts(prompts, lens, _stops(stops),
                                                       max_new=12)))
   first_hit = lambda row: min(
       [i + len(s) for s in stops for i in range(len(row) - len(s) + 1)
@@ -54,7 +54,7 @@ def test_stop_sequences_end_rows_and_the_loop_exits_early():
     assert o[:n].tolist() == f[:n].tolist() and set(o[n:].tolist()) <= {models.PAD_ID}
   # Every row stops on its first token (the loop then exits after one step).
   firsts = sorted({int(t) for t in full[:, 0]})[:2]
-  out = np.asarray(GEN(dec, params, generation.Prompts(prompts, lens,
+  out = np.asarray(GEN(dec, params, decoding.Prompts(prompts, lens,
                                                        _stops([[t] for t in firsts]), 12)))
   for f, o in zip(full, out):
     if f[0] in firsts:
@@ -64,4 +64,4 @@ def test_stop_sequences_end_rows_and_the_loop_exits_early():
 def test_texts_cut_at_eos():
   vocab = models.VOCAB
   rows = np.array([vocab.encode("ab") + [models.EOS_ID, 70], vocab.encode("xyz") + [0]])
-  assert generation.texts(vocab, rows) == ["ab", "xyz"]
+  assert decoding.texts(vocab, rows) == ["ab", "xyz"]

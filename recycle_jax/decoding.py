@@ -1,4 +1,4 @@
-"""Greedy generation on device for `generate` tasks: KV cache, EOS and stop sequences.
+"""Greedy decoding on device for `generate` tasks: KV cache, EOS and stop sequences.
 
 `generate(decoder, params, g)` decodes at most `g.max_new` tokens for every prompt of a
 `Prompts` batch. It is a `lax.while_loop` over steps that exits as soon as every row has
@@ -24,7 +24,8 @@ NO_TOKEN = -1  # pads of stop-id rows: matches nothing
 
 @flax.struct.dataclass
 class Prompts:
-  """E prompts of one task split. prompts [E, Lp] right-padded, prompt_lens [E] (>= 1),
+  """E prompts of one task split. prompts [E, Lp] right-padded, prompt_lens [E] (0 marks a
+  padding row: finished before it starts),
   stop_ids [S, Ls]: stop sequences' token ids, right-aligned, left-padded with NO_TOKEN
   (S >= 1; an all-NO_TOKEN row never matches)."""
   prompts: jax.Array
@@ -55,12 +56,12 @@ def generate(decoder: models.Decoder, params, g: Prompts) -> jax.Array:
   cache = tuple((zeros, zeros) for _ in range(cfg.num_layers))
   run = lambda tok, pos, cache: decoder.module.apply({"params": params}, tok, pos, cache)
   logits, cache = run(g.prompts, jnp.broadcast_to(jnp.arange(lp), (e, lp)), cache)
-  first = jnp.argmax(jnp.take_along_axis(logits, (g.prompt_lens - 1)[:, None, None], 1)[:, 0],
-                     axis=-1).astype(jnp.int32)
+  last = jnp.maximum(g.prompt_lens - 1, 0)[:, None, None]
+  first = jnp.argmax(jnp.take_along_axis(logits, last, 1)[:, 0], axis=-1).astype(jnp.int32)
   # out keeps ls - 1 columns of NO_TOKEN before the outputs, so a window ending at step t
   # is out[:, t : t + ls] and never reads the prompt.
   out = jnp.full((e, ls - 1 + g.max_new), NO_TOKEN, jnp.int32)
-  done = jnp.zeros((e,), bool)
+  done = g.prompt_lens <= 0
 
   def cond(carry):
     t, _, _, _, _, done = carry
