@@ -1,16 +1,21 @@
 """Runs one untrusted program inside the sandbox's subprocess (see sandbox.py).
 
-Started as `python -I _child.py PROGRAM RESULT_FD` with a one-time token on stdin: the
-token is read and stdin replaced by /dev/null, the program's source is read, an audit hook
-is installed, then the program runs in a fresh namespace. Only if it returns normally (no
+Started as `python -I -S _child.py PROGRAM RESULT_FD LIMITS` with a one-time token on
+stdin: the kernel limits (LIMITS, JSON {RLIMIT name: value}) are set on this process (so
+on everything it starts; set here rather than in a preexec_fn, which is unsafe in the
+multithreaded parent and forbids its fast vfork path), the token is read and stdin
+replaced by /dev/null, the program's source is read, an audit hook is installed, then the
+program runs in a fresh namespace. Only if it returns normally (no
 exception, no SystemExit, no os._exit) is the token written back on RESULT_FD, so a
 program that exits early cannot pass. The hook refuses, with PermissionError: sockets,
 new processes (fork, exec, spawn, system, subprocess), signals to other processes, ctypes
 and native-code loading, and any file write, removal, rename or mode change outside the
-working directory (a fresh temporary directory). It complements the kernel limits the
-parent sets (memory, CPU time, file size, processes) and the network namespace.
+working directory (a fresh temporary directory). It complements the kernel limits (memory,
+CPU time, file size, processes) and the network namespace.
 """
+import json
 import os
+import resource
 import sys
 
 
@@ -52,6 +57,8 @@ def _guard(root: str):
 
 def main() -> None:
   program, result_fd = sys.argv[1], int(sys.argv[2])
+  for name, value in json.loads(sys.argv[3]).items():
+    resource.setrlimit(getattr(resource, name), (value, value))
   with open(program, encoding="utf-8") as f:
     source = f.read()
   token = sys.stdin.buffer.readline().strip()

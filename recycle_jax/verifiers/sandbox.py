@@ -4,7 +4,7 @@ Each program runs as `python -I -S` (no environment variables, no script directo
 sys.path, no site-packages: the standard library only, which also starts in ~60 ms instead
 of ~500 ms; `Limits.site_packages` allows the environment's packages) in a fresh temporary working directory that is removed afterwards,
 in its own process group (killed whole at the wall-clock limit and after it ends), with
-kernel limits set before it starts (`resource.setrlimit`): address space, CPU seconds,
+kernel limits set before the program runs (`resource.setrlimit`): address space, CPU seconds,
 file size (a program cannot fill the disk), open files, and processes (for a non-root
 user; the kernel does not apply it to root, where the audit hook's refusal of fork, exec
 and spawn is what stops a fork bomb). Where unprivileged namespaces work (`unshare -rn`)
@@ -20,8 +20,8 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import functools
+import json
 import os
-import resource
 import secrets
 import shutil
 import signal
@@ -72,16 +72,12 @@ def _unshare_prefix() -> tuple[str, ...]:
   return (exe, "-rn", "--") if ok else ()
 
 
-def _set_limits(limits: Limits) -> None:
-  """preexec_fn: runs in the child between fork and exec."""
+def _rlimits(limits: Limits) -> str:
+  """The kernel limits as _child.py sets them on itself: JSON {RLIMIT name: value}."""
   mb = 1 << 20
-  for what, value in ((resource.RLIMIT_AS, limits.memory_mb * mb),
-                      (resource.RLIMIT_CPU, limits.cpu_s),
-                      (resource.RLIMIT_FSIZE, limits.file_mb * mb),
-                      (resource.RLIMIT_NOFILE, limits.open_files),
-                      (resource.RLIMIT_CORE, 0),
-                      (resource.RLIMIT_NPROC, limits.processes)):
-    resource.setrlimit(what, (value, value))
+  return json.dumps({"RLIMIT_AS": limits.memory_mb * mb, "RLIMIT_CPU": limits.cpu_s,
+                     "RLIMIT_FSIZE": limits.file_mb * mb, "RLIMIT_NOFILE": limits.open_files,
+                     "RLIMIT_CORE": 0, "RLIMIT_NPROC": limits.processes})
 
 
 def _read(path: str, limit: int) -> str:
@@ -110,13 +106,13 @@ def run_program(source: str, limits: Limits = Limits()) -> Outcome:
     token = secrets.token_hex(16).encode()
     read_end, write_end = os.pipe()
     cmd = [*_unshare_prefix(), sys.executable, "-I",
-           *(() if limits.site_packages else ("-S",)), _CHILD, program, str(write_end)]
+           *(() if limits.site_packages else ("-S",)), _CHILD, program, str(write_end),
+           _rlimits(limits)]
     env = {"PATH": os.defpath, "HOME": work, "LANG": "C.UTF-8", "TMPDIR": work}
     with open(out_path, "wb") as out, open(err_path, "wb") as err:
       try:
         proc = subprocess.Popen(cmd, cwd=work, env=env, stdin=subprocess.PIPE, stdout=out,
-                                stderr=err, pass_fds=(write_end,), start_new_session=True,
-                                preexec_fn=functools.partial(_set_limits, limits))
+                                stderr=err, pass_fds=(write_end,), start_new_session=True)
       except OSError as e:
         os.close(read_end)
         os.close(write_end)
