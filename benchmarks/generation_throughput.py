@@ -51,12 +51,12 @@ def random_pool(n: int, cfg: models.ModelConfig, seed: int = 0, noise: float = 0
 
 
 def count_tokens(tokens: np.ndarray) -> int:
-  """Generated tokens up to and including each row's EOS (PAD after it not counted)."""
+  """Generated tokens up to and including each row's EOS (fills after it not counted:
+  NO_TOKEN in ours, PAD in transformers')."""
   total = 0
-  for row in np.asarray(tokens).reshape(-1, tokens.shape[-1]):
-    row = list(row)
+  for row in np.asarray(tokens).reshape(-1, tokens.shape[-1]).tolist():
     total += row.index(models.EOS_ID) + 1 if models.EOS_ID in row else \
-        sum(1 for t in row if t != models.PAD_ID)
+        sum(1 for t in row if t > models.PAD_ID)
   return total
 
 

@@ -2,8 +2,9 @@
 
 `generate(decoder, params, g)` decodes at most `g.max_new` tokens for every prompt of a
 `Prompts` batch. It is a `lax.while_loop` over steps that exits as soon as every row has
-finished (EOS, or a stop sequence's token ids at the end of its output), so a batch whose
-answers are short costs short decoding; a finished row's later tokens are PAD. Rows are
+finished (a stop sequence's token ids at the end of its output; the vocabulary's EOS is
+one, `stop_ids`), so a batch whose answers are short costs short decoding; a finished
+row's later tokens are NO_TOKEN. Rows are
 independent, so a batch split over the mesh's 'data' axis decodes each replica's share.
 
 Stop sequences are matched on token ids (exact for a byte vocabulary; for a subword one a
@@ -19,7 +20,7 @@ import numpy as np
 
 from recycle_jax import models
 
-NO_TOKEN = -1  # pads of stop-id rows: matches nothing
+NO_TOKEN = -1  # pads of stop-id rows (matches nothing) and outputs after a row finished
 
 
 @flax.struct.dataclass
@@ -32,12 +33,12 @@ class Prompts:
   prompt_lens: jax.Array
   stop_ids: jax.Array
   max_new: int = flax.struct.field(pytree_node=False, default=32)
-  # The pool's vocabulary's EOS (vocabulary.eos_id); the default is the byte family's.
-  eos_id: int = flax.struct.field(pytree_node=False, default=models.EOS_ID)
 
 
-def stop_ids(encoded: list[list[int]]) -> np.ndarray:
-  """[S, Ls] right-aligned token ids of the stop sequences (one NO_TOKEN row if none)."""
+def stop_ids(encoded: list[list[int]], eos_id: int | None = None) -> np.ndarray:
+  """[S, Ls] right-aligned token ids of the stop sequences, the vocabulary's EOS first
+  when given (one NO_TOKEN row if none)."""
+  encoded = ([[eos_id]] if eos_id is not None else []) + [list(e) for e in encoded]
   width = max([len(e) for e in encoded] + [1])
   out = np.full((max(len(encoded), 1), width), NO_TOKEN, np.int32)
   for i, e in enumerate(encoded):
@@ -47,7 +48,7 @@ def stop_ids(encoded: list[list[int]]) -> np.ndarray:
 
 
 def generate(decoder: models.Decoder, params, g: Prompts) -> jax.Array:
-  """[E, max_new] greedy continuations (PAD after EOS or a stop sequence, which are kept)."""
+  """[E, max_new] greedy continuations (NO_TOKEN after a stop sequence, which is kept)."""
   cfg = decoder.cfg
   e, lp = g.prompts.shape
   s, ls = g.stop_ids.shape
@@ -69,27 +70,26 @@ def generate(decoder: models.Decoder, params, g: Prompts) -> jax.Array:
 
   def body(carry):
     t, tok, pos, cache, out, done = carry
-    tok = jnp.where(done, models.PAD_ID, tok)
+    tok = jnp.where(done, NO_TOKEN, tok)
     out = jax.lax.dynamic_update_slice(out, tok[:, None], (0, ls - 1 + t))
     window = jax.lax.dynamic_slice(out, (0, t), (e, ls))  # [E, Ls]: the last ls outputs
     hit = jnp.all((window[:, None, :] == g.stop_ids[None]) | (g.stop_ids[None] == NO_TOKEN),
                   axis=-1) & jnp.any(g.stop_ids != NO_TOKEN, axis=-1)[None]
-    done = done | (tok == g.eos_id) | jnp.any(hit, axis=-1)
-    logits, cache = run(tok[:, None], pos[:, None], cache)
+    done = done | jnp.any(hit, axis=-1)
+    logits, cache = run(jnp.maximum(tok, 0)[:, None], pos[:, None], cache)
     nxt = jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32)
     return t + 1, nxt, pos + 1, cache, out, done
 
   carry = (jnp.zeros((), jnp.int32), first, g.prompt_lens.astype(jnp.int32), cache, out, done)
   *_, out, _ = jax.lax.while_loop(cond, body, carry)
-  out = out[:, ls - 1:]
-  return jnp.where(out == NO_TOKEN, models.PAD_ID, out)
+  return out[:, ls - 1:]
 
 
 def texts(vocabulary, tokens: np.ndarray) -> list[str]:
-  """Decoded continuations [E, T] -> text, each up to its first EOS (PAD dropped)."""
-  out = []
+  """Decoded continuations [E, T] -> text, each up to its first EOS (NO_TOKEN dropped)."""
+  out, eos = [], vocabulary.eos_id
   for row in np.asarray(tokens).tolist():
-    if vocabulary.eos_id in row:
-      row = row[:row.index(vocabulary.eos_id)]
-    out.append(vocabulary.decode([t for t in row if t != models.PAD_ID]))
+    if eos is not None and eos in row:
+      row = row[:row.index(eos)]
+    out.append(vocabulary.decode([t for t in row if t >= 0]))
   return out

@@ -206,7 +206,8 @@ def _generate(name: str, prompts: list, rows: list[dict], vocab: seqio.Vocabular
   return TaskData(tokens=padded, target_mask=np.zeros(padded.shape, bool), kind="generate",
                   name=name, prompts=padded,
                   prompt_lens=np.array([len(p) for p in prompts], np.int32),
-                  stop_ids=decoding.stop_ids([vocab.encode(s) for s in how.stop]),
+                  stop_ids=decoding.stop_ids([vocab.encode(s) for s in how.stop],
+                                             vocab.eos_id),
                   max_new=how.max_new_tokens)
 
 

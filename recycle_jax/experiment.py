@@ -331,7 +331,7 @@ def top_n_subset(loaded: Loaded, score, dev, top_n: int) -> Loaded:
   check(1 <= top_n <= len(loaded.pool), f"top_n={top_n} but the pool has {len(loaded.pool)}",
         "Experiment.top_n", f"choose 1..{len(loaded.pool)}")
   fit = jax.jit(score)
-  fitness = [float(np.mean(np.asarray(fit(p, dev)))) for p in loaded.params]
+  fitness = [float(np.mean(evaluation.evaluate(fit, p, dev))) for p in loaded.params]
   keep = sorted(np.argsort(-np.asarray(fitness), kind="stable")[:top_n])
   pool = checkpoints.make_pool([loaded.pool.entries[i] for i in keep], loaded.pool.source)
   return dataclasses.replace(loaded, pool=pool, params=tuple(loaded.params[i] for i in keep))

@@ -31,12 +31,13 @@ def _setup():
 def test_matches_the_kv_cache_decoder_without_stops():
   dec, params, prompts, lens = _setup()
   want = jax.jit(dec.greedy_decode, static_argnums=3)(params, prompts, lens, 12)
-  got = GEN(dec, params, decoding.Prompts(prompts, lens, _stops([]), max_new=12))
+  got = GEN(dec, params, decoding.Prompts(prompts, lens, _stops([[models.EOS_ID]]),
+                                          max_new=12))
   want = np.asarray(want)
-  # Identical up to each row's first EOS; PAD after it.
+  # Identical up to each row's first EOS (a stop sequence); NO_TOKEN after it.
   for w, o in zip(want, np.asarray(got)):
     n = list(w).index(models.EOS_ID) + 1 if models.EOS_ID in w else len(w)
-    assert o[:n].tolist() == w[:n].tolist() and set(o[n:].tolist()) <= {models.PAD_ID}
+    assert o[:n].tolist() == w[:n].tolist() and set(o[n:].tolist()) <= {decoding.NO_TOKEN}
 
 
 def test_stop_sequences_end_rows_and_the_loop_exits_early():
@@ -51,17 +52,19 @@ def test_stop_sequences_end_rows_and_the_loop_exits_early():
        if row[i:i + len(s)].tolist() == s] + [len(row)])
   for f, o in zip(full, got):
     n = first_hit(f)
-    assert o[:n].tolist() == f[:n].tolist() and set(o[n:].tolist()) <= {models.PAD_ID}
+    assert o[:n].tolist() == f[:n].tolist() and set(o[n:].tolist()) <= {decoding.NO_TOKEN}
   # Every row stops on its first token (the loop then exits after one step).
   firsts = sorted({int(t) for t in full[:, 0]})[:2]
   out = np.asarray(GEN(dec, params, decoding.Prompts(prompts, lens,
                                                        _stops([[t] for t in firsts]), 12)))
   for f, o in zip(full, out):
     if f[0] in firsts:
-      assert o[0] == f[0] and (o[1:] == models.PAD_ID).all()
+      assert o[0] == f[0] and (o[1:] == decoding.NO_TOKEN).all()
 
 
 def test_texts_cut_at_eos():
   vocab = models.VOCAB
-  rows = np.array([vocab.encode("ab") + [models.EOS_ID, 70], vocab.encode("xyz") + [0]])
+  rows = np.array([vocab.encode("ab") + [models.EOS_ID, 70],
+                   vocab.encode("xyz") + [decoding.NO_TOKEN]])
   assert decoding.texts(vocab, rows) == ["ab", "xyz"]
+  assert decoding.stop_ids([[5, 6]], eos_id=1).tolist() == [[-1, 1], [5, 6]]
