@@ -8,8 +8,8 @@ W/claims.md gets one table (test fitness mean ± 95% CI, dev fitness, the dev->t
 search - best baseline and its verdict, non-zero weights, dev examples evaluated, wall time
 per merge) and W/figures/fidelity.png (test fitness against dev examples evaluated, both
 fidelity modes; and the best dev fitness so far against cumulative dev examples).
-`--dev_sizes` adds the dev-size study: the default search at each dev split size (test
-fixed), its dev->test gap.
+`--dev_sizes` adds the dev-size study: the first configuration at each dev split size
+(all 128 test examples per task, whatever --max_examples), its dev->test gap.
 
   python experiments/research_claims.py --workdir=runs/claims --settings=code_instruct \\
       --num_seeds=3 --budget=48 --max_examples=64
@@ -37,9 +37,10 @@ def grid(args) -> list[dict]:
                 "dev_size": None})
   for setting, size in itertools.product(args.settings if args.dev_sizes else (),
                                          args.dev_sizes):
-    out.append({"name": f"{setting}/dev{size}", "setting": setting,
-                "strategy": args.strategies[0], "parametrization": args.parametrizations[0],
-                "fidelity": args.fidelities[-1], "dev_size": size})
+    strategy, param, fid = combos[0]  # the first configuration, at each dev size
+    out.append({"name": f"{setting}/dev{size}-{strategy}-{param}-{fid}", "setting": setting,
+                "strategy": strategy, "parametrization": param, "fidelity": fid,
+                "dev_size": size})
   return out
 
 

@@ -2,7 +2,7 @@
 
   generation(state, pool, datas):
       x      = es.ask(state)                    [P, N] unnormalized
-      alphas = parametrize(x)                   [P, N] on the simplex
+      alphas = parametrize(x)                   [P, N] on the simplex (spaces.PARAMETRIZATIONS)
       scores = score_population(alphas, ...)    [P, T] merged + evaluated on device
       fitness = scalarize(scores)               macro-average (maximized), or a weighted /
                                                 Chebyshev scalarization (pareto.py)
@@ -202,10 +202,6 @@ class Search:
       self._jit_ask, self._jit_told = owner._jit_ask, owner._jit_told
       self._jit_evaluate = owner._jit_evaluate
 
-  @property
-  def parametrize(self) -> spaces.Parametrization:
-    return self.param
-
   def generation(self, state: SearchState, pool, datas, subset=None):
     """One generation -> (state, (x, alphas, scores, fitness, fidelity)), each [P, ...].
     subset: the dev splits' fixed subsets (adaptive fidelity), or None."""
@@ -291,7 +287,7 @@ class Search:
     score(alphas, datas) -> (scores, finite): the population program (default) or, for
     verified tasks, `_pipelined` (then this runs eagerly, outside any program)."""
     score = score or (lambda a, d: self.population_fn(a, pool, d))
-    alphas = self.space.decode(x, self.parametrize)
+    alphas = self.space.decode(x, self.param)
     fit = lambda s, ok: jnp.where(ok, pareto.scalarize(s, weights, chebyshev), jnp.nan)
     if subset is None:
       scores, finite = score(alphas, datas)
