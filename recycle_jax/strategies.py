@@ -96,7 +96,10 @@ class OptunaStudy:
         for r, f in zip(x, fitness)])
 
   def enqueue(self, x: np.ndarray) -> None:
-    """Points [K, D] the next asks return (warm start: they form the first generation)."""
+    """Points [K, D] the next asks return (the warm start, as `enqueue_trial`). Optuna runs
+    them with fixed parameters, which CmaEsSampler never samples: they carry no CMA
+    generation, so CMA-ES does not learn from them (Optuna 5.0.0), only the history
+    holds them."""
     for r in x:
       self.study.enqueue_trial(self._params(r))
 
