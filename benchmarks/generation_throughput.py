@@ -12,8 +12,10 @@ N checkpoints perturbed from one init: throughput does not depend on training):
     an eval harness; `--peer_in_memory` loads the state dict into a resident model
     instead, a kinder peer), `generate` each prompt batch (greedy, the same max_new_tokens
     and EOS), decode, verify;
-  * the share of the population generation's wall time spent waiting for verifiers
-    (wall time minus the same population's device-only time, over wall time).
+  * the share of the population generation's wall time spent waiting for verifiers: the
+    wall time minus the same population's device-only time, over the wall time (noisy on
+    a shared machine), and the verifiers' own work (time inside `evaluation.verify`, which
+    overlaps the device's), an upper bound on what they can add.
 Tokens counted are generated tokens up to and including EOS (both loops count alike).
 
   python benchmarks/generation_throughput.py [--tasks=rj_math,rj_code] [--population=8]
@@ -31,8 +33,8 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from recycle_jax import (convert, decoding, evaluation, models, partitioning,  # noqa: E402
-                         population, scoring)
+from recycle_jax import (evaluation, families, hf_io, models, partitioning,  # noqa: E402
+                         population)
 
 DEMO = models.ModelConfig(d_model=128, num_layers=2, num_heads=4, num_kv_heads=2,
                           d_ff=352)
@@ -89,7 +91,7 @@ def main():
   torch.set_num_threads(os.cpu_count() or 1)
 
   cfg, names = DEMO, args.tasks.split(",")
-  datas = evaluation.load_split(names, "dev", args.max_examples)
+  datas = evaluation.load_split(names, "dev", args.max_examples, models.VOCAB)
   assert all(d.kind == "generate" for d in datas), "give generate tasks"
   mesh = partitioning.make_mesh()
   placed = evaluation.place(datas, mesh)
@@ -124,19 +126,18 @@ def main():
     t, tokens, scores = time.perf_counter(), 0, []
     for a in alphas:
       merged = jax.tree.map(lambda *xs: sum(w * x for w, x in zip(a, xs)), *host_pool)
+      path = os.path.join(tmp, "m")
       if args.peer_in_memory:
         if resident is None:
-          convert.save_hf(os.path.join(tmp, "m"), cfg, merged)
-          resident = transformers.AutoModelForCausalLM.from_pretrained(os.path.join(tmp, "m"))
-        state = {n: torch.from_numpy(np.ascontiguousarray(
-            convert._get(merged, p).T if tr else convert._get(merged, p)))
-            for n, p, tr in convert.name_map(cfg)}
+          hf_io.save_folder(path, cfg, merged, vocab=models.VOCAB)
+          resident = transformers.AutoModelForCausalLM.from_pretrained(path)
+        state = {t.hf_name: torch.from_numpy(np.ascontiguousarray(
+            t.to_hf(np.asarray(families.get_path(merged, t.path)))))
+            for t in families.tensor_map(cfg)}
         resident.load_state_dict(state, strict=False)
         model = resident
       else:
-        path = os.path.join(tmp, "m")
-        shutil.rmtree(path, ignore_errors=True)
-        convert.save_hf(path, cfg, merged)
+        hf_io.save_folder(path, cfg, merged, vocab=models.VOCAB, overwrite=True)
         model = transformers.AutoModelForCausalLM.from_pretrained(path)
       model.eval()
       row = []
@@ -147,15 +148,25 @@ def main():
       scores.append(row)
     return time.perf_counter() - t, tokens, np.asarray(scores)
 
-  ours(), device_only()  # compile
+  verify, verify_s = evaluation.verify, [0.0]
+
+  def timed_verify(*a):
+    t = time.perf_counter()
+    try:
+      return verify(*a)
+    finally:
+      verify_s[0] += time.perf_counter() - t
+  evaluation.verify = timed_verify
+  ours(), device_only()  # compile, and run the sandboxed programs once (cached after)
   best = {}
   for _ in range(args.rounds):
     for name, f in (("ours", ours), ("device", device_only), ("peer", peer)):
+      verify_s[0] = 0.0
       r = f()
       if name not in best or r[0] < best[name][0]:
-        best[name] = r
+        best[name] = (*r, verify_s[0]) if name == "ours" else r
   shutil.rmtree(tmp, ignore_errors=True)
-  t_ours, scores = best["ours"]
+  t_ours, scores, t_verify = best["ours"]
   t_dev, tokens = best["device"]
   t_peer, peer_tokens, peer_scores = best["peer"]
   print(f"tasks {names}, {args.max_examples} dev examples each, population {args.population},"
@@ -167,7 +178,8 @@ def main():
         f"{t_peer:.2f} s, {peer_tokens} tokens, {peer_tokens / t_peer:.0f} tokens/s")
   print(f"speedup (tokens/s): {(tokens / t_ours) / (peer_tokens / t_peer):.1f}x (goal >= 5)")
   print(f"waiting for verifiers: {max(t_ours - t_dev, 0) / t_ours:.1%} of the generation's "
-        f"wall time (goal <= 10%)")
+        f"wall time (goal <= 10%); the verifiers' own work: {t_verify / t_ours:.1%} of it "
+        f"({t_verify * 1e3:.0f} ms)")
   print(f"scores agree with the peer loop: max |diff| = "
         f"{np.max(np.abs(scores - peer_scores)):.2f} points")
 
