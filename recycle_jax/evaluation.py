@@ -141,10 +141,14 @@ def bound_task(name: str, vocabulary: seqio.Vocabulary | None = None) -> seqio.T
 
 def split_examples(name: str, split: str, vocabulary: seqio.Vocabulary | None = None
                    ) -> list[dict]:
-  """Tokenized examples (seqio preprocessing) as numpy dicts."""
+  """Tokenized examples (seqio preprocessing) as numpy dicts. `split` is the name the
+  search uses ('dev', 'test'); a task declared with other split names maps it
+  (`scoring.Scoring.splits`)."""
   task = bound_task(name, vocabulary)
+  split = scoring.split_name(name, split)
   check(split in task.splits, f"task {name!r} has no split {split!r}", "--split",
-        f"choose from: {', '.join(task.splits)}")
+        f"choose from: {', '.join(task.splits)} (or map 'dev'/'test' to them: "
+        "scoring.Scoring.splits)")
   ds = task.get_dataset(sequence_length=None, split=split, shuffle=False, use_cached=False)
   return list(ds.as_numpy_iterator())
 

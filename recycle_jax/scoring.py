@@ -23,10 +23,13 @@ def kind_names() -> tuple[str, ...]:
 class Scoring:
   """kind: 'choice' | 'exact' | 'generate'. For 'generate': decode greedily at most
   `max_new_tokens` tokens, stopping at EOS or at any of `stop` (the text is cut before
-  it), then score the text with the task's metric_fns."""
+  it), then score the text with the task's metric_fns. splits: ((name used here, the
+  task's own split name), ...) for a task whose splits are named otherwise, e.g.
+  (('dev', 'validation'),): the search's 'dev' then reads the task's 'validation'."""
   kind: str
   max_new_tokens: int = 32
   stop: tuple[str, ...] = ()
+  splits: tuple[tuple[str, str], ...] = ()
 
   def __post_init__(self):
     check(self.kind in kind_names(), f"unknown scoring kind {self.kind!r}", "kind",
@@ -51,6 +54,12 @@ def of(task, has_choices: bool) -> Scoring:
   if task.name in _DECLARED:
     return _DECLARED[task.name]
   return Scoring("choice" if has_choices else "generate" if task.metric_fns else "exact")
+
+
+def split_name(task: str, split: str) -> str:
+  """The task's own name for `split` ('dev', 'test', ...), as its Scoring maps it."""
+  declared = _DECLARED.get(task)
+  return dict(declared.splits).get(split, split) if declared else split
 
 
 def truncate(text: str, stop: tuple[str, ...]) -> str:

@@ -138,16 +138,22 @@ def test_task_modules_are_found_in_the_working_directory(tmp_path, monkeypatch):
       import seqio
       from recycle_jax import models
       import tensorflow as tf
+      from recycle_jax import scoring
       seqio.TaskRegistry.remove('u_module')
       seqio.TaskRegistry.add('u_module', source=seqio.FunctionDataSource(
           lambda split, shuffle_files=False, seed=None: tf.data.Dataset.from_tensor_slices(
-              {'inputs': ['a'], 'targets': ['b']}), splits=['dev', 'test']),
+              {'inputs': [split], 'targets': ['b']}), splits=['validation', 'test']),
+          preprocessors=[seqio.preprocessors.tokenize],
           output_features={'inputs': seqio.Feature(models.VOCAB, add_eos=False),
                            'targets': seqio.Feature(models.VOCAB)})
+      scoring.declare('u_module', scoring.Scoring('exact', splits=(('dev', 'validation'),)))
   """))
   monkeypatch.chdir(tmp_path)
   user_tasks.import_modules(["my_rj_tasks"])
   assert "u_module" in seqio.TaskRegistry.names()
+  # Its 'validation' split is what the search's 'dev' reads.
+  [ex] = evaluation.split_examples("u_module", "dev", models.VOCAB)
+  assert ex["inputs_pretokenized"] == b"validation"
   with pytest.raises(UserError, match=r"cannot import task module 'no_such_mod'.*--task_module"):
     user_tasks.import_modules(["no_such_mod"])
 
