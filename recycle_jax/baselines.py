@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Sequence
 
-import gin
 import numpy as np
 
 from recycle_jax import methods as merge_methods
@@ -74,7 +73,6 @@ def method_baselines(n: int, has_base: bool,
   return tuple(m for m in names if merge_methods.get(m, where).applies_to(n, has_base))
 
 
-@gin.configurable
 def task_vector_baselines(n: int, has_base: bool = True, methods: Sequence[str] | None = None,
                           lams: Sequence[float] = (0.5, 1.0, 1.5, 2.0), density: float = 0.5,
                           seed: int = 0) -> dict[str, tuple[spaces.MergeSpace, np.ndarray]]:

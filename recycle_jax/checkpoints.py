@@ -16,7 +16,6 @@ import shutil
 import uuid
 from typing import Any, Sequence
 
-import gin
 import jax
 import numpy as np
 
@@ -91,8 +90,7 @@ def make_pool(entries: Sequence[Entry], source: str = "<gin>") -> Pool:
   return Pool(tuple(entries), source)
 
 
-@gin.configurable
-def load_pool(pool: str | Sequence = gin.REQUIRED) -> Pool:
+def load_pool(pool: str | Sequence) -> Pool:
   """A manifest path (`pool.json` or its directory), a mergekit config (its models besides
   the base), or a gin list of (name, path)."""
   from recycle_jax import mergekit_config

@@ -27,8 +27,8 @@ def _parse_gin(files, bindings) -> None:
   gin.clear_config()  # one process may run several commands (tests, sweeps)
   if not files and not bindings:  # nothing to bind: the configurables' modules (seqio,
     return                        # TensorFlow, orbax) load when a command needs them
-  from recycle_jax import (checkpoints, evaluation, experiment, models, multihost,  # noqa
-                           partitioning, pools, population, search, training, user_tasks)
+  from recycle_jax import (configurables, experiment, models, pools,  # noqa: F401 (registers)
+                           user_tasks)
   # What gin.parse_config_files_and_bindings does, a step at a time to say what is wrong.
   steps = [(f"--gin_file={f}", functools.partial(gin.parse_config_file, f, skip_unknown=False))
            for f in files or ()]
@@ -52,10 +52,14 @@ def _parse_gin(files, bindings) -> None:
 
 
 def _init_distributed(args) -> None:
-  # Before _parse_gin: importing the search stack (evosax) already touches the devices.
+  """After the parse (its imports touch no device: evosax is imported when a strategy is
+  built), before anything places an array. With the bound values, not through the
+  configurable: joining the cluster is not the run's config, and config.gin must be the
+  same on 2 hosts as on one."""
   if getattr(args, "distributed", False):
-    from recycle_jax import multihost
-    multihost.initialize_from_gin(args.gin_file, args.gin_bindings)
+    import gin
+    from recycle_jax import configurables, multihost
+    multihost.initialize(**gin.get_bindings(configurables.initialize))
 
 
 def cmd_make_pool(args) -> None:
@@ -114,7 +118,8 @@ def _greedy_soup(loaded, args):
                                      args.pool)
   dev = evaluation.place(evaluation.load_split(names, "dev", args.max_examples, vocab),
                          loaded.mesh)
-  score = evaluation.make_scorer(models.Decoder(loaded.model_cfg))
+  from recycle_jax import configurables
+  score = configurables.make_scorer(models.Decoder(loaded.model_cfg))
   scorer = population.CachedScorer(  # one candidate at a time: greedy soups are sequential
       population.jit_population(population.make_population_fn(score, "vmap"), loaded.params,
                                 loaded.mesh), loaded.params, 1)
@@ -236,7 +241,8 @@ def cmd_eval(args) -> None:
       args.checkpoint)
   datas = evaluation.load_split(names, args.split, args.max_examples, vocab)
   params = checkpoints.restore(args.checkpoint, meta.abstract)
-  scores = evaluation.evaluate(jax.jit(evaluation.make_scorer(models.Decoder(cfg))), params,
+  from recycle_jax import configurables
+  scores = evaluation.evaluate(jax.jit(configurables.make_scorer(models.Decoder(cfg))), params,
                                datas)
   out = {"checkpoint": os.path.abspath(args.checkpoint), "split": args.split,
          "scores": {t: round(float(s), 4) for t, s in zip(names, scores)}}
@@ -385,13 +391,13 @@ def main(argv=None) -> int:
   if argv is None:  # the process is ours (not a test or a sweep calling main in-process)
     sys.unraisablehook = _log_unraisable
   try:
-    _init_distributed(args)
     if os.getcwd() not in sys.path:  # gin `import` lines and --task_module find modules here
       sys.path.insert(0, os.getcwd())
     if args.task_module:
       from recycle_jax import user_tasks
       user_tasks.import_modules(args.task_module)
     _parse_gin(args.gin_file, args.gin_bindings)
+    _init_distributed(args)
     logging.info("recycle-jax %s", args.command)
     args.fn(args)
   except UserError as e:

@@ -22,7 +22,6 @@ import functools
 from typing import Any, Callable, Sequence
 
 import flax.struct
-import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -522,7 +521,6 @@ class _Context:
     return jax.lax.map(lambda c: fn(params, c), chunks).reshape(n)[:rows]
 
 
-@gin.configurable
 @functools.lru_cache(None)
 def make_scorer(decoder: models.Decoder, generation: str = "teacher_forced",
                 batch_size: int = 0) -> Callable:

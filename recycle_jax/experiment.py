@@ -17,7 +17,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from recycle_jax import (baselines, checkpoints, evaluation, hf_io, merging,
+from recycle_jax import (baselines, checkpoints, configurables, evaluation, hf_io, merging,
                          mergekit_config, methods, models, pareto, partitioning,
                          population, reporting, search, spaces, vocabularies)
 from recycle_jax.errors import UserError, check
@@ -72,8 +72,8 @@ def load_pool(pool_spec, need_model: bool = True) -> Loaded:
   meta = checkpoints.validate_pool(pool)  # metadata only: no array read yet
   cfg = (model_config_from(meta, pool.entries[0].path)
          if need_model or meta.model_config is not None else None)
-  mesh = partitioning.make_mesh()
-  shardings = partitioning.param_shardings(meta.abstract, mesh)
+  mesh = configurables.make_mesh()
+  shardings = configurables.param_shardings(meta.abstract, mesh)
   abstract = partitioning.with_shardings(meta.abstract, shardings)
   return Loaded(pool, checkpoints.restore_pool(pool, abstract), cfg, mesh, meta.vocabulary,
                 meta.custom.get(checkpoints.META_KEY, {}).get("hf_config"))
@@ -122,7 +122,7 @@ def run_search(workdir: str, resume: bool = False, overwrite: bool = False,
         "--format / Experiment.merged_format", f"choose from {list(FORMATS)}")
   if exp.base is None and mergekit_config.is_config(exp.pool):  # the config's base_model
     exp = dataclasses.replace(exp, base=mergekit_config.pool_and_base(exp.pool)[1])
-  scfg = search.SearchConfig()
+  scfg = configurables.SearchConfig()
   pool = checkpoints.load_pool(exp.pool)
   check(len(exp.tasks) > 0, "no tasks to search on", "Experiment.tasks",
         "bind Experiment.tasks to a list of seqio task names")
@@ -147,12 +147,12 @@ def run_search(workdir: str, resume: bool = False, overwrite: bool = False,
   loaded = load_pool(exp.pool)
   dev, test = evaluation.place(dev, loaded.mesh), evaluation.place(test, loaded.mesh)
   base = load_base(exp.base, loaded) if exp.base else None
-  score = evaluation.make_scorer(models.Decoder(loaded.model_cfg))
+  score = configurables.make_scorer(models.Decoder(loaded.model_cfg))
   if exp.top_n:
     loaded = top_n_subset(loaded, score, dev, exp.top_n)
   n = len(loaded.pool)
   pop = scfg.pop_size(n)
-  mode = population.choose_mode(loaded.params, pop)
+  mode = configurables.choose_mode(loaded.params, pop)
   logging.info("pool of %d, population %d, mode %s", n, pop, mode)
   pop_fn = population.jit_population(population.make_population_fn(score, mode),
                                      loaded.params, loaded.mesh)
@@ -164,7 +164,11 @@ def run_search(workdir: str, resume: bool = False, overwrite: bool = False,
   bad = nonfinite_members(loaded) if np.isnan(single_dev).any() else []
   check(not bad, f"checkpoints {bad} hold NaN or Inf values, so every merge with them does "
         "(0 * NaN is NaN)", "Experiment.pool", "repair or drop them from the pool")
-  space = spaces.make_space(scfg.merge_space, loaded.params[0], n)
+  space = configurables.make_space(scfg.merge_space, loaded.params[0], n)
+  space_pop = scfg.pop_size(space.dim)
+  space_mode = configurables.choose_mode(loaded.params, space_pop)
+  sweep = configurables.SweepConfig()
+  method_baselines = configurables.task_vector_baselines(n, base is not None)
   # One search per seed, each in its own workdir (the workdir itself for one seed).
   seeds = [(workdir if num_seeds == 1 else os.path.join(workdir, f"seed_{k}"),
             dataclasses.replace(scfg, seed=scfg.seed + k)) for k in range(num_seeds)]
@@ -176,20 +180,17 @@ def run_search(workdir: str, resume: bool = False, overwrite: bool = False,
   if overwrite and os.path.isdir(workdir) and not resume and jax.process_index() == 0:
     shutil.rmtree(workdir)
   os.makedirs(workdir, exist_ok=True)
-  _write_config(workdir)
+  _write_config(workdir)  # once: every configurable has been called, the config is complete
 
   shared = Shared(exp, loaded, dev, test, scorer, mode, single_dev, scorer(eye, test, "test"),
                   base, vocab=vocab)
-  shared.baselines, shared.linear_baselines = evaluate_baselines(shared)
+  shared.baselines, shared.linear_baselines = evaluate_baselines(shared, method_baselines)
   space_scorer = scorer
   if not space.is_linear:  # its own program: merges of the space, P of them at a time
-    space_pop = scfg.pop_size(space.dim)
     operands = space.operands(loaded.params, base)
     fn = population.jit_population(population.make_population_fn(
-        score, population.choose_mode(loaded.params, space_pop), space.merge), operands,
-        loaded.mesh)
+        score, space_mode, space.merge), operands, loaded.mesh)
     space_scorer = population.CachedScorer(fn, operands, space_pop)
-  sweep = pareto.SweepConfig()
   runs = []
   for k, (wd, cfg) in enumerate(seeds):  # the Pareto sweep runs once, with the first seed
     runs.append(search_once(shared, cfg, space, space_scorer, wd, resume, progress,
@@ -198,7 +199,6 @@ def run_search(workdir: str, resume: bool = False, overwrite: bool = False,
   if num_seeds > 1:
     results = reporting.with_seeds(runs[0], runs, [os.path.basename(wd) for wd, _ in seeds])
     write_results(workdir, results, runs)
-  _write_config(workdir)
   return results
 
 
@@ -223,7 +223,8 @@ class Shared:
     return len(self.loaded.pool)
 
 
-def evaluate_baselines(sh: Shared) -> tuple[dict[str, tuple], list[str]]:
+def evaluate_baselines(sh: Shared, method_baselines: dict
+                       ) -> tuple[dict[str, tuple], list[str]]:
   """{name: (weights [N], dev [T], test [T + R], how it was merged | None)}, and the names
   of the linear ones."""
   lin = baselines.baseline_weights(sh.single_dev)
@@ -239,7 +240,7 @@ def evaluate_baselines(sh: Shared) -> tuple[dict[str, tuple], list[str]]:
   out = {m: (w[i], dev[i], test[i], how.get(m)) for i, m in enumerate(names)}
   # Merged like the pool is placed, so the linear program scores them without recompiling.
   shardings = sh.loaded.shardings
-  for m, (space, points) in baselines.task_vector_baselines(sh.n, sh.base is not None).items():
+  for m, (space, points) in method_baselines.items():  # task_vector_baselines' spaces
     merge = jax.jit(space.merge, out_shardings=shardings)
     trees = [merge(p, space.operands(sh.loaded.params, sh.base)) for p in points]
     devs = sh.scorer.score_trees(trees, sh.dev)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 
-import gin
 import jax
 from absl import logging
 
@@ -32,7 +31,6 @@ def _env_int(name: str) -> int | None:
     raise UserError(f"{name} must be an integer, got {value!r}", name) from None
 
 
-@gin.configurable
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
                process_id: int | None = None, num_cpu_devices: int | None = None,
                local_device_ids: tuple[int, ...] | None = None,
@@ -64,16 +62,3 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
                     "JAX_PROCESS_ID (or run under a TPU pod, SLURM or Open MPI)") from None
   logging.info("process %d of %d: %d local / %d global devices", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())
-
-
-def initialize_from_gin(files, bindings) -> None:
-  """`initialize()` with its gin bindings, read before the other modules are imported."""
-  gin.clear_config()
-  try:
-    gin.parse_config_files_and_bindings(files or [], bindings or [], skip_unknown=True)
-  except Exception as e:  # a malformed file: the full parse afterwards says where
-    logging.warning("gin config not read before joining the distributed run: %s", e)
-  try:
-    initialize()
-  finally:
-    gin.clear_config()

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable, Sequence
 
-import gin
 import jax.numpy as jnp
 import numpy as np
 
@@ -128,7 +127,6 @@ def hypervolume(points: np.ndarray, reference: Sequence[float] | float = 0.0,
 
 # ----------------------------------------------------------------------------- sweeps
 
-@gin.configurable
 @dataclasses.dataclass(frozen=True)
 class SweepConfig:
   """Tracing the front: one extra search per (scalarization, tradeoff weights)."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 import re
 from typing import Any, Sequence
 
-import gin
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -30,7 +29,6 @@ DEFAULT_RULES: Rules = (
 )
 
 
-@gin.configurable
 def make_mesh(data: int = -1, model: int = 1, devices=None) -> Mesh:
   """A ('data', 'model') mesh; -1 takes the remaining devices."""
   devices = np.asarray(devices if devices is not None else jax.devices())
@@ -58,7 +56,6 @@ def spec_for(name: str, shape: Sequence[int], mesh: Mesh, rules: Rules) -> P:
   return P()
 
 
-@gin.configurable
 def param_shardings(abstract: PyTree, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> PyTree:
   """NamedShardings for a tree of arrays or ShapeDtypeStructs."""
   return jax.tree_util.tree_map_with_path(

@@ -292,7 +292,8 @@ def score_pool(pool: checkpoints.Pool, eval_tasks: Sequence[str],
   """{name: {"dev": {task: s}, "test": {task: s}}} for every checkpoint."""
   meta = checkpoints.validate_pool(pool)
   cfg = models.ModelConfig(**meta.model_config)
-  score = jax.jit(evaluation.make_scorer(models.Decoder(cfg)))
+  from recycle_jax import configurables  # noqa: PLC0415 (make_scorer.* bindings)
+  score = jax.jit(configurables.make_scorer(models.Decoder(cfg)))
   out = {}
   for e in tqdm(pool.entries, desc="score pool", leave=False):
     params = checkpoints.restore(e.path, meta.abstract, e.name)

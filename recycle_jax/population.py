@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Sequence
 
-import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,7 +26,6 @@ def tree_bytes(tree: PyTree) -> int:
   return sum(x.size * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
 
-@gin.configurable
 def choose_mode(pool: Sequence[PyTree], population_size: int, mode: str = "auto",
                 memory_budget_gb: float = 4.0) -> str:
   """'vmap' when P merged copies fit the budget (per device), else 'map'; always 'map' on

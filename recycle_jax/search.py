@@ -40,7 +40,6 @@ from typing import Any, Callable, Sequence
 
 import flax.serialization
 import flax.struct
-import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -56,7 +55,6 @@ WORST = 1e9  # minimized fitness given to NaN candidates
 STATE_DIR = "search_state"  # under a search's workdir: its Orbax checkpoints and signature
 
 
-@gin.configurable
 @dataclasses.dataclass(frozen=True)
 class SearchConfig:
   budget: int = 50  # evaluated merges, excluding warm-start seeds

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Sequence
 
-import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -226,7 +225,6 @@ def parse_space(name: str) -> tuple[str, bool]:
   return name.removeprefix("layerwise").removeprefix("_") or "linear", name.startswith("layerwise")
 
 
-@gin.configurable
 def make_space(name: str, tree: PyTree, n: int, tune: bool = True, seed: int = 0,
                **values: float) -> MergeSpace:
   """'linear' | 'layerwise' | a registered method | 'layerwise_<method>'.

@@ -10,7 +10,6 @@ import dataclasses
 import functools
 from typing import Any, Callable, Iterator
 
-import gin
 import jax
 import jax.numpy as jnp
 import optax
@@ -21,7 +20,6 @@ from recycle_jax import models
 PyTree = Any
 
 
-@gin.configurable
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
   steps: int = 200
