@@ -398,7 +398,8 @@ def subset(d: TaskData, fraction: float, seed: int) -> TaskData:
     cut = {f: np.asarray(getattr(d, f))[idx]
            for f in ("tokens", "target_mask", "prompts", "prompt_lens")}
     return d.replace(split=label, examples=k, **cut)
-  rows = jax.tree.map(lambda x: np.asarray(x)[idx], d.replace(packed=None))
+  # Its own count too: scores are hits over num_examples (a kept count would shrink them).
+  rows = jax.tree.map(lambda x: np.asarray(x)[idx], d.replace(packed=None, examples=k))
   return rows.replace(packed=pack(rows)) if d.packed else rows
 
 

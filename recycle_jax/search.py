@@ -301,7 +301,7 @@ class Search:
       ok = jnp.isfinite(diff)
       gap = jnp.sum(jnp.where(ok, diff, 0), 0) / jnp.maximum(jnp.sum(ok, 0), 1)  # [T]
       scores = jnp.clip(low + gap, 0.0, 100.0).at[top].set(high)
-      finite = finite.at[top].set(finite_top)
+      finite = jnp.asarray(finite).at[top].set(finite_top)  # host arrays when verified
       fidelity = jnp.full(x.shape[0], self.cfg.fidelity_subset, jnp.float32).at[top].set(1.0)
     scores = jnp.where(finite[:, None], scores, jnp.nan)  # as in CachedScorer
     return alphas, scores, fit(scores, finite), fidelity
