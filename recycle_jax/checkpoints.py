@@ -19,6 +19,7 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
+from recycle_jax import outputs, validation
 from recycle_jax.errors import UserError, check
 from recycle_jax.partitioning import path_str, with_shardings
 
@@ -60,22 +61,39 @@ class Pool:
     return out
 
 
+MAX_FIELD = 1024  # characters of a name or path in a manifest
+
+
+def _short(value) -> str:
+  r = repr(value)
+  return r if len(r) <= 40 else f"{r[:30]}... ({len(r)} characters)"
+
+
 def read_manifest(path: str) -> Pool:
   check(os.path.isfile(path), "pool manifest not found", path,
         "pass --pool=DIR/pool.json (run `recycle-jax make-pool` to build one)")
-  try:
-    with open(path) as f:
-      data = json.load(f)
-  except json.JSONDecodeError as e:
-    raise UserError(f"pool manifest is not valid JSON: {e}", path) from None
+  fix = 'write {"checkpoints": [{"name": ..., "path": ...}, ...]}'
+  data = validation.load_json(path, "pool manifest", fix)
   items = data.get("checkpoints") if isinstance(data, dict) else None
   check(isinstance(items, list) and items, "pool manifest has no 'checkpoints' list", path,
-        'write {"checkpoints": [{"name": ..., "path": ...}, ...]}')
+        fix)
   base = os.path.dirname(os.path.abspath(path))
   entries = []
   for i, item in enumerate(items):
+    where = f"{path}, checkpoint {i}"
     check(isinstance(item, dict) and "name" in item and "path" in item,
-          f"pool entry {i} needs 'name' and 'path'", path)
+          f"pool entry {i} needs 'name' and 'path'", path, fix)
+    for key in ("name", "path"):
+      value = item[key]
+      check(isinstance(value, str) and 0 < len(value.strip()) <= MAX_FIELD,
+            f"{key} is {_short(value)}, not a string of 1 to {MAX_FIELD} characters", where,
+            f"write its {key} as a string")
+    scores = item.get("scores", {})
+    check(isinstance(scores, dict) and all(
+        isinstance(s, dict) and all(v is None or (isinstance(v, (int, float)) and
+                                                  not isinstance(v, bool)) for v in s.values())
+        for s in scores.values()), "scores are not {split: {task: number}}", where,
+          "remove them (`recycle-jax make-pool` rewrites them)")
     info = {k: v for k, v in item.items() if k not in ("name", "path")}
     entries.append(Entry(item["name"], os.path.normpath(os.path.join(base, item["path"])),
                          info))
@@ -87,6 +105,12 @@ def make_pool(entries: Sequence[Entry], source: str = "<gin>") -> Pool:
   dup = {n for n in names if names.count(n) > 1}
   check(not dup, f"duplicate checkpoint names {sorted(dup)}", source, "give every checkpoint a unique name")
   check(len(entries) >= 1, "the pool is empty", source)
+  seen: dict[str, str] = {}
+  for e in entries:  # one checkpoint twice would silently double its weight
+    key = os.path.realpath(e.path)
+    check(key not in seen, f"checkpoints {seen.get(key)!r} and {e.name!r} are the same "
+          f"directory {e.path}", source, "list every checkpoint once")
+    seen[key] = e.name
   return Pool(tuple(entries), source)
 
 
@@ -111,10 +135,7 @@ def write_manifest(path: str, pool: Pool) -> None:
 
 
 def atomic_write_text(path: str, text: str) -> None:
-  tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-  with open(tmp, "w") as f:
-    f.write(text)
-  os.replace(tmp, path)
+  outputs.write_text(path, text)
 
 
 # ----------------------------------------------------------------------------- metadata
@@ -141,6 +162,7 @@ def read_metadata(path: str, name: str | None = None) -> CheckpointMeta:
     return hf_io.read_metadata(path, name)
   check(bool(os.listdir(path)), "checkpoint directory is empty", where,
         "point at a directory written by Orbax")
+  check_metadata_file(path, where)
   try:
     import orbax.checkpoint as ocp  # here, not at import: `merge --config` and errors skip it
     meta = ocp.StandardCheckpointer().metadata(path)
@@ -153,6 +175,17 @@ def read_metadata(path: str, name: str | None = None) -> CheckpointMeta:
                     where, "re-write or remove this checkpoint") from None
   check(len(jax.tree.leaves(abstract)) > 0, "checkpoint holds no arrays", where)
   return CheckpointMeta(abstract, dict(meta.custom_metadata or {}))
+
+
+def check_metadata_file(path: str, where: str) -> None:
+  """Orbax's _CHECKPOINT_METADATA (custom metadata: the model config), when present, must be
+  a JSON object: Orbax reads a damaged one as "no metadata" and carries on."""
+  f = os.path.join(path, "_CHECKPOINT_METADATA")
+  if os.path.exists(f):
+    doc = validation.load_json(f, f"checkpoint metadata of {where}",
+                               "re-write or remove this checkpoint")
+    check(isinstance(doc, dict), "checkpoint metadata is not a JSON object", f,
+          "re-write or remove this checkpoint")
 
 
 def _describe(abstract: PyTree) -> dict[str, tuple]:
@@ -179,6 +212,10 @@ def validate_pool(pool: Pool) -> CheckpointMeta:
           family(m) == family(metas[0]), f"checkpoint {e.name!r} is a {family(m)} model but "
           f"{ref_name!r} is a {family(metas[0])} model", pool.source,
           "a pool holds fine-tunes of one model family")
+    check((m.model_config is None) == (metas[0].model_config is None),
+          f"{'no' if m.model_config is None else 'a'} recycle_jax model config in its metadata, "
+          f"unlike {ref_name!r}", where, "every pool member must be written the same way "
+          "(a damaged _CHECKPOINT_METADATA?)")
     # Named config fields (e.g. vocab_size) say more than the first mismatching tensor.
     diff = _config_diff(metas[0].model_config, m.model_config)
     check(not diff, f"model config differs from {ref_name!r}: {', '.join(diff)}", where,
@@ -243,20 +280,14 @@ def restore_pool(pool: Pool, abstract: PyTree) -> tuple[PyTree, ...]:
   return tuple(restore(e.path, abstract, e.name) for e in pool.entries)
 
 
-def _inside(path: str, parent: str) -> bool:
-  path, parent = os.path.realpath(path), os.path.realpath(parent)
-  return path == parent or path.startswith(parent.rstrip(os.sep) + os.sep)
+_inside = outputs.inside
 
 
 def check_output(path: str, inputs: Sequence[str] = (), overwrite: bool = False,
-                 flag: str = "--output") -> None:
-  """Refuses an output that is or is inside an input, or exists without overwrite."""
-  for src in inputs:
-    check(not _inside(path, src) and not _inside(src, path),
-          f"output {path} overlaps input checkpoint {src}", flag,
-          "write the result somewhere else; inputs are never modified")
-  check(overwrite or not os.path.exists(path), f"output {path} already exists", flag,
-        "pass --overwrite to replace it, or choose another path")
+                 flag: str = "--output", nbytes: int = 0) -> None:
+  """Refuses an output that is, contains or is inside an input, exists without overwrite,
+  or cannot be written (see outputs.check)."""
+  outputs.check(path, inputs, overwrite, flag, kind="any", nbytes=nbytes)
 
 
 def save(path: str, params: PyTree, custom: dict, overwrite: bool = False,
@@ -270,11 +301,16 @@ def save(path: str, params: PyTree, custom: dict, overwrite: bool = False,
   tmp = temp_sibling(path)
   if vocabulary is not None:
     custom = {**custom, "vocabulary": vocabularies.describe(vocabulary)}
-  ckptr = ocp.StandardCheckpointer()
-  ckptr.save(tmp, params, custom_metadata={META_KEY: custom})
-  ckptr.wait_until_finished()
-  if jax.process_index() == 0:
-    vocabularies.write_files(vocabulary, os.path.join(tmp, vocabularies.TOKENIZER_DIR))
+  try:
+    ckptr = ocp.StandardCheckpointer()
+    ckptr.save(tmp, params, custom_metadata={META_KEY: custom})
+    ckptr.wait_until_finished()
+    if jax.process_index() == 0:
+      vocabularies.write_files(vocabulary, os.path.join(tmp, vocabularies.TOKENIZER_DIR))
+  except BaseException:
+    if jax.process_index() == 0:  # a full disk, a signal: no partial output left
+      outputs.remove(tmp)
+    raise
   commit(tmp, path, overwrite)
 
 
@@ -290,14 +326,7 @@ def temp_sibling(path: str) -> str:
 def commit(tmp: str, path: str, overwrite: bool) -> None:
   """Renames a finished temp dir onto `path` (process 0), then waits for every process."""
   if jax.process_index() == 0:
-    if os.path.exists(path):
-      check(overwrite, f"output {path} already exists", "", "pass --overwrite")
-      trash = f"{path}.old-{uuid.uuid4().hex[:8]}"
-      os.rename(path, trash)
-      os.rename(tmp, path)
-      shutil.rmtree(trash)
-    else:
-      os.rename(tmp, path)
+    outputs.replace(tmp, path, overwrite)
   _sync("recycle_jax_save")
 
 

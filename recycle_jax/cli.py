@@ -1,29 +1,37 @@
 """`recycle-jax`: make-pool, search, merge, eval, convert, inspect, report.
 
 Every subcommand takes --gin_file (repeatable) and --gin_bindings (repeatable). Bad
-input ends with one line `error: what (where); how to fix` and exit status 2.
+input ends with one line `error: what (where); how to fix` and exit status 2; any other
+failure with one line too (--verbose adds the traceback).
 """
 from __future__ import annotations
 
-import argparse
-import functools
-import json
-import logging as pylogging
-import os
-import sys
-import tokenize
+from recycle_jax import quiet
 
-from absl import logging
+quiet.set_env()  # before any native library is imported
 
-from recycle_jax.errors import UserError, check
+import argparse  # noqa: E402
+import functools  # noqa: E402
+import json  # noqa: E402
+import logging as pylogging  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+import tokenize  # noqa: E402
+import traceback  # noqa: E402
+from typing import Sequence  # noqa: E402
 
-EXIT_USAGE = 2
+from absl import logging  # noqa: E402
+
+from recycle_jax import errors, interrupts, validation  # noqa: E402
+from recycle_jax.errors import EXIT_USAGE, UserError, check  # noqa: E402
 
 
 def _parse_gin(files, bindings) -> None:
   import gin
   for f in files or ():
     check(os.path.isfile(f), f"gin file not found: {f}", "--gin_file")
+    check(os.path.getsize(f) > 0, f"gin file is empty: {f}", "--gin_file",
+          "bind something in it, or drop it")
   gin.clear_config()  # one process may run several commands (tests, sweeps)
   if not files and not bindings:  # nothing to bind: the configurables' modules (seqio,
     return                        # TensorFlow, orbax) load when a command needs them
@@ -62,9 +70,21 @@ def _init_distributed(args) -> None:
     multihost.initialize(**gin.get_bindings(configurables.initialize))
 
 
+def _progress(args) -> bool:
+  """Progress bars are info: --log_level=warning or error leaves stderr to problems."""
+  return args.log_level in ("debug", "info")
+
+
+def _inputs(args, *paths) -> list[str]:
+  """Every input of a command: its files and directories (gin files too)."""
+  return [p for p in (*paths, *args.gin_file) if p]
+
+
 def cmd_make_pool(args) -> None:
-  from recycle_jax import pools
-  manifest = pools.make_pool(args.workdir)
+  from recycle_jax import locking, outputs, pools
+  outputs.check(args.workdir, _inputs(args), overwrite=True, flag="--workdir")  # a cache
+  with locking.workdir_lock(args.workdir):
+    manifest = pools.make_pool(args.workdir, progress=_progress(args))
   try:  # figures are a convenience: failing to draw them is logged, never fatal
     from recycle_jax import figures
     figures.pool_figures(args.workdir)
@@ -75,11 +95,19 @@ def cmd_make_pool(args) -> None:
 
 
 def cmd_search(args) -> None:
-  from recycle_jax import baselines, experiment, tasks
+  from recycle_jax import baselines, checkpoints, experiment, locking, outputs, tasks
   if args.dev_size is not None:
     tasks.set_dev_size(args.dev_size)
-  results = experiment.run_search(args.workdir, resume=args.resume, overwrite=args.overwrite,
-                                  num_seeds=args.num_seeds, merged_format=args.format)
+  exp = experiment.Experiment()
+  pool = checkpoints.load_pool(exp.pool)
+  inputs = _inputs(args, *pool.paths, pool.source if os.path.isfile(pool.source) else None,
+                   exp.base)
+  outputs.check(args.workdir, inputs, overwrite=True, flag="--workdir")
+  experiment.check_workdir(args.workdir, args.resume, args.overwrite, inputs)  # cheap first
+  with locking.workdir_lock(args.workdir):  # one search per workdir
+    results = experiment.run_search(args.workdir, resume=args.resume,
+                                    overwrite=args.overwrite, num_seeds=args.num_seeds,
+                                    merged_format=args.format, progress=_progress(args))
   m = results["methods"]
   print("fitness (dev / test): " + ", ".join(
       f"{k} {m[k]['fitness']['dev']} / {m[k]['fitness']['test']}"
@@ -96,16 +124,6 @@ def _merge_methods() -> tuple[str, ...]:
   from recycle_jax import methods
   return (("linear", "layerwise") + tuple(m for m in methods.METHODS if m != "linear") +
           ("greedy_soup",))
-
-
-def _weights(text: str | None) -> list[float] | None:
-  if text is None:
-    return None
-  try:
-    return [float(w) for w in text.split(",")]
-  except ValueError:
-    raise UserError(f"weights must be numbers, got {text!r}", "--weights",
-                    "pass comma-separated numbers like 0.5,0.5") from None
 
 
 def _greedy_soup(loaded, args):
@@ -151,6 +169,9 @@ def cmd_merge(args) -> None:
   from recycle_jax import checkpoints, merging, methods, partitioning, spaces
   pool = checkpoints.load_pool(args.pool)
   meta = checkpoints.validate_pool(pool)
+  if args.base is not None:  # a base is checked whether the method uses it or not
+    checkpoints.validate_pool(checkpoints.make_pool(
+        [checkpoints.Entry("base", os.path.abspath(args.base)), *pool.entries], "--base"))
   n = len(pool)
   choices = _merge_methods()
   check(args.method in choices + spaces.space_names(), f"unknown merge method "
@@ -175,14 +196,17 @@ def cmd_merge(args) -> None:
         "drop --weights")
   groups = merging.layer_groups(meta.abstract)[0] if layerwise else ("all",)
   rows = len(groups)
-  weights = _weights(args.weights) or [1.0] * (rows * n)
-  if layerwise:
-    check(len(weights) == rows * n, f"got {len(weights)} weights for {rows} layer groups of "
-          f"{n} checkpoints", "--weights", f"pass one row of {n} per group: {', '.join(groups)}")
+  weights = ([1.0] * (rows * n) if args.weights is None else
+             validation.parse_numbers(args.weights, "--weights"))
+  validation.check_weights(weights, rows * n, "--weights", signed=spec.negative_weights,
+                           what=(f"{rows} layer groups of {n} checkpoints "
+                                 f"({', '.join(groups)})" if layerwise else ""))
   alphas = np.concatenate([merging.check_explicit_weights(
       weights[r * n:(r + 1) * n], n, allow_negative=spec.negative_weights) for r in range(rows)])
-  checkpoints.check_output(args.output, pool.paths + ([args.base] if args.base else []),
-                           args.overwrite)
+  nbytes = sum(x.size * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(meta.abstract))
+  checkpoints.check_output(args.output, _inputs(args, *pool.paths, pool.source if
+                                                os.path.isfile(pool.source) else None,
+                                                args.base), args.overwrite, nbytes=nbytes)
   from recycle_jax import experiment  # evaluation (seqio, TensorFlow): after the checks
   if soup or args.format == "hf":  # scoring and Hugging Face layouts need a model family
     experiment.model_config_from(meta, pool.entries[0].path)
@@ -202,7 +226,7 @@ def cmd_merge(args) -> None:
     from recycle_jax import streaming
     streaming.merge_to_disk(pool, meta, alphas, args.output,
                             memory_budget_mb=args.memory_budget_mb, overwrite=args.overwrite,
-                            fsync=not args.no_fsync)
+                            fsync=not args.no_fsync, progress=_progress(args))
     print(f"merged checkpoint: {args.output}")
     return
   loaded = experiment.load_pool(args.pool, need_model=soup)
@@ -235,7 +259,9 @@ def cmd_eval(args) -> None:
   names = [t for t in args.tasks.split(",") if t]
   check(bool(names), "no tasks given", "--tasks", "pass --tasks=rj_code,rj_math")
   if args.output:
-    checkpoints.check_output(args.output, [args.checkpoint], overwrite=True)
+    from recycle_jax import outputs
+    outputs.check(args.output, _inputs(args, args.checkpoint), args.overwrite, "--output",
+                  kind="file")
   vocab = vocabularies.for_evaluation(
       vocabularies.of_checkpoint(args.checkpoint, meta.custom), cfg.vocab_size,
       args.checkpoint)
@@ -267,22 +293,34 @@ def cmd_inspect(args) -> None:
 
 
 def cmd_report(args) -> None:
-  from recycle_jax import reporting
+  from recycle_jax import outputs, reporting
   path = os.path.join(args.workdir, "results.json")
   check(os.path.isfile(path), "results.json not found", args.workdir,
         "pass the workdir of a finished `recycle-jax search`")
-  try:
-    with open(path) as f:
-      results = json.load(f)
-    out = reporting.write_report(args.workdir, results)
-  except (json.JSONDecodeError, KeyError, TypeError) as e:
-    raise UserError(f"results.json is not a search result ({type(e).__name__}: {e})", path,
-                    "re-run the search to rewrite it") from None
+  fix = "re-run the search to rewrite it"
+  results = validation.load_json(path, "search result", fix)
+  validation.require_fields(results, {"tasks": Sequence[str], "pool": Sequence[dict],
+                                      "methods": dict, "history": Sequence[dict]},
+                            "search result", path)
+  try:  # the report is rendered whole before anything is written
+    text = reporting.report_markdown(results)
+  except (KeyError, TypeError, AttributeError, ValueError, IndexError) as e:
+    raise UserError(f"results.json is not a search result ({type(e).__name__}: "
+                    f"{' '.join(str(e).split())[:120]})", path, fix) from None
+  out = os.path.join(args.workdir, "report.md")
+  outputs.write_text(out, text)
   print(f"report: {out}")
 
 
+class _Parser(argparse.ArgumentParser):
+  """argparse, but a bad flag is one `error:` line (a UserError), not usage text."""
+
+  def error(self, message: str):
+    raise UserError(message, self.prog, f"see `{self.prog} --help`")
+
+
 def build_parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="recycle-jax", description=__doc__.splitlines()[0])
+  p = _Parser(prog="recycle-jax", description=__doc__.splitlines()[0])
   sub = p.add_subparsers(dest="command", required=True)
 
   def add(name, fn, help_):
@@ -296,6 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--task_module", action="append", default=[],
                    help="import this module (from the working directory or PYTHONPATH) "
                         "first: it registers your own seqio Tasks (repeatable)")
+    s.add_argument("--verbose", action="store_true",
+                   help="on an unexpected failure, print the traceback too")
     s.set_defaults(fn=fn)
     return s
 
@@ -343,6 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
   s.add_argument("--split", default="test")
   s.add_argument("--max_examples", type=int, default=None)
   s.add_argument("--output", default=None, help="also write the scores as JSON here")
+  s.add_argument("--overwrite", action="store_true", help="replace an existing --output")
   s = add("convert", cmd_convert,
           "Hugging Face Llama dir -> Orbax checkpoint, or Orbax checkpoint -> HF dir")
   s.add_argument("src", help="HF directory (config.json + safetensors) or Orbax checkpoint")
@@ -386,23 +427,39 @@ def _log_unraisable(u) -> None:
 
 
 def main(argv=None) -> int:
-  args = build_parser().parse_args(argv)
-  _init_logging(args.log_level)
-  if argv is None:  # the process is ours (not a test or a sweep calling main in-process)
-    sys.unraisablehook = _log_unraisable
+  own = argv is None  # the process is ours (not a test or a sweep calling main in-process)
+  args, native = None, None
   try:
-    if os.getcwd() not in sys.path:  # gin `import` lines and --task_module find modules here
-      sys.path.insert(0, os.getcwd())
-    if args.task_module:
-      from recycle_jax import user_tasks
-      user_tasks.import_modules(args.task_module)
-    _parse_gin(args.gin_file, args.gin_bindings)
-    _init_distributed(args)
-    logging.info("recycle-jax %s", args.command)
-    args.fn(args)
-  except UserError as e:
-    print(f"error: {e.message}", file=sys.stderr)
-    return EXIT_USAGE
+    with interrupts.as_exceptions():
+      args = build_parser().parse_args(argv)
+      if own:
+        native = quiet.NativeFilter(keep_all=args.log_level == "debug").start()
+        if not _progress(args):  # read by tqdm when it is imported (below, by gin)
+          os.environ.setdefault("TQDM_DISABLE", "1")
+        sys.unraisablehook = _log_unraisable
+      _init_logging(args.log_level)
+      validation.check_flags(args)  # every check that needs no file runs first
+      if os.getcwd() not in sys.path:  # gin `import` lines and --task_module find modules here
+        sys.path.insert(0, os.getcwd())
+      if args.task_module:
+        from recycle_jax import user_tasks
+        user_tasks.import_modules(args.task_module)
+      _parse_gin(args.gin_file, args.gin_bindings)
+      validation.check_bindings()
+      _init_distributed(args)
+      logging.info("recycle-jax %s", args.command)
+      args.fn(args)
+  except SystemExit as e:  # --help
+    return e.code if isinstance(e.code, int) else EXIT_USAGE
+  except BaseException as e:  # noqa: BLE001 (every failure ends as one line)
+    line, code = errors.one_line(e, getattr(args, "command", "") or "")
+    if getattr(args, "verbose", False):
+      traceback.print_exc()
+    print(line, file=sys.stderr)
+    return code
+  finally:
+    if native is not None:
+      native.stop()
   return 0
 
 

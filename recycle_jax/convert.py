@@ -17,7 +17,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from recycle_jax import checkpoints, families, models
+from recycle_jax import checkpoints, families, models, validation
 from recycle_jax.errors import UserError, check
 
 PyTree = Any
@@ -43,19 +43,15 @@ def is_hf_dir(path: str) -> bool:
 
 
 def _read_json(path: str, what: str) -> Any:
-  try:
-    with open(path, encoding="utf-8") as f:
-      return json.load(f)
-  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-    raise UserError(f"cannot read {what}: {e}", path,
-                    "export the model with transformers' save_pretrained") from None
+  return validation.load_json(path, what, "export the model with transformers' save_pretrained")
 
 
 def _weight_files(src: str) -> list[str]:
   """The safetensors files of a folder; pickled weights are refused unread."""
   index = os.path.join(src, HF_INDEX)
   if os.path.isfile(index):
-    weight_map = _read_json(index, HF_INDEX).get("weight_map")
+    doc = _read_json(index, HF_INDEX)
+    weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
     check(isinstance(weight_map, dict) and weight_map, "index has no weight_map", index,
           "export the model with transformers' save_pretrained")
     files = sorted(set(weight_map.values()))
@@ -80,6 +76,7 @@ def _headers(paths: list[str]) -> tuple[dict[str, str], dict[str, tuple]]:
   from safetensors import safe_open
   files, shapes = {}, {}
   for path in paths:
+    validation.check_safetensors(path)  # offsets against the file: truncation, impostors
     try:
       with safe_open(path, framework="np") as f:
         for k in f.keys():
@@ -98,6 +95,7 @@ def inspect_hf(src: str) -> HFModel:
   """Family, config and tensor layout of a Hugging Face folder, every check done."""
   path = os.path.join(src, HF_CONFIG)
   hf = _read_json(path, HF_CONFIG)
+  validation.check_hf_config(hf, path)
   fam, cfg = families.from_hf_config(hf, f"config.json at {src}")
   files, shapes = _headers(_weight_files(src))
   families.check_tensors(cfg, shapes, src)
@@ -133,7 +131,11 @@ def convert(src: str, dst: str, overwrite: bool = False) -> str:
   """HF dir -> Orbax checkpoint, or Orbax checkpoint -> HF dir; returns the direction."""
   check(os.path.isdir(src), "source directory not found", src,
         "pass a Hugging Face model directory or an Orbax checkpoint")
-  checkpoints.check_output(dst, [src], overwrite, flag="DST")
+  size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(src) for f in fs)
+  checkpoints.check_output(dst, [src], overwrite, flag="DST", nbytes=size)
+  check(is_hf_dir(src) or not any(f.endswith(".safetensors") for f in os.listdir(src)),
+        "a Hugging Face folder without config.json", src,
+        "save the model with save_pretrained (it writes config.json)")
   from recycle_jax import vocabularies  # the tokenizer as seqio's Vocabulary (TensorFlow)
   if is_hf_dir(src):
     cfg, params, hf = load_hf(src)

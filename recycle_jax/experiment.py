@@ -20,6 +20,7 @@ from absl import logging
 from recycle_jax import (baselines, checkpoints, configurables, evaluation, hf_io, merging,
                          mergekit_config, methods, models, pareto, partitioning,
                          population, reporting, search, spaces, vocabularies)
+from recycle_jax import validation
 from recycle_jax.errors import UserError, check
 
 PyTree = Any
@@ -62,7 +63,7 @@ def model_config_from(meta: checkpoints.CheckpointMeta, where: str) -> models.Mo
   check(cfg is not None, "checkpoint has no model family (no recycle_jax model config in "
         "its metadata): it can be merged, not evaluated", where,
         "evaluate checkpoints converted by `recycle-jax convert` or written by recycle_jax")
-  return models.ModelConfig(**cfg)
+  return validation.build(models.ModelConfig, cfg, where, "re-write this checkpoint")
 
 
 def load_pool(pool_spec, need_model: bool = True) -> Loaded:
@@ -143,6 +144,12 @@ def run_search(workdir: str, resume: bool = False, overwrite: bool = False,
         f"merge space {scfg.merge_space!r} needs the base checkpoint", "Experiment.base",
         "bind Experiment.base to the checkpoint the pool was fine-tuned from")
   pareto.scalarization_args(scfg.scalarization, scfg.task_weights, len(exp.tasks))
+  # One search per seed, each in its own workdir (the workdir itself for one seed).
+  seeds = [(workdir if num_seeds == 1 else os.path.join(workdir, f"seed_{k}"),
+            dataclasses.replace(scfg, seed=scfg.seed + k)) for k in range(num_seeds)]
+  if resume and not exp.top_n:  # a damaged or foreign state: refused before any array read
+    _check_saved(seeds, configurables.make_space(scfg.merge_space, meta.abstract, len(pool)),
+                 dev)
 
   loaded = load_pool(exp.pool)
   dev, test = evaluation.place(dev, loaded.mesh), evaluation.place(test, loaded.mesh)
@@ -169,16 +176,14 @@ def run_search(workdir: str, resume: bool = False, overwrite: bool = False,
   space_mode = configurables.choose_mode(loaded.params, space_pop)
   sweep = configurables.SweepConfig()
   method_baselines = configurables.task_vector_baselines(n, base is not None)
-  # One search per seed, each in its own workdir (the workdir itself for one seed).
-  seeds = [(workdir if num_seeds == 1 else os.path.join(workdir, f"seed_{k}"),
-            dataclasses.replace(scfg, seed=scfg.seed + k)) for k in range(num_seeds)]
-  if resume:  # a changed config is refused before anything in the workdir changes
-    for wd, cfg in seeds:
-      search.check_signature(os.path.join(wd, search.STATE_DIR),
-                             search.signature(cfg, space, dev))
-  # The workdir is only touched once every input has been read and checked.
+  if resume and exp.top_n:  # the space is known once the top N are chosen
+    _check_saved(seeds, space, dev)
+  # The workdir is only touched once every input has been read and checked; one replaced
+  # is set aside (WORKDIR.old-*) until the new run is complete.
+  old = None
   if overwrite and os.path.isdir(workdir) and not resume and jax.process_index() == 0:
-    shutil.rmtree(workdir)
+    old = f"{os.path.abspath(workdir)}.old-{os.getpid()}"
+    os.rename(workdir, old)
   os.makedirs(workdir, exist_ok=True)
   _write_config(workdir)  # once: every configurable has been called, the config is complete
 
@@ -199,7 +204,16 @@ def run_search(workdir: str, resume: bool = False, overwrite: bool = False,
   if num_seeds > 1:
     results = reporting.with_seeds(runs[0], runs, [os.path.basename(wd) for wd, _ in seeds])
     write_results(workdir, results, runs)
+  if old is not None:
+    shutil.rmtree(old, ignore_errors=True)
   return results
+
+
+def _check_saved(seeds, space: spaces.MergeSpace, dev) -> None:
+  """Every seed's saved state, read whole, before the workdir changes."""
+  for wd, cfg in seeds:
+    search.check_saved_state(os.path.join(wd, search.STATE_DIR),
+                             search.signature(cfg, space, dev))
 
 
 @dataclasses.dataclass

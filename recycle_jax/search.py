@@ -47,7 +47,8 @@ import orbax.checkpoint as ocp
 from absl import logging
 from tqdm.auto import tqdm
 
-from recycle_jax import checkpoints, evaluation, pareto, population, spaces, strategies
+from recycle_jax import (checkpoints, evaluation, interrupts, pareto, population, spaces,
+                         strategies, validation)
 from recycle_jax.errors import UserError, check
 
 PyTree = Any
@@ -352,13 +353,46 @@ def signature(cfg: SearchConfig, space: spaces.MergeSpace, datas) -> dict:
   return json.loads(json.dumps(sig))  # as it reads back (tuples become lists)
 
 
+def saved_steps(state_dir: str) -> list[int]:
+  """Finished steps of a saved search (Orbax marks unfinished ones with a tmp suffix)."""
+  if not os.path.isdir(state_dir):
+    return []
+  return sorted(int(s) for s in os.listdir(state_dir) if s.isdigit())
+
+
+def check_saved_state(state_dir: str, sig: dict) -> None:
+  """Reads a saved search whole (signature, and the latest step's state and archive) before
+  a resume touches anything: a damaged or foreign state is one line naming its file."""
+  steps = saved_steps(state_dir)
+  if not steps:
+    return
+  check_signature(state_dir, sig)
+  step_dir = os.path.join(state_dir, str(steps[-1]))
+  fix = ("delete that step directory to resume from the one before, or pass --overwrite "
+         "to start again")
+  checkpoints.check_metadata_file(step_dir, step_dir)
+  try:
+    saved = ocp.StandardCheckpointer().restore(os.path.join(step_dir, "default"))
+    a = {k: np.asarray(v) for k, v in saved["archive"].items()}
+    rows = {len(v) for v in a.values()}
+    ok = ({"x", "alphas", "scores", "fitness", "is_seed"} <= set(a) and len(rows) == 1 and
+          a["x"].ndim == 2 and a["x"].shape[1] == sig["dim"] and
+          int(np.asarray(saved["state"]["generation"])) == steps[-1])
+  except Exception as e:  # noqa: BLE001 (Orbax and TensorStore raise many types)
+    raise UserError(f"the saved search state is unreadable (damaged?): {type(e).__name__}: "
+                    f"{' '.join(str(e).split())[:120]}", step_dir, fix) from None
+  check(ok, "the saved search state is inconsistent (archive or generation)", step_dir, fix)
+
+
 def check_signature(state_dir: str, sig: dict) -> None:
   """Raises UserError when the saved search was run with another config."""
   path = os.path.join(state_dir, "signature.json")
-  if not os.path.isfile(path):
-    return  # saved before signatures were written
-  with open(path) as f:
-    old = json.load(f)
+  check(os.path.isfile(path), "the saved search has no signature.json", state_dir,
+        "pass --overwrite to start the search again")
+  old = validation.load_json(path, "saved search signature",
+                             "pass --overwrite to start the search again")
+  check(isinstance(old, dict), "the saved search signature is not an object", path,
+        "pass --overwrite to start the search again")
   # A field added since the search was saved counts as its default there.
   defaults = json.loads(json.dumps({f"search.{f.name}": f.default
                                     for f in dataclasses.fields(SearchConfig)}))
@@ -421,24 +455,28 @@ def run(search: Search, pool, datas, workdir: str | None, resume: bool = False,
   start = int(state.generation)
   bar = tqdm(range(start, total), desc="search", disable=not progress, initial=start,
              total=total, unit="gen")
-  for g in bar:
-    # A host copy in: the first, later and resumed generations then share one program
-    # (device outputs carry the mesh, a fresh or restored state does not: two compiles).
-    state, out = search.generation(jax.device_get(state), pool, datas, subset)
-    x, alphas, scores, fitness, fidelity = jax.device_get(out)
-    population.log_nonfinite(alphas, fitness, f"generation {g}")
-    # Dev examples per candidate: the subset pass for all (adaptive), the full split for
-    # the promoted ones (every one otherwise).
-    examples = (sub_n if subset is not None else 0) + (fidelity >= 1.0) * full_n
-    archive.add(x, alphas, scores, fitness, "search", fidelity, examples)
+  try:  # on any exit (Ctrl-C and SIGTERM too) a save in flight is finished
+    for g in bar:
+      # A host copy in: the first, later and resumed generations then share one program
+      # (device outputs carry the mesh, a fresh or restored state does not: two compiles).
+      state, out = search.generation(jax.device_get(state), pool, datas, subset)
+      x, alphas, scores, fitness, fidelity = jax.device_get(out)
+      population.log_nonfinite(alphas, fitness, f"generation {g}")
+      # Dev examples per candidate: the subset pass for all (adaptive), the full split for
+      # the promoted ones (every one otherwise).
+      examples = (sub_n if subset is not None else 0) + (fidelity >= 1.0) * full_n
+      archive.add(x, alphas, scores, fitness, "search", fidelity, examples)
+      if mngr is not None:
+        with interrupts.deferred():  # Ctrl-C / SIGTERM: after the state is saved whole
+          mngr.save(g + 1, args=ocp.args.StandardSave(_state_to_save(state, archive)))
+          mngr.wait_until_finished()
+      best = np.nanmax(np.asarray(archive.fitness))
+      bar.set_postfix(best=f"{best:.2f}")
+      if on_generation is not None:
+        on_generation(g, archive)
+  finally:
+    bar.close()
     if mngr is not None:
-      mngr.save(g + 1, args=ocp.args.StandardSave(_state_to_save(state, archive)))
       mngr.wait_until_finished()
-    best = np.nanmax(np.asarray(archive.fitness))
-    bar.set_postfix(best=f"{best:.2f}")
-    if on_generation is not None:
-      on_generation(g, archive)
-  if mngr is not None:
-    mngr.wait_until_finished()
-    mngr.close()
+      mngr.close()
   return archive

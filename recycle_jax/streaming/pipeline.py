@@ -16,6 +16,7 @@ import numpy as np
 import tensorstore as ts
 
 from recycle_jax import checkpoints
+from recycle_jax.errors import UserError
 from recycle_jax.streaming.layout import (array_spec, chunk_index, chunk_key, create_arrays,
                                           database_spec, pieces, raw_chunks)
 from recycle_jax.streaming.plan import Leaf, crop, region
@@ -229,7 +230,8 @@ class Reader:
 
   def __init__(self, pool: checkpoints.Pool, input_meta: list, ctx: ts.Context):
     self.pool, self.input_meta, self.ctx = pool, input_meta, ctx
-    self.indexes = [chunk_index(e.path, m, ctx) for e, m in zip(pool.entries, input_meta)]
+    self.indexes = [self.unreadable_as_user_error(i, chunk_index, e.path, m, ctx)
+                    for i, (e, m) in enumerate(zip(pool.entries, input_meta))]
     self.fds: dict[str, int] = {}
     self.maps: dict[str, mmap.mmap] = {}
     self.lock = threading.Lock()
@@ -259,8 +261,27 @@ class Reader:
         self.maps[path] = mmap.mmap(self._fd_unlocked(path), 0, access=mmap.ACCESS_READ)
       return self.maps[path]
 
+  def unreadable_as_user_error(self, i: int, fn: Callable, *args, leaf: Leaf | None = None):
+    """fn(*args); a failure to read checkpoint i (truncated, damaged) as one line naming it."""
+    try:
+      return fn(*args)
+    except UserError:
+      raise
+    except Exception as e:  # noqa: BLE001 (OSError, ValueError, tensorstore's errors)
+      entry = self.pool.entries[i]
+      what = f"parameter {leaf.path!r}: " if leaf is not None else ""
+      raise UserError(f"checkpoint data is unreadable (corrupted or truncated?): {what}"
+                      f"{type(e).__name__}: {' '.join(str(e).split())[:120]}",
+                      f"checkpoint {entry.name!r} at {entry.path}",
+                      "re-write or remove this checkpoint") from None
+
   def read(self, i: int, leaf: Leaf, ushape: Sequence[int], batch: Sequence[tuple],
            buf: np.ndarray, mapped: bool = False) -> np.ndarray | list[np.ndarray] | "Mapped":
+    return self.unreadable_as_user_error(i, self._read, i, leaf, ushape, batch, buf, mapped,
+                                         leaf=leaf)
+
+  def _read(self, i: int, leaf: Leaf, ushape: Sequence[int], batch: Sequence[tuple],
+            buf: np.ndarray, mapped: bool = False) -> np.ndarray | list[np.ndarray] | "Mapped":
     """Fills `buf` (flat, the leaf's dtype, len(batch) units) and returns it; or returns
     the batch's units as tensorstore decoded them (a list, each cut to its region); or,
     with `mapped` and stored bytes usable as they are, `Mapped` views of the files' pages

@@ -170,12 +170,12 @@ def test_output_overlapping_an_input_checkpoint(where, tiny_pool, capsys, no_arr
   untouched = [pool_dir(tiny_pool)]
   for overwrite in ([], ["--overwrite"]):
     assert_rejected(capsys, _merge(tiny_pool, target, "1,1,1", *overwrite),
-                    "overlaps input checkpoint", "--output", untouched=untouched)
+                    "overlaps input", "--output", untouched=untouched)
     assert_rejected(capsys, tiny_search_args(tiny_pool, target, *overwrite),
-                    "overlaps input checkpoint", "--workdir", untouched=untouched)
+                    "overlaps input", "--workdir", untouched=untouched)
   assert_rejected(capsys, ["eval", f"--checkpoint={a}", f"--tasks={TASKS[0]}",
                            f"--output={os.path.join(a, 'scores.json')}"],
-                  "overlaps input checkpoint", untouched=untouched)
+                  "overlaps input", untouched=untouched)
   assert not os.path.exists(os.path.join(a, "sub"))
 
 

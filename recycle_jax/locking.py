@@ -1,0 +1,106 @@
+"""One writer per workdir: a lock file beside it, holding the writer's host and pid.
+
+`WORKDIR.lock` is created exclusively (O_EXCL) before the workdir is checked or touched,
+so of two searches started together exactly one proceeds; the other is refused with one
+line naming the holder. The lock is released on exit (normal, error, Ctrl-C, SIGTERM);
+after a crash (SIGKILL, power) it is stale: a lock whose pid is gone on this host is
+taken over, one from another host is reported (its holder cannot be checked from here).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import time
+from typing import Iterator
+
+from recycle_jax.errors import UserError
+
+SUFFIX = ".lock"
+
+
+def lock_path(workdir: str) -> str:
+  return os.path.abspath(workdir).rstrip(os.sep) + SUFFIX
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # exists, owned by another user
+    return True
+  return True
+
+
+def _holder(path: str) -> dict | None:
+  """The lock's {host, pid, ...}, or None when unreadable (a writer between create and
+  write, or garbage: treated as held, briefly, then as stale)."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      h = json.load(f)
+    return h if isinstance(h, dict) and isinstance(h.get("pid"), int) else None
+  except (OSError, ValueError):
+    return None
+
+
+def _stale(path: str, holder: dict | None) -> bool:
+  if holder is None:  # unreadable: stale once older than a writer needs to fill it
+    try:
+      return time.time() - os.path.getmtime(path) > 5.0
+    except OSError:
+      return True
+  return holder.get("host") == socket.gethostname() and not _alive(holder["pid"])
+
+
+def acquire(workdir: str, flag: str = "--workdir") -> str:
+  """Takes the workdir's lock or raises UserError naming its holder; returns its path."""
+  path = lock_path(workdir)
+  me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}
+  for _ in range(3):  # a stale lock is removed, then taken like a fresh one
+    try:
+      fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+      holder = _holder(path)
+      if holder and holder.get("host") == me["host"] and holder.get("pid") == me["pid"]:
+        raise UserError(f"workdir {workdir} is already locked by this process", flag) from None
+      if _stale(path, holder):
+        with contextlib.suppress(FileNotFoundError):
+          os.remove(path)
+        continue
+      who = (f"pid {holder['pid']} on host {holder.get('host')}" if holder
+             else "another process")
+      raise UserError(f"workdir {workdir} is in use by {who}", f"{flag}, lock file {path}",
+                      "wait for it to finish, or use another workdir (if that process is "
+                      "gone, delete the lock file)") from None
+    except OSError as e:  # read-only or missing parent: reported by the writer's checks
+      raise UserError(f"cannot create the lock file: {e.strerror}", path,
+                      "choose a workdir in a writable directory") from None
+    try:
+      with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(me, f)
+    except OSError as e:  # a full disk: no half-written lock left
+      with contextlib.suppress(OSError):
+        os.remove(path)
+      raise UserError(f"cannot write the lock file: {e.strerror}", path,
+                      "free some space or choose another workdir") from None
+    return path
+  raise UserError(f"could not take the lock of {workdir}", path, "try again")
+
+
+def release(path: str) -> None:
+  """Removes the lock if it is still this process's."""
+  holder = _holder(path)
+  if holder and holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
+    with contextlib.suppress(OSError):
+      os.remove(path)
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str, flag: str = "--workdir") -> Iterator[str]:
+  path = acquire(workdir, flag)
+  try:
+    yield path
+  finally:
+    release(path)

@@ -1,0 +1,147 @@
+"""Outputs that cost nothing: no input is ever overwritten, an earlier result is replaced
+only once the new one is complete, and a failed write leaves nothing behind.
+
+Every writer follows one protocol: `check` before any work (overlap with inputs,
+existence, a writable place with room), then `staged`: the output is written to a
+sibling `PATH.partial-TOKEN`, renamed onto PATH when complete (an old PATH is renamed
+away first and deleted last), and the sibling is removed on any failure, ENOSPC and
+EROFS included.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import uuid
+from typing import Iterator, Sequence
+
+from recycle_jax.errors import UserError
+from recycle_jax.errors import check as require
+
+TEMP_MARKERS = (".partial-", ".tmp-", ".old-")  # suffixes of a writer's siblings
+HEADROOM = 1 << 20  # bytes beyond the estimate: metadata, filesystem blocks
+
+
+def real(path: str) -> str:
+  return os.path.realpath(os.path.abspath(path))
+
+
+def inside(path: str, parent: str) -> bool:
+  """Whether path is parent or lies under it (symlinks resolved)."""
+  path, parent = real(path), real(parent)
+  return path == parent or path.startswith(parent.rstrip(os.sep) + os.sep)
+
+
+def overlaps(a: str, b: str) -> bool:
+  return inside(a, b) or inside(b, a)
+
+
+def _existing_ancestor(path: str) -> str:
+  p = os.path.dirname(os.path.abspath(path))
+  while not os.path.exists(p):
+    p = os.path.dirname(p)
+  return p
+
+
+def check(path: str, inputs: Sequence[str] = (), overwrite: bool = False,
+          flag: str = "--output", kind: str = "dir", nbytes: int = 0) -> None:
+  """Refuses, before any work, an output that would cost an input or an earlier result,
+  or that cannot be written: one that is, contains or is inside an input (with or
+  without --overwrite), exists (without --overwrite), lies under a file, is of the other
+  kind than `kind` ('dir' or 'file'), or whose filesystem is read-only, not writable by
+  this user, or short of `nbytes` (+ headroom)."""
+  require(bool(path), "empty output path", flag, "pass a path")
+  for src in inputs:
+    require(not overlaps(path, src), f"output {path} overlaps input {src}", flag,
+           "write the result somewhere else; inputs are never modified")
+  if os.path.lexists(path):
+    require(overwrite, f"output {path} already exists", flag,
+           "pass --overwrite to replace it, or choose another path")
+    want_dir = kind == "dir"
+    require(os.path.isdir(path) == want_dir or kind == "any",
+           f"output {path} is {'a file' if want_dir else 'a directory'}", flag,
+           f"pass a {'directory' if want_dir else 'file'} path")
+  parent = _existing_ancestor(path)
+  require(os.path.isdir(parent), f"output {path} lies under the file {parent}", flag,
+         "choose a path in a directory")
+  try:
+    st = os.statvfs(parent)
+  except OSError as e:
+    raise UserError(f"cannot use {parent}: {e.strerror}", flag) from None
+  require(not st.f_flag & os.ST_RDONLY, f"{parent} is on a read-only filesystem", flag,
+         "write somewhere writable")
+  require(os.access(parent, os.W_OK | os.X_OK,
+                    effective_ids=os.access in os.supports_effective_ids),
+          f"no permission to write in {parent}", flag,
+         "write somewhere this user may write, or change its permissions")
+  free = st.f_bavail * st.f_frsize
+  need = nbytes + HEADROOM if nbytes else 1
+  require(free >= need, f"not enough space in {parent}: {_mb(need)} needed, {_mb(free)} free",
+         flag, "free some space or write elsewhere")
+
+
+def _mb(n: int) -> str:
+  return f"{n / 2**20:.1f} MiB"
+
+
+def temp_name(path: str, token: str | None = None) -> str:
+  return f"{os.path.abspath(path)}.partial-{token or uuid.uuid4().hex[:8]}"
+
+
+def remove(path: str) -> None:
+  """Deletes a file or a tree if present; never raises (it runs on error paths)."""
+  try:
+    if os.path.isdir(path) and not os.path.islink(path):
+      shutil.rmtree(path, ignore_errors=True)
+    elif os.path.lexists(path):
+      os.remove(path)
+  except OSError:
+    pass
+
+
+def stale_siblings(path: str) -> list[str]:
+  d, base = os.path.split(os.path.abspath(path))
+  try:
+    names = os.listdir(d)
+  except OSError:
+    return []
+  return [os.path.join(d, n) for n in names
+          if n.startswith(base + ".") and any(m in n[len(base):] for m in TEMP_MARKERS)]
+
+
+def replace(tmp: str, path: str, overwrite: bool) -> None:
+  """Moves the complete `tmp` onto `path`; an old `path` is kept until then."""
+  if not os.path.lexists(path):
+    os.rename(tmp, path)
+    return
+  require(overwrite, f"output {path} already exists", "", "pass --overwrite")
+  old = f"{os.path.abspath(path)}.old-{uuid.uuid4().hex[:8]}"
+  os.rename(path, old)
+  try:
+    os.rename(tmp, path)
+  except BaseException:
+    os.rename(old, path)  # put the old result back
+    raise
+  remove(old)
+
+
+@contextlib.contextmanager
+def staged(path: str, overwrite: bool = False, token: str | None = None,
+           commit: bool = True) -> Iterator[str]:
+  """Yields a temp sibling to write `path` into; renames it onto `path` when the block
+  ends normally (unless not `commit`: the caller renames), removes it otherwise."""
+  tmp = temp_name(path, token)
+  try:
+    yield tmp
+    if commit:
+      replace(tmp, path, overwrite)
+  except BaseException:
+    remove(tmp)
+    raise
+
+
+def write_text(path: str, text: str, overwrite: bool = True) -> None:
+  """A small text file, whole or not at all."""
+  with staged(path, overwrite) as tmp:
+    with open(tmp, "w", encoding="utf-8") as f:
+      f.write(text)

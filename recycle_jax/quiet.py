@@ -1,0 +1,82 @@
+"""stderr carries recycle_jax's own lines only, at the chosen --log_level.
+
+Native libraries (TensorFlow through seqio, XLA, CUDA stubs, abseil) write start-up lines
+straight to file descriptor 2 (oneDNN notices, "Could not find cuda drivers", absl's
+"All log messages before absl::InitializeLog()"), some before any environment variable
+can silence them. `set_env` silences what environment variables can, before those
+libraries are imported; `NativeFilter` points fd 2 at a pipe whose reader forwards every
+line but native libraries' INFO/WARNING lines (glog format from a C/C++ source file) and
+that pre-init notice. Python's own lines (absl logging, the `error:` line) pass
+untouched, as does everything at --log_level=debug.
+"""
+from __future__ import annotations
+
+import os
+import re
+import sys
+import threading
+
+ENV = {"TF_CPP_MIN_LOG_LEVEL": "3", "GRPC_VERBOSITY": "ERROR", "GLOG_minloglevel": "2"}
+NOISE = re.compile(
+    rb"^(WARNING: All log messages before absl::InitializeLog\(\) is called are written to "
+    rb"STDERR|[IW]\d{4} \d\d:\d\d:\d+\.\d+\s+\d+ [\w./-]+\.(cc|c|h|cpp|cu):\d+\] .*|"
+    rb"E\d{4} .*(Unable to register (cuDNN|cuFFT|cuBLAS)|cuda|CUDA).*)\r?$")
+
+
+def set_env() -> None:
+  """Environment variables read by native libraries when they load (user's values win)."""
+  for k, v in ENV.items():
+    os.environ.setdefault(k, v)
+
+
+class NativeFilter:
+  """fd 2 through a filtering pipe, from start() to stop()."""
+
+  def __init__(self, keep_all: bool = False):
+    self.keep_all = keep_all
+    self.real = self.thread = None
+
+  def start(self) -> "NativeFilter":
+    sys.stderr.flush()
+    self.real = os.dup(2)
+    r, w = os.pipe()
+    os.dup2(w, 2)
+    os.close(w)
+    self.thread = threading.Thread(target=self._pump, args=(r,), daemon=True,
+                                   name="stderr-filter")
+    self.thread.start()
+    return self
+
+  def _pump(self, r: int) -> None:
+    with os.fdopen(r, "rb", buffering=0) as src:
+      buf = b""
+      while True:
+        chunk = src.read(65536)
+        if not chunk:
+          break
+        buf += chunk
+        *lines, buf = buf.split(b"\n")
+        for line in lines:
+          self._forward(line + b"\n")
+      if buf:
+        self._forward(buf)
+
+  def _forward(self, line: bytes) -> None:
+    if self.keep_all or not NOISE.match(line.rstrip(b"\n")):
+      try:
+        os.write(self.real, line)
+      except OSError:
+        pass
+
+  def stop(self, timeout: float = 2.0) -> None:
+    """Restores fd 2; waits (bounded) for the lines still in the pipe."""
+    if self.real is None:
+      return
+    try:
+      sys.stderr.flush()
+    except (OSError, ValueError):
+      pass
+    os.dup2(self.real, 2)  # closes the pipe's last writer (children may hold copies)
+    self.thread.join(timeout)
+    os.close(self.real)
+    self.real = None
