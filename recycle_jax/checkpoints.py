@@ -212,10 +212,6 @@ def validate_pool(pool: Pool) -> CheckpointMeta:
           family(m) == family(metas[0]), f"checkpoint {e.name!r} is a {family(m)} model but "
           f"{ref_name!r} is a {family(metas[0])} model", pool.source,
           "a pool holds fine-tunes of one model family")
-    check((m.model_config is None) == (metas[0].model_config is None),
-          f"{'no' if m.model_config is None else 'a'} recycle_jax model config in its metadata, "
-          f"unlike {ref_name!r}", where, "every pool member must be written the same way "
-          "(a damaged _CHECKPOINT_METADATA?)")
     # Named config fields (e.g. vocab_size) say more than the first mismatching tensor.
     diff = _config_diff(metas[0].model_config, m.model_config)
     check(not diff, f"model config differs from {ref_name!r}: {', '.join(diff)}", where,
@@ -231,6 +227,10 @@ def validate_pool(pool: Pool) -> CheckpointMeta:
       check(cur[key][1] == ref[key][1],
             f"parameter {key!r} has dtype {cur[key][1]} but {ref_name!r} has {ref[key][1]}",
             where, "convert the pool to one dtype first")
+    check((m.model_config is None) == (metas[0].model_config is None),
+          f"{'no' if m.model_config is None else 'a'} recycle_jax model config in its metadata, "
+          f"unlike {ref_name!r}", where, "every pool member must be written the same way "
+          "(a damaged _CHECKPOINT_METADATA?)")
   from recycle_jax import vocabularies  # seqio and TensorFlow: only once a pool is valid
   vocabs = [vocabularies.of_checkpoint(e.path, m.custom) for e, m in zip(pool.entries, metas)]
   vocabularies.check_pool(pool.names, vocabs,

@@ -56,6 +56,7 @@ def _parse_gin(files, bindings) -> None:
                       "check the configurable and parameter names (a configurable of your "
                       "own module needs `import my_module` in the gin file, found in the "
                       "working directory too)") from None
+  validation.check_bindings()  # types and ranges, before any configurable runs
   user_tasks.jsonl_tasks()  # the JsonlTasks the config declares, checked and registered
 
 
@@ -444,8 +445,7 @@ def main(argv=None) -> int:
       if args.task_module:
         from recycle_jax import user_tasks
         user_tasks.import_modules(args.task_module)
-      _parse_gin(args.gin_file, args.gin_bindings)
-      validation.check_bindings()
+      _parse_gin(args.gin_file, args.gin_bindings)  # (and checks every binding)
       _init_distributed(args)
       logging.info("recycle-jax %s", args.command)
       args.fn(args)

@@ -312,20 +312,20 @@ def check_safetensors(path: str) -> dict:
   when it is not what its name says (pickled data, zip, truncated, garbage). No tensor
   read."""
   fix = "re-export it with safetensors (transformers: save_pretrained(safe_serialization=True))"
+  bad = "cannot read safetensors header: "
   try:
     size = os.path.getsize(path)
     with open(path, "rb") as f:
       head = f.read(8)
       n = int.from_bytes(head, "little") if len(head) == 8 else -1
       check(0 < n <= min(MAX_SAFETENSORS_HEADER, size - 8),
-            f"not a safetensors file ({_sniff(head)})", path, fix)
+            f"{bad}not a safetensors file ({_sniff(head)})", path, fix)
       header = json.loads(f.read(n).decode("utf-8"), parse_constant=_no_constant)
   except (UnicodeDecodeError, ValueError):
-    raise UserError("not a safetensors file (its header is not JSON)", path, fix) from None
+    raise UserError(f"{bad}not a safetensors file (not JSON)", path, fix) from None
   except OSError as e:
     raise UserError(f"cannot read the weights file: {e.strerror}", path, "check it") from None
-  check(isinstance(header, dict), "not a safetensors file (header is not an object)", path,
-        fix)
+  check(isinstance(header, dict), f"{bad}not a safetensors file (not an object)", path, fix)
   end = 0
   for name, t in header.items():
     if name == "__metadata__":
@@ -335,13 +335,13 @@ def check_safetensors(path: str) -> dict:
               isinstance(d, int) and d >= 0 for d in t["shape"]) and
           isinstance(t.get("data_offsets"), list) and len(t["data_offsets"]) == 2 and
           all(isinstance(o, int) for o in t["data_offsets"]))
-    check(ok, f"tensor {name!r} has a malformed header entry", path, fix)
+    check(ok, f"{bad}tensor {name!r} has a malformed entry", path, fix)
     lo, hi = t["data_offsets"]
     nbytes = math.prod(t["shape"]) * SAFETENSORS_DTYPES[t["dtype"]]
     check(0 <= lo <= hi and hi - lo == nbytes,
-          f"tensor {name!r}: offsets {lo}..{hi} do not hold its {nbytes} bytes", path, fix)
+          f"{bad}tensor {name!r}: offsets {lo}..{hi} do not hold its {nbytes} bytes", path, fix)
     end = max(end, hi)
-  check(8 + n + end <= size, f"the file is truncated: {size} bytes, the header needs "
+  check(8 + n + end <= size, f"{bad}the file is truncated: {size} bytes, the header needs "
         f"{8 + n + end}", path, "copy or download it again")
   return header
 

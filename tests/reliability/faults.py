@@ -350,7 +350,8 @@ def gin_cases() -> list[Case]:
       bad = _wrong_values(hint)[:1]
       if name in validation.BOUNDS:
         bad += [_gin_literal(v) for v in validation.BOUNDS[name].bad_values()
-                if not (isinstance(v, float) and math.isnan(v))]  # gin has no NaN literal
+                if not (isinstance(v, float) and math.isnan(v))  # gin has no NaN literal
+                and not (v is None and validation.matches(None, hint))]
       for text in dict.fromkeys(bad):
         out.append(_case(command, "gin", f"{name}={text}", lambda s, w, t, name=name, text=text: (
             s.argv.insert(-1, f"--gin_bindings={name} = {text}"),
