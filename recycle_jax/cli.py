@@ -12,6 +12,7 @@ quiet.set_env()  # before any native library is imported
 
 import argparse  # noqa: E402
 import functools  # noqa: E402
+import gc  # noqa: E402
 import json  # noqa: E402
 import logging as pylogging  # noqa: E402
 import os  # noqa: E402
@@ -453,6 +454,9 @@ def main(argv=None) -> int:
     return e.code if isinstance(e.code, int) else EXIT_USAGE
   except BaseException as e:  # noqa: BLE001 (every failure ends as one line)
     line, code = errors.one_line(e, getattr(args, "command", "") or "")
+    hook, sys.unraisablehook = sys.unraisablehook, _log_unraisable
+    gc.collect()  # reads Orbax abandoned on a damaged input: logged now, not printed later
+    sys.unraisablehook = hook
     if getattr(args, "verbose", False):
       traceback.print_exc()
     print(line, file=sys.stderr)

@@ -5,7 +5,8 @@ import os
 import pickle
 import re
 
-import pytest
+import evosax.algorithms  # noqa: F401 (it subclasses pickle.Unpickler at import, unused:
+import pytest              # imported before the patch below, which catches every *call*)
 
 from recycle_jax import cli
 from reliability_util import ROOT, TASKS, pool_dir, pool_paths, snapshot, tiny_search_args
