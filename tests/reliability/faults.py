@@ -55,7 +55,7 @@ class World:
 @functools.lru_cache(None)
 def world() -> World:
   import jax
-  from recycle_jax import cli, convert, models
+  from recycle_jax import cli, hf_io, models
   from reliability_util import CFG, write_checkpoint, write_manifest
   keep = os.environ.get("RJ_FAULT_WORLD")  # a directory to reuse between runs (debugging)
   if keep and os.path.isfile(os.path.join(keep, "world.json")):
@@ -70,7 +70,7 @@ def world() -> World:
   pool = write_manifest(os.path.join(pool_dir, "pool.json"), paths)
   hf = os.path.join(root, "hf")
   params = jax.tree.map(np.asarray, models.init_params(CFG, jax.random.key(0)))
-  convert.save_hf(hf, CFG, params)
+  hf_io.save_folder(hf, CFG, params)
   gin_file = os.path.join(root, "search.gin")
   with open(gin_file, "w") as f:
     f.write(f"Experiment.pool = {pool!r}\nExperiment.tasks = [{TASK!r}]\n"
