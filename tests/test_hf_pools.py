@@ -104,8 +104,13 @@ def test_merge_hf_pool_to_hf_folder_loads_in_transformers(hf_pool, tmp_path):
     np.testing.assert_allclose(v.numpy(), sd[k].numpy(), atol=1e-6)
   # The streaming merge reads the folders too, and writes the same folder.
   assert cli.main(["merge", f"--pool={hf_pool / 'pool.json'}", "--weights=0.5,0.3,0.2",
-                   f"--output={tmp_path / 'streamed'}", "--format=hf", "--streaming",
-                   "--memory_budget_mb=0.01"]) == 0  # several row blocks per tensor
+                   f"--output={tmp_path / 'streamed'}", "--format=hf", "--streaming"]) == 0
+  # Below the CLI's smallest budget (16 MB): several row blocks per tensor, same folder.
+  hf_io.stream_merge(checkpoints.load_pool(str(hf_pool / "pool.json")), (0.5, 0.3, 0.2),
+                     str(tmp_path / "blocks"), memory_budget_mb=0.01)
+  blocks = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "blocks")
+  for k, v in blocks.state_dict().items():
+    np.testing.assert_allclose(v.numpy(), model.state_dict()[k].numpy(), atol=1e-6)
   streamed = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "streamed")
   for k, v in streamed.state_dict().items():
     np.testing.assert_allclose(v.numpy(), model.state_dict()[k].numpy(), atol=1e-6)
