@@ -98,7 +98,13 @@ def release(path: str) -> None:
 
 
 @contextlib.contextmanager
-def workdir_lock(workdir: str, flag: str = "--workdir") -> Iterator[str]:
+def workdir_lock(workdir: str, flag: str = "--workdir") -> Iterator[str | None]:
+  """The workdir's lock for the block. In a multi-process run (jax.distributed) the
+  processes share one workdir: process 0 holds the lock for all of them."""
+  import jax  # already imported by every command that locks
+  if jax.process_count() > 1 and jax.process_index() != 0:
+    yield None
+    return
   path = acquire(workdir, flag)
   try:
     yield path
