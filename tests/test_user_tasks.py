@@ -28,6 +28,13 @@ def _examples(name, split):
   return evaluation.split_examples(name, split, models.VOCAB)
 
 
+def _qa_gin(qa, **bindings) -> str:
+  """gin text declaring one JsonlTask over the `qa` files; bindings are gin values."""
+  lines = ["jsonl_tasks.tasks = [@qa/JsonlTask()]",
+           f"qa/JsonlTask.splits = {{'dev': {qa['dev']!r}, 'test': {qa['test']!r}}}"]
+  return "\n".join(lines + [f"qa/JsonlTask.{k} = {v}" for k, v in bindings.items()]) + "\n"
+
+
 def test_generate_task_with_fields_few_shot_and_verifier(qa):
   name = user_tasks.register(JsonlTask(
       name="u_qa", splits=qa, prompt="Q: {question}\nA: ", fields={"question": "q"},
@@ -101,14 +108,8 @@ def test_bad_files_name_the_line(tmp_path):
 
 def test_gin_declares_tasks_without_python(qa, tmp_path):
   gin.clear_config()
-  gin.parse_config(textwrap.dedent(f"""
-      jsonl_tasks.tasks = [@qa/JsonlTask()]
-      qa/JsonlTask.name = 'u_gin'
-      qa/JsonlTask.splits = {{'dev': {qa['dev']!r}, 'test': {qa['test']!r}}}
-      qa/JsonlTask.prompt = '{{q}} = '
-      qa/JsonlTask.kind = 'exact'
-      qa/JsonlTask.target = '{{a}}'
-  """))
+  gin.parse_config(_qa_gin(qa, name="'u_gin'", prompt="'{q} = '", kind="'exact'",
+                           target="'{a}'"))
   try:
     assert user_tasks.jsonl_tasks() == ["u_gin"]
   finally:
@@ -166,15 +167,8 @@ def test_cli_eval_sees_user_tasks_from_gin_and_modules(micro_pool, qa, tmp_path,
   from recycle_jax import checkpoints, cli
   ckpt = checkpoints.read_manifest(micro_pool).entries[0].path
   gin_file = tmp_path / "qa.gin"
-  gin_file.write_text(textwrap.dedent(f"""
-      jsonl_tasks.tasks = [@qa/JsonlTask()]
-      qa/JsonlTask.name = 'u_cli_qa'
-      qa/JsonlTask.splits = {{'dev': {qa['dev']!r}, 'test': {qa['test']!r}}}
-      qa/JsonlTask.prompt = 'Q: {{q}}\\nA: '
-      qa/JsonlTask.target = '{{a}}'
-      qa/JsonlTask.verifier = 'numeric'
-      qa/JsonlTask.max_new_tokens = 4
-  """))
+  gin_file.write_text(_qa_gin(qa, name="'u_cli_qa'", prompt="'Q: {q}\\nA: '",
+                              target="'{a}'", verifier="'numeric'", max_new_tokens="4"))
   (tmp_path / "my_cli_tasks.py").write_text(textwrap.dedent(f"""
       from recycle_jax import user_tasks
       user_tasks.register(user_tasks.JsonlTask(name='u_cli_mod', splits={{'test': {qa['test']!r}}},
