@@ -34,7 +34,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from recycle_jax import (evaluation, families, hf_io, models, partitioning,  # noqa: E402
-                         population)
+                         population, tokenizer_files)
 
 DEMO = models.ModelConfig(d_model=128, num_layers=2, num_heads=4, num_kv_heads=2,
                           d_ff=352)
@@ -129,7 +129,7 @@ def main():
       path = os.path.join(tmp, "m")
       if args.peer_in_memory:
         if resident is None:
-          hf_io.save_folder(path, cfg, merged, vocab=models.VOCAB)
+          hf_io.save_folder(path, cfg, merged, tokenizer=tokenizer_files.BYTE)
           resident = transformers.AutoModelForCausalLM.from_pretrained(path)
         state = {t.hf_name: torch.from_numpy(np.ascontiguousarray(
             t.to_hf(np.asarray(families.get_path(merged, t.path)))))
@@ -137,7 +137,7 @@ def main():
         resident.load_state_dict(state, strict=False)
         model = resident
       else:
-        hf_io.save_folder(path, cfg, merged, vocab=models.VOCAB, overwrite=True)
+        hf_io.save_folder(path, cfg, merged, tokenizer=tokenizer_files.BYTE, overwrite=True)
         model = transformers.AutoModelForCausalLM.from_pretrained(path)
       model.eval()
       row = []

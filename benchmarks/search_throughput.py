@@ -40,7 +40,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from recycle_jax import (checkpoints, evaluation, experiment, models,  # noqa: E402
-                         population, search, spaces)
+                         population, search, spaces, vocabularies)
 
 DEMO = models.ModelConfig(d_model=128, num_layers=2, num_heads=4, num_kv_heads=2,
                           d_ff=352)
@@ -144,7 +144,8 @@ def run(args) -> None:
   loaded = experiment.load_pool(args.pool)
   n = len(loaded.pool)
   names = args.tasks.split(",")
-  dev = evaluation.load_split(names, "dev", None, loaded.vocabulary)
+  dev = evaluation.load_split(names, "dev", None, vocabularies.for_evaluation(
+      loaded.tokenizer, loaded.model_cfg.vocab_size, args.pool))
   decoder = models.Decoder(loaded.model_cfg)
   score = evaluation.make_scorer(decoder)
   cfg = search.SearchConfig()

@@ -16,7 +16,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from recycle_jax import checkpoints, evaluation, models, scoring  # noqa: E402
+from recycle_jax import checkpoints, evaluation, models, scoring, vocabularies  # noqa: E402
 
 
 def splits_as(kind_of: dict, names, split, max_examples, vocab):
@@ -38,11 +38,12 @@ def main():
   cfg = models.ModelConfig(**meta.model_config)
   score = jax.jit(evaluation.make_scorer(models.Decoder(cfg)))
   names = args.tasks.split(",")
+  vocab = vocabularies.for_evaluation(meta.tokenizer, cfg.vocab_size, pool.source)
   splits = ("dev", "test")
-  now = {t: scoring.of(evaluation.bound_task(t, meta.vocabulary), False) for t in names}
+  now = {t: scoring.of(evaluation.bound_task(t, vocab), False) for t in names}
   exact = {t: scoring.Scoring("exact") for t in names}
-  before = {s: splits_as(exact, names, s, args.max_examples, meta.vocabulary) for s in splits}
-  after = {s: splits_as(now, names, s, args.max_examples, meta.vocabulary) for s in splits}
+  before = {s: splits_as(exact, names, s, args.max_examples, vocab) for s in splits}
+  after = {s: splits_as(now, names, s, args.max_examples, vocab) for s in splits}
   print("| checkpoint | " + " | ".join(f"{t} {s}: exact → verifier" for s in splits
                                         for t in names) + " |")
   print("|---" * (1 + len(names) * len(splits)) + "|")

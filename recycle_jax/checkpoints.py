@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
-from recycle_jax import outputs, validation
+from recycle_jax import outputs, tokenizer_files, validation
 from recycle_jax.errors import UserError, check
 from recycle_jax.partitioning import path_str, with_shardings
 
@@ -144,7 +144,7 @@ def atomic_write_text(path: str, text: str) -> None:
 class CheckpointMeta:
   abstract: PyTree  # ShapeDtypeStructs, no shardings
   custom: dict
-  vocabulary: Any = None  # seqio.Vocabulary of the checkpoint's tokenizer (validate_pool)
+  tokenizer: Any = None  # tokenizer_files.Tokenizer of the pool (validate_pool)
 
   @property
   def model_config(self) -> dict | None:
@@ -201,7 +201,7 @@ def _config_diff(ref: dict | None, cur: dict | None) -> list[str]:
 
 def validate_pool(pool: Pool) -> CheckpointMeta:
   """Checks every checkpoint against the first from metadata alone (and their tokenizers
-  against each other); returns the first's, with the pool's vocabulary."""
+  against each other); returns the first's, with the pool's tokenizer."""
   metas = [read_metadata(e.path, e.name) for e in pool.entries]
   ref, ref_name = _describe(metas[0].abstract), pool.entries[0].name
   family = lambda m: (m.model_config or {}).get("family", "byte")  # noqa: E731
@@ -231,11 +231,11 @@ def validate_pool(pool: Pool) -> CheckpointMeta:
           f"{'no' if m.model_config is None else 'a'} recycle_jax model config in its metadata, "
           f"unlike {ref_name!r}", where, "every pool member must be written the same way "
           "(a damaged _CHECKPOINT_METADATA?)")
-  from recycle_jax import vocabularies  # seqio and TensorFlow: only once a pool is valid
-  vocabs = [vocabularies.of_checkpoint(e.path, m.custom) for e, m in zip(pool.entries, metas)]
-  vocabularies.check_pool(pool.names, vocabs,
-                          [(m.model_config or {}).get("vocab_size") for m in metas], pool.source)
-  return dataclasses.replace(metas[0], vocabulary=vocabs[0])
+  toks = [tokenizer_files.of_checkpoint(e.path, m.custom) for e, m in zip(pool.entries, metas)]
+  tokenizer_files.check_pool(pool.names, toks,
+                             [(m.model_config or {}).get("vocab_size") for m in metas],
+                             pool.source)
+  return dataclasses.replace(metas[0], tokenizer=toks[0])
 
 
 # ----------------------------------------------------------------------------- I/O
@@ -291,22 +291,21 @@ def check_output(path: str, inputs: Sequence[str] = (), overwrite: bool = False,
 
 
 def save(path: str, params: PyTree, custom: dict, overwrite: bool = False,
-         vocabulary=None) -> None:
+         tokenizer: tokenizer_files.Tokenizer | None = None) -> None:
   """Writes an Orbax checkpoint atomically: a sibling temp dir renamed into place. The
-  tokenizer of `vocabulary` is kept with it: its files in `tokenizer/`, its kind and
-  content hash in the metadata (`vocabularies.of_checkpoint` reads them back)."""
+  tokenizer is kept with it: its files in `tokenizer/`, its kind and content hash in the
+  metadata (`tokenizer_files.of_checkpoint` reads them back)."""
   import orbax.checkpoint as ocp
-  from recycle_jax import vocabularies
   path = os.path.abspath(path)
   tmp = temp_sibling(path)
-  if vocabulary is not None:
-    custom = {**custom, "vocabulary": vocabularies.describe(vocabulary)}
+  if tokenizer is not None:
+    custom = {**custom, "vocabulary": tokenizer.describe()}
   try:
     ckptr = ocp.StandardCheckpointer()
     ckptr.save(tmp, params, custom_metadata={META_KEY: custom})
     ckptr.wait_until_finished()
     if jax.process_index() == 0:
-      vocabularies.write_files(vocabulary, os.path.join(tmp, vocabularies.TOKENIZER_DIR))
+      tokenizer_files.write_files(tokenizer, os.path.join(tmp, tokenizer_files.TOKENIZER_DIR))
   except BaseException:
     if jax.process_index() == 0:  # a full disk, a signal: no partial output left
       outputs.remove(tmp)

@@ -134,7 +134,7 @@ def _greedy_soup(loaded, args):
   import numpy as np
   from recycle_jax import evaluation, merging, models, population, vocabularies
   names = [t for t in args.tasks.split(",") if t]
-  vocab = vocabularies.for_evaluation(loaded.vocabulary, loaded.model_cfg.vocab_size,
+  vocab = vocabularies.for_evaluation(loaded.tokenizer, loaded.model_cfg.vocab_size,
                                      args.pool)
   dev = evaluation.place(evaluation.load_split(names, "dev", args.max_examples, vocab),
                          loaded.mesh)
@@ -209,16 +209,13 @@ def cmd_merge(args) -> None:
   checkpoints.check_output(args.output, _inputs(args, *pool.paths, pool.source if
                                                 os.path.isfile(pool.source) else None,
                                                 args.base), args.overwrite, nbytes=nbytes)
-  from recycle_jax import experiment  # evaluation (seqio, TensorFlow): after the checks
-  if soup or args.format == "hf":  # scoring and Hugging Face layouts need a model family
-    experiment.model_config_from(meta, pool.entries[0].path)
   folders = [checkpoints.is_hf_folder(p) for p in pool.paths]
   if args.streaming and any(folders):  # Hugging Face folders in, a Hugging Face folder out
     check(all(folders) and args.format == "hf", "--streaming merges Hugging Face folders "
           "into a Hugging Face folder only", "--format",
           "pass --format=hf, or drop --streaming (the in-memory merge writes either)")
     from recycle_jax import hf_io
-    hf_io.stream_merge(pool, alphas, args.output, args.overwrite, meta.vocabulary,
+    hf_io.stream_merge(pool, alphas, args.output, args.overwrite, meta.tokenizer,
                        args.memory_budget_mb, fsync=not args.no_fsync)
     print(f"merged checkpoint: {args.output}")
     return
@@ -231,6 +228,9 @@ def cmd_merge(args) -> None:
                             fsync=not args.no_fsync, progress=_progress(args))
     print(f"merged checkpoint: {args.output}")
     return
+  from recycle_jax import experiment  # the search's stages (orbax, evosax): in memory only
+  if soup or args.format == "hf":  # scoring and Hugging Face layouts need a model family
+    experiment.model_config_from(meta, pool.entries[0].path)
   loaded = experiment.load_pool(args.pool, need_model=soup)
   how = None
   if soup:
@@ -255,7 +255,8 @@ def cmd_merge(args) -> None:
 def cmd_eval(args) -> None:
   import jax
   import numpy as np
-  from recycle_jax import checkpoints, evaluation, experiment, models, vocabularies
+  from recycle_jax import (checkpoints, evaluation, experiment, models, tokenizer_files,
+                           vocabularies)
   meta = checkpoints.read_metadata(args.checkpoint)
   cfg = experiment.model_config_from(meta, args.checkpoint)
   names = [t for t in args.tasks.split(",") if t]
@@ -265,7 +266,7 @@ def cmd_eval(args) -> None:
     outputs.check(args.output, _inputs(args, args.checkpoint), args.overwrite, "--output",
                   kind="file")
   vocab = vocabularies.for_evaluation(
-      vocabularies.of_checkpoint(args.checkpoint, meta.custom), cfg.vocab_size,
+      tokenizer_files.of_checkpoint(args.checkpoint, meta.custom), cfg.vocab_size,
       args.checkpoint)
   datas = evaluation.load_split(names, args.split, args.max_examples, vocab)
   params = checkpoints.restore(args.checkpoint, meta.abstract)

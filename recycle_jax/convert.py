@@ -17,7 +17,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from recycle_jax import checkpoints, families, models, validation
+from recycle_jax import checkpoints, families, models, tokenizer_files, validation
 from recycle_jax.errors import UserError, check
 
 PyTree = Any
@@ -136,14 +136,13 @@ def convert(src: str, dst: str, overwrite: bool = False) -> str:
   check(is_hf_dir(src) or not any(f.endswith(".safetensors") for f in os.listdir(src)),
         "a Hugging Face folder without config.json", src,
         "save the model with save_pretrained (it writes config.json)")
-  from recycle_jax import vocabularies  # the tokenizer as seqio's Vocabulary (TensorFlow)
   if is_hf_dir(src):
     cfg, params, hf = load_hf(src)
     checkpoints.save(dst, params, {"model": cfg.to_dict(),
                                    "source": {"format": "huggingface",
                                               "path": os.path.abspath(src)},
                                    "hf_config": hf}, overwrite=overwrite,
-                     vocabulary=vocabularies.from_folder(src, hf))  # the tokenizer travels
+                     tokenizer=tokenizer_files.from_folder(src, hf))  # the tokenizer travels
     return "huggingface -> orbax"
   meta = checkpoints.read_metadata(src)
   cfg = families.stored_config(meta.model_config, src)
@@ -151,5 +150,5 @@ def convert(src: str, dst: str, overwrite: bool = False) -> str:
   params = checkpoints.restore(src, meta.abstract)
   from recycle_jax import hf_io  # the one writer of Hugging Face folders (merges too)
   hf_io.save_folder(dst, cfg, params, meta.custom.get(checkpoints.META_KEY, {}).get(
-      "hf_config"), vocabularies.of_checkpoint(src, meta.custom), overwrite)
+      "hf_config"), tokenizer_files.of_checkpoint(src, meta.custom), overwrite)
   return "orbax -> huggingface"

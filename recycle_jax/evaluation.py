@@ -19,17 +19,19 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import functools
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
-import seqio
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from recycle_jax import decoding, models, partitioning, scoring, vocabularies
+from recycle_jax import decoding, models, partitioning, scoring
 from recycle_jax.errors import UserError, check
+
+if TYPE_CHECKING:  # seqio imports TensorFlow: only reading a task does (get_task)
+  import seqio
 
 PyTree = Any
 
@@ -115,6 +117,7 @@ def _sequences(prompts, conts) -> tuple[np.ndarray, np.ndarray]:
 
 
 def get_task(name: str) -> seqio.Task:
+  import seqio
   from recycle_jax import tasks as _  # registers the embedded benchmark
   try:
     return seqio.get_mixture_or_task(name)
@@ -128,6 +131,7 @@ def bound_task(name: str, vocabulary: seqio.Vocabulary | None = None) -> seqio.T
   """Task `name` tokenized with `vocabulary` (the pool's): tasks declaring
   `vocabularies.POOL` take it, one declaring another vocabulary is refused. Without a
   vocabulary, the task as it declares itself (which must be concrete)."""
+  from recycle_jax import vocabularies
   task = get_task(name)
   if vocabulary is not None:
     return vocabularies.bind(task, vocabulary)
@@ -224,6 +228,7 @@ def materialize(name: str, split: str, max_examples: int | None = None,
   """Reads a seqio task split once, tokenized with `vocabulary` (the pool's; see
   `bound_task`), and pads it into fixed-shape arrays as its kind says (`KINDS`; cached
   per vocabulary content)."""
+  from recycle_jax import vocabularies
   key = (name, split, max_examples,
          None if vocabulary is None else vocabularies.content_hash(vocabulary))
   if key not in _MATERIALIZED:

@@ -19,7 +19,7 @@ from absl import logging
 
 from recycle_jax import (baselines, checkpoints, configurables, evaluation, hf_io, merging,
                          mergekit_config, methods, models, pareto, partitioning,
-                         population, reporting, search, spaces, vocabularies)
+                         population, reporting, search, spaces)
 from recycle_jax import validation
 from recycle_jax.errors import UserError, check
 
@@ -49,7 +49,7 @@ class Loaded:
   params: tuple  # N parameter trees, sharded by the partitioning rules
   model_cfg: models.ModelConfig
   mesh: Any
-  vocabulary: Any = None  # the pool's seqio.Vocabulary (its tokenizer); kept in merges
+  tokenizer: Any = None  # the pool's tokenizer_files.Tokenizer; kept in merges
   source_config: dict | None = None  # the pool's Hugging Face config.json, if it has one
 
   @property
@@ -76,7 +76,7 @@ def load_pool(pool_spec, need_model: bool = True) -> Loaded:
   mesh = configurables.make_mesh()
   shardings = configurables.param_shardings(meta.abstract, mesh)
   abstract = partitioning.with_shardings(meta.abstract, shardings)
-  return Loaded(pool, checkpoints.restore_pool(pool, abstract), cfg, mesh, meta.vocabulary,
+  return Loaded(pool, checkpoints.restore_pool(pool, abstract), cfg, mesh, meta.tokenizer,
                 meta.custom.get(checkpoints.META_KEY, {}).get("hf_config"))
 
 
@@ -131,7 +131,8 @@ def run_search(workdir: str, resume: bool = False, overwrite: bool = False,
   # Cheap checks first: metadata of every checkpoint, every task and split.
   meta = checkpoints.validate_pool(pool)
   model_config_from(meta, pool.entries[0].path)  # evaluation needs a model family
-  vocab = vocabularies.for_evaluation(meta.vocabulary, (meta.model_config or {}).get(
+  from recycle_jax import vocabularies  # seqio and TensorFlow: evaluation only
+  vocab = vocabularies.for_evaluation(meta.tokenizer, (meta.model_config or {}).get(
       "vocab_size"), pool.source)  # every task is tokenized with the pool's tokenizer
   dev = evaluation.load_split(exp.tasks, "dev", exp.max_examples, vocab)
   test_tasks = tuple(exp.tasks) + tuple(t for t in exp.report_tasks if t not in exp.tasks)
@@ -367,6 +368,6 @@ def save_merged(path: str, loaded: Loaded, params: PyTree, custom: dict, fmt: st
   tokenizer kept with it either way."""
   if fmt == "hf":
     hf_io.save_folder(path, loaded.model_cfg, params, loaded.source_config,
-                      loaded.vocabulary, overwrite)
+                      loaded.tokenizer, overwrite)
   else:
-    checkpoints.save(path, params, custom, overwrite=overwrite, vocabulary=loaded.vocabulary)
+    checkpoints.save(path, params, custom, overwrite=overwrite, tokenizer=loaded.tokenizer)

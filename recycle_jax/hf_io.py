@@ -25,7 +25,7 @@ import jax
 import numpy as np
 
 from recycle_jax import (checkpoints, convert, families, models, safetensors_io,
-                         vocabularies)
+                         tokenizer_files)
 from recycle_jax.errors import check
 
 PyTree = Any
@@ -104,28 +104,29 @@ def restore(path: str, abstract: PyTree, name: str | None = None) -> PyTree:
 
 # ----------------------------------------------------------------------------- writing
 
-def _generation_config(config: Mapping, vocab) -> dict:
+def _generation_config(config: Mapping, tokenizer: tokenizer_files.Tokenizer | None) -> dict:
   ids = {k: config.get(f"{k}_token_id") for k in ("bos", "eos", "pad")}
-  if vocab is not None and hasattr(vocab, "eos_id"):
-    ids["eos"] = ids["eos"] if ids["eos"] is not None else vocab.eos_id
-    ids["bos"] = ids["bos"] if ids["bos"] is not None else getattr(vocab, "bos_id", None)
-    ids["pad"] = ids["pad"] if ids["pad"] is not None else vocab.pad_id
+  if tokenizer is not None:
+    for k in ids:
+      ids[k] = ids[k] if ids[k] is not None else getattr(tokenizer, f"{k}_id")
   return {f"{k}_token_id": v for k, v in ids.items() if v is not None}
 
 
-def hf_config(cfg: models.ModelConfig, base: Mapping | None, vocab) -> dict:
+def hf_config(cfg: models.ModelConfig, base: Mapping | None,
+              tokenizer: tokenizer_files.Tokenizer | None) -> dict:
   """config.json of a merge: the family's mapping of `cfg` over the pool's source config
   (`base`: token ids, kept as they are, null included); without one, the ids the
   tokenizer knows."""
   base = dict(base or {})
   out = families.to_hf_config(cfg, base)
-  gen = _generation_config(out, vocab)
+  gen = _generation_config(out, tokenizer)
   out.update({k: v for k, v in gen.items() if out.get(k) is None and k not in base})
   return out
 
 
 def save_folder(path: str, cfg: models.ModelConfig, params: PyTree,
-                base: Mapping | None = None, vocab=None, overwrite: bool = False,
+                base: Mapping | None = None,
+                tokenizer: tokenizer_files.Tokenizer | None = None, overwrite: bool = False,
                 shard_bytes: int = SHARD_BYTES) -> None:
   """Writes `params` as a complete Hugging Face folder at `path` (see the module
   docstring), through a temporary sibling renamed into place when complete."""
@@ -142,24 +143,26 @@ def save_folder(path: str, cfg: models.ModelConfig, params: PyTree,
     for t, x in zip(maps, leaves):  # one tensor on the host at a time
       writer.write(t.hf_name, t.to_hf(np.asarray(jax.device_get(x))))
     writer.close()
-    _write_extras(tmp, cfg, base, vocab)
+    _write_extras(tmp, cfg, base, tokenizer)
     checkpoints.commit(tmp, path, overwrite)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
 
 
-def _write_extras(folder: str, cfg: models.ModelConfig, base: Mapping | None, vocab) -> None:
+def _write_extras(folder: str, cfg: models.ModelConfig, base: Mapping | None,
+                  tokenizer: tokenizer_files.Tokenizer | None) -> None:
   """config.json, generation_config.json and the tokenizer files of a written folder."""
-  config = hf_config(cfg, base, vocab)
+  config = hf_config(cfg, base, tokenizer)
   for name, obj in ((convert.HF_CONFIG, config),
-                    ("generation_config.json", _generation_config(config, vocab))):
+                    ("generation_config.json", _generation_config(config, tokenizer))):
     checkpoints.atomic_write_text(os.path.join(folder, name), json.dumps(obj, indent=1))
-  vocabularies.write_files(vocab, folder)
+  tokenizer_files.write_files(tokenizer, folder)
 
 
 def stream_merge(pool: checkpoints.Pool, alphas, output: str, overwrite: bool = False,
-                 vocab=None, memory_budget_mb: float = 256, fsync: bool = True,
+                 tokenizer: tokenizer_files.Tokenizer | None = None,
+                 memory_budget_mb: float = 256, fsync: bool = True,
                  shard_bytes: int = SHARD_BYTES) -> None:
   """Linear merge of a pool of Hugging Face folders, out of core, into a Hugging Face
   folder: each tensor is read once from every member in row blocks of about
@@ -205,7 +208,7 @@ def stream_merge(pool: checkpoints.Pool, alphas, output: str, overwrite: bool = 
       writer.write(t.hf_name, out)
       del out
     writer.close(fsync)
-    _write_extras(tmp, cfg, folders[0].model.hf_config, vocab)
+    _write_extras(tmp, cfg, folders[0].model.hf_config, tokenizer)
     checkpoints.commit(tmp, output, overwrite)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)

@@ -23,11 +23,13 @@ import gin
 import jax
 import jax.numpy as jnp
 
+from recycle_jax import tokenizer_files
+
 PyTree = Any
 ApplyFn = Callable[[PyTree, jax.Array], jax.Array]
 
 PAD_ID, EOS_ID = 0, 1
-BYTE_VOCAB_SIZE = 256 + 3  # seqio.ByteVocabulary: ids = byte + 3; 0 pad, 1 eos, 2 unk
+BYTE_VOCAB_SIZE = tokenizer_files.BYTE.vocab_size  # seqio.ByteVocabulary: ids = byte + 3
 
 
 def __getattr__(name: str):

@@ -26,8 +26,8 @@ import numpy as np
 from absl import logging
 from tqdm.auto import tqdm
 
-from recycle_jax import (checkpoints, evaluation, models, reporting, tasks, training,
-                         vocabularies)
+from recycle_jax import (checkpoints, evaluation, models, reporting, tasks, tokenizer_files,
+                         training, vocabularies)
 from recycle_jax.errors import check
 
 PyTree = Any
@@ -179,7 +179,7 @@ def make_pool(workdir: str, recipes: Sequence[dict] = gin.REQUIRED,
   os.makedirs(workdir, exist_ok=True)
   apply = models.Decoder(model).apply
   custom = lambda extra: {"model": model.to_dict(), **extra,
-                          "vocabulary": vocabularies.describe(models.VOCAB)}
+                          "vocabulary": tokenizer_files.BYTE.describe()}
 
   t0 = time.time()
   base_dir = os.path.join(workdir, "base")
@@ -294,12 +294,13 @@ def score_pool(pool: checkpoints.Pool, eval_tasks: Sequence[str],
   cfg = models.ModelConfig(**meta.model_config)
   from recycle_jax import configurables  # noqa: PLC0415 (make_scorer.* bindings)
   score = jax.jit(configurables.make_scorer(models.Decoder(cfg)))
+  vocab = vocabularies.for_evaluation(meta.tokenizer, cfg.vocab_size, pool.source)
   out = {}
   for e in tqdm(pool.entries, desc="score pool", leave=False):
     params = checkpoints.restore(e.path, meta.abstract, e.name)
     out[e.name] = {}
     for split in ("dev", "test"):
-      datas = evaluation.load_split(eval_tasks, split, max_examples, meta.vocabulary)
+      datas = evaluation.load_split(eval_tasks, split, max_examples, vocab)
       s = evaluation.evaluate(score, params, datas)
       out[e.name][split] = {t: round(float(v), 4) for t, v in zip(eval_tasks, s)}
   return out

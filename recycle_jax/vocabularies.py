@@ -1,49 +1,31 @@
-"""The pool's tokenizer as a seqio Vocabulary: Hugging Face, SentencePiece or bytes.
+"""The pool's tokenizer as a seqio Vocabulary, for evaluation (seqio and TensorFlow).
 
-A pool's vocabulary is read from its checkpoints (a Hugging Face folder's tokenizer files,
-or the `tokenizer/` folder and metadata that recycle_jax writes beside an Orbax
-checkpoint) and every task evaluated on the pool is tokenized with it: a task declares
-`POOL` (the placeholder below) and `bind` instantiates it with the pool's vocabulary; a
-task that declares a concrete vocabulary must declare the pool's. Vocabularies compare by
+Every task evaluated on a pool is tokenized with the pool's tokenizer (read, hashed and
+checked without seqio by `tokenizer_files`): a task declares `POOL` (the placeholder
+below) and `bind` instantiates it with the pool's vocabulary; a task that declares a
+concrete vocabulary must declare the pool's. Vocabularies compare by the tokenizer's
 content hash, so two copies of one tokenizer are equal and two tokenizers never are.
 
-  HFVocabulary          tokenizer.json through the pinned `tokenizers` library (seqio has
-                        no Hugging Face vocabulary); special ids from tokenizer_config.json
-                        or config.json; the chat template rendered with jinja2.
-  SentencePiece         seqio.SentencePieceVocabulary over tokenizer.model.
-  seqio.ByteVocabulary  the byte family's vocabulary (models.VOCAB).
+  HFVocabulary             a Hugging Face tokenizer through its `tokenizers` backend
+                           (seqio has no Hugging Face vocabulary); the chat template
+                           rendered with jinja2.
+  SentencePieceVocabulary  seqio's, over tokenizer.model.
+  seqio.ByteVocabulary     the byte family's vocabulary (models.VOCAB).
 """
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import os
-import shutil
-from typing import Any, Mapping, Sequence
+from typing import Sequence
 
 import numpy as np
 import seqio
 import tensorflow as tf
 
+from recycle_jax import models, tokenizer_files
 from recycle_jax.errors import UserError, check
-
-TOKENIZER_DIR = "tokenizer"  # beside an Orbax checkpoint's arrays
-# Files a Hugging Face tokenizer may come with; copied as they are.
-HF_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-            "added_tokens.json", "chat_template.jinja", "tokenizer.model")
-BYTE = seqio.ByteVocabulary()
-
-
-def _sha(data: bytes) -> str:
-  return hashlib.sha256(data).hexdigest()
-
-
-def _token_id(tok, value) -> int | None:
-  """An id from a special-token entry of tokenizer_config.json (text or AddedToken dict)."""
-  if isinstance(value, dict):
-    value = value.get("content")
-  return tok.token_to_id(value) if isinstance(value, str) else None
+from recycle_jax.tokenizer_files import Tokenizer
 
 
 def _text(b) -> str:
@@ -52,83 +34,40 @@ def _text(b) -> str:
   return b.decode("utf-8") if isinstance(b, bytes) else str(b)
 
 
-def _first_id(value) -> int | None:
-  if isinstance(value, list):  # e.g. Llama 3 instruct: several EOS ids
-    value = value[0] if value else None
-  return value if isinstance(value, int) else None
-
-
 class HFVocabulary(seqio.Vocabulary):
   """A Hugging Face fast tokenizer (tokenizer.json) as a seqio Vocabulary.
 
   encode adds no special tokens (seqio appends EOS itself); `add_bos` says whether the
   tokenizer's own post-processor starts a sequence with BOS, which evaluation then puts
-  before each prompt as transformers would. Equal by content hash: tokenizer.json
-  (canonical JSON) and the special ids.
+  before each prompt as transformers would. Equal by the tokenizer's content hash.
   """
 
-  def __init__(self, folder: str, config: Mapping | None = None):
-    from tokenizers import Tokenizer
+  def __init__(self, source: Tokenizer):
     super().__init__(extra_ids=0)
-    self.folder = os.path.abspath(folder)
-    path = os.path.join(folder, "tokenizer.json")
-    try:
-      with open(path, "rb") as f:
-        raw = json.loads(f.read())
-      self.tokenizer = Tokenizer.from_str(json.dumps(raw))
-    except (OSError, ValueError, Exception) as e:  # tokenizers raises its own Exception
-      raise UserError(f"tokenizer.json is unreadable: {type(e).__name__}: "
-                      f"{str(e).splitlines()[0][:200] if str(e) else ''}", path,
-                      "save the tokenizer with transformers' save_pretrained") from None
-    tc = _read_json(os.path.join(folder, "tokenizer_config.json")) or {}
-    config = dict(config or {})
-    tok = self.tokenizer
-    ids = lambda key: _token_id(tok, tc.get(f"{key}_token"))  # noqa: E731
-    self._eos = ids("eos") if ids("eos") is not None else _first_id(config.get("eos_token_id"))
-    self._bos = ids("bos") if ids("bos") is not None else _first_id(config.get("bos_token_id"))
-    self._pad = ids("pad") if ids("pad") is not None else _first_id(config.get("pad_token_id"))
-    self._unk = ids("unk")
-    check(self._eos is not None, "the tokenizer has no EOS token (tokenizer_config.json "
-          "eos_token, config.json eos_token_id)", folder,
-          "set eos_token in tokenizer_config.json: generation and exact match need it")
-    probe = tok.encode("a", add_special_tokens=True).ids
-    self.add_bos = bool(probe) and self._bos is not None and probe[0] == self._bos
-    template = os.path.join(folder, "chat_template.jinja")
-    if os.path.isfile(template):
-      with open(template, encoding="utf-8") as f:
-        self.chat_template = f.read()
-    else:
-      ct = tc.get("chat_template")
-      if isinstance(ct, list):  # named templates: the default one
-        ct = next((t.get("template") for t in ct if t.get("name") == "default"), None)
-      self.chat_template = ct if isinstance(ct, str) else None
-    self._tokens = {k: (tc.get(f"{k}_token") or {}).get("content")
-                    if isinstance(tc.get(f"{k}_token"), dict) else tc.get(f"{k}_token")
-                    for k in ("bos", "eos")}
-    self.content_hash = _sha(json.dumps(
-        {"kind": "huggingface", "tokenizer": raw,
-         "ids": [self._bos, self._eos, self._pad, self._unk]}, sort_keys=True).encode())
+    self.source, self.tokenizer = source, source.backend
+    self.folder, self.content_hash = source.folder, source.content_hash
+    self.add_bos, self.chat_template = source.add_bos, source.chat_template
 
   # seqio.Vocabulary ------------------------------------------------------------------
   @property
   def eos_id(self) -> int:
-    return self._eos
+    return self.source.eos_id
 
   @property
   def bos_id(self) -> int | None:
-    return self._bos
+    return self.source.bos_id
 
   @property
   def pad_id(self) -> int:
-    return self._pad if self._pad is not None else 0
+    return self.source.pad_id
 
   @property
   def unk_id(self) -> int | None:
-    return self._unk
+    return self.source.unk_id
 
   @property
   def _base_vocab_size(self) -> int:
-    return self.tokenizer.get_vocab_size(with_added_tokens=True)
+    return self.source.vocab_size
 
   def _encode(self, s: str) -> list[int]:
     return self.tokenizer.encode(s, add_special_tokens=False).ids
@@ -177,13 +116,9 @@ class HFVocabulary(seqio.Vocabulary):
     tokenize=False) gives)."""
     check(self.chat_template is not None, "the tokenizer has no chat template",
           self.folder, "use a tokenizer with chat_template, or drop the task's chat flag")
+    tokens = self.source.special_tokens
     return _render(self.chat_template, [{"role": "user", "content": text}],
-                   bos_token=self._tokens["bos"] or "", eos_token=self._tokens["eos"] or "")
-
-  def files(self) -> dict[str, str]:
-    """{file name: path} of the tokenizer files to copy with the pool's checkpoints."""
-    return {f: os.path.join(self.folder, f) for f in HF_FILES
-            if os.path.isfile(os.path.join(self.folder, f))}
+                   bos_token=tokens.get("bos") or "", eos_token=tokens.get("eos") or "")
 
 
 @functools.lru_cache(None)
@@ -213,17 +148,11 @@ def _render(source: str, messages: Sequence[dict], **special) -> str:
 
 class SentencePieceVocabulary(seqio.SentencePieceVocabulary):
   """seqio's SentencePiece vocabulary over a checkpoint's tokenizer.model, equal by the
-  model's content hash, with the file it came from."""
+  model's content hash."""
 
-  def __init__(self, path: str):
-    super().__init__(path)
-    try:
-      _ = self.tokenizer  # loads the model now: a bad file is reported here, by name
-    except Exception as e:  # sentencepiece raises RuntimeError/OSError
-      raise UserError(f"tokenizer.model is not a SentencePiece model: {e}", path,
-                      "copy the tokenizer.model the checkpoint was trained with") from None
-    self.folder = os.path.dirname(os.path.abspath(path))
-    self.content_hash = _sha(b"sentencepiece:" + self.sp_model)
+  def __init__(self, source: Tokenizer):
+    super().__init__(os.path.join(source.folder, "tokenizer.model"))
+    self.source, self.folder, self.content_hash = source, source.folder, source.content_hash
     self.add_bos = False
 
   def __eq__(self, other) -> bool:
@@ -232,9 +161,6 @@ class SentencePieceVocabulary(seqio.SentencePieceVocabulary):
 
   def __hash__(self) -> int:
     return hash(self.content_hash)
-
-  def files(self) -> dict[str, str]:
-    return {"tokenizer.model": os.path.join(self.folder, "tokenizer.model")}
 
 
 class PoolVocabulary(seqio.Vocabulary):
@@ -263,125 +189,36 @@ POOL = PoolVocabulary()
 # ----------------------------------------------------------------------------- identity
 
 def content_hash(vocab: seqio.Vocabulary) -> str:
+  """A task's vocabulary's content hash (the pool's tokenizer's, for the pool's)."""
   if isinstance(vocab, (HFVocabulary, SentencePieceVocabulary)):
     return vocab.content_hash
-  if isinstance(vocab, seqio.ByteVocabulary):
-    return _sha(f"byte:{vocab.extra_ids}".encode())
+  if isinstance(vocab, seqio.ByteVocabulary) and vocab.extra_ids == 0:
+    return tokenizer_files.BYTE.content_hash
   raise UserError(f"vocabulary {type(vocab).__name__} has no content hash", str(vocab),
                   "use a Hugging Face, SentencePiece or byte vocabulary")
 
 
-def describe(vocab: seqio.Vocabulary) -> dict:
-  """The metadata recycle_jax stores for a vocabulary: kind, content hash, size, files."""
-  kind = {HFVocabulary: "huggingface", SentencePieceVocabulary: "sentencepiece"}.get(
-      type(vocab), "byte")
-  files = sorted(vocab.files()) if hasattr(vocab, "files") else []
-  return {"kind": kind, "sha256": content_hash(vocab), "vocab_size": vocab.vocab_size,
-          "files": files}
-
-
-def short(vocab: seqio.Vocabulary) -> str:
-  d = describe(vocab)
-  return f"{d['kind']} tokenizer sha256 {d['sha256'][:12]}, {d['vocab_size']} tokens"
-
-
-# ----------------------------------------------------------------------------- reading
-
-def _read_json(path: str) -> dict | None:
-  if not os.path.isfile(path):
-    return None
-  try:
-    with open(path, encoding="utf-8") as f:
-      data = json.load(f)
-  except (OSError, ValueError) as e:
-    raise UserError(f"cannot read {os.path.basename(path)}: {e}", path,
-                    "write it with transformers' save_pretrained") from None
-  check(isinstance(data, dict), f"{os.path.basename(path)} is not a JSON object", path)
-  return data
-
-
-def from_folder(folder: str, config: Mapping | None = None) -> seqio.Vocabulary | None:
-  """The tokenizer stored in `folder` (tokenizer.json first, then tokenizer.model), or
-  None when it holds neither. `config` is the model's config.json (fallback ids)."""
-  if os.path.isfile(os.path.join(folder, "tokenizer.json")):
-    return HFVocabulary(folder, config)
-  if os.path.isfile(os.path.join(folder, "tokenizer.model")):
-    return SentencePieceVocabulary(os.path.join(folder, "tokenizer.model"))
-  return None
-
-
-def from_metadata(path: str, stored: Mapping | None) -> seqio.Vocabulary | None:
-  """The vocabulary recorded for the Orbax checkpoint at `path` (`describe`'s record in
-  its metadata), checked against the copied files' content hash."""
-  if not stored:
-    return None
-  if stored.get("kind") == "byte":
-    return BYTE
-  folder = os.path.join(path, TOKENIZER_DIR)
-  vocab = from_folder(folder) if os.path.isdir(folder) else None
-  check(vocab is not None, f"the checkpoint's {stored.get('kind')} tokenizer files are "
-        f"missing from {TOKENIZER_DIR}/", path, "copy them back or re-convert the checkpoint")
-  check(content_hash(vocab) == stored.get("sha256"), "the checkpoint's tokenizer files do not "
-        "match the content hash in its metadata (edited after it was written?)", folder,
-        "restore the original tokenizer files")
-  return vocab
-
-
-def of_checkpoint(path: str, custom: Mapping) -> seqio.Vocabulary | None:
-  """The vocabulary of the checkpoint at `path` from its custom metadata: the tokenizer
-  recorded there, else the byte vocabulary for the byte family's model (whose checkpoints
-  may predate recorded tokenizers); None when it has no tokenizer."""
-  rj = custom.get("recycle_jax") or {}
-  if os.path.isfile(os.path.join(path, "config.json")):  # a Hugging Face folder
-    return from_folder(path, rj.get("hf_config"))
-  vocab = from_metadata(path, rj.get("vocabulary"))
-  model = rj.get("model")
-  if vocab is None and isinstance(model, dict) and model.get("family", "byte") == "byte":
-    vocab = BYTE  # the byte family's own vocabulary
-  return vocab
-
-
-def write_files(vocab: seqio.Vocabulary | None, folder: str) -> None:
-  """Copies the tokenizer files of `vocab` (none for bytes) into `folder`."""
-  if vocab is None or not hasattr(vocab, "files"):
-    return
-  os.makedirs(folder, exist_ok=True)
-  for name, src in vocab.files().items():
-    shutil.copyfile(src, os.path.join(folder, name))
+@functools.lru_cache(None)
+def of(tok: Tokenizer) -> seqio.Vocabulary:
+  """The seqio Vocabulary of a tokenizer (one per content hash)."""
+  if tok.kind == "byte":
+    return models.VOCAB
+  return {"huggingface": HFVocabulary, "sentencepiece": SentencePieceVocabulary}[tok.kind](tok)
 
 
 # ----------------------------------------------------------------------------- pools
 
-def check_pool(names: Sequence[str], vocabs: Sequence[seqio.Vocabulary | None],
-               model_vocab_sizes: Sequence[int | None], where: str) -> None:
-  """Every member has the first member's tokenizer (by content hash) and vocab size; a
-  member without a tokenizer in a pool whose others have one is refused too."""
-  ref, ref_name = vocabs[0], names[0]
-  for name, v, size in zip(names[1:], vocabs[1:], model_vocab_sizes[1:]):
-    check(model_vocab_sizes[0] == size, f"checkpoint {name!r} has vocab_size {size} but "
-          f"{ref_name!r} has {model_vocab_sizes[0]}", where,
-          "every pool member must share one vocabulary")
-    if v is None and ref is None:
-      continue
-    check(v is not None, f"checkpoint {name!r} has no tokenizer but {ref_name!r} has one",
-          where, "copy the pool's tokenizer files into that checkpoint")
-    check(ref is not None, f"checkpoint {ref_name!r} has no tokenizer but {name!r} has one",
-          where, "copy the pool's tokenizer files into that checkpoint")
-    check(content_hash(v) == content_hash(ref),
-          f"checkpoint {name!r} has a different tokenizer ({short(v)}) from {ref_name!r} "
-          f"({short(ref)})", where, "a pool must share one tokenizer; drop or re-tokenize it")
-
-
-def for_evaluation(vocab: seqio.Vocabulary | None, model_vocab_size: int | None,
+def for_evaluation(tok: Tokenizer | None, model_vocab_size: int | None,
                    where: str) -> seqio.Vocabulary:
-  """The pool's vocabulary, checked to fit the model it tokenizes for."""
-  check(vocab is not None, "the pool has no tokenizer, and evaluation needs one", where,
+  """The pool's tokenizer as a seqio Vocabulary, checked to fit the model it tokenizes
+  for."""
+  check(tok is not None, "the pool has no tokenizer, and evaluation needs one", where,
         "put the tokenizer files (tokenizer.json, or tokenizer.model) in the checkpoints, "
         "or `recycle-jax convert` them from a Hugging Face folder that has them")
-  check(model_vocab_size is None or vocab.vocab_size <= model_vocab_size,
-        f"the tokenizer has {vocab.vocab_size} tokens but the model's vocab_size is "
+  check(model_vocab_size is None or tok.vocab_size <= model_vocab_size,
+        f"the tokenizer has {tok.vocab_size} tokens but the model's vocab_size is "
         f"{model_vocab_size}", where, "the tokenizer must be the one the model was trained with")
-  return vocab
+  return of(tok)
 
 
 # ----------------------------------------------------------------------------- tasks

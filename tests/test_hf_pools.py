@@ -12,7 +12,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from recycle_jax import (checkpoints, cli, convert, experiment, families, hf_io, partitioning,
-                         vocabularies)
+                         tokenizer_files)
 from recycle_jax.errors import UserError
 
 import hf_fixtures  # noqa: E402
@@ -57,7 +57,7 @@ def test_folders_validate_from_headers_and_restore_sharded_slices(hf_pool, monke
                       (_ for _ in ()).throw(AssertionError("tensor read")))
   meta = checkpoints.validate_pool(pool)  # headers alone: no tensor read
   assert meta.model_config["family"] == "llama" and not calls
-  assert meta.vocabulary == vocabularies.from_folder(str(hf_pool / "tok"))
+  assert meta.tokenizer == tokenizer_files.from_folder(str(hf_pool / "tok"))
   monkeypatch.undo()
   mesh = jax.make_mesh((4, 2), ("a", "b"))
   spec = lambda x: P("a", "b") if x.ndim == 2 and x.shape[0] % 4 == 0 and \
@@ -118,7 +118,7 @@ def test_merge_hf_pool_to_hf_folder_loads_in_transformers(hf_pool, tmp_path):
   # Large merges are sharded, with an index.
   loaded = experiment.load_pool(str(hf_pool / "pool.json"))
   hf_io.save_folder(str(tmp_path / "sharded"), loaded.model_cfg, loaded.params[0],
-                    loaded.source_config, loaded.vocabulary, shard_bytes=20_000)
+                    loaded.source_config, loaded.tokenizer, shard_bytes=20_000)
   assert os.path.isfile(tmp_path / "sharded" / convert.HF_INDEX)
   sharded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "sharded")
   for k, v in sharded.state_dict().items():
@@ -126,6 +126,49 @@ def test_merge_hf_pool_to_hf_folder_loads_in_transformers(hf_pool, tmp_path):
   ids = tok("the cat sat", return_tensors="pt")
   gen_out = model.generate(**ids, max_new_tokens=12, do_sample=False)
   assert gen_out.shape[1] == ids["input_ids"].shape[1] + 1 and gen_out[0, -1] == EOS
+
+
+def test_merge_convert_inspect_import_neither_tensorflow_nor_seqio(hf_pool, tmp_path):
+  """Every non-evaluating command on real pools (Hugging Face folders and the Orbax
+  checkpoints converted from them), run one after another in a fresh process (this one
+  may have imported them for other tests): TensorFlow and seqio are never imported, and
+  orbax not before an Orbax checkpoint is read."""
+  import subprocess
+  import sys
+  hf, orbax, out = str(hf_pool / "pool.json"), tmp_path / "orbax.json", tmp_path / "out"
+  orbax.write_text(json.dumps({"checkpoints": [
+      {"name": f"o{i}", "path": str(out / f"o{i}")} for i in range(2)]}))
+  cfg = tmp_path / "merge.yml"
+  cfg.write_text(json.dumps({"merge_method": "linear", "dtype": "float32", "models": [
+      {"model": str(hf_pool / m), "parameters": {"weight": 0.5}} for m in ("m0", "m1")]}))
+  runs = [["merge", f"--pool={tmp_path / 'missing.json'}", f"--output={out / 'x'}"],
+          ["merge", f"--config={cfg}", f"--output={out / 'config'}"],
+          ["merge", f"--pool={hf}", f"--output={out / 'hf_streamed'}", "--streaming",
+           "--format=hf"],
+          ["inspect", hf],
+          *(["convert", str(hf_pool / f"m{i}"), str(out / f"o{i}")] for i in range(2)),
+          ["convert", str(out / "o0"), str(out / "o0_hf")],
+          ["inspect", str(orbax)],
+          ["merge", f"--pool={orbax}", f"--output={out / 'orbax'}"],
+          ["merge", f"--pool={orbax}", f"--output={out / 'orbax_streamed'}", "--streaming"],
+          ["merge", f"--pool={hf}", f"--output={out / 'hf'}", "--format=hf"]]
+  probe = ("import json, sys; from recycle_jax import cli\n"
+           "for argv in json.loads(sys.argv[1]):\n"
+           "  rc = cli.main(argv)\n"
+           "  print(json.dumps([rc, [m for m in ('tensorflow', 'seqio', 'orbax.checkpoint') "
+           "if m in sys.modules]]))")
+  proc = subprocess.run([sys.executable, "-c", probe, json.dumps(runs)], capture_output=True,
+                        text=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
+  got = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("[")]
+  assert len(got) == len(runs), proc.stdout + proc.stderr
+  assert [rc for rc, _ in got] == [2] + [0] * (len(runs) - 1), proc.stdout + proc.stderr
+  assert [heavy for _, heavy in got[:4]] == [[]] * 4  # Hugging Face folders: no orbax
+  assert all(heavy in ([], ["orbax.checkpoint"]) for _, heavy in got), got
+  for name in ("config", "hf_streamed", "o0_hf", "hf"):
+    assert os.path.isfile(out / name / "tokenizer.json"), name  # the tokenizer travelled
+  for name in ("orbax", "orbax_streamed"):
+    assert tokenizer_files.of_checkpoint(str(out / name), checkpoints.read_metadata(
+        str(out / name)).custom) == tokenizer_files.from_folder(str(hf_pool / "tok"))
 
 
 def test_bad_folders_one_line_each(hf_pool, tmp_path, capsys):

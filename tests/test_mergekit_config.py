@@ -207,25 +207,6 @@ def test_merge_needs_a_pool_or_a_config_not_both(folders, tmp_path, capsys):
   assert not os.path.exists(out)
 
 
-def test_merge_starts_without_tensorflow_seqio_or_orbax(folders, tmp_path):
-  """A missing manifest and a whole `merge --config` import none of them (a subprocess:
-  this one may have imported them for other tests)."""
-  import subprocess
-  import sys
-  cfg = config(tmp_path, {"merge_method": "linear", "parameters": {"weight": 1.0},
-                          "models": [{"model": folders["m0"]}, {"model": folders["m1"]}]})
-  probe = ("import sys; from recycle_jax import cli; rc = cli.main(sys.argv[1:]); "
-           "heavy = [m for m in ('tensorflow', 'seqio', 'orbax.checkpoint') if m in "
-           "sys.modules]; print(rc, heavy)")
-  for argv, want in ((["merge", "--pool=/nonexistent.json", f"--output={tmp_path}/x"], "2 []"),
-                     (["merge", f"--config={cfg}", f"--output={tmp_path}/y", "--no_fsync"],
-                      "0 []")):
-    out = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True,
-                         text=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
-    assert out.stdout.strip().splitlines()[-1] == want, out.stdout + out.stderr
-  assert os.path.isfile(tmp_path / "y" / "model.safetensors")
-
-
 def test_a_search_pool_from_a_config_is_its_models_besides_the_base(folders, tmp_path):
   from recycle_jax import checkpoints
   cfg = config(tmp_path, {"merge_method": "ties", "base_model": folders["base"],

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tensorstore as ts
 
-from recycle_jax import checkpoints, cli, merging, partitioning, streaming, vocabularies
+from recycle_jax import checkpoints, cli, merging, partitioning, streaming
 from recycle_jax.errors import UserError
 
 ALPHAS = np.asarray([0.2, 0.3, 0.5], np.float32)
@@ -94,7 +94,7 @@ def test_streaming_equals_in_memory(micro_pool, tmp_path, chunked):
       "model": meta.model_config,
       "merge": {"method": "linear", "weights": [float(a) for a in ALPHAS],
                 "pool": pool.names},
-      "vocabulary": vocabularies.describe(meta.vocabulary)}  # the pool's tokenizer kept
+      "vocabulary": meta.tokenizer.describe()}  # the pool's tokenizer kept
   assert _snapshot(pool.paths) == before
   assert _write_shapes(out)["embed.embedding"] == ([20, 32] if chunked else [259, 32])
 

@@ -1,6 +1,7 @@
-"""The tokenizer travels with the pool: a Hugging Face tokenizer as a seqio Vocabulary
-(same ids as transformers), kept in converted and merged checkpoints, used for every task,
-and checked across the pool."""
+"""The tokenizer travels with the pool: read without seqio (tokenizer_files), kept in
+converted and merged checkpoints, checked across the pool, and for evaluation a seqio
+Vocabulary (same ids as transformers) used for every task."""
+import hashlib
 import os
 import shutil
 
@@ -10,7 +11,7 @@ import pytest
 import seqio
 import tensorflow as tf
 
-from recycle_jax import checkpoints, cli, evaluation, models, vocabularies
+from recycle_jax import checkpoints, cli, evaluation, models, tokenizer_files, vocabularies
 from recycle_jax.errors import UserError
 
 import hf_fixtures  # noqa: E402  (tests/ is on the path)
@@ -27,8 +28,12 @@ def tok_dir(tmp_path_factory):
   return str(d)
 
 
+def _vocab(folder):
+  return vocabularies.of(tokenizer_files.from_folder(folder))
+
+
 def test_hf_vocabulary_gives_transformers_ids(tok_dir):
-  v = vocabularies.from_folder(tok_dir)
+  v = _vocab(tok_dir)
   ref = transformers.AutoTokenizer.from_pretrained(tok_dir)
   assert (v.eos_id, v.bos_id, v.pad_id) == (ref.eos_token_id, ref.bos_token_id,
                                             ref.pad_token_id)
@@ -50,11 +55,16 @@ def test_hf_vocabulary_gives_transformers_ids(tok_dir):
 
 def test_equality_is_by_content(tok_dir, tmp_path):
   copy = shutil.copytree(tok_dir, tmp_path / "copy")
-  a, b = vocabularies.from_folder(tok_dir), vocabularies.from_folder(str(copy))
-  assert a == b and vocabularies.content_hash(a) == vocabularies.content_hash(b)
+  a, b = tokenizer_files.from_folder(tok_dir), tokenizer_files.from_folder(str(copy))
+  assert a == b and a.content_hash == b.content_hash and a.folder != b.folder
+  assert vocabularies.of(a) == vocabularies.of(b)
+  assert vocabularies.content_hash(vocabularies.of(a)) == a.content_hash
   hf_fixtures.train_bpe(tmp_path / "other", text=hf_fixtures.TEXT.upper())
-  c = vocabularies.from_folder(str(tmp_path / "other"))
-  assert a != c and a != models.VOCAB and models.VOCAB == vocabularies.BYTE
+  c = tokenizer_files.from_folder(str(tmp_path / "other"))
+  assert a != c and a != tokenizer_files.BYTE and vocabularies.of(a) != vocabularies.of(c)
+  assert vocabularies.of(tokenizer_files.BYTE) is models.VOCAB
+  assert vocabularies.content_hash(models.VOCAB) == tokenizer_files.BYTE.content_hash
+  assert models.VOCAB.vocab_size == tokenizer_files.BYTE.vocab_size
 
 
 def test_sentencepiece_tokenizer_model(tmp_path):
@@ -63,32 +73,38 @@ def test_sentencepiece_tokenizer_model(tmp_path):
   corpus.write_text("\n".join(hf_fixtures.TEXT.split(" . ")) * 3)
   spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / "tokenizer"),
                                  vocab_size=60, pad_id=0, eos_id=1, unk_id=2, bos_id=-1)
-  v = vocabularies.from_folder(str(tmp_path))
+  t = tokenizer_files.from_folder(str(tmp_path))
+  assert t.describe()["kind"] == "sentencepiece" and (t.eos_id, t.bos_id) == (1, None)
+  v = vocabularies.of(t)
   assert isinstance(v, vocabularies.SentencePieceVocabulary) and v.eos_id == 1
   assert v.decode(v.encode("the cat sat")) == "the cat sat"
-  assert vocabularies.describe(v)["kind"] == "sentencepiece"
+  # Hashed over the bytes seqio reads, so records written before the split still match.
+  assert t.content_hash == hashlib.sha256(b"sentencepiece:" + v.sp_model).hexdigest()
+  assert t.vocab_size == v.vocab_size == 60
 
 
-def _ckpt(path, vocab, vocab_size, seed=0):
+def _ckpt(path, tok, vocab_size, seed=0):
   cfg = models.ModelConfig(vocab_size=vocab_size, d_model=16, num_layers=1, num_heads=2,
                            num_kv_heads=1, d_ff=32, family="llama")
   checkpoints.save(str(path), models.init_params(cfg, jax.random.key(seed)),
-                   {"model": cfg.to_dict()}, vocabulary=vocab)
+                   {"model": cfg.to_dict()}, tokenizer=tok)
   return checkpoints.Entry(os.path.basename(path), str(path))
 
 
 def test_tasks_use_the_pools_tokenizer_and_pools_share_one(tok_dir, tmp_path):
-  v = vocabularies.from_folder(tok_dir)
-  size = v.vocab_size + 8  # embeddings padded past the tokenizer, as real models do
-  a, b = _ckpt(tmp_path / "a", v, size), _ckpt(tmp_path / "b", v, size, seed=1)
+  t = tokenizer_files.from_folder(tok_dir)
+  size = t.vocab_size + 8  # embeddings padded past the tokenizer, as real models do
+  a, b = _ckpt(tmp_path / "a", t, size), _ckpt(tmp_path / "b", t, size, seed=1)
   # The tokenizer is kept beside the Orbax checkpoint and read back, equal by content.
   assert sorted(os.listdir(tmp_path / "a" / "tokenizer")) == [
       "chat_template.jinja", "tokenizer.json", "tokenizer_config.json"]
   meta = checkpoints.validate_pool(checkpoints.make_pool([a, b]))
-  assert meta.vocabulary == v
+  assert meta.tokenizer == t
+  v = vocabularies.for_evaluation(meta.tokenizer, size, "pool")
+  assert v == vocabularies.of(t)
   # Every task is tokenized with it: prompts (BOS first, as transformers does) and choices.
-  d = evaluation.materialize("rj_reasoning", "dev", 4, meta.vocabulary)
-  row = evaluation.split_examples("rj_reasoning", "dev", meta.vocabulary)[0]
+  d = evaluation.materialize("rj_reasoning", "dev", 4, v)
+  row = evaluation.split_examples("rj_reasoning", "dev", v)[0]
   prompt = v.encode(row["inputs_pretokenized"].decode())
   assert list(d.tokens[0, 0, :len(prompt) + 1]) == [v.bos_id] + prompt
   first = v.encode(row["choices"][0].decode())
@@ -96,11 +112,11 @@ def test_tasks_use_the_pools_tokenizer_and_pools_share_one(tok_dir, tmp_path):
   assert d.tokens.max() < v.vocab_size and d.tokens.max() > models.VOCAB.vocab_size
   # Members with another tokenizer, or another vocab size, are refused, both named.
   hf_fixtures.train_bpe(tmp_path / "tok2", text=hf_fixtures.TEXT.upper())
-  other = vocabularies.from_folder(str(tmp_path / "tok2"))
+  other = tokenizer_files.from_folder(str(tmp_path / "tok2"))
   c = _ckpt(tmp_path / "c", other, size)
   with pytest.raises(UserError, match="checkpoint 'c' has a different tokenizer .* from 'a'"):
     checkpoints.validate_pool(checkpoints.make_pool([a, c]))
-  e = _ckpt(tmp_path / "e", v, size + 8)
+  e = _ckpt(tmp_path / "e", t, size + 8)
   with pytest.raises(UserError, match="differs from 'a': vocab_size .*checkpoint 'e'"):
     checkpoints.validate_pool(checkpoints.make_pool([a, e]))
   # A task that declares another vocabulary than the model's: one line.
@@ -137,16 +153,16 @@ def test_eval_refuses_a_checkpoint_without_tokenizer(tmp_path, capsys):
 @pytest.mark.parametrize("streaming", [False, True], ids=["in-memory", "streaming"])
 def test_merges_keep_the_pools_tokenizer(tok_dir, tmp_path, streaming):
   import json
-  v = vocabularies.from_folder(tok_dir)
+  t = tokenizer_files.from_folder(tok_dir)
   for name, seed in (("a", 0), ("b", 1)):
-    _ckpt(tmp_path / name, v, v.vocab_size, seed)
+    _ckpt(tmp_path / name, t, t.vocab_size, seed)
   (tmp_path / "pool.json").write_text(json.dumps(
       {"checkpoints": [{"name": n, "path": n} for n in "ab"]}))
   out = tmp_path / "merged"
   assert cli.main(["merge", f"--pool={tmp_path / 'pool.json'}", f"--output={out}",
                    *(["--streaming"] if streaming else [])]) == 0
   meta = checkpoints.read_metadata(str(out))
-  assert vocabularies.of_checkpoint(str(out), meta.custom) == v
+  assert tokenizer_files.of_checkpoint(str(out), meta.custom) == t
 
 
 def test_chat_template_flag_uses_the_pools_template(tok_dir, tmp_path):
@@ -159,7 +175,7 @@ def test_chat_template_flag_uses_the_pools_template(tok_dir, tmp_path):
     (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
   user_tasks.register(user_tasks.JsonlTask(name="test_chat_pool", splits=files, prompt="{q}",
                                            target="{a}", kind="exact", chat_template=True))
-  v = vocabularies.from_folder(tok_dir)
+  v = _vocab(tok_dir)
   ex = evaluation.split_examples("test_chat_pool", "dev", v)[0]
   assert ex["inputs_pretokenized"].decode() == "<|user|>who is oldest ?</s><|assistant|>"
   d = evaluation.materialize("test_chat_pool", "dev", None, v)

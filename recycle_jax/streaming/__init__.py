@@ -37,7 +37,7 @@ import numpy as np
 import tensorstore as ts
 from tqdm.auto import tqdm
 
-from recycle_jax import checkpoints
+from recycle_jax import checkpoints, tokenizer_files
 from recycle_jax.errors import UserError, check
 from recycle_jax.streaming.kernel import accumulate, blas_single_threaded, gc_paused  # noqa: F401
 from recycle_jax.streaming.layout import (array_spec, ocdbt_index, pieces,  # noqa: F401
@@ -85,9 +85,8 @@ def merged_custom(pool: checkpoints.Pool, meta: checkpoints.CheckpointMeta,
   out = {"model": meta.model_config,
          "merge": {"method": "linear", "weights": [float(a) for a in alphas],
                    "pool": pool.names}}
-  if meta.vocabulary is not None:  # the pool's tokenizer travels (files: merge_to_disk)
-    from recycle_jax import vocabularies
-    out["vocabulary"] = vocabularies.describe(meta.vocabulary)
+  if meta.tokenizer is not None:  # the pool's tokenizer travels (files: merge_to_disk)
+    out["vocabulary"] = meta.tokenizer.describe()
   hf = meta.custom.get(checkpoints.META_KEY, {}).get("hf_config")
   if hf:
     out["hf_config"] = hf
@@ -280,10 +279,8 @@ def merge_to_disk(pool: checkpoints.Pool, meta: checkpoints.CheckpointMeta,
     try:
       os.makedirs(tmp)
       stats = merge_into(tmp, pool, meta, alphas, memory_budget_mb, progress, compress, fsync)
-      if meta.vocabulary is not None:
-        from recycle_jax import vocabularies
-        vocabularies.write_files(meta.vocabulary,
-                                 os.path.join(tmp, vocabularies.TOKENIZER_DIR))
+      tokenizer_files.write_files(meta.tokenizer,
+                                  os.path.join(tmp, tokenizer_files.TOKENIZER_DIR))
     except BaseException as e:
       shutil.rmtree(tmp, ignore_errors=True)
       error = e
