@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
-from recycle_jax import outputs, tokenizer_files, validation
+from recycle_jax import outputs, quiet, tokenizer_files, validation
 from recycle_jax.errors import UserError, check
 from recycle_jax.partitioning import path_str, with_shardings
 
@@ -165,7 +165,8 @@ def read_metadata(path: str, name: str | None = None) -> CheckpointMeta:
   check_metadata_file(path, where)
   try:
     import orbax.checkpoint as ocp  # here, not at import: `merge --config` and errors skip it
-    meta = ocp.StandardCheckpointer().metadata(path)
+    with quiet.abandoned_reads():
+      meta = ocp.StandardCheckpointer().metadata(path)
     tree = meta.item_metadata
     abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), np.dtype(m.dtype)),
                             dict(tree))
@@ -251,7 +252,8 @@ def restore(path: str, abstract: PyTree, name: str | None = None) -> PyTree:
     return hf_io.restore(path, abstract, name)
   try:
     import orbax.checkpoint as ocp
-    return ocp.StandardCheckpointer().restore(os.path.abspath(path), abstract)
+    with quiet.abandoned_reads():
+      return ocp.StandardCheckpointer().restore(os.path.abspath(path), abstract)
   except Exception as e:
     where = f"checkpoint {name!r} at {path}" if name else path
     raise UserError(f"checkpoint data is unreadable (corrupted or truncated?): "

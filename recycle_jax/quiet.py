@@ -8,13 +8,23 @@ libraries are imported; `NativeFilter` points fd 2 at a pipe whose reader forwar
 line but native libraries' INFO/WARNING lines (glog format from a C/C++ source file) and
 that pre-init notice. Python's own lines (absl logging, the `error:` line) pass
 untouched, as does everything at --log_level=debug.
+
+`abandoned_reads` covers a restore that fails: Orbax reads the arrays concurrently in
+its own asyncio loop and gives up at the first failed read; the other reads' futures,
+failed too, are logged by asyncio as "exception was never retrieved" (with a TensorStore
+traceback) whenever they are garbage-collected, after the `error:` line or before it.
 """
 from __future__ import annotations
 
+import contextlib
+import gc
+import logging
 import os
 import re
 import sys
 import threading
+import traceback
+from typing import Iterator
 
 ENV = {"TF_CPP_MIN_LOG_LEVEL": "3", "GRPC_VERBOSITY": "ERROR", "GLOG_minloglevel": "2"}
 NOISE = re.compile(
@@ -80,3 +90,35 @@ class NativeFilter:
     self.thread.join(timeout)
     os.close(self.real)
     self.real = None
+
+
+class _AbandonedReads(logging.Filter):
+  """asyncio's "exception was never retrieved" for an abandoned checkpoint read: a debug
+  line (the restore's own failure is the `error:` line); anything else passes."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if "exception was never retrieved" not in record.getMessage() or not record.exc_info:
+      return True
+    exc = record.exc_info[1]
+    text = str(exc) + "".join(traceback.format_tb(exc.__traceback__)) if exc else ""
+    if "TensorStore" not in text and "orbax" not in text and "tensorstore" not in text:
+      return True
+    from absl import logging as absl_logging
+    absl_logging.debug("abandoned checkpoint read: %s: %s", type(exc).__name__,
+                       str(exc).splitlines()[0][:200] if str(exc) else "")
+    return False
+
+
+ABANDONED_READS = _AbandonedReads()
+
+
+@contextlib.contextmanager
+def abandoned_reads() -> Iterator[None]:
+  """Around an Orbax read: if it fails, the reads it abandoned never reach stderr (the
+  filter stays: their futures may be collected at any time, at exit too)."""
+  try:
+    yield
+  except BaseException:
+    logging.getLogger("asyncio").addFilter(ABANDONED_READS)  # once: a set of filters
+    gc.collect()  # most of them now, while the failure is being reported
+    raise

@@ -47,8 +47,8 @@ import orbax.checkpoint as ocp
 from absl import logging
 from tqdm.auto import tqdm
 
-from recycle_jax import (checkpoints, evaluation, interrupts, pareto, population, spaces,
-                         strategies, validation)
+from recycle_jax import (checkpoints, evaluation, interrupts, pareto, population, quiet,
+                         spaces, strategies, validation)
 from recycle_jax.errors import UserError, check
 
 PyTree = Any
@@ -372,7 +372,8 @@ def check_saved_state(state_dir: str, sig: dict) -> None:
          "to start again")
   checkpoints.check_metadata_file(step_dir, step_dir)
   try:
-    saved = ocp.StandardCheckpointer().restore(os.path.join(step_dir, "default"))
+    with quiet.abandoned_reads():
+      saved = ocp.StandardCheckpointer().restore(os.path.join(step_dir, "default"))
     a = {k: np.asarray(v) for k, v in saved["archive"].items()}
     rows = {len(v) for v in a.values()}
     ok = ({"x", "alphas", "scores", "fitness", "is_seed"} <= set(a) and len(rows) == 1 and
@@ -435,7 +436,8 @@ def run(search: Search, pool, datas, workdir: str | None, resume: bool = False,
   if resume and mngr is not None and mngr.latest_step() is not None:
     check_signature(str(mngr.directory), signature(search.cfg, search.space, datas))
     step = mngr.latest_step()
-    restored = mngr.restore(step, args=ocp.args.StandardRestore())
+    with quiet.abandoned_reads():
+      restored = mngr.restore(step, args=ocp.args.StandardRestore())
     state = flax.serialization.from_state_dict(state, restored["state"])
     archive = Archive.from_arrays({k: np.asarray(v) for k, v in restored["archive"].items()})
     if search.strategy.host:
