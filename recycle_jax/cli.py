@@ -185,7 +185,13 @@ def cmd_merge(args) -> None:
         f"--method={args.method} needs the base checkpoint", "--base",
         "pass --base=CKPT, the checkpoint the pool was fine-tuned from")
   spec.check_pool(n, True, "--base")
-  values = {h.name: getattr(args, h.name) for h in methods.hparams_by_name().values()}
+  given = {h: getattr(args, h) for h in methods.hparams_by_name()
+           if getattr(args, h) is not None}  # a flag the method would ignore is refused
+  for h in sorted(set(given) - {h.name for h in spec.hparams}):
+    takes = [m for m, s in methods.METHODS.items() if h in {x.name for x in s.hparams}]
+    raise UserError(f"--method={args.method} takes no --{h}", f"--{h}",
+                    f"drop it, or choose a method that takes it ({', '.join(takes)})")
+  values = {h.name: given.get(h.name, h.default) for h in methods.hparams_by_name().values()}
   for h in spec.hparams:
     lo, hi = h.valid
     check(lo < values[h.name] <= hi, f"{h.name} {values[h.name]} is not in ({lo:g}, {hi:g}]",
@@ -371,7 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
   s.add_argument("--base", default=None, help="base checkpoint for task-vector methods")
   from recycle_jax import methods
   for h in methods.hparams_by_name().values():  # every method's hyperparameters
-    s.add_argument(f"--{h.name}", type=float, default=h.default, help=h.help)
+    s.add_argument(f"--{h.name}", type=float, default=None,
+                   help=f"{h.help} (default {h.default:g})")
   s.add_argument("--seed", type=int, default=0, help="the random methods' key (DARE's drop)")
   s.add_argument("--tasks", default=None, help="greedy_soup: tasks whose dev split scores")
   s.add_argument("--max_examples", type=int, default=None, help="greedy_soup: per task")

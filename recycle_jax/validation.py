@@ -122,7 +122,7 @@ def check_flags(args) -> None:
       check(math.isfinite(value), f"{value!r} is not finite", f"--{dest}", "pass a number")
   for name, bound in BOUNDS.items():
     dest = name[2:]
-    if name.startswith("--") and hasattr(args, dest):
+    if name.startswith("--") and getattr(args, dest, None) is not None:  # None: not given
       bound.check(getattr(args, dest), name)
 
 

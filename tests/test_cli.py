@@ -67,6 +67,10 @@ def test_bad_input_gives_one_line_and_writes_nothing(micro_pool, tmp_path, capsy
          "got 2 weights for a pool of 3")
   _fails(["merge", f"--pool={tmp_path}/missing.json", "--weights=1", f"--output={out}"],
          capsys, "pool manifest not found")
+  _fails(["merge", f"--pool={micro_pool}", "--method=frobnicate", f"--output={out}"], capsys,
+         "unknown merge method 'frobnicate'")
+  _fails(["merge", f"--pool={micro_pool}", "--density=0.3", f"--output={out}"], capsys,
+         "--method=linear takes no --density")
   _fails(search_args(micro_pool, out, "--gin_bindings=Experiment.tasks=['rj_nope']"),
          capsys, "unknown task 'rj_nope'")
   _fails(search_args(micro_pool, out, "--gin_bindings=SearchConfig.budgett=3"), capsys,

@@ -111,9 +111,11 @@ def test_derived_tables_cover_the_registry():
     assert (spec.marker is None) == (name not in marks)
   assert len(set(marks.values())) == len(marks)  # no two rows drawn alike
   from recycle_jax import cli
-  args = vars(cli.build_parser().parse_args(["merge", "--pool=p", "--output=o"]))
-  for name, h in methods.hparams_by_name().items():  # a flag per hyperparameter
-    assert args[name] == h.default
+  parse = lambda *a: vars(cli.build_parser().parse_args(  # noqa: E731
+      ["merge", "--pool=p", "--output=o", *a]))
+  for name, h in methods.hparams_by_name().items():  # a flag per hyperparameter, None
+    assert parse()[name] is None                     # unless given (cmd_merge: h.default)
+    assert parse(f"--{name}={h.default}")[name] == h.default
 
 
 # ----------------------------------------------------------------------------- SLERP
