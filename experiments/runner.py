@@ -20,6 +20,7 @@ def search(setting: str, workdir: str, pool: str, bindings: Sequence[str] = (),
   from recycle_jax.checkpoints import atomic_write_text
   gin_file = setting if setting.endswith(".gin") else \
       os.path.join(ROOT, "gin_configs", "settings", f"{setting}.gin")
+  os.makedirs(os.path.dirname(os.path.abspath(workdir)), exist_ok=True)  # its lock's folder
   start = time.perf_counter()
   rc = cli.main(["search", f"--gin_file={gin_file}", f"--workdir={workdir}",
                  "--overwrite", f"--gin_bindings=Experiment.pool='{pool}'", *flags] +

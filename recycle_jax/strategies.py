@@ -60,48 +60,57 @@ class OptunaStudy:
 
   Coordinates are suggested within per-dimension bounds (weights in [0, 1], as the paper;
   tuned hyperparameters' unbounded coordinates in [-4, 4]); the sampler starts at `center`
-  with step `sigma` and is seeded. Its whole state is its history: replaying the same
-  calls (`history`, `enqueue`, `ask`, `tell`) on a fresh study reproduces every proposal
-  bit for bit, which is how a search resumes (Optuna keeps its CMA state inside the
-  in-memory study; nothing of it is written to disk or read back from it).
+  with step `sigma` and is seeded, or, warm started, where Optuna's own warm start puts it
+  (`warm_start`). Its whole state is its history: replaying the same calls (`history`,
+  `warm_start`, `ask`, `tell`) on a fresh study reproduces every proposal bit for bit,
+  which is how a search resumes (Optuna keeps its CMA state inside the in-memory study;
+  nothing of it is written to disk or read back from it).
   """
 
   def __init__(self, pop: int, center: np.ndarray, sigma: float, seed: int,
                lo: Sequence[float], hi: Sequence[float]):
     import optuna  # noqa: PLC0415 (only for this strategy)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    self.pop = pop
+    self.pop, self.seed = pop, seed
     self.names = [f"x{i:04d}" for i in range(len(center))]
     self.lo, self.hi = np.asarray(lo, np.float64), np.asarray(hi, np.float64)
     self.dists = {k: optuna.distributions.FloatDistribution(float(a), float(b))
                   for k, a, b in zip(self.names, self.lo, self.hi)}
     x0 = dict(zip(self.names, np.clip(np.asarray(center, np.float64), self.lo, self.hi).tolist()))
-    with warnings.catch_warnings():  # x0 and sigma0 are deprecated (not removed) in 4.9
-      warnings.simplefilter("ignore")
-      sampler = optuna.samplers.CmaEsSampler(x0=x0, sigma0=float(sigma), seed=seed,
-                                             popsize=pop, warn_independent_sampling=False)
-    self.study = optuna.create_study(direction="maximize", sampler=sampler)
+    self.study = optuna.create_study(direction="maximize",
+                                     sampler=self._sampler(x0=x0, sigma0=float(sigma)))
     self._trials: list = []
+
+  def _sampler(self, **start):
+    import optuna  # noqa: PLC0415
+    with warnings.catch_warnings():  # x0 and sigma0 are deprecated (not removed) in 4.9,
+      warnings.simplefilter("ignore")  # source_trials is experimental
+      return optuna.samplers.CmaEsSampler(seed=self.seed, popsize=self.pop,
+                                          warn_independent_sampling=False, **start)
 
   def _params(self, x: np.ndarray) -> dict:
     return dict(zip(self.names, np.clip(np.asarray(x, np.float64), self.lo, self.hi).tolist()))
 
+  def _completed(self, x: np.ndarray, fitness: np.ndarray) -> list:
+    import optuna  # noqa: PLC0415
+    return [optuna.trial.create_trial(params=self._params(r), distributions=self.dists,
+                                      value=_told(f)) for r, f in zip(x, fitness)]
+
   def history(self, x: np.ndarray, fitness: np.ndarray) -> None:
     """Already evaluated points [K, D] as completed trials: they define the search space
-    (so CMA-ES proposes from the first trial), as the paper seeds the search history; the
-    sampler only learns from trials of its own generations."""
-    import optuna  # noqa: PLC0415
-    self.study.add_trials([optuna.trial.create_trial(
-        params=self._params(r), distributions=self.dists, value=_told(f))
-        for r, f in zip(x, fitness)])
+    (so CMA-ES proposes from the first trial), as the paper seeds the search history. The
+    sampler does not learn from them (they carry no CMA generation): see `warm_start`."""
+    self.study.add_trials(self._completed(x, fitness))
 
-  def enqueue(self, x: np.ndarray) -> None:
-    """Points [K, D] the next asks return (the warm start, as `enqueue_trial`). Optuna runs
-    them with fixed parameters, which CmaEsSampler never samples: they carry no CMA
-    generation, so CMA-ES does not learn from them (Optuna 5.0.0), only the history
-    holds them."""
-    for r in x:
-      self.study.enqueue_trial(self._params(r))
+  def warm_start(self, x: np.ndarray, fitness: np.ndarray) -> None:
+    """Optuna's warm start (CmaEsSampler(source_trials=...), WS-CMA-ES): CMA-ES starts at
+    the mean of the best 10% of the evaluated points [K, D], with their spread plus 0.1 in
+    the [0, 1]-scaled box as its step. Enqueued trials (`enqueue_trial`) would not do it:
+    they carry no CMA generation, so the sampler never learns from them and the search
+    started at the box's centre whatever the seeds. Points are repeated to at least 10
+    (Optuna needs one in its top 10%): the same distribution, from the best one."""
+    idx = np.resize(np.arange(len(x)), max(10, len(x)))
+    self.study.sampler = self._sampler(source_trials=self._completed(x[idx], fitness[idx]))
 
   def ask(self) -> np.ndarray:
     """[P, D] float32 proposals (P trials, kept until `tell`)."""

@@ -75,3 +75,19 @@ def test_host_strategy_warm_starts_and_resumes_bit_for_bit(strategy, tmp_path):
   assert x.min() >= 0 and x.max() <= 1
   np.testing.assert_allclose(np.asarray(full.alphas)[N:], x / x.sum(-1, keepdims=True),
                              rtol=1e-5)
+
+
+@pytest.mark.parametrize("strategy", HOST)
+def test_host_strategy_warm_start_moves_the_search_to_the_best_seeds(strategy):
+  """Warm started, the first generation samples around the best seed (checkpoint 2), not
+  around the box's centre, where a cold start samples."""
+  fitness = np.array([40.0, 45.0, 70.0, 50.0], np.float32)
+  def first(warm):
+    cfg = search.SearchConfig(population_size=8, strategy=strategy, parametrization="box",
+                              warm_start=warm)
+    s = search.Search(cfg, N, _two_tasks)
+    s.start(s.init(), E, fitness)
+    return s.study.ask()
+  warm, cold = first(True), first(False)
+  assert warm[:, 2].mean() > 0.8 and np.delete(warm, 2, 1).mean() < 0.2
+  assert abs(cold.mean() - 0.5) < 0.15
