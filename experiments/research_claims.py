@@ -122,6 +122,49 @@ def dev_size_table(rows: list[dict]) -> list[str]:
   return lines
 
 
+def config_of(r: dict) -> str:
+  return f"{r['strategy']}-{r['parametrization']}-{r['fidelity']}"
+
+
+def pooled_table(rows: list[dict], results: dict[str, list[dict]], reference: str
+                 ) -> list[str]:
+  """Each configuration over every setting and seed: test fitness, search - best baseline
+  and config - `reference` paired by (setting, seed), density, cost and time."""
+  from recycle_jax import reporting
+  by = {}
+  for r in rows:
+    by.setdefault(config_of(r), {})[r["setting"]] = r
+  ref = by.get(reference, {})
+  def test(r):
+    return runner.test_fitness(results[r["name"]], "search")
+  lines = [f"| configuration | settings × seeds | test fitness | search - best baseline | "
+           f"verdict | - {reference} | verdict | non-zero weights of the best | of all "
+           "candidates | dev examples (vs full) | s per merge (median) |",
+           "|" + "---|" * 11]
+  for c, per in by.items():
+    t, vs, dref, nz, cand, ex, sec = [], [], [], [], [], [], []
+    for setting, r in per.items():
+      rs = results[r["name"]]
+      base = runner.test_fitness(rs, runner.best_baseline(rs))
+      t += test(r)
+      vs += [a - b for a, b in zip(test(r), base)]
+      if setting in ref and c != reference:
+        dref += [a - b for a, b in zip(test(r), test(ref[setting]))]
+      nz += r["nonzero"]
+      cand.append(r["candidates_nonzero"])
+      sec += r["per_merge_s"]
+      full = by.get(f"{r['strategy']}-{r['parametrization']}-full", {}).get(setting)
+      if full is not None:
+        ex.append(r["dev_examples"] / full["dev_examples"])
+    pv, pr = reporting.paired(vs, [0] * len(vs)), reporting.paired(dref, [0] * len(dref))
+    sig = lambda p: "–" if p["n"] == 0 else f"{p['mean']:+.1f} ± {p['ci95']:.1f}"
+    lines.append(f"| {c} | {len(per)} × {len(t) // max(1, len(per))} | {reporting.fmt_ci(t)} | "
+                 f"{sig(pv)} | {pv['verdict']} | {sig(pr)} | "
+                 f"{pr['verdict'] if pr['n'] else '–'} | {np.mean(nz):.1f} | "
+                 f"{np.mean(cand):.1f} | {np.mean(ex):.2f} | {np.median(sec):.2f} |")
+  return lines
+
+
 def figure(rows: list[dict], results: dict[str, list[dict]], path: str) -> None:
   """Left: each configuration's test fitness (mean ± CI) against the dev examples its
   search evaluated, full vs adaptive. Right: the best full-fidelity dev fitness of the
@@ -181,6 +224,15 @@ def summary(workdir: str, runs: list[dict], args) -> str:
            "Mean ± 95% CI (t-distribution) over seeds; the verdict follows from the paired "
            "difference's CI (search - the baseline with the best mean test fitness).", ""]
   lines += table(main) + [""]
+  if main:
+    lines += [f"## Every setting pooled (paired by setting and seed; reference "
+              f"{args.reference})", ""] + pooled_table(main, results, args.reference) + [""]
+    ref = {r["setting"]: results[r["name"]] for r in main if config_of(r) == args.reference}
+    if ref:
+      lines += [f"## Seeded reproduction: {args.reference}, every baseline", ""]
+      lines += runner.overview_table(ref) + [""]
+      for setting, rs in ref.items():
+        lines += runner.setting_section(setting, rs) + [""]
   if sizes:
     lines += ["## Dev split size (test fixed at 128 per task)", ""] + dev_size_table(sizes) + [""]
   if main:
@@ -216,6 +268,9 @@ def main() -> int:
                  help="a gin binding for every run (e.g. 'SearchConfig.warm_start = False')")
   p.add_argument("--tag", default="", help="appended to every run's name (with --bindings)")
   p.add_argument("--summary_only", action="store_true")
+  p.add_argument("--reference", default="CMA_ES-relu_normalize-full",
+                 help="the configuration the pooled table pairs every other one with, and "
+                      "whose seeded tables (every baseline) the summary prints")
   args = p.parse_args()
   from recycle_jax import search, spaces
   if args.configs:
