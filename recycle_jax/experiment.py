@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import time
 from typing import Any, Sequence
 
@@ -18,7 +17,7 @@ import numpy as np
 from absl import logging
 
 from recycle_jax import (baselines, checkpoints, configurables, evaluation, hf_io, merging,
-                         mergekit_config, methods, models, pareto, partitioning,
+                         mergekit_config, methods, models, outputs, pareto, partitioning,
                          population, reporting, search, spaces)
 from recycle_jax import validation
 from recycle_jax.errors import UserError, check
@@ -180,33 +179,28 @@ def run_search(workdir: str, resume: bool = False, overwrite: bool = False,
   if resume and exp.top_n:  # the space is known once the top N are chosen
     _check_saved(seeds, space, dev)
   # The workdir is only touched once every input has been read and checked; one replaced
-  # is set aside (WORKDIR.old-*) until the new run is complete.
-  old = None
-  if overwrite and os.path.isdir(workdir) and not resume and jax.process_index() == 0:
-    old = f"{os.path.abspath(workdir)}.old-{os.getpid()}"
-    os.rename(workdir, old)
-  os.makedirs(workdir, exist_ok=True)
-  _write_config(workdir)  # once: every configurable has been called, the config is complete
+  # is set aside (WORKDIR.old-*) until the new run is complete, and put back if it fails.
+  with outputs.set_aside(workdir, overwrite and not resume and jax.process_index() == 0):
+    os.makedirs(workdir, exist_ok=True)
+    _write_config(workdir)  # once: every configurable has been called, the config is complete
 
-  shared = Shared(exp, loaded, dev, test, scorer, mode, single_dev, scorer(eye, test, "test"),
-                  base, vocab=vocab)
-  shared.baselines, shared.linear_baselines = evaluate_baselines(shared, method_baselines)
-  space_scorer = scorer
-  if not space.is_linear:  # its own program: merges of the space, P of them at a time
-    operands = space.operands(loaded.params, base)
-    fn = population.jit_population(population.make_population_fn(
-        score, space_mode, space.merge), operands, loaded.mesh)
-    space_scorer = population.CachedScorer(fn, operands, space_pop)
-  runs = []
-  for k, (wd, cfg) in enumerate(seeds):  # the Pareto sweep runs once, with the first seed
-    runs.append(search_once(shared, cfg, space, space_scorer, wd, resume, progress,
-                            sweep if k == 0 else dataclasses.replace(sweep, num_weights=0)))
-  results = runs[0]
-  if num_seeds > 1:
-    results = reporting.with_seeds(runs[0], runs, [os.path.basename(wd) for wd, _ in seeds])
-    write_results(workdir, results, runs)
-  if old is not None:
-    shutil.rmtree(old, ignore_errors=True)
+    shared = Shared(exp, loaded, dev, test, scorer, mode, single_dev, scorer(eye, test, "test"),
+                    base, vocab=vocab)
+    shared.baselines, shared.linear_baselines = evaluate_baselines(shared, method_baselines)
+    space_scorer = scorer
+    if not space.is_linear:  # its own program: merges of the space, P of them at a time
+      operands = space.operands(loaded.params, base)
+      fn = population.jit_population(population.make_population_fn(
+          score, space_mode, space.merge), operands, loaded.mesh)
+      space_scorer = population.CachedScorer(fn, operands, space_pop)
+    runs = []
+    for k, (wd, cfg) in enumerate(seeds):  # the Pareto sweep runs once, with the first seed
+      runs.append(search_once(shared, cfg, space, space_scorer, wd, resume, progress,
+                              sweep if k == 0 else dataclasses.replace(sweep, num_weights=0)))
+    results = runs[0]
+    if num_seeds > 1:
+      results = reporting.with_seeds(runs[0], runs, [os.path.basename(wd) for wd, _ in seeds])
+      write_results(workdir, results, runs)
   return results
 
 

@@ -126,6 +126,25 @@ def replace(tmp: str, path: str, overwrite: bool) -> None:
 
 
 @contextlib.contextmanager
+def set_aside(path: str, active: bool = True) -> Iterator[None]:
+  """For a block that writes a new `path` in place (a workdir filled as a search runs): an
+  existing `path` is moved to a sibling first, deleted when the block ends normally and
+  put back, the new one removed, when it fails. Nothing is lost either way."""
+  if not active or not os.path.lexists(path):
+    yield
+    return
+  old = f"{os.path.abspath(path)}.old-{uuid.uuid4().hex[:8]}"
+  os.rename(path, old)
+  try:
+    yield
+  except BaseException:
+    remove(path)
+    os.rename(old, path)
+    raise
+  remove(old)
+
+
+@contextlib.contextmanager
 def staged(path: str, overwrite: bool = False, token: str | None = None,
            commit: bool = True) -> Iterator[str]:
   """Yields a temp sibling to write `path` into; renames it onto `path` when the block

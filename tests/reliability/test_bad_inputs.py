@@ -239,3 +239,25 @@ def test_existing_output_needs_overwrite(tiny_pool, tmp_path, out, capsys, no_ar
   assert_rejected(capsys, tiny_search_args(tiny_pool, out), "is not empty", "--overwrite",
                   untouched=untouched)
   assert sorted(os.listdir(tmp_path)) == ["out"]
+
+
+def test_failed_search_overwrite_puts_the_old_workdir_back(tiny_pool, tmp_path, out, capsys,
+                                                           monkeypatch):
+  """--overwrite replaces a workdir only once the new run is complete: a run that fails
+  after the old one was set aside (here its search hits a full disk) puts it back whole."""
+  import errno
+
+  from recycle_jax import cli, experiment
+  from reliability_util import snapshot
+  os.makedirs(out)
+  (out / "results.json").write_text("an earlier result")
+  before = snapshot(out)
+
+  def full_disk(shared, cfg, space, scorer, workdir, *a):
+    assert os.path.isfile(os.path.join(workdir, "config.gin"))  # the new run had begun
+    raise OSError(errno.ENOSPC, "No space left on device", os.path.join(workdir, "x"))
+  monkeypatch.setattr(experiment, "search_once", full_disk)
+  assert cli.main(tiny_search_args(tiny_pool, out, "--overwrite")) == 2
+  assert capsys.readouterr().err.startswith("error: No space left on device")
+  assert snapshot(out) == before
+  assert sorted(os.listdir(tmp_path)) == ["out"]  # no WORKDIR.old-*, no lock left
