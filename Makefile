@@ -7,7 +7,7 @@ export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
 export TF_CPP_MIN_LOG_LEVEL ?= 3
 export PYTHONWARNINGS ?= ignore::DeprecationWarning
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test test-faults bench clean
 
 install: $(STAMP)
 
@@ -21,8 +21,13 @@ $(STAMP): requirements.txt requirements-test.txt setup.py
 demo: install
 	$(PY) experiments/demo.py --workdir=runs/demo
 
+# A stratified sample of the generated fault cases (every command meets every kind of
+# fault); `make test-faults` runs all of them (CI runs both).
 test: install
 	$(PY) -m pytest -q tests
+
+test-faults: install
+	RJ_FAULTS=all $(PY) -m pytest -q tests/reliability/test_faults.py
 
 bench: install
 	$(PY) benchmarks/search_throughput.py

@@ -728,6 +728,18 @@ def output_cases() -> list[Case]:
         s.culprits += (mnt,)
       out.append(_case(command, "output-fs", fs, on_fs, needs="mount"))
 
+    def mount_point(s, w, t, command=command):  # an earlier output on its own filesystem
+      mnt = os.path.join(t, "mnt")
+      os.makedirs(mnt)
+      mount_tmpfs(mnt, full=False)
+      open(os.path.join(mnt, "keep.txt"), "w").write("an earlier result")
+      _set_output(s, command, mnt)
+      s.inputs, s.outputs = s.inputs + [mnt], []
+      s.argv.insert(-1, "--overwrite")
+    if command in OVERWRITES:  # (a file output or a cache is not replaced by a rename)
+      out.append(_case(command, "output-fs", "mount-point+overwrite", mount_point,
+                       needs="mount"))
+
     def no_permission(s, w, t, command=command):
       d = os.path.join(t, "locked")
       os.makedirs(d)
@@ -741,15 +753,16 @@ def output_cases() -> list[Case]:
 
 
 NOBODY = 65534
+SAMPLE_EVERY = 4  # `make test` runs a quarter of the cases (see `sample`)
 FULL_BYTES = 0  # what a "full" tmpfs has left
 
 
-def mount_tmpfs(path: str, readonly: bool = False) -> None:
-  """A small tmpfs at path: read-only, or with a few KiB left."""
-  opts = "ro,size=64k" if readonly else "size=256k"
+def mount_tmpfs(path: str, readonly: bool = False, full: bool = True) -> None:
+  """A small tmpfs at path: read-only, with a few KiB left, or (not `full`) with room."""
+  opts = "ro,size=64k" if readonly else "size=256k" if full else "size=64m"
   subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", path], check=True,
                  capture_output=True, timeout=30)
-  if not readonly:
+  if not readonly and full:
     st = os.statvfs(path)
     with open(os.path.join(path, ".filler"), "wb") as f:
       f.write(bytes(max(0, st.f_bavail * st.f_frsize - FULL_BYTES)))
@@ -778,6 +791,21 @@ def can(need: str) -> bool:
     return False
   finally:
     shutil.rmtree(d, ignore_errors=True)
+
+
+def stratum(case: Case) -> tuple[str, str]:
+  """(command, kind of fault): what a sample must cover."""
+  return case.command, case.id.split(":")[1]
+
+
+def sample(cases: list[Case], every: int = SAMPLE_EVERY) -> list[Case]:
+  """A deterministic stratified sample: of each stratum's cases (in generation order),
+  the first and every `every`-th after it; every command meets every kind of fault it
+  has. `make test` runs the sample, `make test-faults` all of them."""
+  by: dict[tuple, list[Case]] = {}
+  for c in cases:
+    by.setdefault(stratum(c), []).append(c)
+  return [c for group in by.values() for c in group[::every]]
 
 
 def all_cases() -> list[Case]:

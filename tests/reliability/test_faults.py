@@ -21,7 +21,9 @@ import faults
 from recycle_jax import cli
 from reliability_util import partials, snapshot
 
-CASES = faults.all_cases()
+ALL_CASES = faults.all_cases()
+# RJ_FAULTS=all (`make test-faults`, CI): every case; otherwise a stratified sample.
+CASES = ALL_CASES if os.environ.get("RJ_FAULTS") == "all" else faults.sample(ALL_CASES)
 LIMIT_S = float(os.environ.get("RJ_FAULT_LIMIT_S", 60))  # one case
 
 
@@ -113,12 +115,15 @@ def test_fault(case, world, capsys):
 
 def test_generated_cases_cover_every_command_and_kind():
   """The generators find something to break in every command (a new command or an
-  emptied generator shows here)."""
-  commands = {c.command for c in CASES}
+  emptied generator shows here), and the sample meets every (command, kind) they do."""
+  commands = {c.command for c in ALL_CASES}
   assert commands == set(faults.COMMANDS)
-  kinds = {c.id.split(":")[1] for c in CASES}
+  kinds = {c.id.split(":")[1] for c in ALL_CASES}
   assert {"flag", "path", "gin", "checkpoint", "manifest", "hf-config", "hf-weights",
           "results", "resume-state", "output", "output-fs"} <= kinds
+  sample = faults.sample(ALL_CASES)
+  assert {faults.stratum(c) for c in sample} == {faults.stratum(c) for c in ALL_CASES}
+  assert len(sample) < len(ALL_CASES) / 3 and sample == faults.sample(ALL_CASES)
 
 
 def test_an_unexpected_failure_is_one_line_with_a_hint_and_verbose_adds_the_traceback(
