@@ -93,6 +93,8 @@ def check_workdir(workdir: str, resume: bool, overwrite: bool, inputs: Sequence[
   if os.path.isdir(workdir) and os.listdir(workdir) and not (resume or overwrite):
     raise UserError(f"workdir {workdir} is not empty", "--workdir",
                     "pass --resume to continue it, --overwrite to replace it, or a new path")
+  if overwrite and not resume and os.path.isdir(workdir) and os.listdir(workdir):  # moved
+    outputs.check_replaceable(workdir, "--workdir")
 
 
 def _write_config(workdir: str) -> None:

@@ -61,6 +61,7 @@ def check(path: str, inputs: Sequence[str] = (), overwrite: bool = False,
     require(os.path.isdir(path) == want_dir or kind == "any",
            f"output {path} is {'a file' if want_dir else 'a directory'}", flag,
            f"pass a {'directory' if want_dir else 'file'} path")
+    check_replaceable(path, flag)
   parent = _existing_ancestor(path)
   require(os.path.isdir(parent), f"output {path} lies under the file {parent}", flag,
          "choose a path in a directory")
@@ -78,6 +79,15 @@ def check(path: str, inputs: Sequence[str] = (), overwrite: bool = False,
   need = nbytes + HEADROOM if nbytes else 1
   require(free >= need, f"not enough space in {parent}: {_mb(need)} needed, {_mb(free)} free",
          flag, "free some space or write elsewhere")
+
+
+def check_replaceable(path: str, flag: str) -> None:
+  """An existing output is replaced by renames in its directory (the new one is written
+  beside it, so every rename stays on one filesystem): one that is the root of another
+  filesystem (a mount point) cannot be renamed, so it is refused before any work."""
+  require(not os.path.ismount(path), f"output {path} is a mount point (the root of another "
+          "filesystem), which cannot be replaced by a rename", flag,
+          "write into a new path inside it")
 
 
 def _mb(n: int) -> str:
@@ -130,8 +140,9 @@ def set_aside(path: str, active: bool = True) -> Iterator[None]:
   """For a block that writes a new `path` in place (a workdir filled as a search runs): an
   existing `path` is moved to a sibling first, deleted when the block ends normally and
   put back, the new one removed, when it fails. Nothing is lost either way."""
-  if not active or not os.path.lexists(path):
-    yield
+  if not active or not os.path.lexists(path) or (os.path.isdir(path) and
+                                                  not os.listdir(path)):
+    yield  # nothing to keep
     return
   old = f"{os.path.abspath(path)}.old-{uuid.uuid4().hex[:8]}"
   os.rename(path, old)

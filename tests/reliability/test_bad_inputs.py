@@ -261,3 +261,35 @@ def test_failed_search_overwrite_puts_the_old_workdir_back(tiny_pool, tmp_path, 
   assert capsys.readouterr().err.startswith("error: No space left on device")
   assert snapshot(out) == before
   assert sorted(os.listdir(tmp_path)) == ["out"]  # no WORKDIR.old-*, no lock left
+
+
+def _other_filesystem(near) -> str | None:
+  """A fresh writable directory on another filesystem than `near` (/dev/shm), or None."""
+  d = "/dev/shm"
+  if (not os.path.isdir(d) or not os.access(d, os.W_OK) or
+      os.stat(d).st_dev == os.stat(near).st_dev):
+    return None
+  import tempfile
+  return tempfile.mkdtemp(dir=d, prefix="rj_exdev_")
+
+
+@pytest.mark.parametrize("extra", [[], ["--streaming"]])
+def test_output_on_another_filesystem(extra, tiny_pool, tmp_path):
+  """Inputs on one filesystem, the output on another (a rename across them fails with
+  EXDEV): the temporary sibling is written in the output's own directory, so every rename
+  stays on its filesystem; an earlier output there is replaced the same way."""
+  from recycle_jax import checkpoints, cli
+  from reliability_util import snapshot
+  other = _other_filesystem(tmp_path) or pytest.skip("no second writable filesystem")
+  try:
+    out = os.path.join(other, "merged")
+    before = snapshot(pool_dir(tiny_pool))
+    for again in ([], ["--overwrite"]):
+      assert cli.main(_merge(tiny_pool, out, "1,1,2", *extra, *again)) == 0
+      assert sorted(os.listdir(other)) == ["merged"]  # no temporary sibling left
+    assert snapshot(pool_dir(tiny_pool)) == before
+    merged, _ = checkpoints.restore_local(out)
+    a, _ = checkpoints.restore_local(pool_paths(tiny_pool)["a"])
+    assert merged["embed"]["embedding"].shape == a["embed"]["embedding"].shape
+  finally:
+    shutil.rmtree(other, ignore_errors=True)
