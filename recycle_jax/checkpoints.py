@@ -301,7 +301,7 @@ def save(path: str, params: PyTree, custom: dict, overwrite: bool = False,
   path = os.path.abspath(path)
   tmp = temp_sibling(path)
   if tokenizer is not None:
-    custom = {**custom, "vocabulary": tokenizer.describe()}
+    custom = {**custom, "vocabulary": tokenizer.describe()}  # the key existing checkpoints use
   try:
     ckptr = ocp.StandardCheckpointer()
     ckptr.save(tmp, params, custom_metadata={META_KEY: custom})

@@ -208,7 +208,7 @@ def of_checkpoint(path: str, custom: Mapping) -> Tokenizer | None:
   rj = custom.get("recycle_jax") or {}
   if os.path.isfile(os.path.join(path, "config.json")):  # a Hugging Face folder
     return from_folder(path, rj.get("hf_config"))
-  tok = from_metadata(path, rj.get("vocabulary"))  # the metadata's key since v1
+  tok = from_metadata(path, rj.get("vocabulary"))  # the stored key (checkpoints.save)
   model = rj.get("model")
   if tok is None and isinstance(model, dict) and model.get("family", "byte") == "byte":
     tok = BYTE  # the byte family's own vocabulary
