@@ -228,6 +228,7 @@ class Shared:
   baselines: dict = dataclasses.field(default_factory=dict)
   linear_baselines: Sequence[str] = ()  # those that are linear merges: the search's seeds
   vocab: Any = None  # the tasks' vocabulary (the pool's): adaptive fidelity's subsets
+  programs: dict = dataclasses.field(default_factory=dict)  # the run's compiled generations
 
   @property
   def n(self) -> int:
@@ -274,7 +275,7 @@ def search_once(sh: Shared, scfg: search.SearchConfig, space: spaces.MergeSpace,
   names = [d.name for d in sh.dev]
 
   def run_one(cfg, wd):
-    srch = search.Search(cfg, sh.n, scorer.population_fn, space)
+    srch = search.Search(cfg, sh.n, scorer.population_fn, space, programs=sh.programs)
     subset = None
     # A fixed random subset of each dev split, the same for every search seed: its packed
     # shapes are then too, so seeds share one compiled program (a subset per seed cost a

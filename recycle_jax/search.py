@@ -26,8 +26,9 @@ many dev examples it cost; only full-fidelity points can be the best one.
 
 What is searched is a `spaces.MergeSpace` (linear weights by default; layer-wise weights,
 task-vector methods and their hyperparameters otherwise): x and alphas are then [P, D].
-The compiled generation is shared by every Search with the same program (seeds, budgets
-and scalarization weights are runtime values), so repeated seeds and sweeps compile once.
+The compiled generation is shared by every Search given the same `programs` cache (the
+run's: `experiment` makes one per run) and the same program (seeds, budgets and
+scalarization weights are runtime values), so repeated seeds and sweeps compile once.
 """
 from __future__ import annotations
 
@@ -163,10 +164,6 @@ class Archive:
     return len(self.fitness)
 
 
-# (program-shaping config, space, population_fn) -> the Search whose jitted functions run it
-_PROGRAMS: dict = {}
-
-
 @dataclasses.dataclass
 class Search:
   """Builds the compiled generation for a pool and a tuple of dev TaskData."""
@@ -174,6 +171,9 @@ class Search:
   n: int  # pool size
   population_fn: Callable  # (alphas, pool, datas) -> (scores [P, T], finite [P])
   space: spaces.MergeSpace | None = None  # None: linear weights over the n checkpoints
+  # The run's compiled programs: (program-shaping config, space, population_fn) -> the
+  # Search whose jitted functions run it. None: this Search compiles its own.
+  programs: dict | None = None
 
   def __post_init__(self):
     self.space = self.space or spaces.MergeSpace(n=self.n)
@@ -187,7 +187,7 @@ class Search:
     program = (dataclasses.replace(self.cfg, budget=0, seed=0, warm_start=False,
                                    scalarization="mean", task_weights=None),
                self.space, self.population_fn)
-    owner = _PROGRAMS.setdefault(program, self)
+    owner = ({} if self.programs is None else self.programs).setdefault(program, self)
     if owner is self:
       self.strategy = strategies.get(self.cfg.strategy)
       self.es = self.es_params = self._jit_generation = self.tell_seeds = None

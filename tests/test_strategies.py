@@ -15,9 +15,9 @@ def _two_tasks(alphas, pool, datas):
   return 100 - 50 * d, jnp.ones(alphas.shape[0], bool)
 
 
-def _run(budget=32, **kw):
+def _run(budget=32, programs=None, **kw):
   cfg = search.SearchConfig(budget=budget, sigma_init=0.3, population_size=8, **kw)
-  s = search.Search(cfg, N, _two_tasks)
+  s = search.Search(cfg, N, _two_tasks, programs=programs)
   return s, search.run(s, None, None, workdir=None, progress=False)
 
 
@@ -34,9 +34,12 @@ def test_every_strategy_runs_end_to_end_with_the_same_budget(strategy):
 
 
 def test_weighted_and_chebyshev_scalarizations_steer_the_search_and_share_its_program():
-  s0, a0 = _run(seed=1, scalarization="weighted", task_weights=(1.0, 0.0))
-  s1, a1 = _run(seed=1, scalarization="chebyshev", task_weights=(0.2, 0.8))
+  programs = {}  # a run's cache of compiled programs
+  s0, a0 = _run(seed=1, scalarization="weighted", task_weights=(1.0, 0.0), programs=programs)
+  s1, a1 = _run(seed=1, scalarization="chebyshev", task_weights=(0.2, 0.8), programs=programs)
   assert s0._jit_generation is s1._jit_generation  # one program for every scalarization
+  other_run = search.Search(s0.cfg, N, _two_tasks)  # the cache is the run's, not the process's
+  assert other_run._jit_generation is not s0._jit_generation
   best0 = np.asarray(a0.scores)[a0.best()]
   assert best0[0] > best0[1] + 20  # all weight on task 0
   best1 = np.asarray(a1.scores)[a1.best()]
