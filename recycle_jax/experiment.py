@@ -225,7 +225,7 @@ class Shared:
   single_dev: np.ndarray  # [N, T]
   single_test: np.ndarray  # [N, T + R]
   base: PyTree | None = None
-  baselines: dict = dataclasses.field(default_factory=dict)
+  baselines: dict[str, reporting.MethodResult] = dataclasses.field(default_factory=dict)
   linear_baselines: Sequence[str] = ()  # those that are linear merges: the search's seeds
   vocab: Any = None  # the tasks' vocabulary (the pool's): adaptive fidelity's subsets
   programs: dict = dataclasses.field(default_factory=dict)  # the run's compiled generations
@@ -236,9 +236,8 @@ class Shared:
 
 
 def evaluate_baselines(sh: Shared, method_baselines: dict
-                       ) -> tuple[dict[str, tuple], list[str]]:
-  """{name: (weights [N], dev [T], test [T + R], how it was merged | None)}, and the names
-  of the linear ones."""
+                       ) -> tuple[dict[str, reporting.MethodResult], list[str]]:
+  """Every baseline's result, and the names of the linear ones."""
   lin = baselines.baseline_weights(sh.single_dev)
   how = {}
   if sh.exp.greedy_soup:
@@ -249,7 +248,8 @@ def evaluate_baselines(sh: Shared, method_baselines: dict
   names = list(lin)
   w = np.stack([lin[m] for m in names])
   dev, test = sh.scorer(w, sh.dev, "dev"), sh.scorer(w, sh.test, "test")
-  out = {m: (w[i], dev[i], test[i], how.get(m)) for i, m in enumerate(names)}
+  out = {m: reporting.MethodResult(w[i], dev[i], test[i], how.get(m))
+         for i, m in enumerate(names)}
   # Merged like the pool is placed, so the linear program scores them without recompiling.
   shardings = sh.loaded.shardings
   for m, (space, points) in method_baselines.items():  # task_vector_baselines' spaces
@@ -257,8 +257,9 @@ def evaluate_baselines(sh: Shared, method_baselines: dict
     trees = [merge(p, space.operands(sh.loaded.params, sh.base)) for p in points]
     devs = sh.scorer.score_trees(trees, sh.dev)
     i = int(np.argmax(np.nan_to_num(devs.mean(-1), nan=-np.inf)))  # lam chosen on dev
-    out[m] = (space.checkpoint_weights(points[i]), devs[i],
-              sh.scorer.score_trees([trees[i]], sh.test)[0], space.describe(points[i]))
+    out[m] = reporting.MethodResult(space.checkpoint_weights(points[i]), devs[i],
+                                    sh.scorer.score_trees([trees[i]], sh.test)[0],
+                                    space.describe(points[i]))
   return out, names
 
 
@@ -270,7 +271,7 @@ def search_once(sh: Shared, scfg: search.SearchConfig, space: spaces.MergeSpace,
   # The linear baselines, as points of the space, seed the archive (and warm starts).
   seed_points = space.lift(np.concatenate(
       [np.eye(sh.n, dtype=np.float32)] +
-      [sh.baselines[m][0][None] for m in sh.linear_baselines if m != "best_single"]))
+      [sh.baselines[m].alphas[None] for m in sh.linear_baselines if m != "best_single"]))
   seed_scores = scorer(seed_points, sh.dev, "dev")
   names = [d.name for d in sh.dev]
 
@@ -296,50 +297,41 @@ def search_once(sh: Shared, scfg: search.SearchConfig, space: spaces.MergeSpace,
   start = time.perf_counter()
   srch, archive = run_one(scfg, workdir)
   wall = time.perf_counter() - start  # the search alone (its first generation compiles)
-  sweeps = pareto.run_sweep(scfg, sweep, len(names), lambda c, i: run_one(
+  sweeps = [pareto.Sweep(c.scalarization, list(c.task_weights), run_one(
       c, os.path.join(workdir, "sweep", f"{c.scalarization}_{i}"))[1])
+      for i, c in enumerate(pareto.sweep_configs(scfg, sweep, len(names)))]
   w = np.asarray(archive.alphas[archive.best()])
-  methods = {"search": (space.checkpoint_weights(w), scorer(w[None], sh.dev, "dev")[0],
-                        scorer(w[None], sh.test, "test")[0], space.describe(w))}
-  methods.update(sh.baselines)
-  results = reporting.build_results(
+  found = reporting.MethodResult(space.checkpoint_weights(w), scorer(w[None], sh.dev, "dev")[0],
+                                 scorer(w[None], sh.test, "test")[0], space.describe(w))
+  hits = scorer.hits  # the run's record counts those before the front's test scores
+  front_test = scorer(pareto.test_needed(archive, sweeps), sh.test, "test")
+  record = reporting.RunResult(
       tasks=list(sh.exp.tasks),
       report_tasks=[d.name for d in sh.test if d.name not in sh.exp.tasks],
       pool_names=sh.loaded.pool.names, single_dev=sh.single_dev, single_test=sh.single_test,
-      methods={m: v[:3] for m, v in methods.items()}, archive=archive,
+      methods={"search": found, **sh.baselines}, archive=archive,
       config={"search": dataclasses.asdict(scfg), "population_size": srch.pop,
               "sigma_init": srch.sigma, "dev_examples_evaluated": archive.dev_examples(),
               "search_wall_s": round(wall, 2),
               "dev_examples": {d.name: int(d.num_examples) for d in sh.dev},
-              "population_mode": sh.mode, "cache_hits": scorer.hits,
+              "population_mode": sh.mode, "cache_hits": hits,
               "merge_space": {"name": space.name, "groups": list(space.groups),
-                              "tuned": list(space.tuned)}})
-  for m, v in methods.items():
-    if v[3] is not None:
-      results["methods"][m]["merge"] = v[3]
-  results["pareto"] = pareto.front_record(
-      results, archive, sweeps, space.checkpoint_weights,
-      lambda pts: scorer(pts, sh.test, "test"), sh.single_dev, sh.single_test, sweep.reference)
+                              "tuned": list(space.tuned)}},
+      space=space, sweeps=sweeps, front_test=front_test, reference=sweep.reference)
   if sh.exp.save_merged:
     merged = jax.jit(space.merge, out_shardings=sh.loaded.shardings)(
         jax.numpy.asarray(w), scorer.pool)
     save_merged(os.path.join(workdir, "merged"), sh.loaded, merged,
                 merged_metadata(sh.loaded, space.checkpoint_weights(w), "search",
                                 space=space.describe(w)), sh.exp.merged_format, overwrite=True)
+  results = reporting.build_results(record)
   write_results(workdir, results)
   return results
 
 
 def write_results(workdir: str, results: dict, runs: Sequence[dict] = ()) -> None:
-  """Figures (a convenience: a failure is logged, never fatal), results.json, report.md."""
-  if jax.process_index() != 0:
-    return
-  try:
-    from recycle_jax import figures  # matplotlib: only when a run is written
-    results["figures"] = figures.write_run_figures(workdir, results, runs)
-  except Exception as e:  # noqa: BLE001
-    logging.warning("figures not drawn: %s: %s", type(e).__name__, e)
-  reporting.write_run(workdir, results)
+  if jax.process_index() == 0:  # one writer
+    reporting.write_run(workdir, results, runs)
 
 
 def top_n_subset(loaded: Loaded, score, dev, top_n: int) -> Loaded:

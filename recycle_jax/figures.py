@@ -45,11 +45,10 @@ def _history(results: dict, kind: str | None = "search") -> list[dict]:
   return [h for h in results["history"] if kind is None or h["kind"] == kind]
 
 
-def checkpoint_weights(results: dict, w: Sequence[float]) -> np.ndarray:
-  """A history point -> per-checkpoint weights (averaged over layer groups; no hparams)."""
-  n = len(results["pool"])
-  groups = max(1, len(results.get("config", {}).get("merge_space", {}).get("groups") or []))
-  return np.asarray(w[:groups * n], np.float64).reshape(groups, n).mean(0)
+def checkpoint_weights(h: dict) -> np.ndarray:
+  """A history entry's per-checkpoint weights, as its record gives them (its point itself
+  when the space is linear)."""
+  return np.asarray(h.get("checkpoint_weights", h["weights"]), np.float64)
 
 
 def coincident(points: dict[str, np.ndarray]) -> list[tuple[str, str, np.ndarray]]:
@@ -105,7 +104,7 @@ def weights_heatmap(results: dict, path: str, top: int = 5) -> str:
                 key=lambda h: -h["fitness"])
   rows, seen = [], set()
   for h in hist:
-    w = checkpoint_weights(results, h["weights"])
+    w = checkpoint_weights(h)
     key = tuple(np.round(w, 3))
     if key not in seen:
       seen.add(key)

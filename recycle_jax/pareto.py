@@ -10,7 +10,7 @@ reported as a fraction of the box [reference, 100]^T.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Sequence
+from typing import Any, Sequence
 
 import jax.numpy as jnp
 import numpy as np
@@ -149,13 +149,15 @@ def sweep_configs(scfg, sweep: SweepConfig, num_tasks: int) -> list:
   return out
 
 
-def run_sweep(scfg, sweep: SweepConfig, num_tasks: int, run_one: Callable) -> list[dict]:
-  """run_one(SearchConfig, index) -> Archive, for each sweep config; returns their records."""
-  return [{"scalarization": c.scalarization, "task_weights": list(c.task_weights),
-           "archive": run_one(c, i)} for i, c in enumerate(sweep_configs(scfg, sweep, num_tasks))]
+@dataclasses.dataclass(frozen=True)
+class Sweep:
+  """One search of a sweep: its scalarization, tradeoff weights [T] and archive."""
+  scalarization: str
+  task_weights: list
+  archive: Any  # search.Archive
 
 
-def evaluated(archive, sweeps: Sequence[dict]) -> tuple[list[str], np.ndarray, np.ndarray]:
+def evaluated(archive, sweeps: Sequence[Sweep]) -> tuple[list[str], np.ndarray, np.ndarray]:
   """(source, point [D], dev scores [T]) of every merge evaluated on the full dev split (an
   adaptive search's subset estimates are left out): the main archive (seeds and search) and
   the sweeps' search merges (their seeds repeat the main ones)."""
@@ -164,12 +166,28 @@ def evaluated(archive, sweeps: Sequence[dict]) -> tuple[list[str], np.ndarray, n
   sources = ["seed" if s else "search" for s in a["is_seed"][full]]
   points, scores = [a["alphas"][full]], [a["scores"][full]]
   for rec in sweeps:
-    b = rec["archive"].arrays()
-    keep = ~b["is_seed"] & rec["archive"].full()
-    sources += [f"{rec['scalarization']} {rec['task_weights']}"] * int(keep.sum())
+    b = rec.archive.arrays()
+    keep = ~b["is_seed"] & rec.archive.full()
+    sources += [f"{rec.scalarization} {rec.task_weights}"] * int(keep.sum())
     points.append(b["alphas"][keep])
     scores.append(b["scores"][keep])
   return sources, np.concatenate(points), np.concatenate(scores)
+
+
+def _fronts(sources: Sequence[str], dev: np.ndarray) -> tuple[np.ndarray, ...]:
+  """(overall dev front, the main search's merges, their dev front), as indices."""
+  front = front_indices(dev)
+  s_idx = np.flatnonzero(np.asarray(sources) == "search")
+  s_front = s_idx[front_indices(dev[s_idx])] if len(s_idx) else s_idx
+  return front, s_idx, s_front
+
+
+def test_needed(archive, sweeps: Sequence[Sweep]) -> np.ndarray:
+  """Points [K, D] of the merges on the dev fronts: those `front_record` needs test scores
+  of (scored there by the caller, so no merge is chosen on test)."""
+  sources, points, dev = evaluated(archive, sweeps)
+  front, _, s_front = _fronts(sources, dev)
+  return points[np.union1d(front, s_front).astype(int)]
 
 
 # ----------------------------------------------------------------------------- reporting
@@ -212,32 +230,31 @@ def pareto_markdown(results: dict) -> str:
   return "\n".join(lines) + "\n"
 
 
-def front_record(results: dict, archive, sweeps: Sequence[dict], weights_of: Callable,
-                 test_of: Callable, pool_dev: np.ndarray, pool_test: np.ndarray,
-                 reference: float = 0.0) -> dict:
+def front_record(results: dict, archive, sweeps: Sequence[Sweep], space, test: np.ndarray,
+                 pool_dev: np.ndarray, pool_test: np.ndarray, reference: float = 0.0) -> dict:
   """results['pareto']: the dev front over every evaluated merge (with test scores), the
   sweep's best merges, and hypervolumes on dev and test.
 
   Fronts: 'pool' (the checkpoints), 'search' (the main search's merges), 'all' (with the
-  seeds and the sweep); on test, a front's members are scored there (test_of(points) ->
-  [K, T + R] scores), so no merge is chosen on test. Every method is also one point.
-  weights_of: point [D] -> per-checkpoint weights [N].
+  seeds and the sweep). test: [K, T + R] scores of `test_needed`'s points, in its order
+  (scored on test only because they are on a dev front: no merge is chosen on test).
+  Every method is also one point. space: the points' `spaces.MergeSpace` (their
+  per-checkpoint weights); None when the points are those weights.
   """
   tasks = results["tasks"]
   t = len(tasks)
   sources, points, dev = evaluated(archive, sweeps)
-  front = front_indices(dev)
-  s_idx = np.flatnonzero(np.asarray(sources) == "search")
-  s_front = s_idx[front_indices(dev[s_idx])] if len(s_idx) else s_idx
+  front, s_idx, s_front = _fronts(sources, dev)
   need = np.union1d(front, s_front).astype(int)
-  test = dict(zip(need.tolist(), np.asarray(test_of(points[need]))[:, :t])) if len(need) else {}
+  test = dict(zip(need.tolist(), np.asarray(test)[:, :t])) if len(need) else {}
+  weights_of = (lambda p: p) if space is None else space.checkpoint_weights
   hv = lambda p: round(hypervolume(np.reshape(np.asarray(p, np.float64), (-1, t)), reference), 6)
   scores = lambda row: dict(zip(tasks, _json_row(row, 4)))
   sweep_best = []
   for rec in sweeps:
-    b = rec["archive"]
+    b = rec.archive
     i = b.best()
-    sweep_best.append({"scalarization": rec["scalarization"], "task_weights": rec["task_weights"],
+    sweep_best.append({"scalarization": rec.scalarization, "task_weights": rec.task_weights,
                        "best_scores": scores(b.scores[i]),
                        "best_weights": np.round(weights_of(b.alphas[i]), 6).tolist()})
   return {

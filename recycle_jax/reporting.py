@@ -1,10 +1,16 @@
 """results.json and report.md: the paper's Table 1 for one run, the hypervolumes, the mean
-and 95% CI over repeated seeds, and links to the figures."""
+and 95% CI over repeated seeds, and links to the figures.
+
+A run's result is a `RunResult` of `MethodResult`s (built by `experiment`);
+`build_results` turns it into results.json's record, in this one place, and `write_run`
+writes it with its figures and report.
+"""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 from absl import logging
@@ -23,38 +29,92 @@ def _fitness(values) -> float | None:
   return round(v, 4) if np.isfinite(v) else None
 
 
-def build_results(tasks, report_tasks, pool_names, single_dev, single_test, methods,
-                  archive, config) -> dict:
-  """methods: {name: (alphas [N], dev scores [T], test scores [T + R])}."""
-  test_names = list(tasks) + list(report_tasks)
-  t = len(tasks)
-  out = {"tasks": list(tasks), "report_tasks": list(report_tasks), "config": config,
-         "pool": [{"name": n, "scores": {"dev": _task_dict(tasks, single_dev[i]),
-                                         "test": _task_dict(test_names, single_test[i])}}
-                  for i, n in enumerate(pool_names)],
-         "methods": {}, "history": []}
-  for name, (alphas, dev, test) in methods.items():
-    out["methods"][name] = {
-        "weights": [round(float(a), 6) for a in alphas],
-        "scores": {"dev": _task_dict(tasks, dev), "test": _task_dict(test_names, test)},
-        "fitness": {"dev": _fitness(dev), "test": _fitness(test[:t])}}
-  # The oracle row: each task scored by its own dev-best checkpoint.
-  best = np.argmax(np.nan_to_num(single_dev, nan=-np.inf), axis=0)
-  dev = single_dev[best, np.arange(t)]
-  test = single_test[best, np.arange(t)]
-  out["methods"]["best_per_task"] = {
-      "weights": None, "checkpoints": {task: pool_names[i] for task, i in zip(tasks, best)},
-      "scores": {"dev": _task_dict(tasks, dev), "test": _task_dict(tasks, test)},
-      "fitness": {"dev": _fitness(dev), "test": _fitness(test)}}
-  arrays = archive.arrays()
-  for i in range(len(archive)):
-    out["history"].append({"weights": [round(float(a), 6) for a in arrays["alphas"][i]],
-                           "fitness": None if not np.isfinite(arrays["fitness"][i])
-                           else round(float(arrays["fitness"][i]), 4),
-                           "scores": _task_dict(tasks, arrays["scores"][i]),
-                           "kind": "seed" if arrays["is_seed"][i] else "search",
-                           "fidelity": round(float(arrays["fidelity"][i]), 4),
-                           "dev_examples": int(arrays["examples"][i])})
+@dataclasses.dataclass(frozen=True)
+class MethodResult:
+  """One method's merge: per-checkpoint weights alphas [N], dev scores [T], test scores
+  [T + R] (held-in, then held-out tasks), and how it was merged when not by its weights
+  alone (`MergeSpace.describe`, a soup's ingredients)."""
+  alphas: np.ndarray
+  dev: np.ndarray
+  test: np.ndarray
+  merge: dict | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class RunResult:
+  """One search run: the pool's scores, every method's result, the search's archive and
+  its sweep (pareto.Sweep records), with the test scores of the merges on the dev fronts
+  (`pareto.test_needed`'s points, in its order)."""
+  tasks: Sequence[str]
+  report_tasks: Sequence[str]
+  pool_names: Sequence[str]
+  single_dev: np.ndarray  # [N, T]
+  single_test: np.ndarray  # [N, T + R]
+  methods: dict[str, MethodResult]
+  archive: Any  # search.Archive
+  config: dict
+  space: Any = None  # the searched spaces.MergeSpace; None: linear weights
+  sweeps: Sequence[Any] = ()  # pareto.Sweep, one per sweep search
+  front_test: np.ndarray | None = None  # [K, T + R]; None: no Pareto record
+  reference: float = 0.0  # the hypervolume reference score on every task
+
+
+def _method_record(m: MethodResult, tasks, test_names) -> dict:
+  out = {"weights": [round(float(a), 6) for a in m.alphas],
+         "scores": {"dev": _task_dict(tasks, m.dev), "test": _task_dict(test_names, m.test)},
+         "fitness": {"dev": _fitness(m.dev), "test": _fitness(m.test[:len(tasks)])}}
+  if m.merge is not None:
+    out["merge"] = m.merge
+  return out
+
+
+def _oracle_record(run: RunResult) -> dict:
+  """The oracle row: each task scored by its own dev-best checkpoint."""
+  t = len(run.tasks)
+  best = np.argmax(np.nan_to_num(run.single_dev, nan=-np.inf), axis=0)
+  dev, test = run.single_dev[best, np.arange(t)], run.single_test[best, np.arange(t)]
+  return {"weights": None,
+          "checkpoints": {task: run.pool_names[i] for task, i in zip(run.tasks, best)},
+          "scores": {"dev": _task_dict(run.tasks, dev), "test": _task_dict(run.tasks, test)},
+          "fitness": {"dev": _fitness(dev), "test": _fitness(test)}}
+
+
+def _history(run: RunResult) -> list[dict]:
+  """Every archived merge; where the space's points are not per-checkpoint weights, those
+  too (`checkpoint_weights`: what the figures draw)."""
+  a = run.archive.arrays()
+  apart = run.space is not None and not run.space.is_linear
+  out = []
+  for i in range(len(run.archive)):
+    h = {"weights": [round(float(v), 6) for v in a["alphas"][i]],
+         "fitness": None if not np.isfinite(a["fitness"][i]) else round(float(a["fitness"][i]), 4),
+         "scores": _task_dict(run.tasks, a["scores"][i]),
+         "kind": "seed" if a["is_seed"][i] else "search",
+         "fidelity": round(float(a["fidelity"][i]), 4),
+         "dev_examples": int(a["examples"][i])}
+    if apart:
+      h["checkpoint_weights"] = np.round(run.space.checkpoint_weights(a["alphas"][i]),
+                                         6).tolist()
+    out.append(h)
+  return out
+
+
+def build_results(run: RunResult) -> dict:
+  """results.json's record of a run (its figures are added when they are drawn)."""
+  test_names = list(run.tasks) + list(run.report_tasks)
+  out = {"tasks": list(run.tasks), "report_tasks": list(run.report_tasks),
+         "config": run.config,
+         "pool": [{"name": n, "scores": {"dev": _task_dict(run.tasks, run.single_dev[i]),
+                                         "test": _task_dict(test_names, run.single_test[i])}}
+                  for i, n in enumerate(run.pool_names)],
+         "methods": {name: _method_record(m, run.tasks, test_names)
+                     for name, m in run.methods.items()},
+         "history": _history(run)}
+  out["methods"]["best_per_task"] = _oracle_record(run)
+  if run.front_test is not None:
+    out["pareto"] = pareto.front_record(out, run.archive, run.sweeps, run.space,
+                                        run.front_test, run.single_dev, run.single_test,
+                                        run.reference)
   return out
 
 
@@ -129,8 +189,14 @@ def write_report(workdir: str, results: dict) -> str:
   return path
 
 
-def write_run(workdir: str, results: dict) -> None:
-  """results.json, report.md and TensorBoard scalars of the search (workdir/tb)."""
+def write_run(workdir: str, results: dict, runs: Sequence[dict] = ()) -> None:
+  """Figures (a convenience: a failure is logged, never fatal; `runs`: the seeds' results,
+  for their curves), results.json, report.md and TensorBoard scalars (workdir/tb)."""
+  try:
+    from recycle_jax import figures  # matplotlib: only when a run is written
+    results["figures"] = figures.write_run_figures(workdir, results, runs)
+  except Exception as e:  # noqa: BLE001
+    logging.warning("figures not drawn: %s: %s", type(e).__name__, e)
   atomic_write_text(os.path.join(workdir, "results.json"), json.dumps(results, indent=1))
   write_report(workdir, results)
   try:

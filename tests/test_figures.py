@@ -30,15 +30,14 @@ def _results(seed=0, n_merges=28):
   s = _scores(w)
   archive.add(w, w, s, s.mean(-1), "search")
   best = archive.alphas[archive.best()]
-  methods = {"search": (best, _scores(best)[0], np.r_[_scores(best)[0] - 2, 5.0])}
+  methods = {"search": reporting.MethodResult(best, _scores(best)[0],
+                                              np.r_[_scores(best)[0] - 2, 5.0])}
   for name, a in {"uniform": np.full(4, 0.25), "best_single": eye[3]}.items():
-    methods[name] = (a, _scores(a)[0], np.r_[_scores(a)[0] - 2, 4.0])
-  res = reporting.build_results(TASKS, ["rj_chat_ood"], NAMES, POOL, np.c_[POOL - 2, POOL[:, :1]],
-                                methods, archive, {"population_size": 7})
-  res["pareto"] = pareto.front_record(res, archive, [], lambda p: p,
-                                      lambda p: np.c_[_scores(p) - 2, np.zeros(len(p))],
-                                      POOL, np.c_[POOL - 2, POOL[:, :1]])
-  return res
+    methods[name] = reporting.MethodResult(a, _scores(a)[0], np.r_[_scores(a)[0] - 2, 4.0])
+  front = pareto.test_needed(archive, [])
+  return reporting.build_results(reporting.RunResult(
+      TASKS, ["rj_chat_ood"], NAMES, POOL, np.c_[POOL - 2, POOL[:, :1]], methods, archive,
+      {"population_size": 7}, front_test=np.c_[_scores(front) - 2, np.zeros(len(front))]))
 
 
 def test_front_record_and_hypervolumes():
