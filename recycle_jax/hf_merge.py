@@ -28,7 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from recycle_jax import geometric, merging, mergekit_config, safetensors_io, task_vectors
+from recycle_jax import (geometric, merging, mergekit_config, safetensors_io, task_vectors,
+                         validation)
 from recycle_jax.errors import check
 
 # mergekit's generalized task arithmetic methods: (sparsification rule, sign consensus).
@@ -93,6 +94,36 @@ def merge_tensor(xs, per, shared, counts, key, *, method: str, base: int | None,
 
 def _donor(plan: mergekit_config.Plan) -> str:
   return plan.base or plan.inputs[0]
+
+
+# config.json fields that fine-tunes of one model may change; every other field they share
+# must agree (a config that disagrees with its tensors is a damaged or foreign model).
+CONFIG_MAY_DIFFER = ("_name_or_path", "transformers_version", "torch_dtype", "dtype",
+                     "use_cache", "architectures", "generation_config")
+
+
+def _same_configs(plan: mergekit_config.Plan) -> None:
+  """Every input's config.json is a JSON object that agrees with the donor's (the output's
+  config is the donor's): a field both have, other than token ids and CONFIG_MAY_DIFFER,
+  has one value."""
+  donor = _donor(plan)
+  configs = {}
+  for m in plan.inputs:
+    path = os.path.join(m, "config.json")
+    doc = validation.load_json(path, "model config", "re-save the model's config.json")
+    check(isinstance(doc, dict), f"config.json is a {type(doc).__name__}, not an object",
+          path, "re-save the model's config.json")
+    for k in ("torch_dtype", "dtype"):
+      check(doc.get(k) is None or isinstance(doc[k], str), f"{k} is {doc.get(k)!r}, not a dtype "
+            "name", path, "re-save the model's config.json")
+    configs[m] = doc
+  ref = configs[donor]
+  for m, doc in configs.items():
+    diff = [k for k in sorted(set(doc) & set(ref)) if k not in CONFIG_MAY_DIFFER and
+            not k.endswith("_token_id") and doc[k] != ref[k]]
+    check(not diff, f"config.json differs from {donor}'s: " + ", ".join(
+        f"{k} {doc[k]!r:.40} vs {ref[k]!r:.40}" for k in diff[:3]), os.path.join(m, "config.json"),
+          "merge fine-tunes of one model (one architecture)")
 
 
 def _same_tokenizers(plan: mergekit_config.Plan) -> None:
@@ -185,6 +216,7 @@ def merge(plan: mergekit_config.Plan, output: str, overwrite: bool = False, seed
   from recycle_jax import checkpoints
   output = os.path.abspath(output)
   checkpoints.check_output(output, list(plan.inputs) + [plan.path], overwrite)
+  _same_configs(plan)
   _same_tokenizers(plan)
   infos, tensors = plan_tensors(plan)
   tmp = checkpoints.temp_sibling(output)

@@ -18,12 +18,12 @@ No JAX here: the plan is plain Python, so the CLI checks a config before importi
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import re
 from typing import Any, Mapping
 
+from recycle_jax import validation
 from recycle_jax.errors import UserError, check
 
 SHARED, INPUT, NON_BASE = "shared", "input", "non_base"
@@ -258,8 +258,10 @@ def _model_dir(ref: Any, where: str) -> str:
 
 
 def num_layers(model: str) -> int:
-  with open(os.path.join(model, "config.json")) as f:
-    cfg = json.load(f)
+  path = os.path.join(model, "config.json")
+  cfg = validation.load_json(path, "model config", "re-save the model's config.json")
+  check(isinstance(cfg, dict) and isinstance(cfg.get("text_config", {}), dict),
+        "config.json is not an object", path, "re-save the model's config.json")
   n = cfg.get("num_hidden_layers", cfg.get("text_config", {}).get("num_hidden_layers"))
   check(isinstance(n, int) and n > 0, "config.json has no num_hidden_layers", model)
   return n
@@ -358,6 +360,8 @@ def parse(raw: Any, path: str) -> Plan:
     check(name in TOP_FIELDS, f"unsupported field {name!r}", path,
           f"recycle_jax reads {', '.join(TOP_FIELDS)}")
   name = raw.get("merge_method")
+  check(isinstance(name, str), f"merge_method is {name!r}, not a method name",
+        f"{path}: merge_method", f"choose from {sorted(METHODS)}")
   check(name not in NOT_SUPPORTED, f"merge method {name!r} is not supported by recycle_jax",
         f"{path}: merge_method", f"choose from {sorted(METHODS)}")
   check(name in METHODS, f"unknown merge method {name!r}", f"{path}: merge_method",

@@ -17,6 +17,7 @@ from typing import Iterable, Sequence
 import ml_dtypes
 import numpy as np
 
+from recycle_jax import validation
 from recycle_jax.errors import UserError, check
 
 WEIGHTS, INDEX = "model.safetensors", "model.safetensors.index.json"
@@ -77,10 +78,10 @@ def folder_tensors(folder: str) -> dict[str, TensorInfo]:
   """Every tensor of a Hugging Face folder, from the headers alone."""
   index = os.path.join(folder, INDEX)
   if os.path.isfile(index):
+    doc = validation.load_json(index, INDEX, "the index is damaged: re-save the model")
     try:
-      with open(index) as f:
-        files = sorted(set(json.load(f)["weight_map"].values()))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+      files = sorted(set(doc["weight_map"].values()))
+    except (KeyError, TypeError, AttributeError) as e:
       raise UserError(f"cannot read {INDEX}: {type(e).__name__}", folder,
                       "the index is damaged") from None
   else:

@@ -28,6 +28,7 @@ import tempfile
 from typing import Callable
 
 import numpy as np
+import yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TASK = "rj_knowledge"
@@ -43,6 +44,9 @@ class World:
   hf: str  # a Hugging Face folder (member a, converted)
   run: str  # workdir of a finished tiny search (results.json, search_state)
   gin: str  # a valid gin file for search
+  hf_pool: str  # pool.json of Hugging Face folders a, b, c (sharded safetensors)
+  merge_yml: str  # a mergekit config: the linear merge of those folders
+  task_gin: str  # a gin file declaring the JSONL task TASK_JSONL over task/{dev,test}.jsonl
 
   @property
   def pool_dir(self) -> str:
@@ -50,6 +54,10 @@ class World:
 
   def member(self, name: str) -> str:
     return os.path.join(self.pool_dir, name)
+
+  @property
+  def hf_pool_dir(self) -> str:
+    return os.path.dirname(self.hf_pool)
 
 
 @functools.lru_cache(None)
@@ -79,14 +87,52 @@ def world() -> World:
   run = os.path.join(root, "run")
   assert cli.main(["search", f"--workdir={run}", f"--gin_file={gin_file}",
                    "--log_level=error"]) == 0
+  hf_pool_dir = os.path.join(root, "hf_pool")
+  folders = {}
+  for i, n in enumerate("abc"):  # shards of a few KiB: an index and several files each
+    folders[n] = os.path.join(hf_pool_dir, n)
+    hf_io.save_folder(folders[n], CFG, jax.tree.map(np.asarray, models.init_params(
+        CFG, jax.random.key(i))), shard_bytes=HF_SHARD_BYTES)
+  hf_pool = write_manifest(os.path.join(hf_pool_dir, "pool.json"), folders)
+  merge_yml = os.path.join(root, "merge.yml")
+  with open(merge_yml, "w") as f:
+    yaml.safe_dump({"merge_method": "linear", "dtype": "float32", "models": [
+        {"model": p, "parameters": {"weight": 1.0}} for p in folders.values()]}, f)
+  task_gin = _write_task(os.path.join(root, "task"))
   for d, _, files in os.walk(root):
     os.chmod(d, 0o755)
     for f in files:
       os.chmod(os.path.join(d, f), 0o644)
-  w = World(root, pool, hf, run, gin_file)
+  w = World(root, pool, hf, run, gin_file, hf_pool, merge_yml, task_gin)
   if keep:
     json.dump(dataclasses.asdict(w), open(os.path.join(root, "world.json"), "w"))
   return w
+
+
+HF_SHARD_BYTES = 8 << 10
+TASK_JSONL = "u_fault"
+
+
+def _write_task(d: str) -> str:
+  """A JSONL task (exact match of `a` after `q = `): its files in `d`, its gin file."""
+  os.makedirs(d, exist_ok=True)
+  rows = [{"q": f"{a}+{b}", "a": str(a + b)} for a, b in ((1, 2), (3, 4), (5, 1), (2, 2))]
+  for split, part in (("dev", rows[:2]), ("test", rows[2:])):
+    with open(os.path.join(d, f"{split}.jsonl"), "w") as f:
+      f.write("".join(json.dumps(r) + "\n" for r in part))
+  return _task_gin(d)
+
+
+def _task_gin(d: str) -> str:
+  """The gin file declaring TASK_JSONL over d/dev.jsonl and d/test.jsonl."""
+  path = os.path.join(d, "task.gin")
+  with open(path, "w") as f:
+    f.write(f"jsonl_tasks.tasks = [@fq/JsonlTask()]\nfq/JsonlTask.name = {TASK_JSONL!r}\n"
+            f"fq/JsonlTask.splits = {{'dev': {os.path.join(d, 'dev.jsonl')!r}, "
+            f"'test': {os.path.join(d, 'test.jsonl')!r}}}\n"
+            "fq/JsonlTask.prompt = '{q} = '\nfq/JsonlTask.kind = 'exact'\n"
+            "fq/JsonlTask.target = '{a}'\n")
+  return path
 
 
 # ----------------------------------------------------------------------------- cases
@@ -118,10 +164,14 @@ LOG = "--log_level=error"
 def _base(command: str, w: World, tmp: str) -> Setup:
   """A good invocation of `command` with its inputs and outputs."""
   out = os.path.join(tmp, "out")
-  if command in ("merge", "merge-streaming"):
-    extra = ["--streaming", "--no_fsync"] if command == "merge-streaming" else []
+  if command in ("merge", "merge-streaming", "merge-hf"):
+    extra = {"merge-streaming": ["--streaming", "--no_fsync"],
+             "merge-hf": ["--format=hf"]}.get(command, [])
     return Setup(["merge", f"--pool={w.pool}", "--weights=1,1,1", f"--output={out}", *extra,
                   LOG], (), [w.pool_dir], [out])
+  if command == "merge-config":
+    return Setup(["merge", f"--config={w.merge_yml}", f"--output={out}", "--no_fsync", LOG],
+                 (), [w.hf_pool_dir, w.merge_yml], [out])
   if command == "search":
     return Setup(["search", f"--workdir={out}", f"--gin_file={w.gin}", LOG], (),
                  [w.pool_dir, w.gin], [out])
@@ -166,9 +216,11 @@ make_pool.recipes = [{'name': 'x', 'stages': [{'mix': {'rj_knowledge': 1.0}, 'st
 text_corpus.max_code_bytes = 1000
 """
 
-COMMANDS = ("make-pool", "search", "merge", "merge-streaming", "eval", "convert", "inspect",
-            "report")
-PARSER_OF = {"merge-streaming": "merge"}
+COMMANDS = ("make-pool", "search", "merge", "merge-streaming", "merge-hf", "merge-config",
+            "eval", "convert", "inspect", "report")
+PARSER_OF = {"merge-streaming": "merge", "merge-hf": "merge", "merge-config": "merge"}
+# Variants of a command whose flags are its parser's, generated once (for "merge").
+SAME_FLAGS = ("merge-hf", "merge-config")
 
 
 def _with_flag(argv: list, flag: str, value) -> list:
@@ -209,7 +261,7 @@ def flag_cases() -> list[Case]:
   from recycle_jax import cli
   subs = _subparsers(cli.build_parser())
   out = []
-  for command in COMMANDS:
+  for command in (c for c in COMMANDS if c not in SAME_FLAGS):
     p = subs[PARSER_OF.get(command, command)]
     for a in p._actions:  # noqa: SLF001
       flag = max(a.option_strings, key=len) if a.option_strings else None
@@ -251,6 +303,7 @@ def weights_cases() -> list[Case]:
 
 # Path-valued arguments: (command, flag or positional index, expects 'dir' | 'file' | 'out')
 PATHS = [("merge", "--pool", "file"), ("merge", "--base", "dir"), ("merge", "--gin_file", "file"),
+         ("merge-config", "--config", "file"),
          ("merge-streaming", "--pool", "file"), ("search", "--gin_file", "file"),
          ("eval", "--checkpoint", "dir"), ("convert", 1, "dir"), ("inspect", 1, "file"),
          ("report", 1, "dir"), ("make-pool", "--gin_file", "file")]
@@ -377,10 +430,16 @@ def _mutations(data: bytes) -> dict[str, bytes | None]:
 def _json_mutations(data: bytes, fields: tuple[tuple, ...]) -> dict[str, bytes]:
   """Damage that keeps a file JSON-ish: encodings, top-level types, fields' types and
   sizes (fields: key paths into the document)."""
-  doc = json.loads(data)
   out = {"not-utf8": b"\xff\xfe\xfa" + data, "utf16": data.decode().encode("utf-16"),
          "top-list": b"[]", "top-string": b'"x"', "top-number": b"3", "top-null": b"null",
          "nan-token": data.replace(b"{", b'{"__nan__": NaN, ', 1)}
+  out.update(_field_mutations(json.loads(data), fields, lambda d: json.dumps(d).encode()))
+  return out
+
+
+def _field_mutations(doc, fields: tuple[tuple, ...], dump: Callable) -> dict[str, bytes]:
+  """The document dumped with one field (a key path) of another type or size at a time."""
+  out = {}
   for path in fields:
     parent = doc
     for k in path[:-1]:
@@ -398,7 +457,7 @@ def _json_mutations(data: bytes, fields: tuple[tuple, ...]) -> dict[str, bytes]:
       if isinstance(old, bool) and kind == "int":
         continue
       parent[path[-1]] = value
-      out[f"{'.'.join(map(str, path))}={kind}"] = json.dumps(doc).encode()
+      out[f"{'.'.join(map(str, path))}={kind}"] = dump(doc)
     parent[path[-1]] = old
   return out
 
@@ -411,11 +470,12 @@ def _damage(path: str, data: bytes | None) -> None:
       f.write(data)
 
 
-def _copied_pool(w: World, tmp: str) -> str:
-  """A private copy of the tiny pool (its manifest's paths absolute, into the copy)."""
+def _copied_pool(w: World, tmp: str, pool: str | None = None) -> str:
+  """A private copy of the tiny pool, or `pool` (its manifest's paths into the copy)."""
+  pool = pool or w.pool
   dst = os.path.join(tmp, "pool")
-  shutil.copytree(w.pool_dir, dst)
-  doc = json.load(open(w.pool))
+  shutil.copytree(os.path.dirname(pool), dst)
+  doc = json.load(open(pool))
   for e in doc["checkpoints"]:
     e["path"] = os.path.basename(e["path"])  # into the copy
   with open(os.path.join(dst, "pool.json"), "w") as f:
@@ -582,10 +642,7 @@ def file_cases() -> list[Case]:
       s.argv[1], s.inputs, s.culprits = hf, [hf], (os.path.join(hf, "config.json"), hf)
     out.append(_case("convert", "hf-config", kind, edit))
   weights = open(os.path.join(w.hf, "model.safetensors"), "rb").read()
-  impostors = {"pickle": b"\x80\x04\x95" + bytes(64), "zip": b"PK\x03\x04" + bytes(64),
-               "json": b'{"a": 1}', "huge-header": (2 ** 62).to_bytes(8, "little") + b"{}",
-               "header-not-json": (4).to_bytes(8, "little") + b"abcd" + bytes(16)}
-  for kind, d in {**_mutations(weights), **impostors}.items():
+  for kind, d in {**_mutations(weights), **IMPOSTORS}.items():
     def edit(s, w, t, d=d):
       hf = _hf_copy(w, t)
       _damage(os.path.join(hf, "model.safetensors"), d)
@@ -638,11 +695,141 @@ def file_cases() -> list[Case]:
   return out
 
 
+def _hf_member_files(folder: str) -> dict[str, str]:
+  """{label: file} of a Hugging Face folder: config.json, the index, shards by size."""
+  names = sorted(os.listdir(folder))
+  shards = sorted((n for n in names if n.endswith(".safetensors")),
+                  key=lambda n: (os.path.getsize(os.path.join(folder, n)), n))
+  out = {n: n for n in ("config.json", "model.safetensors.index.json") if n in names}
+  out.update({f"shard#{i}": n for i, n in enumerate(shards)})
+  return out
+
+
+IMPOSTORS = {"pickle": b"\x80\x04\x95" + bytes(64), "zip": b"PK\x03\x04" + bytes(64),
+             "json": b'{"a": 1}', "huge-header": (2 ** 62).to_bytes(8, "little") + b"{}",
+             "header-not-json": (4).to_bytes(8, "little") + b"abcd" + bytes(16)}
+
+
+def hf_member_cases() -> list[Case]:
+  """Member b of a pool of Hugging Face folders: its config.json (bytes, fields), its
+  index and its shards (bytes, impostors), each damage on one reader in turn (eval reads
+  Hugging Face folders too, but these have no tokenizer to evaluate with)."""
+  w = world()
+  b = os.path.join(w.hf_pool_dir, "b")
+  out, turn = [], 0
+  for label, name in _hf_member_files(b).items():
+    data = open(os.path.join(b, name), "rb").read()
+    if name.endswith(".json"):
+      doc = json.loads(data)
+      fields = tuple((k,) for k in HF_FIELDS if k in doc) if name == "config.json" else \
+          (("weight_map",),)
+      damage = {**_mutations(data), **_json_mutations(data, fields)}
+      readers = ["merge", "merge-streaming", "merge-config", "inspect"]
+    else:
+      damage = {**_raw_and_json(data, False), **IMPOSTORS}
+      readers = ["merge", "merge-streaming", "merge-config"]  # (inspect: headers only)
+    for kind, d in damage.items():
+      command = readers[turn % len(readers)]
+      turn += 1
+
+      def edit(s, w, t, command=command, name=name, d=d):
+        pool = _copied_pool(w, t, w.hf_pool)
+        copy = os.path.dirname(pool)
+        _damage(os.path.join(copy, "b", name), d)
+        _use_pool(s, command, pool)
+        s.inputs = [copy] + s.inputs
+        s.culprits = (os.path.join(copy, "b"), "'b'")
+      out.append(_case(command, "hf-member", f"{label}:{kind}", edit))
+  return out
+
+
+def _use_pool(s: Setup, command: str, pool: str) -> None:
+  """Points a command at a pool of Hugging Face folders (member b where it takes one)."""
+  copy = os.path.dirname(pool)
+  if command == "eval":
+    s.argv[:] = _with_flag(s.argv, "--checkpoint", os.path.join(copy, "b"))
+  elif command == "inspect":
+    s.argv[1] = pool
+  elif command == "merge-config":
+    cfg = yaml.safe_load(open(s.argv[1].split("=", 1)[1]))
+    for m, n in zip(cfg["models"], "abc"):
+      m["model"] = os.path.join(copy, n)
+    path = os.path.join(copy, "merge.yml")
+    with open(path, "w") as f:
+      yaml.safe_dump(cfg, f)
+    s.argv[1] = f"--config={path}"
+  else:
+    s.argv[:] = _with_flag(s.argv, "--pool", pool)
+    if command == "merge-streaming":  # Hugging Face folders stream into one
+      s.argv.insert(-1, "--format=hf")
+
+
+MERGEKIT_FIELDS = (("merge_method",), ("dtype",), ("models",), ("models", 0),
+                   ("models", 0, "model"), ("models", 1, "parameters"),
+                   ("models", 1, "parameters", "weight"))
+
+
+def mergekit_cases() -> list[Case]:
+  """`merge --config`: the YAML's bytes and its fields' types."""
+  w = world()
+  data = open(w.merge_yml, "rb").read()
+  doc = yaml.safe_load(data)
+  damage = {**_mutations(data), "not-utf8": b"\xff\xfe\xfa" + data, "top-list": b"[]\n",
+            "top-string": b"x\n", "tab-indent": data.replace(b"\n  ", b"\n\t", 1),
+            **_field_mutations(doc, MERGEKIT_FIELDS, lambda d: yaml.safe_dump(d).encode())}
+  for kind in ("list", "huge", "negative"):  # a weight may be any finite real, or a
+    damage.pop(f"models.1.parameters.weight={kind}")  # list (a gradient over layers)
+  out = []
+  for kind, d in damage.items():
+    def edit(s, w, t, d=d):
+      p = os.path.join(t, "merge.yml")
+      shutil.copyfile(w.merge_yml, p)
+      _damage(p, d)
+      s.argv[1] = f"--config={p}"
+      s.inputs.append(p)
+      s.culprits = (p,)
+    out.append(_case("merge-config", "mergekit-config", kind, edit))
+  return out
+
+
+def jsonl_cases() -> list[Case]:
+  """A JSONL task file: its bytes, and lines that are not JSON objects or lack a field;
+  for the commands that read tasks (eval, search), in turn."""
+  data = open(os.path.join(os.path.dirname(world().task_gin), "dev.jsonl"), "rb").read()
+  first = data.split(b"\n")[0]
+  damage = {k: v for k, v in _mutations(data).items()  # (a cut after a whole line is
+            if v is None or not v.endswith(b"\n")}     # a shorter, valid file)
+  damage.update({"not-utf8": b"\xff\xfe\xfa" + data,
+                 "line-not-json": data + b"{broken\n", "line-not-object": data + b"[1, 2]\n",
+                 "line-missing-field": data + first.replace(b'"a"', b'"z"') + b"\n",
+                 "blank-only": b"\n\n"})
+  out = []
+  for i, (kind, d) in enumerate(damage.items()):
+    command = ("eval", "search")[i % 2]
+
+    def edit(s, w, t, command=command, d=d):
+      d_task = os.path.join(t, "task")
+      shutil.copytree(os.path.dirname(w.task_gin), d_task)
+      gin_file = _task_gin(d_task)
+      path = os.path.join(d_task, "dev.jsonl")
+      _damage(path, d)
+      s.argv.insert(-1, f"--gin_file={gin_file}")
+      if command == "eval":
+        s.argv[:] = _with_flag(s.argv, "--tasks", TASK_JSONL) + ["--split=dev"]
+      else:
+        s.argv.insert(-1, f"--gin_bindings=Experiment.tasks = [{TASK_JSONL!r}]")
+      s.inputs.append(d_task)
+      s.culprits = (path,)
+    out.append(_case(command, "jsonl-task", kind, edit))
+  return out
+
+
 # ----------------------------------------------------------------------------- outputs
 
-OUTPUT_FLAG = {"merge": "--output", "merge-streaming": "--output", "eval": "--output",
+OUTPUT_FLAG = {"merge": "--output", "merge-streaming": "--output", "merge-hf": "--output",
+               "merge-config": "--output", "eval": "--output",
                "search": "--workdir", "make-pool": "--workdir", "convert": 2}
-OVERWRITES = {"merge", "merge-streaming", "search", "convert"}
+OVERWRITES = {"merge", "merge-streaming", "merge-hf", "merge-config", "search", "convert"}
 
 
 def _set_output(s: Setup, command: str, path: str) -> None:
@@ -653,7 +840,12 @@ def _set_output(s: Setup, command: str, path: str) -> None:
 
 def _input_targets(command: str, w: World, s: Setup) -> dict[str, str]:
   """Outputs that would destroy an input: the input itself, inside it, or around it."""
-  if command in ("merge", "merge-streaming", "search"):
+  if command == "merge-config":
+    a = os.path.join(w.hf_pool_dir, "a")
+    return {"is-model": a, "inside-model": os.path.join(a, "sub"),
+            "contains-models": w.hf_pool_dir, "is-config": w.merge_yml,
+            "is-model-file": os.path.join(a, "config.json")}
+  if command in ("merge", "merge-streaming", "merge-hf", "search"):
     a = w.member("a")
     t = {"is-member": a, "inside-member": os.path.join(a, "sub"), "contains-pool": w.pool_dir,
          "is-manifest": w.pool, "inside-manifest": os.path.join(w.pool, "x")}
@@ -684,7 +876,7 @@ def output_cases() -> list[Case]:
           target = _input_targets(command, w, s)[name]
           _set_output(s, command, target)
           s.outputs = [] if os.path.exists(target) else [target]
-          s.inputs += [w.pool_dir, w.hf, w.gin]
+          s.inputs += [w.pool_dir, w.hf, w.gin, w.hf_pool_dir, w.merge_yml]
           if overwrite:
             s.argv.insert(-1, "--overwrite")
         out.append(_case(command, "output", f"{name}{'+overwrite' if overwrite else ''}",
@@ -810,7 +1002,7 @@ def sample(cases: list[Case], every: int = SAMPLE_EVERY) -> list[Case]:
 
 def all_cases() -> list[Case]:
   cases = (flag_cases() + weights_cases() + path_cases() + gin_cases() + file_cases() +
-           output_cases())
+           hf_member_cases() + mergekit_cases() + jsonl_cases() + output_cases())
   ids = [c.id for c in cases]
   dup = {i for i in ids if ids.count(i) > 1}
   assert not dup, f"duplicate case ids: {sorted(dup)[:5]}"

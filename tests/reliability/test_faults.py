@@ -120,7 +120,8 @@ def test_generated_cases_cover_every_command_and_kind():
   assert commands == set(faults.COMMANDS)
   kinds = {c.id.split(":")[1] for c in ALL_CASES}
   assert {"flag", "path", "gin", "checkpoint", "manifest", "hf-config", "hf-weights",
-          "results", "resume-state", "output", "output-fs"} <= kinds
+          "results", "resume-state", "output", "output-fs", "hf-member", "mergekit-config",
+          "jsonl-task"} <= kinds
   sample = faults.sample(ALL_CASES)
   assert {faults.stratum(c) for c in sample} == {faults.stratum(c) for c in ALL_CASES}
   assert len(sample) < len(ALL_CASES) / 3 and sample == faults.sample(ALL_CASES)
