@@ -328,6 +328,35 @@ class _Parser(argparse.ArgumentParser):
     raise UserError(message, self.prog, f"see `{self.prog} --help`")
 
 
+def _merge_flags(s: argparse.ArgumentParser) -> None:
+  """`merge`'s flags: the pool or a mergekit config, the method and its hyperparameters
+  (from the registry), the output and how it is written."""
+  s.add_argument("--pool", default=None)
+  s.add_argument("--config", default=None,
+                 help="a mergekit YAML config (merge_method, base_model, models, ...): "
+                 "merges its Hugging Face folders into one, as mergekit does")
+  s.add_argument("--weights", default=None,
+                 help="N comma-separated weights (G*N for layerwise); default uniform")
+  s.add_argument("--output", required=True)
+  s.add_argument("--format", choices=("orbax", "hf"), default="orbax",
+                 help="write an Orbax checkpoint or a complete Hugging Face folder")
+  s.add_argument("--method", default="linear",
+                 help=f"one of {', '.join(_merge_methods())} (or layerwise_<method>)")
+  s.add_argument("--base", default=None, help="base checkpoint for task-vector methods")
+  from recycle_jax import methods
+  for h in methods.hparams_by_name().values():  # every method's hyperparameters
+    s.add_argument(f"--{h.name}", type=float, default=None,
+                   help=f"{h.help} (default {h.default:g})")
+  s.add_argument("--seed", type=int, default=0, help="the random methods' key (DARE's drop)")
+  s.add_argument("--tasks", default=None, help="greedy_soup: tasks whose dev split scores")
+  s.add_argument("--max_examples", type=int, default=None, help="greedy_soup: per task")
+  s.add_argument("--overwrite", action="store_true")
+  s.add_argument("--streaming", action="store_true", help="out-of-core, leaf by leaf")
+  s.add_argument("--memory_budget_mb", type=float, default=256.0)
+  s.add_argument("--no_fsync", action="store_true",
+                 help="--streaming: skip the final fsync (scratch outputs)")
+
+
 def build_parser() -> argparse.ArgumentParser:
   p = _Parser(prog="recycle-jax", description=__doc__.splitlines()[0])
   sub = p.add_subparsers(dest="command", required=True)
@@ -362,31 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
   s.add_argument("--format", choices=("orbax", "hf"), default=None,
                  help="the merged model as an Orbax checkpoint (default) or a complete "
                  "Hugging Face folder (safetensors, config, tokenizer)")
-  s = add("merge", cmd_merge, "merge a pool with given weights")
-  s.add_argument("--pool", default=None)
-  s.add_argument("--config", default=None,
-                 help="a mergekit YAML config (merge_method, base_model, models, ...): "
-                 "merges its Hugging Face folders into one, as mergekit does")
-  s.add_argument("--weights", default=None,
-                 help="N comma-separated weights (G*N for layerwise); default uniform")
-  s.add_argument("--output", required=True)
-  s.add_argument("--format", choices=("orbax", "hf"), default="orbax",
-                 help="write an Orbax checkpoint or a complete Hugging Face folder")
-  s.add_argument("--method", default="linear",
-                 help=f"one of {', '.join(_merge_methods())} (or layerwise_<method>)")
-  s.add_argument("--base", default=None, help="base checkpoint for task-vector methods")
-  from recycle_jax import methods
-  for h in methods.hparams_by_name().values():  # every method's hyperparameters
-    s.add_argument(f"--{h.name}", type=float, default=None,
-                   help=f"{h.help} (default {h.default:g})")
-  s.add_argument("--seed", type=int, default=0, help="the random methods' key (DARE's drop)")
-  s.add_argument("--tasks", default=None, help="greedy_soup: tasks whose dev split scores")
-  s.add_argument("--max_examples", type=int, default=None, help="greedy_soup: per task")
-  s.add_argument("--overwrite", action="store_true")
-  s.add_argument("--streaming", action="store_true", help="out-of-core, leaf by leaf")
-  s.add_argument("--memory_budget_mb", type=float, default=256.0)
-  s.add_argument("--no_fsync", action="store_true",
-                 help="--streaming: skip the final fsync (scratch outputs)")
+  _merge_flags(add("merge", cmd_merge, "merge a pool with given weights"))
   s = add("eval", cmd_eval, "score one checkpoint on tasks")
   s.add_argument("--checkpoint", required=True)
   s.add_argument("--tasks", required=True)

@@ -1,12 +1,17 @@
-"""The main job: pool -> validated metadata -> sharded params -> search -> merged + report.
+"""The main job, `run_search`: one linear driver over named stages (check_inputs, place,
+score_singles, score_baselines, search_once: search, sweep, write), as flax's lm1b
+`train_and_evaluate`.
 
-Configuration arrives through gin (`Experiment`, `SearchConfig`, `make_mesh`, ...); the
-stages below are the pure modules (checkpoints, merging, evaluation, population, search).
+Configuration arrives through gin (`Experiment`, and through `configurables` the search
+and sweep configs, mesh, scorer, merge space and baselines), built once per run; the
+stages call the pure modules (checkpoints, merging, evaluation, population, search). The
+run owns its compiled programs (`population.Programs`); its result is a
+`reporting.RunResult` of `reporting.MethodResult`s, which `reporting` turns into
+results.json.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from typing import Any, Sequence
@@ -114,22 +119,79 @@ def load_base(path: str, loaded: Loaded) -> PyTree:
 def run_search(workdir: str, resume: bool = False, overwrite: bool = False,
                progress: bool = True, num_seeds: int = 1, merged_format: str | None = None
                ) -> dict:
-  """The main job. num_seeds > 1 repeats the search with seeds seed..seed+K-1, each run in
-  workdir/seed_k, sharing the loaded pool, the scorers' caches and the compiled programs;
-  workdir then holds seed 0's results plus the mean and 95% CI over the seeds."""
+  """The main job, in stages: load and validate the pool, place the data, score the single
+  checkpoints and the baselines, search, sweep, write. num_seeds > 1 repeats the search
+  with seeds seed..seed+K-1, each run in workdir/seed_k, sharing the loaded pool, the
+  scorers' caches and the run's compiled programs; workdir then holds seed 0's results
+  plus the mean and 95% CI over the seeds."""
+  # Configuration: gin builds the run's objects, once.
+  exp = configured_experiment(merged_format)
+  scfg, sweep = configurables.SearchConfig(), configurables.SweepConfig()
+  # 1. Load and validate: every input checked from metadata before any array is read.
+  inputs = check_inputs(exp, scfg, workdir, resume, overwrite, num_seeds)
+  seeds = [(workdir if num_seeds == 1 else os.path.join(workdir, f"seed_{k}"),
+            dataclasses.replace(scfg, seed=scfg.seed + k)) for k in range(num_seeds)]
+  if resume and not exp.top_n:  # a damaged or foreign state: refused before any array read
+    _check_saved(seeds, configurables.make_space(scfg.merge_space, inputs.meta.abstract,
+                                                 len(inputs.pool)), inputs.dev)
+  # 2. Place the pool and the data on the mesh.
+  run = place(exp, inputs)
+  # 3. Score the single checkpoints, then (once the workdir is prepared) the baselines.
+  score_singles(run, scfg.pop_size(run.n))
+  space = configurables.make_space(scfg.merge_space, run.loaded.params[0], run.n)
+  space_scorer = run.programs.scorer(space, scfg.pop_size(space.dim))
+  method_baselines = configurables.task_vector_baselines(run.n, run.base is not None)
+  if resume and exp.top_n:  # the space is known once the top N are chosen
+    _check_saved(seeds, space, run.dev)
+  # The workdir is only touched once every input has been read and checked; one replaced
+  # is set aside (WORKDIR.old-*) until the new run is complete, and put back if it fails.
+  with outputs.set_aside(workdir, overwrite and not resume and jax.process_index() == 0):
+    os.makedirs(workdir, exist_ok=True)
+    _write_config(workdir)  # once: every configurable has been called, the config is complete
+    run.single_test = run.scorer(np.eye(run.n, dtype=np.float32), run.test, "test")
+    score_baselines(run, method_baselines)
+    # 4-6. Per seed: search, sweep (the first seed only), write.
+    runs = [search_once(run, cfg, space, space_scorer, wd, resume, progress,
+                        sweep if k == 0 else dataclasses.replace(sweep, num_weights=0))
+            for k, (wd, cfg) in enumerate(seeds)]
+    results = runs[0]
+    if num_seeds > 1:
+      results = reporting.with_seeds(runs[0], runs, [os.path.basename(wd) for wd, _ in seeds])
+      write_results(workdir, results, runs)
+  return results
+
+
+def configured_experiment(merged_format: str | None = None) -> Experiment:
+  """The gin-bound `Experiment`, --format applied, a mergekit config's base_model as the
+  base unless one is bound."""
   exp = Experiment()
   if merged_format is not None:
     exp = dataclasses.replace(exp, merged_format=merged_format)
   check(exp.merged_format in FORMATS, f"unknown format {exp.merged_format!r}",
         "--format / Experiment.merged_format", f"choose from {list(FORMATS)}")
-  if exp.base is None and mergekit_config.is_config(exp.pool):  # the config's base_model
+  if exp.base is None and mergekit_config.is_config(exp.pool):
     exp = dataclasses.replace(exp, base=mergekit_config.pool_and_base(exp.pool)[1])
-  scfg = configurables.SearchConfig()
+  return exp
+
+
+@dataclasses.dataclass(frozen=True)
+class Inputs:
+  """A run's inputs, checked from metadata: the pool, its metadata, the tasks' splits
+  (on the host) and their vocabulary (the pool's)."""
+  pool: checkpoints.Pool
+  meta: checkpoints.CheckpointMeta
+  dev: tuple
+  test: tuple
+  vocab: Any
+
+
+def check_inputs(exp: Experiment, scfg: search.SearchConfig, workdir: str, resume: bool,
+                 overwrite: bool, num_seeds: int) -> Inputs:
+  """Cheap checks first: metadata of every checkpoint, every task and split, the config."""
   pool = checkpoints.load_pool(exp.pool)
   check(len(exp.tasks) > 0, "no tasks to search on", "Experiment.tasks",
         "bind Experiment.tasks to a list of seqio task names")
   check_workdir(workdir, resume, overwrite, pool.paths)
-  # Cheap checks first: metadata of every checkpoint, every task and split.
   meta = checkpoints.validate_pool(pool)
   model_config_from(meta, pool.entries[0].path)  # evaluation needs a model family
   from recycle_jax import vocabularies  # seqio and TensorFlow: evaluation only
@@ -146,64 +208,7 @@ def run_search(workdir: str, resume: bool = False, overwrite: bool = False,
         f"merge space {scfg.merge_space!r} needs the base checkpoint", "Experiment.base",
         "bind Experiment.base to the checkpoint the pool was fine-tuned from")
   pareto.scalarization_args(scfg.scalarization, scfg.task_weights, len(exp.tasks))
-  # One search per seed, each in its own workdir (the workdir itself for one seed).
-  seeds = [(workdir if num_seeds == 1 else os.path.join(workdir, f"seed_{k}"),
-            dataclasses.replace(scfg, seed=scfg.seed + k)) for k in range(num_seeds)]
-  if resume and not exp.top_n:  # a damaged or foreign state: refused before any array read
-    _check_saved(seeds, configurables.make_space(scfg.merge_space, meta.abstract, len(pool)),
-                 dev)
-
-  loaded = load_pool(exp.pool)
-  dev, test = evaluation.place(dev, loaded.mesh), evaluation.place(test, loaded.mesh)
-  base = load_base(exp.base, loaded) if exp.base else None
-  score = configurables.make_scorer(models.Decoder(loaded.model_cfg))
-  if exp.top_n:
-    loaded = top_n_subset(loaded, score, dev, exp.top_n)
-  n = len(loaded.pool)
-  pop = scfg.pop_size(n)
-  mode = configurables.choose_mode(loaded.params, pop)
-  logging.info("pool of %d, population %d, mode %s", n, pop, mode)
-  pop_fn = population.jit_population(population.make_population_fn(score, mode),
-                                     loaded.params, loaded.mesh)
-  scorer = population.CachedScorer(pop_fn, loaded.params, pop)
-
-  # Single checkpoints (one-hot merges) and baselines, scored by the same program.
-  eye = np.eye(n, dtype=np.float32)
-  single_dev = scorer(eye, dev, "dev")
-  bad = nonfinite_members(loaded) if np.isnan(single_dev).any() else []
-  check(not bad, f"checkpoints {bad} hold NaN or Inf values, so every merge with them does "
-        "(0 * NaN is NaN)", "Experiment.pool", "repair or drop them from the pool")
-  space = configurables.make_space(scfg.merge_space, loaded.params[0], n)
-  space_pop = scfg.pop_size(space.dim)
-  space_mode = configurables.choose_mode(loaded.params, space_pop)
-  sweep = configurables.SweepConfig()
-  method_baselines = configurables.task_vector_baselines(n, base is not None)
-  if resume and exp.top_n:  # the space is known once the top N are chosen
-    _check_saved(seeds, space, dev)
-  # The workdir is only touched once every input has been read and checked; one replaced
-  # is set aside (WORKDIR.old-*) until the new run is complete, and put back if it fails.
-  with outputs.set_aside(workdir, overwrite and not resume and jax.process_index() == 0):
-    os.makedirs(workdir, exist_ok=True)
-    _write_config(workdir)  # once: every configurable has been called, the config is complete
-
-    shared = Shared(exp, loaded, dev, test, scorer, mode, single_dev, scorer(eye, test, "test"),
-                    base, vocab=vocab)
-    shared.baselines, shared.linear_baselines = evaluate_baselines(shared, method_baselines)
-    space_scorer = scorer
-    if not space.is_linear:  # its own program: merges of the space, P of them at a time
-      operands = space.operands(loaded.params, base)
-      fn = population.jit_population(population.make_population_fn(
-          score, space_mode, space.merge), operands, loaded.mesh)
-      space_scorer = population.CachedScorer(fn, operands, space_pop)
-    runs = []
-    for k, (wd, cfg) in enumerate(seeds):  # the Pareto sweep runs once, with the first seed
-      runs.append(search_once(shared, cfg, space, space_scorer, wd, resume, progress,
-                              sweep if k == 0 else dataclasses.replace(sweep, num_weights=0)))
-    results = runs[0]
-    if num_seeds > 1:
-      results = reporting.with_seeds(runs[0], runs, [os.path.basename(wd) for wd, _ in seeds])
-      write_results(workdir, results, runs)
-  return results
+  return Inputs(pool, meta, dev, test, vocab)
 
 
 def _check_saved(seeds, space: spaces.MergeSpace, dev) -> None:
@@ -214,119 +219,150 @@ def _check_saved(seeds, space: spaces.MergeSpace, dev) -> None:
 
 
 @dataclasses.dataclass
-class Shared:
-  """What every search of one pool shares: data, scorers, the base, evaluated baselines."""
+class Run:
+  """What every search of one run shares: the pool and the data placed, the base, the
+  run's compiled programs (with their caches of scores), the single checkpoints' scores
+  and the baselines' results."""
   exp: Experiment
   loaded: Loaded
   dev: tuple
   test: tuple
-  scorer: population.CachedScorer  # linear merges
-  mode: str
-  single_dev: np.ndarray  # [N, T]
-  single_test: np.ndarray  # [N, T + R]
+  programs: population.Programs
   base: PyTree | None = None
-  baselines: dict[str, reporting.MethodResult] = dataclasses.field(default_factory=dict)
-  linear_baselines: Sequence[str] = ()  # those that are linear merges: the search's seeds
   vocab: Any = None  # the tasks' vocabulary (the pool's): adaptive fidelity's subsets
-  programs: dict = dataclasses.field(default_factory=dict)  # the run's compiled generations
+  mode: str = ""  # the linear program's population mode
+  scorer: population.CachedScorer | None = None  # linear merges of the pool, P at a time
+  single_dev: np.ndarray | None = None  # [N, T]
+  single_test: np.ndarray | None = None  # [N, T + R]
+  baselines: dict[str, reporting.MethodResult] = dataclasses.field(default_factory=dict)
+  seed_weights: np.ndarray | None = None  # [S, N]: the linear merges seeding every search
 
   @property
   def n(self) -> int:
     return len(self.loaded.pool)
 
 
-def evaluate_baselines(sh: Shared, method_baselines: dict
-                       ) -> tuple[dict[str, reporting.MethodResult], list[str]]:
-  """Every baseline's result, and the names of the linear ones."""
-  lin = baselines.baseline_weights(sh.single_dev)
+def place(exp: Experiment, inputs: Inputs) -> Run:
+  """The pool restored onto the mesh (its top N when asked), the splits placed, the base."""
+  loaded = load_pool(exp.pool)
+  dev, test = evaluation.place(inputs.dev, loaded.mesh), evaluation.place(inputs.test,
+                                                                         loaded.mesh)
+  base = load_base(exp.base, loaded) if exp.base else None
+  score = configurables.make_scorer(models.Decoder(loaded.model_cfg))
+  if exp.top_n:
+    loaded = top_n_subset(loaded, score, dev, exp.top_n)
+  programs = population.Programs(score, loaded.params, base, loaded.mesh,
+                                 configurables.choose_mode)
+  return Run(exp, loaded, dev, test, programs, base, inputs.vocab)
+
+
+def score_singles(run: Run, size: int) -> None:
+  """Every checkpoint alone (one-hot merges) on dev, by the linear program of population
+  `size`; a pool member holding NaN or Inf is refused."""
+  run.mode = run.programs.choose_mode(run.loaded.params, size)
+  logging.info("pool of %d, population %d, mode %s", run.n, size, run.mode)
+  run.scorer = run.programs.scorer(spaces.MergeSpace(n=run.n), size)
+  run.single_dev = run.scorer(np.eye(run.n, dtype=np.float32), run.dev, "dev")
+  bad = nonfinite_members(run.loaded) if np.isnan(run.single_dev).any() else []
+  check(not bad, f"checkpoints {bad} hold NaN or Inf values, so every merge with them does "
+        "(0 * NaN is NaN)", "Experiment.pool", "repair or drop them from the pool")
+
+
+def score_baselines(run: Run, method_baselines: dict) -> None:
+  """The linear baselines (their weights also seed every search) and the merge methods'
+  (`baselines.task_vector_baselines`: a space and candidate points each): each candidate
+  merged by its space, scored by the run's program for one tree, its hyperparameters
+  chosen on dev."""
+  lin = baselines.baseline_weights(run.single_dev)
   how = {}
-  if sh.exp.greedy_soup:
+  if run.exp.greedy_soup:
     lin["greedy_soup"], soup = merging.greedy_soup(
-        lambda a: np.mean(sh.scorer(a[None], sh.dev, "dev")[0]), sh.single_dev.mean(-1))
+        lambda a: np.mean(run.scorer(a[None], run.dev, "dev")[0]), run.single_dev.mean(-1))
     how["greedy_soup"] = {"method": "greedy_soup",
-                          "ingredients": [sh.loaded.pool.names[i] for i in soup]}
+                          "ingredients": [run.loaded.pool.names[i] for i in soup]}
   names = list(lin)
   w = np.stack([lin[m] for m in names])
-  dev, test = sh.scorer(w, sh.dev, "dev"), sh.scorer(w, sh.test, "test")
-  out = {m: reporting.MethodResult(w[i], dev[i], test[i], how.get(m))
-         for i, m in enumerate(names)}
-  # Merged like the pool is placed, so the linear program scores them without recompiling.
-  shardings = sh.loaded.shardings
-  for m, (space, points) in method_baselines.items():  # task_vector_baselines' spaces
-    merge = jax.jit(space.merge, out_shardings=shardings)
-    trees = [merge(p, space.operands(sh.loaded.params, sh.base)) for p in points]
-    devs = sh.scorer.score_trees(trees, sh.dev)
+  dev, test = run.scorer(w, run.dev, "dev"), run.scorer(w, run.test, "test")
+  run.baselines = {m: reporting.MethodResult(w[i], dev[i], test[i], how.get(m))
+                   for i, m in enumerate(names)}
+  run.seed_weights = np.concatenate([np.eye(run.n, dtype=np.float32)] +
+                                    [lin[m][None] for m in names if m != "best_single"])
+  for m, (space, points) in method_baselines.items():  # merged where the pool lies
+    merge = jax.jit(space.merge, out_shardings=run.loaded.shardings)
+    trees = [merge(p, space.operands(run.loaded.params, run.base)) for p in points]
+    devs = run.programs.score_trees(trees, run.dev)
     i = int(np.argmax(np.nan_to_num(devs.mean(-1), nan=-np.inf)))  # lam chosen on dev
-    out[m] = reporting.MethodResult(space.checkpoint_weights(points[i]), devs[i],
-                                    sh.scorer.score_trees([trees[i]], sh.test)[0],
-                                    space.describe(points[i]))
-  return out, names
+    run.baselines[m] = reporting.MethodResult(
+        space.checkpoint_weights(points[i]), devs[i],
+        run.programs.score_trees([trees[i]], run.test)[0], space.describe(points[i]))
 
 
-def search_once(sh: Shared, scfg: search.SearchConfig, space: spaces.MergeSpace,
+def search_once(run: Run, scfg: search.SearchConfig, space: spaces.MergeSpace,
                 scorer: population.CachedScorer, workdir: str, resume: bool, progress: bool,
                 sweep: pareto.SweepConfig) -> dict:
-  """One search (and its Pareto sweep) from the shared baselines; writes workdir's run."""
+  """One search and its Pareto sweep, from seeds that enter each archive once (the linear
+  baselines as points of the space, scored once); their record written to workdir."""
   os.makedirs(workdir, exist_ok=True)
-  # The linear baselines, as points of the space, seed the archive (and warm starts).
-  seed_points = space.lift(np.concatenate(
-      [np.eye(sh.n, dtype=np.float32)] +
-      [sh.baselines[m].alphas[None] for m in sh.linear_baselines if m != "best_single"]))
-  seed_scores = scorer(seed_points, sh.dev, "dev")
-  names = [d.name for d in sh.dev]
-
-  def run_one(cfg, wd):
-    srch = search.Search(cfg, sh.n, scorer.population_fn, space, programs=sh.programs)
-    subset = None
-    # A fixed random subset of each dev split, the same for every search seed: its packed
-    # shapes are then too, so seeds share one compiled program (a subset per seed cost a
-    # 25 s compile each, 6x the search: 30 vs 5 s per search on code-instruct).
-    if cfg.adaptive:
-      subset = evaluation.place(tuple(
-          evaluation.subset(d, cfg.fidelity_subset, 0)
-          for d in evaluation.load_split(names, "dev", sh.exp.max_examples, sh.vocab)),
-          sh.loaded.mesh)
-    archive = search.run(srch, scorer.pool, sh.dev, wd, resume=resume, progress=progress,
-                         seeds=(seed_points, seed_scores, srch.fitness(seed_scores)),
-                         subset=subset)
-    full = archive.full()  # subset estimates never enter the cache of dev scores
-    scorer.remember(np.asarray(archive.alphas)[full], np.asarray(archive.scores)[full],
-                    names, "dev")
-    return srch, archive
-
+  points = space.lift(run.seed_weights)
+  seeds = search.Seeds.of(space, points, scorer(points, run.dev, "dev"),
+                          spaces.get_parametrization(scfg.parametrization))
   start = time.perf_counter()
-  srch, archive = run_one(scfg, workdir)
+  archive = run_one(run, scfg, space, scorer, seeds, workdir, resume, progress)
   wall = time.perf_counter() - start  # the search alone (its first generation compiles)
   sweeps = [pareto.Sweep(c.scalarization, list(c.task_weights), run_one(
-      c, os.path.join(workdir, "sweep", f"{c.scalarization}_{i}"))[1])
-      for i, c in enumerate(pareto.sweep_configs(scfg, sweep, len(names)))]
-  w = np.asarray(archive.alphas[archive.best()])
-  found = reporting.MethodResult(space.checkpoint_weights(w), scorer(w[None], sh.dev, "dev")[0],
-                                 scorer(w[None], sh.test, "test")[0], space.describe(w))
-  hits = scorer.hits  # the run's record counts those before the front's test scores
-  front_test = scorer(pareto.test_needed(archive, sweeps), sh.test, "test")
+      run, c, space, scorer, seeds, os.path.join(workdir, "sweep", f"{c.scalarization}_{i}"),
+      resume, progress)) for i, c in enumerate(pareto.sweep_configs(scfg, sweep, len(run.dev)))]
+  best = archive.best()
+  w = np.asarray(archive.alphas[best])
+  found = reporting.MethodResult(space.checkpoint_weights(w), archive.scores[best],
+                                 scorer(w[None], run.test, "test")[0], space.describe(w))
+  config = run_config(run, scfg, space, archive, wall, scorer.hits)
   record = reporting.RunResult(
-      tasks=list(sh.exp.tasks),
-      report_tasks=[d.name for d in sh.test if d.name not in sh.exp.tasks],
-      pool_names=sh.loaded.pool.names, single_dev=sh.single_dev, single_test=sh.single_test,
-      methods={"search": found, **sh.baselines}, archive=archive,
-      config={"search": dataclasses.asdict(scfg), "population_size": srch.pop,
-              "sigma_init": srch.sigma, "dev_examples_evaluated": archive.dev_examples(),
-              "search_wall_s": round(wall, 2),
-              "dev_examples": {d.name: int(d.num_examples) for d in sh.dev},
-              "population_mode": sh.mode, "cache_hits": hits,
-              "merge_space": {"name": space.name, "groups": list(space.groups),
-                              "tuned": list(space.tuned)}},
-      space=space, sweeps=sweeps, front_test=front_test, reference=sweep.reference)
-  if sh.exp.save_merged:
-    merged = jax.jit(space.merge, out_shardings=sh.loaded.shardings)(
+      list(run.exp.tasks), [d.name for d in run.test if d.name not in run.exp.tasks],
+      run.loaded.pool.names, run.single_dev, run.single_test,
+      {"search": found, **run.baselines}, archive, config, space, sweeps,
+      scorer(pareto.test_needed(archive, sweeps), run.test, "test"), sweep.reference)
+  if run.exp.save_merged:
+    merged = jax.jit(space.merge, out_shardings=run.loaded.shardings)(
         jax.numpy.asarray(w), scorer.pool)
-    save_merged(os.path.join(workdir, "merged"), sh.loaded, merged,
-                merged_metadata(sh.loaded, space.checkpoint_weights(w), "search",
-                                space=space.describe(w)), sh.exp.merged_format, overwrite=True)
+    save_merged(os.path.join(workdir, "merged"), run.loaded, merged,
+                merged_metadata(run.loaded, found.alphas, "search", space=found.merge),
+                run.exp.merged_format, overwrite=True)
   results = reporting.build_results(record)
   write_results(workdir, results)
   return results
+
+
+def run_one(run: Run, cfg: search.SearchConfig, space: spaces.MergeSpace,
+            scorer: population.CachedScorer, seeds: search.Seeds, workdir: str, resume: bool,
+            progress: bool) -> search.Archive:
+  """One search of `space` from `seeds`, on the full dev splits or (adaptive fidelity) on
+  a fixed random subset of each first."""
+  srch = search.Search(cfg, run.n, scorer.population_fn, space,
+                       programs=run.programs.generations)
+  subset = None
+  # A fixed random subset of each dev split, the same for every search seed: its packed
+  # shapes are then too, so seeds share one compiled program (a subset per seed cost a
+  # 25 s compile each, 6x the search: 30 vs 5 s per search on code-instruct).
+  if cfg.adaptive:
+    subset = evaluation.place(tuple(
+        evaluation.subset(d, cfg.fidelity_subset, 0)
+        for d in evaluation.load_split([d.name for d in run.dev], "dev",
+                                       run.exp.max_examples, run.vocab)), run.loaded.mesh)
+  return search.run(srch, scorer.pool, run.dev, workdir, resume=resume, progress=progress,
+                    seeds=seeds, subset=subset)
+
+
+def run_config(run: Run, scfg: search.SearchConfig, space: spaces.MergeSpace,
+               archive: search.Archive, wall: float, hits: int) -> dict:
+  """results.json's `config`: the search's, and how it ran."""
+  return {"search": dataclasses.asdict(scfg), "population_size": scfg.pop_size(space.dim),
+          "sigma_init": scfg.sigma(), "dev_examples_evaluated": archive.dev_examples(),
+          "search_wall_s": round(wall, 2),
+          "dev_examples": {d.name: int(d.num_examples) for d in run.dev},
+          "population_mode": run.mode, "cache_hits": hits,
+          "merge_space": {"name": space.name, "groups": list(space.groups),
+                          "tuned": list(space.tuned)}}
 
 
 def write_results(workdir: str, results: dict, runs: Sequence[dict] = ()) -> None:

@@ -217,15 +217,23 @@ def make_pool(workdir: str, recipes: Sequence[dict] = gin.REQUIRED,
   checkpoints.write_manifest(manifest, checkpoints.make_pool(entries, manifest))
   timing = {"train_seconds": round(train_s, 1), "total_seconds": round(time.time() - t0, 1),
             "built_on": build_environment()}
-  meta_path = os.path.join(workdir, "pool_meta.json")
-  if os.path.exists(meta_path) and not built:  # a cache hit keeps the cold build's timing
-    old_meta = json.load(open(meta_path))
-    timing = {k: old_meta.get(k, v) for k, v in timing.items()}
-  with open(os.path.join(workdir, "pool_meta.json"), "w") as f:
-    json.dump({"eval_tasks": list(eval_tasks), "max_eval_examples": max_eval_examples,
-               **timing}, f, indent=1)
+  timing = write_pool_meta(workdir, eval_tasks, max_eval_examples, timing, built)
   write_pool_report(workdir, entries, eval_tasks, timing)
   return manifest
+
+
+def write_pool_meta(workdir: str, eval_tasks: Sequence[str], max_eval_examples: int | None,
+                    timing: dict, built: bool) -> dict:
+  """workdir/pool_meta.json; returns the timing it holds (a cache hit keeps the cold
+  build's)."""
+  meta_path = os.path.join(workdir, "pool_meta.json")
+  if os.path.exists(meta_path) and not built:
+    old_meta = json.load(open(meta_path))
+    timing = {k: old_meta.get(k, v) for k, v in timing.items()}
+  with open(meta_path, "w") as f:
+    json.dump({"eval_tasks": list(eval_tasks), "max_eval_examples": max_eval_examples,
+               **timing}, f, indent=1)
+  return timing
 
 
 def build_environment() -> dict:

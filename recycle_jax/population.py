@@ -124,28 +124,47 @@ class CachedScorer:
         self.cache[keys[i]] = np.where(finite[j], scores[j], np.nan)
     return np.stack([self.cache[k] for k in keys]) if keys else np.zeros((0, len(datas)))
 
-  def remember(self, alphas: np.ndarray, scores: np.ndarray, names: Sequence[str],
-               split: str) -> None:
-    for a, s in zip(np.asarray(alphas, np.float32), scores):
-      self.cache[(split, tuple(names), weights_key(a))] = np.asarray(s)
+
+@dataclasses.dataclass
+class Programs:
+  """A run's compiled programs: per (merge space, population size), the population program
+  merging points of that space and scoring them, with its cache of scores (the linear one,
+  a searched space's); the program scoring one tree merged elsewhere (the merge methods'
+  baselines); and the searches' compiled generations (`search.Search.programs`). Each is
+  compiled once per shape."""
+  score: Callable  # (params, datas) -> [T] scores
+  params: tuple  # the pool, placed
+  base: PyTree | None
+  mesh: Any
+  choose_mode: Callable  # (params, population size) -> 'vmap' | 'map'
+  scorers: dict = dataclasses.field(default_factory=dict)
+  generations: dict = dataclasses.field(default_factory=dict)
+
+  def __post_init__(self):
+    self.score_tree = jax.jit(self.score)  # shared by every method's candidates
+    self.finite = jax.jit(merging.all_finite)
 
   def score_trees(self, trees: Sequence[PyTree], datas: tuple[TaskData, ...]) -> np.ndarray:
-    """Scores [K, T] of parameter trees merged elsewhere (task vectors: no weights over
-    this pool), by this linear program: up to min(N, P) trees take the pool's slots and
-    one-hot weights pick each, exactly (1 * x + 0 * y). Same shapes and shardings, so no
-    new program is compiled. Not cached; NaN rows for non-finite trees (kept out of the
-    slots, where 0 * NaN would spoil the others)."""
-    n, p = len(self.pool), self.population_size
-    finite = [bool(jax.jit(merging.all_finite)(t)) for t in trees]
+    """Scores [K, T] of parameter trees merged elsewhere (a merge method's candidates), by
+    the program made for one tree; NaN rows for non-finite trees (not scored)."""
     out = np.full((len(trees), len(datas)), np.nan, np.float32)
-    todo = [i for i, f in enumerate(finite) if f]
-    for start in range(0, len(todo), min(n, p)):
-      idx = todo[start:start + min(n, p)]
-      slots = tuple(trees[i] for i in idx) + tuple(self.pool[len(idx):])
-      pick = np.eye(n, dtype=np.float32)[list(range(len(idx))) + [0] * (p - len(idx))]
-      scores, _ = pipelined(self.population_fn, pick, slots, datas, p)
-      out[idx] = scores[:len(idx)]
+    for i, tree in enumerate(trees):
+      if bool(self.finite(tree)):
+        out[i] = evaluation.evaluate(self.score_tree, tree, datas)
     return out
+
+  def scorer(self, space, size: int) -> CachedScorer:
+    """The CachedScorer of `space` (a spaces.MergeSpace), `size` points at a time; every
+    linear space shares the pool's own program."""
+    key = ("linear", size) if space.is_linear else (space, size)
+    if key not in self.scorers:
+      merge = merging.linear if space.is_linear else space.merge
+      operands = tuple(self.params) if space.is_linear else space.operands(self.params,
+                                                                           self.base)
+      fn = make_population_fn(self.score, self.choose_mode(self.params, size), merge)
+      self.scorers[key] = CachedScorer(jit_population(fn, operands, self.mesh), operands,
+                                       size)
+    return self.scorers[key]
 
 
 def log_nonfinite(alphas: np.ndarray, fitness: np.ndarray, where: str) -> None:

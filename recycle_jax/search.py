@@ -164,6 +164,22 @@ class Archive:
     return len(self.fitness)
 
 
+@dataclasses.dataclass(frozen=True)
+class Seeds:
+  """Already evaluated points (single checkpoints, baselines) that enter a search's archive
+  first: in the strategy's coordinates x [S, D], as points of the space [S, D], with their
+  dev scores [S, T]. Encoded once, they serve a search and its sweep."""
+  x: np.ndarray
+  points: np.ndarray
+  scores: np.ndarray
+
+  @classmethod
+  def of(cls, space: spaces.MergeSpace, points: np.ndarray, scores: np.ndarray,
+         param: spaces.Parametrization | None = None) -> "Seeds":
+    return cls(space.encode(points, param), np.asarray(points, np.float32),
+               np.asarray(scores))
+
+
 @dataclasses.dataclass
 class Search:
   """Builds the compiled generation for a pool and a tuple of dev TaskData."""
@@ -414,53 +430,75 @@ def _examples(datas) -> int:
 
 
 def run(search: Search, pool, datas, workdir: str | None, resume: bool = False,
-        seeds: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
-        progress: bool = True, on_generation: Callable | None = None,
-        subset=None) -> Archive:
+        seeds: Seeds | None = None, progress: bool = True,
+        on_generation: Callable | None = None, subset=None) -> Archive:
   """Runs the search to its budget, checkpointing after every generation in `workdir`.
 
-  seeds: optional (alphas [S, D], scores [S, T], fitness [S]) of already evaluated points of
-  the search's space (single checkpoints, baselines): they enter the archive and, when
-  `warm_start`, the top P are told to the strategy before the first generation.
+  seeds: already evaluated points of the search's space: they enter the archive (with
+  this search's scalarization as fitness) and, when `warm_start`, the top P are told to
+  the strategy before the first generation.
   subset: the dev splits' fixed subsets, required when the config is adaptive (the splits
   as `datas`, each cut to a fixed random subset of its examples: `evaluation.subset`).
   """
   check(search.cfg.adaptive == (subset is not None), "adaptive fidelity needs the dev "
         "subsets, and only it", "search.run", "pass subset= exactly when "
         "SearchConfig.fidelity_subset < 1")
-  full_n, sub_n = _examples(datas), _examples(subset)
-  total = search.cfg.num_generations(search.dim)
-  state, archive = search.init(), Archive()
   mngr = None
   if workdir:
     mngr = ocp.CheckpointManager(
         os.path.abspath(os.path.join(workdir, STATE_DIR)),
         options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
   if resume and mngr is not None and mngr.latest_step() is not None:
-    check_signature(str(mngr.directory), signature(search.cfg, search.space, datas))
-    step = mngr.latest_step()
-    with quiet.abandoned_reads():
-      restored = mngr.restore(step, args=ocp.args.StandardRestore())
-    state = flax.serialization.from_state_dict(state, restored["state"])
-    archive = Archive.from_arrays({k: np.asarray(v) for k, v in restored["archive"].items()})
-    if search.strategy.host:
-      search.replay(archive)
-    logging.info("resumed search at generation %d (%d merges archived)", step, len(archive))
+    state, archive = _restore(search, mngr, datas)
   else:
-    if seeds is not None:
-      alphas, scores, fitness = seeds
-      x = search.space.encode(alphas, search.param)
-      archive.add(x, alphas, scores, fitness, "seed", examples=np.full(len(x), full_n))
-      state = search.start(state, x, fitness)
-    if mngr is not None and jax.process_index() == 0:
-      checkpoints.atomic_write_text(os.path.join(str(mngr.directory), "signature.json"),
-                                    json.dumps(signature(search.cfg, search.space, datas), indent=1))
-    if mngr is not None and len(archive):  # a fresh init needs no checkpoint
-      mngr.save(0, args=ocp.args.StandardSave(_state_to_save(state, archive)))
-  start = int(state.generation)
+    state, archive = _start(search, mngr, datas, seeds)
+  try:  # on any exit (Ctrl-C and SIGTERM too) a save in flight is finished
+    _generations(search, state, archive, pool, datas, subset, mngr, progress, on_generation)
+  finally:
+    if mngr is not None:
+      mngr.wait_until_finished()
+      mngr.close()
+  return archive
+
+
+def _restore(search: Search, mngr, datas) -> tuple[SearchState, Archive]:
+  """The latest saved state and archive (a host study replayed from the archive)."""
+  check_signature(str(mngr.directory), signature(search.cfg, search.space, datas))
+  step = mngr.latest_step()
+  with quiet.abandoned_reads():
+    restored = mngr.restore(step, args=ocp.args.StandardRestore())
+  state = flax.serialization.from_state_dict(search.init(), restored["state"])
+  archive = Archive.from_arrays({k: np.asarray(v) for k, v in restored["archive"].items()})
+  if search.strategy.host:
+    search.replay(archive)
+  logging.info("resumed search at generation %d (%d merges archived)", step, len(archive))
+  return state, archive
+
+
+def _start(search: Search, mngr, datas, seeds: Seeds | None) -> tuple[SearchState, Archive]:
+  """A fresh state and archive, the seeds in it (and told, when warm starting), saved."""
+  state, archive = search.init(), Archive()
+  if seeds is not None:
+    fitness = search.fitness(seeds.scores)
+    archive.add(seeds.x, seeds.points, seeds.scores, fitness, "seed",
+                examples=np.full(len(seeds.x), _examples(datas)))
+    state = search.start(state, seeds.x, fitness)
+  if mngr is not None and jax.process_index() == 0:
+    checkpoints.atomic_write_text(os.path.join(str(mngr.directory), "signature.json"),
+                                  json.dumps(signature(search.cfg, search.space, datas), indent=1))
+  if mngr is not None and len(archive):  # a fresh init needs no checkpoint
+    mngr.save(0, args=ocp.args.StandardSave(_state_to_save(state, archive)))
+  return state, archive
+
+
+def _generations(search: Search, state: SearchState, archive: Archive, pool, datas, subset,
+                 mngr, progress: bool, on_generation: Callable | None) -> None:
+  """The generations left to the budget, each archived and saved."""
+  full_n, sub_n = _examples(datas), _examples(subset)
+  total, start = search.cfg.num_generations(search.dim), int(state.generation)
   bar = tqdm(range(start, total), desc="search", disable=not progress, initial=start,
              total=total, unit="gen")
-  try:  # on any exit (Ctrl-C and SIGTERM too) a save in flight is finished
+  try:
     for g in bar:
       # A host copy in: the first, later and resumed generations then share one program
       # (device outputs carry the mesh, a fresh or restored state does not: two compiles).
@@ -475,13 +513,8 @@ def run(search: Search, pool, datas, workdir: str | None, resume: bool = False,
         with interrupts.deferred():  # Ctrl-C / SIGTERM: after the state is saved whole
           mngr.save(g + 1, args=ocp.args.StandardSave(_state_to_save(state, archive)))
           mngr.wait_until_finished()
-      best = np.nanmax(np.asarray(archive.fitness))
-      bar.set_postfix(best=f"{best:.2f}")
+      bar.set_postfix(best=f"{np.nanmax(np.asarray(archive.fitness)):.2f}")
       if on_generation is not None:
         on_generation(g, archive)
   finally:
     bar.close()
-    if mngr is not None:
-      mngr.wait_until_finished()
-      mngr.close()
-  return archive

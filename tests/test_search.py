@@ -94,7 +94,7 @@ def test_nan_candidates_get_the_worst_fitness_and_the_search_continues():
 def test_warm_start_seeds_enter_the_archive_and_steer_the_strategy():
   seeds_a = np.eye(6, dtype=np.float32)
   seeds_s = np.asarray(_population_fn(jnp.asarray(seeds_a), None, None)[0])
-  seeds = (seeds_a, seeds_s, seeds_s.mean(-1))
+  seeds = search.Seeds.of(_search(0).space, seeds_a, seeds_s)
   warm = search.run(_search(24, warm_start=True), None, None, None, seeds=seeds,
                     progress=False)
   cold = search.run(_search(24), None, None, None, seeds=seeds, progress=False)

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from recycle_jax import merging, population, search, spaces
+from recycle_jax import baselines, evaluation, merging, population, search, spaces
 
 N = 3
 
@@ -69,26 +69,36 @@ def test_task_arithmetic_search_tunes_lam():
   np.testing.assert_allclose(space.checkpoint_weights(best), best[:N])
 
 
-def test_score_trees_reuses_the_linear_program_exactly(caplog):
+def test_method_baselines_are_scored_by_one_program_made_for_them(caplog):
+  """A merge method's candidates, merged by their space where the pool lies, are scored by
+  the run's program for one tree (population.Programs.score_trees): compiled once for every
+  candidate and method, each score as the tree's own; a diverged merge scores NaN; every
+  linear space shares the pool's own population program."""
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1), ("data", "model"))
   pool, base = jax.device_put(_setup(), jax.devices()[0])  # committed, as restored pools are
-  leaf_sums = lambda params, datas: jnp.stack([jnp.sum(x) for x in jax.tree.leaves(params)])
-  fn = jax.jit(population.make_population_fn(leaf_sums, "vmap"))
-  scorer = population.CachedScorer(fn, pool, 4)
-  a = np.array([0.5, 0.3, 0.2], np.float32)
-  # As the experiment does: merged where the pool lies, so the program's inputs match.
-  ties = jax.jit(lambda lam: merging.ties(a, pool, base, lam, 0.5),
-                 out_shardings=jax.tree.map(lambda x: x.sharding, pool[0]))
-  trees = [ties(lam) for lam in (0.5, 1.0, 1.5, 2.0)]
-  trees.insert(1, jax.tree.map(lambda x: x * np.nan, trees[0]))  # a diverged merge
-  datas = (0, 0, 0)  # three 'tasks': the score ignores them
+
+  def leaf_sums(params, datas):
+    return jnp.stack([jnp.sum(x) for x in jax.tree.leaves(params)])
+  programs = population.Programs(leaf_sums, pool, base, mesh, lambda params, size: "map")
+  datas = tuple(evaluation.TaskData(tokens=np.zeros((1, 1), np.int32),  # the score
+                                     target_mask=np.zeros((1, 1), bool), name=f"t{t}")
+                for t in range(3))  # ignores them: three 'tasks'
+  got = {}
   with jax.log_compiles(), caplog.at_level(logging.WARNING):
-    got = scorer.score_trees(trees, datas)
-    fn(np.eye(N, dtype=np.float32)[[0, 1, 2, 0]], pool, datas)  # the pool's own merges
-  compiled = [r for r in caplog.records if "Compiling jit(population)" in r.getMessage()]
-  assert len(compiled) == 1  # the trees went through the pool's own program
-  assert np.isnan(got[1]).all()
-  for i in (0, 2, 3, 4):
-    np.testing.assert_array_equal(got[i], np.asarray(leaf_sums(trees[i], None)))
+    for m, (space, points) in baselines.task_vector_baselines(N, True).items():
+      merge = jax.jit(space.merge, out_shardings=jax.tree.map(lambda x: x.sharding, pool[0]))
+      trees = [merge(p, space.operands(pool, base)) for p in points]
+      trees.insert(1, jax.tree.map(lambda x: x * np.nan, trees[0]))  # a diverged merge
+      got[m] = (programs.score_trees(trees, datas), trees)
+  compiled = [r for r in caplog.records if "Compiling jit(leaf_sums)" in r.getMessage()]
+  assert len(got) >= 2 and len(compiled) == 1  # one program for every method's candidates
+  for scores, trees in got.values():
+    assert np.isnan(scores[1]).all() and np.isfinite(np.delete(scores, 1, 0)).all()
+    for i in range(len(trees)):
+      if i != 1:
+        np.testing.assert_allclose(scores[i], np.asarray(leaf_sums(trees[i], None)), rtol=1e-6)
+  linear = programs.scorer(spaces.MergeSpace(n=N), 4)
+  assert programs.scorer(spaces.MergeSpace(n=N, seed=3), 4) is linear
 
 
 @pytest.mark.parametrize("name", spaces.PARAMETRIZATIONS)

@@ -60,7 +60,8 @@ def test_host_strategy_warm_starts_and_resumes_bit_for_bit(strategy, tmp_path):
                               parametrization="box", warm_start=True)
     s = search.Search(cfg, N, _two_tasks)
     return search.run(s, None, None, str(tmp_path / wd), resume=resume, progress=False,
-                      seeds=(seeds[0], seeds[1], seeds[1].mean(-1)), on_generation=stop)
+                      seeds=search.Seeds.of(s.space, seeds[0], seeds[1], s.param),
+                      on_generation=stop)
   full = go("a")
   assert len(full) == N + 40 and np.isfinite(full.fitness).all()
   class Stop(Exception):
