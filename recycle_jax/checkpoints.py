@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
-from recycle_jax import outputs, quiet, tokenizer_files, validation
+from recycle_jax import outputs, quiet, tokenizer_files, validation, waits
 from recycle_jax.errors import UserError, check
 from recycle_jax.partitioning import path_str, with_shardings
 
@@ -305,7 +305,7 @@ def save(path: str, params: PyTree, custom: dict, overwrite: bool = False,
   try:
     ckptr = ocp.StandardCheckpointer()
     ckptr.save(tmp, params, custom_metadata={META_KEY: custom})
-    ckptr.wait_until_finished()
+    waits.call(ckptr.wait_until_finished, "writing the checkpoint", tmp)
     if jax.process_index() == 0:
       tokenizer_files.write_files(tokenizer, os.path.join(tmp, tokenizer_files.TOKENIZER_DIR))
   except BaseException:

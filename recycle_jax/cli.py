@@ -23,7 +23,7 @@ from typing import Sequence  # noqa: E402
 
 from absl import logging  # noqa: E402
 
-from recycle_jax import errors, interrupts, validation  # noqa: E402
+from recycle_jax import errors, interrupts, validation, waits  # noqa: E402
 from recycle_jax.errors import EXIT_USAGE, UserError, check  # noqa: E402
 
 
@@ -473,6 +473,12 @@ def main(argv=None) -> int:
     if getattr(args, "verbose", False):
       traceback.print_exc()
     print(line, file=sys.stderr)
+    if own and waits.stuck.is_set():  # threads still blocked in the filesystem would
+      if native is not None:          # hold the exit forever: leave without them
+        native.stop()
+      sys.stdout.flush()
+      sys.stderr.flush()
+      os._exit(code)
     return code
   finally:
     if native is not None:

@@ -49,7 +49,7 @@ from absl import logging
 from tqdm.auto import tqdm
 
 from recycle_jax import (checkpoints, evaluation, interrupts, pareto, population, quiet,
-                         spaces, strategies, validation)
+                         spaces, strategies, validation, waits)
 from recycle_jax.errors import UserError, check
 
 PyTree = Any
@@ -456,7 +456,7 @@ def run(search: Search, pool, datas, workdir: str | None, resume: bool = False,
     _generations(search, state, archive, pool, datas, subset, mngr, progress, on_generation)
   finally:
     if mngr is not None:
-      mngr.wait_until_finished()
+      waits.call(mngr.wait_until_finished, "saving the search state", str(mngr.directory))
       mngr.close()
   return archive
 
@@ -512,7 +512,7 @@ def _generations(search: Search, state: SearchState, archive: Archive, pool, dat
       if mngr is not None:
         with interrupts.deferred():  # Ctrl-C / SIGTERM: after the state is saved whole
           mngr.save(g + 1, args=ocp.args.StandardSave(_state_to_save(state, archive)))
-          mngr.wait_until_finished()
+          waits.call(mngr.wait_until_finished, "saving the search state", str(mngr.directory))
       bar.set_postfix(best=f"{np.nanmax(np.asarray(archive.fitness)):.2f}")
       if on_generation is not None:
         on_generation(g, archive)

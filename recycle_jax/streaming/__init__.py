@@ -37,7 +37,7 @@ import numpy as np
 import tensorstore as ts
 from tqdm.auto import tqdm
 
-from recycle_jax import checkpoints, tokenizer_files
+from recycle_jax import checkpoints, tokenizer_files, waits
 from recycle_jax.errors import UserError, check
 from recycle_jax.streaming.kernel import accumulate, blas_single_threaded, gc_paused  # noqa: F401
 from recycle_jax.streaming.layout import (array_spec, ocdbt_index, pieces,  # noqa: F401
@@ -195,7 +195,7 @@ def sum_batches(plan: Plan, pool: checkpoints.Pool, weights: Sequence[np.float32
     acc, size = None, max(1, math.prod(ushape))
     spare, copying = accs.popleft()
     for f in copying:  # a write still copying from this buffer
-      f.result()
+      waits.result(f, "a write of the streaming merge")
     copying = []
     accs.append((spare, copying))
     for w in weights:

@@ -15,7 +15,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import numpy as np
 import tensorstore as ts
 
-from recycle_jax import checkpoints
+from recycle_jax import checkpoints, waits
 from recycle_jax.errors import UserError
 from recycle_jax.streaming.layout import (array_spec, chunk_index, chunk_key, create_arrays,
                                           database_spec, pieces, raw_chunks)
@@ -33,32 +33,33 @@ def prefetched(fn: Callable, items: Iterable, depth: int | None = None,
   depth = depth or PREFETCH
   ahead = max(ahead, depth)
   items = iter(items)
-  with concurrent.futures.ThreadPoolExecutor(depth, thread_name_prefix="merge-read") as ex:
-    pending = collections.deque()  # (future, on a reader thread)
-    threaded, item, here = 0, None, False
-    try:
-      while True:
-        if item is None:
-          item = next(items, None)
-          here = item is not None and inline(item)
-        if item is not None and len(pending) < ahead and (here or threaded < depth):
-          if here:
-            done = concurrent.futures.Future()
-            done.set_result(fn(item))
-            pending.append((done, False))
-          else:
-            pending.append((ex.submit(fn, item), True))
-            threaded += 1
-          item = None
-          continue
-        if not pending:
-          return
-        future, on_thread = pending.popleft()
-        threaded -= on_thread
-        yield future.result()
-    finally:
-      for f, _ in pending:
-        f.cancel()
+  ex = concurrent.futures.ThreadPoolExecutor(depth, thread_name_prefix="merge-read")
+  pending = collections.deque()  # (future, on a reader thread)
+  threaded, item, here = 0, None, False
+  try:
+    while True:
+      if item is None:
+        item = next(items, None)
+        here = item is not None and inline(item)
+      if item is not None and len(pending) < ahead and (here or threaded < depth):
+        if here:
+          done = concurrent.futures.Future()
+          done.set_result(fn(item))
+          pending.append((done, False))
+        else:
+          pending.append((ex.submit(fn, item), True))
+          threaded += 1
+        item = None
+        continue
+      if not pending:
+        return
+      future, on_thread = pending.popleft()
+      threaded -= on_thread
+      yield waits.result(future, "a read of the streaming merge")
+  finally:
+    for f, _ in pending:
+      f.cancel()
+    ex.shutdown(wait=not waits.stuck.is_set())  # a stuck reader is left behind
 
 
 class Writes:
@@ -87,7 +88,7 @@ class Writes:
   def _wait_one(self) -> None:
     future, n = self.pending.popleft()
     self.bytes -= n
-    future.result()
+    waits.result(future, "a write of the streaming merge")
 
   def finish(self) -> None:
     while self.pending:
@@ -96,7 +97,7 @@ class Writes:
   def abort(self) -> None:
     """Waits for the writes in flight (they write files) and drops their errors: the
     merge is failing anyway and its error is the one to report."""
-    while self.pending:
+    while self.pending and not waits.stuck.is_set():
       try:
         self._wait_one()
       except Exception:  # noqa: BLE001
@@ -120,13 +121,13 @@ class Syncer:
     """Waits for a pass in flight (its errors are reported), then syncs everything."""
     try:
       if self.running is not None:
-        self.running.result()
+        waits.result(self.running, "the output's writeback", self.top)
       fsync_tree(self.top)
     finally:
       self.ex.shutdown(wait=True)
 
   def abort(self) -> None:
-    self.ex.shutdown(wait=True, cancel_futures=True)
+    self.ex.shutdown(wait=not waits.stuck.is_set(), cancel_futures=True)
 
 
 class NoSync:
@@ -292,7 +293,7 @@ class Reader:
       store = self.store(i, leaf.name)  # arrays are added as they are (no copy into buf)
       futures = [store[region(leaf, ushape, o)].read() for o in batch]
       self.stats["tensorstore"] += len(batch)
-      return [f.result() for f in futures]
+      return [waits.result(f, "a read", self.pool.entries[i].path) for f in futures]
     locs, _ = raw
     item = leaf.dtype.itemsize
     parts, raw_bytes = [], buf.view(np.uint8)
