@@ -121,34 +121,6 @@ def cmd_search(args) -> None:
   print(f"report: {os.path.join(args.workdir, 'report.md')}")
 
 
-def _merge_methods() -> tuple[str, ...]:
-  """--method's choices, from the registry: 'layerwise' and the soup beside the methods."""
-  from recycle_jax import methods
-  return (("linear", "layerwise") + tuple(m for m in methods.METHODS if m != "linear") +
-          ("greedy_soup",))
-
-
-def _greedy_soup(loaded, args):
-  """Greedy soup on the dev split of --tasks: (alphas [N], its ingredients)."""
-  import jax
-  import numpy as np
-  from recycle_jax import evaluation, merging, models, population, vocabularies
-  names = [t for t in args.tasks.split(",") if t]
-  vocab = vocabularies.for_evaluation(loaded.tokenizer, loaded.model_cfg.vocab_size,
-                                     args.pool)
-  dev = evaluation.place(evaluation.load_split(names, "dev", args.max_examples, vocab),
-                         loaded.mesh)
-  from recycle_jax import configurables
-  score = configurables.make_scorer(models.Decoder(loaded.model_cfg))
-  scorer = population.CachedScorer(  # one candidate at a time: greedy soups are sequential
-      population.jit_population(population.make_population_fn(score, "vmap"), loaded.params,
-                                loaded.mesh), loaded.params, 1)
-  single = scorer(np.eye(len(loaded.params), dtype=np.float32), dev, "dev")
-  alphas, soup = merging.greedy_soup(lambda a: np.mean(scorer(a[None], dev, "dev")[0]),
-                                     single.mean(-1))
-  return alphas, {"ingredients": [loaded.pool.names[i] for i in soup], "tasks": names}
-
-
 def _merge_config(args) -> None:
   """`merge --config=merge.yml`: a mergekit config, merged into a Hugging Face folder."""
   from recycle_jax import mergekit_config
@@ -166,105 +138,22 @@ def cmd_merge(args) -> None:
     return _merge_config(args)
   check(args.pool is not None, "no pool given", "--pool", "pass --pool=pool.json or "
         "--config=merge.yml (a mergekit config)")
-  import jax
-  import numpy as np
-  from recycle_jax import checkpoints, merging, methods, partitioning, spaces
-  pool = checkpoints.load_pool(args.pool)
-  meta = checkpoints.validate_pool(pool)
-  if args.base is not None:  # a base is checked whether the method uses it or not
-    checkpoints.validate_pool(checkpoints.make_pool(
-        [checkpoints.Entry("base", os.path.abspath(args.base)), *pool.entries], "--base"))
-  n = len(pool)
-  choices = _merge_methods()
-  check(args.method in choices + spaces.space_names(), f"unknown merge method "
-        f"{args.method!r}", "--method", f"choose from {list(choices)}")
-  soup = args.method == "greedy_soup"
-  method, layerwise = ("linear", False) if soup else spaces.parse_space(args.method)
-  spec = methods.get(method)
-  check(args.base is not None or not spec.needs_base,
-        f"--method={args.method} needs the base checkpoint", "--base",
-        "pass --base=CKPT, the checkpoint the pool was fine-tuned from")
-  spec.check_pool(n, True, "--base")
-  given = {h: getattr(args, h) for h in methods.hparams_by_name()
-           if getattr(args, h) is not None}  # a flag the method would ignore is refused
-  for h in sorted(set(given) - {h.name for h in spec.hparams}):
-    takes = [m for m, s in methods.METHODS.items() if h in {x.name for x in s.hparams}]
-    raise UserError(f"--method={args.method} takes no --{h}", f"--{h}",
-                    f"drop it, or choose a method that takes it ({', '.join(takes)})")
-  values = {h.name: given.get(h.name, h.default) for h in methods.hparams_by_name().values()}
-  for h in spec.hparams:
-    lo, hi = h.valid
-    check(lo < values[h.name] <= hi, f"{h.name} {values[h.name]} is not in ({lo:g}, {hi:g}]",
-          f"--{h.name}")
-  check(not args.streaming or args.method == "linear", "--streaming merges linearly only",
-        "--streaming", "drop --streaming for other methods")
-  check(not soup or args.tasks, "greedy_soup scores soups on tasks' dev splits", "--tasks",
-        "pass --tasks=rj_code,rj_math")
-  check(not soup or args.weights is None, "greedy_soup chooses its own weights", "--weights",
-        "drop --weights")
-  groups = merging.layer_groups(meta.abstract)[0] if layerwise else ("all",)
-  rows = len(groups)
-  weights = ([1.0] * (rows * n) if args.weights is None else
-             validation.parse_numbers(args.weights, "--weights"))
-  validation.check_weights(weights, rows * n, "--weights", signed=spec.negative_weights,
-                           what=(f"{rows} layer groups of {n} checkpoints "
-                                 f"({', '.join(groups)})" if layerwise else ""))
-  alphas = np.concatenate([merging.check_explicit_weights(
-      weights[r * n:(r + 1) * n], n, allow_negative=spec.negative_weights) for r in range(rows)])
-  nbytes = sum(x.size * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(meta.abstract))
-  checkpoints.check_output(args.output, _inputs(args, *pool.paths, pool.source if
-                                                os.path.isfile(pool.source) else None,
-                                                args.base), args.overwrite, nbytes=nbytes)
-  folders = [checkpoints.is_hf_folder(p) for p in pool.paths]
-  if args.streaming and any(folders):  # Hugging Face folders in, a Hugging Face folder out
-    check(all(folders) and args.format == "hf", "--streaming merges Hugging Face folders "
-          "into a Hugging Face folder only", "--format",
-          "pass --format=hf, or drop --streaming (the in-memory merge writes either)")
-    from recycle_jax import hf_io
-    hf_io.stream_merge(pool, alphas, args.output, args.overwrite, meta.tokenizer,
-                       args.memory_budget_mb, fsync=not args.no_fsync)
-    print(f"merged checkpoint: {args.output}")
-    return
-  check(not args.streaming or args.format == "orbax", "--streaming writes Orbax checkpoints "
-        "from Orbax pools", "--format", "drop --streaming to write a Hugging Face folder")
-  if args.streaming:
-    from recycle_jax import streaming
-    streaming.merge_to_disk(pool, meta, alphas, args.output,
-                            memory_budget_mb=args.memory_budget_mb, overwrite=args.overwrite,
-                            fsync=not args.no_fsync, progress=_progress(args))
-    print(f"merged checkpoint: {args.output}")
-    return
-  from recycle_jax import experiment  # the search's stages (orbax, evosax): in memory only
-  if soup or args.format == "hf":  # scoring and Hugging Face layouts need a model family
-    experiment.model_config_from(meta, pool.entries[0].path)
-  loaded = experiment.load_pool(args.pool, need_model=soup)
-  how = None
-  if soup:
-    alphas, how = _greedy_soup(loaded, args)
-  space = spaces.make_space("linear" if soup else args.method, loaded.params[0], n,
-                            tune=False, seed=args.seed, **values)
-  base = experiment.load_base(args.base, loaded) if spec.needs_base else None
-  w = np.asarray(alphas, np.float32)
-  merged, finite = jax.jit(space.merge_checked, out_shardings=(  # sharded like the pool
-      loaded.shardings, partitioning.replicated(loaded.mesh)))(
-          w, space.operands(loaded.params, base))
-  if not bool(finite):  # found in the merge's own pass; only now look for the culprit
-    bad = experiment.nonfinite_members(loaded)
-    raise UserError(f"the merge has NaN or Inf values coming from {bad or 'the base'}",
-                    "--pool", "repair or drop that checkpoint")
-  extra = {"space": space.describe(w)} if how is None else how
-  experiment.save_merged(args.output, loaded, merged, experiment.merged_metadata(
-      loaded, space.checkpoint_weights(w), args.method, **extra), args.format, args.overwrite)
+  from recycle_jax import merge_job, methods
+  merge_job.run_merge(merge_job.MergeRequest(
+      args.pool, args.output, args.method, args.weights, args.base,
+      {h: getattr(args, h) for h in methods.hparams_by_name()}, args.seed, args.tasks,
+      args.max_examples, args.format, args.overwrite, args.streaming, args.memory_budget_mb,
+      fsync=not args.no_fsync, progress=_progress(args), inputs=tuple(args.gin_file)))
   print(f"merged checkpoint: {args.output}")
 
 
 def cmd_eval(args) -> None:
   import jax
   import numpy as np
-  from recycle_jax import (checkpoints, evaluation, experiment, models, tokenizer_files,
+  from recycle_jax import (checkpoints, evaluation, merge_job, models, tokenizer_files,
                            vocabularies)
   meta = checkpoints.read_metadata(args.checkpoint)
-  cfg = experiment.model_config_from(meta, args.checkpoint)
+  cfg = merge_job.model_config_from(meta, args.checkpoint)
   names = [t for t in args.tasks.split(",") if t]
   check(bool(names), "no tasks given", "--tasks", "pass --tasks=rj_code,rj_math")
   if args.output:
@@ -331,6 +220,7 @@ class _Parser(argparse.ArgumentParser):
 def _merge_flags(s: argparse.ArgumentParser) -> None:
   """`merge`'s flags: the pool or a mergekit config, the method and its hyperparameters
   (from the registry), the output and how it is written."""
+  from recycle_jax import merge_job, methods
   s.add_argument("--pool", default=None)
   s.add_argument("--config", default=None,
                  help="a mergekit YAML config (merge_method, base_model, models, ...): "
@@ -341,9 +231,9 @@ def _merge_flags(s: argparse.ArgumentParser) -> None:
   s.add_argument("--format", choices=("orbax", "hf"), default="orbax",
                  help="write an Orbax checkpoint or a complete Hugging Face folder")
   s.add_argument("--method", default="linear",
-                 help=f"one of {', '.join(_merge_methods())} (or layerwise_<method>)")
+                 help=f"one of {', '.join(merge_job.merge_choices())} (or "
+                 "layerwise_<method>)")
   s.add_argument("--base", default=None, help="base checkpoint for task-vector methods")
-  from recycle_jax import methods
   for h in methods.hparams_by_name().values():  # every method's hyperparameters
     s.add_argument(f"--{h.name}", type=float, default=None,
                    help=f"{h.help} (default {h.default:g})")

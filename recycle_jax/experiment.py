@@ -21,14 +21,14 @@ import jax
 import numpy as np
 from absl import logging
 
-from recycle_jax import (baselines, checkpoints, configurables, evaluation, hf_io, merging,
-                         mergekit_config, methods, models, outputs, pareto, partitioning,
-                         population, reporting, search, spaces)
-from recycle_jax import validation
+from recycle_jax import (baselines, checkpoints, configurables, evaluation, merging,
+                         mergekit_config, methods, models, outputs, pareto, population,
+                         reporting, search, spaces)
 from recycle_jax.errors import UserError, check
+from recycle_jax.merge_job import (FORMATS, Loaded, load_base, load_pool, model_config_from,
+                                   nonfinite_members, save_merge)
 
 PyTree = Any
-FORMATS = ("orbax", "hf")  # how a merge is written: Orbax checkpoint, Hugging Face folder
 
 
 @gin.configurable
@@ -44,50 +44,6 @@ class Experiment:
   merged_format: str = "orbax"  # or "hf": the merge as a Hugging Face folder (hf_io)
   base: str | None = None  # the checkpoint the pool was fine-tuned from: task-vector merges
   greedy_soup: bool = True  # the greedy-soup baseline (up to N - 1 more dev evaluations)
-
-
-@dataclasses.dataclass
-class Loaded:
-  """A validated pool restored onto the mesh, with the model that reads it."""
-  pool: checkpoints.Pool
-  params: tuple  # N parameter trees, sharded by the partitioning rules
-  model_cfg: models.ModelConfig
-  mesh: Any
-  tokenizer: Any = None  # the pool's tokenizer_files.Tokenizer; kept in merges
-  source_config: dict | None = None  # the pool's Hugging Face config.json, if it has one
-
-  @property
-  def shardings(self) -> PyTree:
-    """The parameters' placement: a merge lands sharded like the pool."""
-    return partitioning.shardings_of(self.params[0])
-
-
-def model_config_from(meta: checkpoints.CheckpointMeta, where: str) -> models.ModelConfig:
-  cfg = meta.model_config
-  check(cfg is not None, "checkpoint has no model family (no recycle_jax model config in "
-        "its metadata): it can be merged, not evaluated", where,
-        "evaluate checkpoints converted by `recycle-jax convert` or written by recycle_jax")
-  return validation.build(models.ModelConfig, cfg, where, "re-write this checkpoint")
-
-
-def load_pool(pool_spec, need_model: bool = True) -> Loaded:
-  """The pool restored onto the mesh. Without `need_model`, any trees of arrays (MaxText,
-  t5x, ...) load, with `model_cfg` None when they record no model: merging needs none."""
-  pool = checkpoints.load_pool(pool_spec)
-  meta = checkpoints.validate_pool(pool)  # metadata only: no array read yet
-  cfg = (model_config_from(meta, pool.entries[0].path)
-         if need_model or meta.model_config is not None else None)
-  mesh = configurables.make_mesh()
-  shardings = configurables.param_shardings(meta.abstract, mesh)
-  abstract = partitioning.with_shardings(meta.abstract, shardings)
-  return Loaded(pool, checkpoints.restore_pool(pool, abstract), cfg, mesh, meta.tokenizer,
-                meta.custom.get(checkpoints.META_KEY, {}).get("hf_config"))
-
-
-def nonfinite_members(loaded: Loaded) -> list[str]:
-  """Names of pool members holding NaN/Inf (looked for once a merge came out non-finite)."""
-  finite = jax.jit(merging.all_finite)
-  return [n for n, p in zip(loaded.pool.names, loaded.params) if not bool(finite(p))]
 
 
 def check_workdir(workdir: str, resume: bool, overwrite: bool, inputs: Sequence[str]) -> None:
@@ -106,14 +62,6 @@ def _write_config(workdir: str) -> None:
   if jax.process_index() == 0:
     checkpoints.atomic_write_text(os.path.join(workdir, "config.gin"),
                                   gin.operative_config_str())
-
-
-def load_base(path: str, loaded: Loaded) -> PyTree:
-  """The base checkpoint, checked against the pool from metadata, placed like the pool."""
-  entry = checkpoints.Entry("<base>", os.path.abspath(path))
-  checkpoints.validate_pool(checkpoints.make_pool([entry, *loaded.pool.entries], path))
-  abstract = partitioning.with_shardings(loaded.params[0], loaded.shardings)
-  return checkpoints.restore(entry.path, abstract, "base")
 
 
 def run_search(workdir: str, resume: bool = False, overwrite: bool = False,
@@ -322,12 +270,9 @@ def search_once(run: Run, scfg: search.SearchConfig, space: spaces.MergeSpace,
       run.loaded.pool.names, run.single_dev, run.single_test,
       {"search": found, **run.baselines}, archive, config, space, sweeps,
       scorer(pareto.test_needed(archive, sweeps), run.test, "test"), sweep.reference)
-  if run.exp.save_merged:
-    merged = jax.jit(space.merge, out_shardings=run.loaded.shardings)(
-        jax.numpy.asarray(w), scorer.pool)
-    save_merged(os.path.join(workdir, "merged"), run.loaded, merged,
-                merged_metadata(run.loaded, found.alphas, "search", space=found.merge),
-                run.exp.merged_format, overwrite=True)
+  if run.exp.save_merged:  # the merge job's path
+    save_merge(run.loaded, space, w, run.base, os.path.join(workdir, "merged"), "search",
+               {"space": found.merge}, run.exp.merged_format, overwrite=True)
   results = reporting.build_results(record)
   write_results(workdir, results)
   return results
@@ -379,23 +324,3 @@ def top_n_subset(loaded: Loaded, score, dev, top_n: int) -> Loaded:
   keep = sorted(np.argsort(-np.asarray(fitness), kind="stable")[:top_n])
   pool = checkpoints.make_pool([loaded.pool.entries[i] for i in keep], loaded.pool.source)
   return dataclasses.replace(loaded, pool=pool, params=tuple(loaded.params[i] for i in keep))
-
-
-def merged_metadata(loaded: Loaded, alphas: np.ndarray, method: str, **extra) -> dict:
-  out = {"model": loaded.model_cfg.to_dict() if loaded.model_cfg else None,
-         "merge": {"method": method, "weights": [float(a) for a in alphas],
-                   "pool": loaded.pool.names, **extra}}
-  if loaded.source_config:  # so an export to Hugging Face keeps the pool's values
-    out["hf_config"] = loaded.source_config
-  return out
-
-
-def save_merged(path: str, loaded: Loaded, params: PyTree, custom: dict, fmt: str,
-                overwrite: bool = False) -> None:
-  """The merge as an Orbax checkpoint or (fmt 'hf') a Hugging Face folder, the pool's
-  tokenizer kept with it either way."""
-  if fmt == "hf":
-    hf_io.save_folder(path, loaded.model_cfg, params, loaded.source_config,
-                      loaded.tokenizer, overwrite)
-  else:
-    checkpoints.save(path, params, custom, overwrite=overwrite, tokenizer=loaded.tokenizer)

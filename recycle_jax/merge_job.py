@@ -1,0 +1,277 @@
+"""`recycle-jax merge`, and the one merge path every job takes: a point of a merge space
+merged and checked finite in one program, sharded like the pool, saved with its metadata
+(`save_merge`; the search job saves its best merge the same way).
+
+Light to import: a streamed merge never loads Orbax or the search's stages, and nothing
+here imports TensorFlow or seqio until a greedy soup scores its tasks.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import TYPE_CHECKING, Any, Sequence
+
+import jax
+import numpy as np
+
+from recycle_jax import checkpoints, merging, methods, partitioning, spaces, validation
+from recycle_jax.errors import UserError, check
+
+if TYPE_CHECKING:
+  from recycle_jax import models
+
+PyTree = Any
+FORMATS = ("orbax", "hf")  # how a merge is written: Orbax checkpoint, Hugging Face folder
+
+
+@dataclasses.dataclass
+class Loaded:
+  """A validated pool restored onto the mesh, with the model that reads it."""
+  pool: checkpoints.Pool
+  params: tuple  # N parameter trees, sharded by the partitioning rules
+  model_cfg: models.ModelConfig
+  mesh: Any
+  tokenizer: Any = None  # the pool's tokenizer_files.Tokenizer; kept in merges
+  source_config: dict | None = None  # the pool's Hugging Face config.json, if it has one
+
+  @property
+  def shardings(self) -> PyTree:
+    """The parameters' placement: a merge lands sharded like the pool."""
+    return partitioning.shardings_of(self.params[0])
+
+
+def model_config_from(meta: checkpoints.CheckpointMeta, where: str) -> models.ModelConfig:
+  from recycle_jax import models  # noqa: PLC0415 (flax: only where a model is read)
+  cfg = meta.model_config
+  check(cfg is not None, "checkpoint has no model family (no recycle_jax model config in "
+        "its metadata): it can be merged, not evaluated", where,
+        "evaluate checkpoints converted by `recycle-jax convert` or written by recycle_jax")
+  return validation.build(models.ModelConfig, cfg, where, "re-write this checkpoint")
+
+
+def load_pool(pool_spec, need_model: bool = True) -> Loaded:
+  """The pool restored onto the mesh. Without `need_model`, any trees of arrays (MaxText,
+  t5x, ...) load, with `model_cfg` None when they record no model: merging needs none."""
+  from recycle_jax import configurables  # noqa: PLC0415 (the gin edge: make_mesh, ...)
+  pool = checkpoints.load_pool(pool_spec)
+  meta = checkpoints.validate_pool(pool)  # metadata only: no array read yet
+  cfg = (model_config_from(meta, pool.entries[0].path)
+         if need_model or meta.model_config is not None else None)
+  mesh = configurables.make_mesh()
+  shardings = configurables.param_shardings(meta.abstract, mesh)
+  abstract = partitioning.with_shardings(meta.abstract, shardings)
+  return Loaded(pool, checkpoints.restore_pool(pool, abstract), cfg, mesh, meta.tokenizer,
+                meta.custom.get(checkpoints.META_KEY, {}).get("hf_config"))
+
+
+def nonfinite_members(loaded: Loaded) -> list[str]:
+  """Names of pool members holding NaN/Inf (looked for once a merge came out non-finite)."""
+  finite = jax.jit(merging.all_finite)
+  return [n for n, p in zip(loaded.pool.names, loaded.params) if not bool(finite(p))]
+
+
+def load_base(path: str, loaded: Loaded) -> PyTree:
+  """The base checkpoint, checked against the pool from metadata, placed like the pool."""
+  entry = checkpoints.Entry("<base>", os.path.abspath(path))
+  checkpoints.validate_pool(checkpoints.make_pool([entry, *loaded.pool.entries], path))
+  abstract = partitioning.with_shardings(loaded.params[0], loaded.shardings)
+  return checkpoints.restore(entry.path, abstract, "base")
+
+
+def save_merge(loaded: Loaded, space: spaces.MergeSpace, point: np.ndarray,
+               base: PyTree | None, path: str, method: str, how: dict, fmt: str,
+               overwrite: bool) -> None:
+  """The one merge path of `search` and `merge`: the point merged and checked finite in
+  one program, sharded like the pool, saved with its metadata (`how` it was merged)."""
+  w = np.asarray(point, np.float32)
+  merged, finite = jax.jit(space.merge_checked, out_shardings=(
+      loaded.shardings, partitioning.replicated(loaded.mesh)))(
+          w, space.operands(loaded.params, base))
+  if not bool(finite):  # found in the merge's own pass; only now look for the culprit
+    bad = nonfinite_members(loaded)
+    raise UserError(f"the merge has NaN or Inf values coming from {bad or 'the base'}",
+                    "--pool", "repair or drop that checkpoint")
+  save_merged(path, loaded, merged, merged_metadata(loaded, space.checkpoint_weights(w),
+                                                    method, **how), fmt, overwrite)
+
+
+def merged_metadata(loaded: Loaded, alphas: np.ndarray, method: str, **extra) -> dict:
+  out = {"model": loaded.model_cfg.to_dict() if loaded.model_cfg else None,
+         "merge": {"method": method, "weights": [float(a) for a in alphas],
+                   "pool": loaded.pool.names, **extra}}
+  if loaded.source_config:  # so an export to Hugging Face keeps the pool's values
+    out["hf_config"] = loaded.source_config
+  return out
+
+
+def save_merged(path: str, loaded: Loaded, params: PyTree, custom: dict, fmt: str,
+                overwrite: bool = False) -> None:
+  """The merge as an Orbax checkpoint or (fmt 'hf') a Hugging Face folder, the pool's
+  tokenizer kept with it either way."""
+  if fmt == "hf":
+    from recycle_jax import hf_io  # noqa: PLC0415
+    hf_io.save_folder(path, loaded.model_cfg, params, loaded.source_config,
+                      loaded.tokenizer, overwrite)
+  else:
+    checkpoints.save(path, params, custom, overwrite=overwrite, tokenizer=loaded.tokenizer)
+
+
+# ----------------------------------------------------------------------------- the job
+
+def merge_choices() -> tuple[str, ...]:
+  """--method's choices, from the registry: 'layerwise' and the soup beside the methods."""
+  return (("linear", "layerwise") + tuple(m for m in methods.METHODS if m != "linear") +
+          ("greedy_soup",))
+
+
+@dataclasses.dataclass(frozen=True)
+class MergeRequest:
+  """`recycle-jax merge`'s arguments, as given (its errors name the flags)."""
+  pool: str
+  output: str
+  method: str = "linear"  # a merge space name, or 'greedy_soup'
+  weights: str | None = None  # --weights: N (G * N layer-wise) numbers; None: uniform
+  base: str | None = None
+  hparams: dict = dataclasses.field(default_factory=dict)  # the hyperparameter flags given
+  seed: int = 0  # the random methods' key
+  tasks: str | None = None  # greedy soup: the tasks whose dev splits score soups
+  max_examples: int | None = None
+  fmt: str = "orbax"
+  overwrite: bool = False
+  streaming: bool = False
+  memory_budget_mb: float = 256.0
+  fsync: bool = True
+  progress: bool = True
+  inputs: Sequence[str] = ()  # other inputs (gin files) the output must not touch
+
+
+@dataclasses.dataclass(frozen=True)
+class _Checked:
+  pool: checkpoints.Pool
+  meta: checkpoints.CheckpointMeta
+  spec: methods.MergeMethod
+  hparams: dict  # every method's hyperparameter: given or its default
+  alphas: np.ndarray  # [N] or [G * N], each row checked and normalized
+
+
+def run_merge(req: MergeRequest) -> None:
+  """The merge job: every flag checked against the pool's metadata before any array is
+  read, then streamed (linear, out of core) or merged in memory by `save_merge`."""
+  c = check_request(req)
+  if req.streaming:
+    return _stream(req, c)
+  soup = req.method == "greedy_soup"
+  if soup or req.fmt == "hf":  # scoring and Hugging Face layouts need a model family
+    model_config_from(c.meta, c.pool.entries[0].path)
+  loaded = load_pool(req.pool, need_model=soup)
+  alphas, how = c.alphas, None
+  if soup:
+    alphas, how = greedy_soup(loaded, req)
+  space = spaces.make_space("linear" if soup else req.method, loaded.params[0], len(c.pool),
+                            tune=False, seed=req.seed, **c.hparams)
+  base = load_base(req.base, loaded) if c.spec.needs_base else None
+  w = np.asarray(alphas, np.float32)
+  save_merge(loaded, space, w, base, req.output, req.method,
+             {"space": space.describe(w)} if how is None else how, req.fmt, req.overwrite)
+
+
+def check_request(req: MergeRequest) -> _Checked:
+  """Every flag, in order, against the pool's and the base's metadata; the output's room."""
+  pool = checkpoints.load_pool(req.pool)
+  meta = checkpoints.validate_pool(pool)
+  if req.base is not None:  # a base is checked whether the method uses it or not
+    checkpoints.validate_pool(checkpoints.make_pool(
+        [checkpoints.Entry("base", os.path.abspath(req.base)), *pool.entries], "--base"))
+  choices = merge_choices()
+  check(req.method in choices + spaces.space_names(), f"unknown merge method "
+        f"{req.method!r}", "--method", f"choose from {list(choices)}")
+  soup = req.method == "greedy_soup"
+  method, layerwise = ("linear", False) if soup else spaces.parse_space(req.method)
+  spec = methods.get(method)
+  check(req.base is not None or not spec.needs_base,
+        f"--method={req.method} needs the base checkpoint", "--base",
+        "pass --base=CKPT, the checkpoint the pool was fine-tuned from")
+  spec.check_pool(len(pool), True, "--base")
+  hparams = _hparams(req, spec)
+  check(not req.streaming or req.method == "linear", "--streaming merges linearly only",
+        "--streaming", "drop --streaming for other methods")
+  check(not soup or req.tasks, "greedy_soup scores soups on tasks' dev splits", "--tasks",
+        "pass --tasks=rj_code,rj_math")
+  check(not soup or req.weights is None, "greedy_soup chooses its own weights", "--weights",
+        "drop --weights")
+  groups = merging.layer_groups(meta.abstract)[0] if layerwise else ()
+  alphas = explicit_weights(req.weights, len(pool), groups, spec.negative_weights)
+  nbytes = sum(x.size * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(meta.abstract))
+  inputs = [p for p in (*pool.paths, pool.source if os.path.isfile(pool.source) else None,
+                        req.base, *req.inputs) if p]
+  checkpoints.check_output(req.output, inputs, req.overwrite, nbytes=nbytes)
+  return _Checked(pool, meta, spec, hparams, alphas)
+
+
+def _hparams(req: MergeRequest, spec: methods.MergeMethod) -> dict:
+  """Every method's hyperparameter, given or its default; a flag the method would ignore
+  is refused, a given value checked against its bounds."""
+  given = {h: v for h, v in req.hparams.items() if v is not None}
+  for h in sorted(set(given) - {h.name for h in spec.hparams}):
+    takes = [m for m, s in methods.METHODS.items() if h in {x.name for x in s.hparams}]
+    raise UserError(f"--method={req.method} takes no --{h}", f"--{h}",
+                    f"drop it, or choose a method that takes it ({', '.join(takes)})")
+  values = {h.name: given.get(h.name, h.default) for h in methods.hparams_by_name().values()}
+  for h in spec.hparams:
+    lo, hi = h.valid
+    check(lo < values[h.name] <= hi, f"{h.name} {values[h.name]} is not in ({lo:g}, {hi:g}]",
+          f"--{h.name}")
+  return values
+
+
+def explicit_weights(weights: str | None, n: int, groups: Sequence[str],
+                     allow_negative: bool) -> np.ndarray:
+  """`--weights`: N numbers (uniform when None), or one row of N per layer group; each row
+  checked and normalized -> [G * N] (or [N])."""
+  rows = max(1, len(groups))
+  values = ([1.0] * (rows * n) if weights is None else
+            validation.parse_numbers(weights, "--weights"))
+  validation.check_weights(values, rows * n, "--weights", signed=allow_negative,
+                           what=(f"{rows} layer groups of {n} checkpoints "
+                                 f"({', '.join(groups)})" if groups else ""))
+  return np.concatenate([merging.check_explicit_weights(
+      values[r * n:(r + 1) * n], n, allow_negative=allow_negative) for r in range(rows)])
+
+
+def _stream(req: MergeRequest, c: _Checked) -> None:
+  """The linear merge out of core: Hugging Face folders into a Hugging Face folder, or
+  Orbax checkpoints into an Orbax checkpoint."""
+  folders = [checkpoints.is_hf_folder(p) for p in c.pool.paths]
+  if any(folders):
+    check(all(folders) and req.fmt == "hf", "--streaming merges Hugging Face folders "
+          "into a Hugging Face folder only", "--format",
+          "pass --format=hf, or drop --streaming (the in-memory merge writes either)")
+    from recycle_jax import hf_io  # noqa: PLC0415
+    hf_io.stream_merge(c.pool, c.alphas, req.output, req.overwrite, c.meta.tokenizer,
+                       req.memory_budget_mb, fsync=req.fsync)
+    return
+  check(req.fmt == "orbax", "--streaming writes Orbax checkpoints from Orbax pools",
+        "--format", "drop --streaming to write a Hugging Face folder")
+  from recycle_jax import streaming  # noqa: PLC0415
+  streaming.merge_to_disk(c.pool, c.meta, c.alphas, req.output,
+                          memory_budget_mb=req.memory_budget_mb, overwrite=req.overwrite,
+                          fsync=req.fsync, progress=req.progress)
+
+
+def greedy_soup(loaded: Loaded, req: MergeRequest) -> tuple[np.ndarray, dict]:
+  """Greedy soup on the dev split of the request's tasks: (alphas [N], its ingredients)."""
+  from recycle_jax import (configurables, evaluation, models, population,  # noqa: PLC0415
+                           vocabularies)
+  names = [t for t in req.tasks.split(",") if t]
+  vocab = vocabularies.for_evaluation(loaded.tokenizer, loaded.model_cfg.vocab_size,
+                                     req.pool)
+  dev = evaluation.place(evaluation.load_split(names, "dev", req.max_examples, vocab),
+                         loaded.mesh)
+  score = configurables.make_scorer(models.Decoder(loaded.model_cfg))
+  scorer = population.CachedScorer(  # one candidate at a time: greedy soups are sequential
+      population.jit_population(population.make_population_fn(score, "vmap"), loaded.params,
+                                loaded.mesh), loaded.params, 1)
+  single = scorer(np.eye(len(loaded.params), dtype=np.float32), dev, "dev")
+  alphas, soup = merging.greedy_soup(lambda a: np.mean(scorer(a[None], dev, "dev")[0]),
+                                     single.mean(-1))
+  return alphas, {"ingredients": [loaded.pool.names[i] for i in soup], "tasks": names}
