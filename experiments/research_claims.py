@@ -139,10 +139,11 @@ def pooled_table(rows: list[dict], results: dict[str, list[dict]], reference: st
     return runner.test_fitness(results[r["name"]], "search")
   lines = [f"| configuration | settings × seeds | test fitness | search - best baseline | "
            f"verdict | - {reference} | verdict | non-zero weights of the best | of all "
-           "candidates | dev examples (vs full) | s per merge (median) |",
-           "|" + "---|" * 11]
+           "candidates | dev examples (vs full) | - the same at full fidelity | "
+           "s per merge (median) |",
+           "|" + "---|" * 12]
   for c, per in by.items():
-    t, vs, dref, nz, cand, ex, sec = [], [], [], [], [], [], []
+    t, vs, dref, dfull, nz, cand, ex, sec = [], [], [], [], [], [], [], []
     for setting, r in per.items():
       rs = results[r["name"]]
       base = runner.test_fitness(rs, runner.best_baseline(rs))
@@ -156,12 +157,15 @@ def pooled_table(rows: list[dict], results: dict[str, list[dict]], reference: st
       full = by.get(f"{r['strategy']}-{r['parametrization']}-full", {}).get(setting)
       if full is not None:
         ex.append(r["dev_examples"] / full["dev_examples"])
-    pv, pr = reporting.paired(vs, [0] * len(vs)), reporting.paired(dref, [0] * len(dref))
+        if full is not r:
+          dfull += [a - b for a, b in zip(test(r), test(full))]
+    pv, pr, pf = (reporting.paired(d, [0] * len(d)) for d in (vs, dref, dfull))
     sig = lambda p: "–" if p["n"] == 0 else f"{p['mean']:+.1f} ± {p['ci95']:.1f}"
     lines.append(f"| {c} | {len(per)} × {len(t) // max(1, len(per))} | {reporting.fmt_ci(t)} | "
                  f"{sig(pv)} | {pv['verdict']} | {sig(pr)} | "
                  f"{pr['verdict'] if pr['n'] else '–'} | {np.mean(nz):.1f} | "
-                 f"{np.mean(cand):.1f} | {np.mean(ex):.2f} | {np.median(sec):.2f} |")
+                 f"{np.mean(cand):.1f} | {np.mean(ex):.2f} | "
+                 f"{sig(pf)}{', ' + pf['verdict'] if pf['n'] else ''} | {np.median(sec):.2f} |")
   return lines
 
 
