@@ -141,7 +141,9 @@ class Programs:
   generations: dict = dataclasses.field(default_factory=dict)
 
   def __post_init__(self):
-    self.score_tree = jax.jit(self.score)  # shared by every method's candidates
+    # Shared by every method's candidates; scores replicated, as the population program's
+    # (every process reads them whole).
+    self.score_tree = jax.jit(self.score, out_shardings=partitioning.replicated(self.mesh))
     self.finite = jax.jit(merging.all_finite)
 
   def score_trees(self, trees: Sequence[PyTree], datas: tuple[TaskData, ...]) -> np.ndarray:
