@@ -34,9 +34,10 @@ def test_stderr_is_the_one_error_line(tmp_path):
   assert proc.stderr.splitlines() == [
       f"error: pool manifest not found ({missing}); pass --pool=DIR/pool.json (run "
       "`recycle-jax make-pool` to build one)"], proc.stderr
-  assert "tensorflow" in subprocess.run(  # the noise was there to filter
+  # The noise was there to filter: a gin binding imports user_tasks (TensorFlow, seqio).
+  assert "tensorflow" in subprocess.run(
       [sys.executable, "-c", "import recycle_jax.cli, gin, sys; from recycle_jax import "
-       "evaluation; print(' '.join(m for m in sys.modules if m == 'tensorflow'))"],
+       "user_tasks; print(' '.join(m for m in sys.modules if m == 'tensorflow'))"],
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300).stdout
 
 
