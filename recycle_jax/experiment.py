@@ -261,7 +261,7 @@ def search_once(run: Run, scfg: search.SearchConfig, space: spaces.MergeSpace,
       run, c, space, scorer, seeds, os.path.join(workdir, "sweep", f"{c.scalarization}_{i}"),
       resume, progress)) for i, c in enumerate(pareto.sweep_configs(scfg, sweep, len(run.dev)))]
   best = archive.best()
-  w = np.asarray(archive.alphas[best])
+  w = np.asarray(archive.points[best])
   found = reporting.MethodResult(space.checkpoint_weights(w), archive.scores[best],
                                  scorer(w[None], run.test, "test")[0], space.describe(w))
   config = run_config(run, scfg, space, archive, wall, scorer.hits)

@@ -164,12 +164,12 @@ def evaluated(archive, sweeps: Sequence[Sweep]) -> tuple[list[str], np.ndarray, 
   a = archive.arrays()
   full = archive.full()
   sources = ["seed" if s else "search" for s in a["is_seed"][full]]
-  points, scores = [a["alphas"][full]], [a["scores"][full]]
+  points, scores = [a["points"][full]], [a["scores"][full]]
   for rec in sweeps:
     b = rec.archive.arrays()
     keep = ~b["is_seed"] & rec.archive.full()
     sources += [f"{rec.scalarization} {rec.task_weights}"] * int(keep.sum())
-    points.append(b["alphas"][keep])
+    points.append(b["points"][keep])
     scores.append(b["scores"][keep])
   return sources, np.concatenate(points), np.concatenate(scores)
 
@@ -256,7 +256,7 @@ def front_record(results: dict, archive, sweeps: Sequence[Sweep], space, test: n
     i = b.best()
     sweep_best.append({"scalarization": rec.scalarization, "task_weights": rec.task_weights,
                        "best_scores": scores(b.scores[i]),
-                       "best_weights": np.round(weights_of(b.alphas[i]), 6).tolist()})
+                       "best_weights": np.round(weights_of(b.points[i]), 6).tolist()})
   return {
       "reference": reference,
       "front": [{"source": sources[i], "weights": np.round(weights_of(points[i]), 6).tolist(),

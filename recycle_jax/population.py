@@ -1,6 +1,6 @@
 """Scoring a population of merges in one compiled program, with a cache keyed by weights.
 
-`score_population(alphas[P, N], pool, datas) -> scores[P, T]` merges every candidate and
+`score_population(points[P, N], pool, datas) -> scores[P, T]` merges every candidate and
 evaluates it on every task without returning to the host. Small models vmap the
 population (all P merged models resident at once); large ones `lax.map` it (one merged
 model at a time, each a sharded merge-and-evaluate inside the same program). The choice
@@ -41,24 +41,24 @@ def choose_mode(pool: Sequence[PyTree], population_size: int, mode: str = "auto"
 
 def make_population_fn(score: Callable, mode: str,
                        merge: Callable = merging.linear) -> Callable:
-  """(alphas[P, D], pool, datas) -> (scores[P, T], finite[P]); pure and jittable. When
+  """(points[P, D], pool, datas) -> (scores[P, T], finite[P]); pure and jittable. When
   splits are scored on the host (`evaluation.on_host`: `generate` tasks), it returns
   (scores[P, T], finite[P], tokens) and `pipelined` finishes the scores.
 
-  merge(alphas[D], pool) -> params: the linear merge, or a `MergeSpace.merge` (then `pool`
-  is that space's operands and alphas its points).
+  merge(points[D], pool) -> params: the linear merge, or a `MergeSpace.merge` (then `pool`
+  is that space's operands and points its points).
   """
-  def one(alphas, pool, datas):
-    params = merge(alphas, pool)
+  def one(points, pool, datas):
+    params = merge(points, pool)
     out = score(params, datas)
     if isinstance(out, tuple):  # (scores, tokens of the host-scored splits)
       return out[0], merging.all_finite(params), out[1]
     return out, merging.all_finite(params)
 
-  def population(alphas, pool, datas):
+  def population(points, pool, datas):
     if mode == "vmap":
-      return jax.vmap(one, in_axes=(0, None, None))(alphas, pool, datas)
-    return jax.lax.map(lambda a: one(a, pool, datas), alphas)
+      return jax.vmap(one, in_axes=(0, None, None))(points, pool, datas)
+    return jax.lax.map(lambda a: one(a, pool, datas), points)
   return population
 
 
@@ -71,18 +71,18 @@ def jit_population(population_fn: Callable, pool: PyTree, mesh) -> Callable:
                  in_shardings=(rep, partitioning.shardings_of(pool), None))
 
 
-def pipelined(population_fn: Callable, alphas: np.ndarray, pool, datas: tuple[TaskData, ...],
+def pipelined(population_fn: Callable, points: np.ndarray, pool, datas: tuple[TaskData, ...],
               width: int) -> tuple[np.ndarray, np.ndarray]:
   """(scores [K, T], finite [K]) of K candidates, `width` at a time (the last batch padded
   by repeating its last row). Every batch's program is dispatched before any result is
   waited for, and host-scored splits are verified on verifier threads
   (`evaluation.finish_async`), so the verifiers work while the device decodes the next
   batch."""
-  alphas = np.asarray(alphas, np.float32)
+  points = np.asarray(points, np.float32)
   pending = []
-  for start in range(0, len(alphas), width):
-    idx = list(range(start, min(start + width, len(alphas))))
-    out = population_fn(alphas[idx + [idx[-1]] * (width - len(idx))], pool, datas)
+  for start in range(0, len(points), width):
+    idx = list(range(start, min(start + width, len(points))))
+    out = population_fn(points[idx + [idx[-1]] * (width - len(idx))], pool, datas)
     pending.append((len(idx), evaluation.finish_async(out, datas)
                     if evaluation.on_host(datas) else out))
   scores, finite = [], []
@@ -93,33 +93,33 @@ def pipelined(population_fn: Callable, alphas: np.ndarray, pool, datas: tuple[Ta
   return np.concatenate(scores), np.concatenate(finite)
 
 
-def weights_key(alphas: np.ndarray, decimals: int = 6) -> bytes:
+def weights_key(points: np.ndarray, decimals: int = 6) -> bytes:
   """Cache key of a normalized weight vector (rounded so float noise collides)."""
-  return np.round(np.asarray(alphas, np.float64), decimals).tobytes()
+  return np.round(np.asarray(points, np.float64), decimals).tobytes()
 
 
 @dataclasses.dataclass
 class CachedScorer:
   """Scores arbitrary weight vectors on a split, P at a time, remembering every result."""
-  population_fn: Callable  # jitted (alphas, pool, datas) -> (scores, finite)
+  population_fn: Callable  # jitted (points, pool, datas) -> (scores, finite)
   pool: Sequence[PyTree]
   population_size: int
   cache: dict = dataclasses.field(default_factory=dict)
   hits: int = 0
 
-  def __call__(self, alphas: np.ndarray, datas: tuple[TaskData, ...],
+  def __call__(self, points: np.ndarray, datas: tuple[TaskData, ...],
                split: str) -> np.ndarray:
-    """alphas [K, N] (normalized) -> scores [K, T]; NaN where the merge was not finite."""
-    alphas = np.asarray(alphas, np.float32)
+    """points [K, N] (normalized) -> scores [K, T]; NaN where the merge was not finite."""
+    points = np.asarray(points, np.float32)
     names = tuple(d.name for d in datas)
-    keys = [(split, names, weights_key(a)) for a in alphas]
+    keys = [(split, names, weights_key(a)) for a in points]
     todo = [i for i, k in enumerate(keys) if k not in self.cache]
     self.hits += len(keys) - len(todo)
     if todo:
       # Batches of the compiled population shape; a lone candidate (greedy soup, one-off
       # evaluations) gets its own 1-wide program instead of paying for P.
       width = 1 if len(todo) == 1 else self.population_size
-      scores, finite = pipelined(self.population_fn, alphas[todo], self.pool, datas, width)
+      scores, finite = pipelined(self.population_fn, points[todo], self.pool, datas, width)
       for j, i in enumerate(todo):
         self.cache[keys[i]] = np.where(finite[j], scores[j], np.nan)
     return np.stack([self.cache[k] for k in keys]) if keys else np.zeros((0, len(datas)))
@@ -169,8 +169,8 @@ class Programs:
     return self.scorers[key]
 
 
-def log_nonfinite(alphas: np.ndarray, fitness: np.ndarray, where: str) -> None:
-  for a, f in zip(alphas, fitness):
+def log_nonfinite(points: np.ndarray, fitness: np.ndarray, where: str) -> None:
+  for a, f in zip(points, fitness):
     if not np.isfinite(f):
       logging.warning("%s: candidate %s evaluated to %s; given the worst fitness",
                       where, np.round(a, 4).tolist(), f)

@@ -86,14 +86,14 @@ def _history(run: RunResult) -> list[dict]:
   apart = run.space is not None and not run.space.is_linear
   out = []
   for i in range(len(run.archive)):
-    h = {"weights": [round(float(v), 6) for v in a["alphas"][i]],
+    h = {"weights": [round(float(v), 6) for v in a["points"][i]],
          "fitness": None if not np.isfinite(a["fitness"][i]) else round(float(a["fitness"][i]), 4),
          "scores": _task_dict(run.tasks, a["scores"][i]),
          "kind": "seed" if a["is_seed"][i] else "search",
          "fidelity": round(float(a["fidelity"][i]), 4),
          "dev_examples": int(a["examples"][i])}
     if apart:
-      h["checkpoint_weights"] = np.round(run.space.checkpoint_weights(a["alphas"][i]),
+      h["checkpoint_weights"] = np.round(run.space.checkpoint_weights(a["points"][i]),
                                          6).tolist()
     out.append(h)
   return out

@@ -2,8 +2,8 @@
 
   generation(state, pool, datas):
       x      = es.ask(state)                    [P, N] unnormalized
-      alphas = parametrize(x)                   [P, N] on the simplex (spaces.PARAMETRIZATIONS)
-      scores = score_population(alphas, ...)    [P, T] merged + evaluated on device
+      points = parametrize(x)                   [P, N] on the simplex (spaces.PARAMETRIZATIONS)
+      scores = score_population(points, ...)    [P, T] merged + evaluated on device
       fitness = scalarize(scores)               macro-average (maximized), or a weighted /
                                                 Chebyshev scalarization (pareto.py)
       state  = es.tell(x, -fitness)             evosax minimizes
@@ -25,7 +25,7 @@ paired scores of the same generation. The archive records each point's fidelity 
 many dev examples it cost; only full-fidelity points can be the best one.
 
 What is searched is a `spaces.MergeSpace` (linear weights by default; layer-wise weights,
-task-vector methods and their hyperparameters otherwise): x and alphas are then [P, D].
+task-vector methods and their hyperparameters otherwise): x and points are then [P, D].
 The compiled generation is shared by every Search given the same `programs` cache (the
 run's: `experiment` makes one per run) and the same program (seeds, budgets and
 scalarization weights are runtime values), so repeated seeds and sweeps compile once.
@@ -108,9 +108,11 @@ class SearchState:
 
 @dataclasses.dataclass
 class Archive:
-  """Every evaluated merge, in order."""
+  """Every evaluated merge, in order: the strategy's samples x [D'], the merge space's
+  points [D] they decode to (per-checkpoint weights in the linear space; `space.
+  checkpoint_weights` gives them for any space), dev scores [T], fitness."""
   x: list = dataclasses.field(default_factory=list)
-  alphas: list = dataclasses.field(default_factory=list)
+  points: list = dataclasses.field(default_factory=list)
   scores: list = dataclasses.field(default_factory=list)  # [T] dev scores
   fitness: list = dataclasses.field(default_factory=list)
   kind: list = dataclasses.field(default_factory=list)  # 'seed' or 'search'
@@ -119,18 +121,18 @@ class Archive:
   fidelity: list = dataclasses.field(default_factory=list)
   examples: list = dataclasses.field(default_factory=list)
 
-  def add(self, x, alphas, scores, fitness, kind, fidelity=None, examples=None) -> None:
+  def add(self, x, points, scores, fitness, kind, fidelity=None, examples=None) -> None:
     k = len(fitness)
     fidelity = np.ones(k) if fidelity is None else np.asarray(fidelity)
     examples = np.zeros(k) if examples is None else np.asarray(examples)
-    for row in zip(x, alphas, scores, fitness, fidelity, examples):
-      self.x.append(np.asarray(row[0])); self.alphas.append(np.asarray(row[1]))
+    for row in zip(x, points, scores, fitness, fidelity, examples):
+      self.x.append(np.asarray(row[0])); self.points.append(np.asarray(row[1]))
       self.scores.append(np.asarray(row[2])); self.fitness.append(float(row[3]))
       self.kind.append(kind); self.fidelity.append(float(row[4]))
       self.examples.append(int(row[5]))
 
   def arrays(self) -> dict[str, np.ndarray]:
-    return {"x": np.asarray(self.x, np.float32), "alphas": np.asarray(self.alphas, np.float32),
+    return {"x": np.asarray(self.x, np.float32), "points": np.asarray(self.points, np.float32),
             "scores": np.asarray(self.scores, np.float32),
             "fitness": np.asarray(self.fitness, np.float32),
             "is_seed": np.asarray([k == "seed" for k in self.kind], bool),
@@ -142,7 +144,7 @@ class Archive:
     out = cls()
     k = len(a["fitness"])  # archives saved before fidelities: all full, uncounted
     fid, ex = a.get("fidelity", np.ones(k)), a.get("examples", np.zeros(k))
-    for x, al, s, f, seed, fi, e in zip(a["x"], a["alphas"], a["scores"], a["fitness"],
+    for x, al, s, f, seed, fi, e in zip(a["x"], a["points"], a["scores"], a["fitness"],
                                         a["is_seed"], fid, ex):
       out.add([x], [al], [s], [f], "seed" if seed else "search", [fi], [e])
     return out
@@ -185,7 +187,7 @@ class Search:
   """Builds the compiled generation for a pool and a tuple of dev TaskData."""
   cfg: SearchConfig
   n: int  # pool size
-  population_fn: Callable  # (alphas, pool, datas) -> (scores [P, T], finite [P])
+  population_fn: Callable  # (points, pool, datas) -> (scores [P, T], finite [P])
   space: spaces.MergeSpace | None = None  # None: linear weights over the n checkpoints
   # The run's compiled programs: (program-shaping config, space, population_fn) -> the
   # Search whose jitted functions run it. None: this Search compiles its own.
@@ -222,7 +224,7 @@ class Search:
       self._jit_evaluate = owner._jit_evaluate
 
   def generation(self, state: SearchState, pool, datas, subset=None):
-    """One generation -> (state, (x, alphas, scores, fitness, fidelity)), each [P, ...].
+    """One generation -> (state, (x, points, scores, fitness, fidelity)), each [P, ...].
     subset: the dev splits' fixed subsets (adaptive fidelity), or None."""
     weights = self.weights
     if weights is None and datas is not None:  # the mean as uniform weights: always an
@@ -294,28 +296,28 @@ class Search:
       self.study.tell(fs[g:g + self.pop])
 
   def _pipelined(self, pool) -> Callable:
-    """score(alphas, datas) -> (scores, finite) on the host for verified tasks: the
+    """score(points, datas) -> (scores, finite) on the host for verified tasks: the
     population in halves, the first verified while the second decodes."""
-    return lambda alphas, datas: population.pipelined(self.population_fn, alphas, pool, datas,
-                                                      width=-(-len(alphas) // 2))
+    return lambda points, datas: population.pipelined(self.population_fn, points, pool, datas,
+                                                      width=-(-len(points) // 2))
 
   def _evaluate(self, x, pool, datas, subset, weights, chebyshev, score=None):
     """[P, D] samples -> (points, scores [P, T], fitness [P], fidelity [P]); NaN scores and
     fitness for non-finite merges. subset: adaptive fidelity's dev subsets, or None.
-    score(alphas, datas) -> (scores, finite): the population program (default) or, for
+    score(points, datas) -> (scores, finite): the population program (default) or, for
     verified tasks, `_pipelined` (then this runs eagerly, outside any program)."""
     score = score or (lambda a, d: self.population_fn(a, pool, d))
-    alphas = self.space.decode(x, self.param)
+    points = self.space.decode(x, self.param)
     fit = lambda s, ok: jnp.where(ok, pareto.scalarize(s, weights, chebyshev), jnp.nan)
     if subset is None:
-      scores, finite = score(alphas, datas)
+      scores, finite = score(points, datas)
       fidelity = jnp.ones(x.shape[0], jnp.float32)
     else:
-      low, finite = score(alphas, subset)
+      low, finite = score(points, subset)
       low = jnp.where(finite[:, None], low, jnp.nan)
       top = jnp.argsort(-jnp.nan_to_num(fit(low, finite), nan=-jnp.inf))[
           :self.cfg.promoted(x.shape[0])]
-      high, finite_top = score(alphas[top], datas)
+      high, finite_top = score(points[top], datas)
       high = jnp.where(finite_top[:, None], high, jnp.nan)
       diff = high - low[top]
       ok = jnp.isfinite(diff)
@@ -324,7 +326,7 @@ class Search:
       finite = jnp.asarray(finite).at[top].set(finite_top)  # host arrays when verified
       fidelity = jnp.full(x.shape[0], self.cfg.fidelity_subset, jnp.float32).at[top].set(1.0)
     scores = jnp.where(finite[:, None], scores, jnp.nan)  # as in CachedScorer
-    return alphas, scores, fit(scores, finite), fidelity
+    return points, scores, fit(scores, finite), fidelity
 
   def _tell(self, state: SearchState, key, x, fitness):
     safe = jnp.where(jnp.isfinite(fitness), -fitness, WORST)
@@ -344,10 +346,10 @@ class Search:
 
   def _generation(self, state: SearchState, pool, datas, subset, weights, chebyshev):
     x, es_state, key, k_tell = self._ask(state)
-    alphas, scores, fitness, fidelity = self._evaluate(x, pool, datas, subset, weights,
+    points, scores, fitness, fidelity = self._evaluate(x, pool, datas, subset, weights,
                                                        chebyshev)
     new = self._told(state, es_state, key, k_tell, x, fitness)
-    return new, (x, alphas, scores, fitness, fidelity)
+    return new, (x, points, scores, fitness, fidelity)
 
   def _tell_seeds(self, state: SearchState, x, fitness):
     key = jax.random.wrap_key_data(state.key)
@@ -361,6 +363,12 @@ class Search:
 def _state_to_save(state: SearchState, archive: Archive) -> dict:
   # Host copies: under several processes Orbax refuses single-device arrays.
   return {"state": jax.device_get(state), "archive": archive.arrays()}
+
+
+def saved_archive(saved: dict) -> dict[str, np.ndarray]:
+  """The archive's arrays from a saved state; states saved before the space's points were
+  called `points` hold them as `alphas`."""
+  return {("points" if k == "alphas" else k): np.asarray(v) for k, v in saved["archive"].items()}
 
 
 def signature(cfg: SearchConfig, space: spaces.MergeSpace, datas) -> dict:
@@ -393,9 +401,9 @@ def check_saved_state(state_dir: str, sig: dict) -> None:
   try:
     with quiet.abandoned_reads():
       saved = ocp.StandardCheckpointer().restore(os.path.join(step_dir, "default"))
-    a = {k: np.asarray(v) for k, v in saved["archive"].items()}
+    a = saved_archive(saved)
     rows = {len(v) for v in a.values()}
-    ok = ({"x", "alphas", "scores", "fitness", "is_seed"} <= set(a) and len(rows) == 1 and
+    ok = ({"x", "points", "scores", "fitness", "is_seed"} <= set(a) and len(rows) == 1 and
           a["x"].ndim == 2 and a["x"].shape[1] == sig["dim"] and
           int(np.asarray(saved["state"]["generation"])) == steps[-1])
   except Exception as e:  # noqa: BLE001 (Orbax and TensorStore raise many types)
@@ -468,7 +476,7 @@ def _restore(search: Search, mngr, datas) -> tuple[SearchState, Archive]:
   with quiet.abandoned_reads():
     restored = mngr.restore(step, args=ocp.args.StandardRestore())
   state = flax.serialization.from_state_dict(search.init(), restored["state"])
-  archive = Archive.from_arrays({k: np.asarray(v) for k, v in restored["archive"].items()})
+  archive = Archive.from_arrays(saved_archive(restored))
   if search.strategy.host:
     search.replay(archive)
   logging.info("resumed search at generation %d (%d merges archived)", step, len(archive))
@@ -503,12 +511,12 @@ def _generations(search: Search, state: SearchState, archive: Archive, pool, dat
       # A host copy in: the first, later and resumed generations then share one program
       # (device outputs carry the mesh, a fresh or restored state does not: two compiles).
       state, out = search.generation(jax.device_get(state), pool, datas, subset)
-      x, alphas, scores, fitness, fidelity = jax.device_get(out)
-      population.log_nonfinite(alphas, fitness, f"generation {g}")
+      x, points, scores, fitness, fidelity = jax.device_get(out)
+      population.log_nonfinite(points, fitness, f"generation {g}")
       # Dev examples per candidate: the subset pass for all (adaptive), the full split for
       # the promoted ones (every one otherwise).
       examples = (sub_n if subset is not None else 0) + (fidelity >= 1.0) * full_n
-      archive.add(x, alphas, scores, fitness, "search", fidelity, examples)
+      archive.add(x, points, scores, fitness, "search", fidelity, examples)
       if mngr is not None:
         with interrupts.deferred():  # Ctrl-C / SIGTERM: after the state is saved whole
           mngr.save(g + 1, args=ocp.args.StandardSave(_state_to_save(state, archive)))

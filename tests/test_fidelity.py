@@ -63,7 +63,7 @@ def test_adaptive_search_scores_fewer_examples_and_reports_a_full_fidelity_best(
       jnp.full((1, N), 1 / N), None, _datas())[0])) + 1  # it still improves on uniform
   # A promoted candidate's scores are its full-split scores.
   i = int(np.flatnonzero(fid == 1)[0])
-  want = np.asarray(_population_fn(jnp.asarray(ada.alphas[i])[None], None, _datas())[0])[0]
+  want = np.asarray(_population_fn(jnp.asarray(ada.points[i])[None], None, _datas())[0])[0]
   np.testing.assert_allclose(ada.scores[i], want, rtol=1e-6)
   # Resume is bit for bit, subsets and promotions included.
   class Stop(Exception):

@@ -29,7 +29,7 @@ def _results(seed=0, n_merges=28):
   w = rng.dirichlet(np.ones(4), n_merges).astype(np.float32)
   s = _scores(w)
   archive.add(w, w, s, s.mean(-1), "search")
-  best = archive.alphas[archive.best()]
+  best = archive.points[archive.best()]
   methods = {"search": reporting.MethodResult(best, _scores(best)[0],
                                               np.r_[_scores(best)[0] - 2, 5.0])}
   for name, a in {"uniform": np.full(4, 0.25), "best_single": eye[3]}.items():

@@ -30,7 +30,7 @@ def test_search_finds_the_known_optimum_better_than_uniform():
   uniform = _fitness(np.full(6, 1 / 6, np.float32))
   assert archive.fitness[best] > uniform + 5
   assert archive.fitness[best] > 99.0
-  np.testing.assert_allclose(archive.alphas[best], TARGET, atol=0.08)
+  np.testing.assert_allclose(archive.points[best], TARGET, atol=0.08)
   assert len(archive) == 300 // _search().pop * _search().pop
 
 
@@ -43,8 +43,8 @@ def test_search_is_deterministic_for_a_seed():
   a = search.run(_search(60, seed=3), None, None, workdir=None, progress=False)
   b = search.run(_search(60, seed=3), None, None, workdir=None, progress=False)
   c = search.run(_search(60, seed=4), None, None, workdir=None, progress=False)
-  np.testing.assert_array_equal(np.asarray(a.alphas), np.asarray(b.alphas))
-  assert not np.array_equal(np.asarray(a.alphas), np.asarray(c.alphas))
+  np.testing.assert_array_equal(np.asarray(a.points), np.asarray(b.points))
+  assert not np.array_equal(np.asarray(a.points), np.asarray(c.points))
 
 
 def test_resume_after_interruption_reaches_the_same_result(tmp_path):
@@ -61,7 +61,7 @@ def test_resume_after_interruption_reaches_the_same_result(tmp_path):
                on_generation=stop_after_two)
   resumed = search.run(_search(80), None, None, workdir=str(tmp_path / "b"), resume=True,
                        progress=False)
-  np.testing.assert_array_equal(np.asarray(full.alphas), np.asarray(resumed.alphas))
+  np.testing.assert_array_equal(np.asarray(full.points), np.asarray(resumed.points))
   np.testing.assert_array_equal(np.asarray(full.fitness), np.asarray(resumed.fitness))
 
 
@@ -77,7 +77,7 @@ def test_resume_refuses_a_changed_config_but_extends_the_budget(tmp_path):
   longer = search.run(_search(80), None, None, workdir=wd, resume=True, progress=False)
   full = search.run(_search(80), None, None, workdir=str(tmp_path / "full"), progress=False)
   assert len(longer) > len(first)
-  np.testing.assert_array_equal(np.asarray(longer.alphas), np.asarray(full.alphas))
+  np.testing.assert_array_equal(np.asarray(longer.points), np.asarray(full.points))
 
 
 def test_nan_candidates_get_the_worst_fitness_and_the_search_continues():
@@ -99,4 +99,13 @@ def test_warm_start_seeds_enter_the_archive_and_steer_the_strategy():
                     progress=False)
   cold = search.run(_search(24), None, None, None, seeds=seeds, progress=False)
   assert warm.kind[:6] == ["seed"] * 6 and len(warm) == 6 + 24 // 9 * 9
-  assert not np.array_equal(np.asarray(warm.alphas[6:]), np.asarray(cold.alphas[6:]))
+  assert not np.array_equal(np.asarray(warm.points[6:]), np.asarray(cold.points[6:]))
+
+
+def test_states_saved_with_the_old_archive_key_still_load():
+  """Before the space's points were `points`, saved states held them as `alphas`."""
+  a = search.run(_search(24), None, None, workdir=None, progress=False)
+  old = {"archive": {("alphas" if k == "points" else k): v for k, v in a.arrays().items()}}
+  b = search.Archive.from_arrays(search.saved_archive(old))
+  np.testing.assert_array_equal(np.asarray(a.points), np.asarray(b.points))
+  np.testing.assert_array_equal(np.asarray(a.fitness), np.asarray(b.fitness))

@@ -48,7 +48,7 @@ def test_layerwise_search_recovers_per_group_weights():
   s, archive = _search(space, space.operands(pool, None),
                        _closeness_to(merging.layerwise(rows, pool)))
   assert s.dim == 9 and s.pop == 8
-  best = np.asarray(archive.alphas[archive.best()]).reshape(3, N)
+  best = np.asarray(archive.points[archive.best()]).reshape(3, N)
   np.testing.assert_allclose(best, rows, atol=0.12)
   # No single weight vector does as well: the per-group search beats the best linear merge.
   linear_best = max(float(np.mean(_closeness_to(merging.layerwise(rows, pool))(
@@ -63,7 +63,7 @@ def test_task_arithmetic_search_tunes_lam():
   assert space.tuned == ("lam",) and space.dim == N + 1
   s, archive = _search(space, space.operands(pool, base),
                        _closeness_to(merging.task_arithmetic(alphas, pool, base, 1.8)))
-  best = np.asarray(archive.alphas[archive.best()])
+  best = np.asarray(archive.points[archive.best()])
   np.testing.assert_allclose(best[:N], alphas, atol=0.1)
   assert abs(best[N] - 1.8) < 0.2
   np.testing.assert_allclose(space.checkpoint_weights(best), best[:N])
@@ -120,7 +120,7 @@ def test_every_parametrization_maps_onto_the_simplex_and_back(name):
       lambda params, datas: jnp.stack([params.sum(), -params.sum()]), "vmap",
       lambda a, pool: a * pool)))
   archive = search.run(s, jnp.arange(6.0), None, workdir=None, progress=False)
-  np.testing.assert_allclose(np.asarray(archive.alphas).sum(-1), 1, rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(archive.points).sum(-1), 1, rtol=1e-5)
 
 
 def test_box_starts_dense_where_relu_normalize_drops_half_the_pool():

@@ -25,7 +25,7 @@ def _run(budget=32, programs=None, **kw):
 def test_every_strategy_runs_end_to_end_with_the_same_budget(strategy):
   s, archive = _run(strategy=strategy)
   assert len(archive) == 32 and s.pop == 8
-  a = np.asarray(archive.alphas)
+  a = np.asarray(archive.points)
   np.testing.assert_allclose(a.sum(-1), 1, rtol=1e-5)
   assert np.isfinite(archive.fitness).all()
   best = archive.fitness[archive.best()]
@@ -77,7 +77,7 @@ def test_host_strategy_warm_starts_and_resumes_bit_for_bit(strategy, tmp_path):
   # Its weights are suggested in [0, 1] (the box) and normalized by their sum.
   x = np.asarray(full.x)[N:]
   assert x.min() >= 0 and x.max() <= 1
-  np.testing.assert_allclose(np.asarray(full.alphas)[N:], x / x.sum(-1, keepdims=True),
+  np.testing.assert_allclose(np.asarray(full.points)[N:], x / x.sum(-1, keepdims=True),
                              rtol=1e-5)
 
 
