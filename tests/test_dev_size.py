@@ -1,9 +1,8 @@
 """The embedded benchmark's dev split can grow without moving test or train items."""
 import pytest
 
-from recycle_jax import evaluation, tasks
+from recycle_jax import evaluation, models, tasks
 from recycle_jax.errors import UserError
-from recycle_jax.vocabularies import BYTE
 
 
 @pytest.fixture
@@ -22,11 +21,11 @@ def test_a_larger_dev_split_keeps_test_and_train_and_overlaps_neither(dev_512):
     prompts = lambda rows: {r["inputs"] for r in rows}
     assert len(prompts(new["dev"])) == 512
     assert not prompts(new["dev"]) & (prompts(new["train"]) | prompts(new["test"]))
-  assert evaluation.materialize("rj_code", "dev", None, BYTE).num_examples == 512
+  assert evaluation.materialize("rj_code", "dev", None, models.VOCAB).num_examples == 512
 
 
 def test_a_task_with_no_items_left_refuses_a_larger_dev_split(dev_512):
   # rj_instruct's item space (1728 prompts) is all in use by dev, test and train.
   with pytest.raises(UserError, match="rj_instruct.*128 dev items that overlap neither"):
-    evaluation.materialize("rj_instruct", "dev", None, BYTE)
-  assert evaluation.materialize("rj_instruct", "test", None, BYTE).num_examples == 128
+    evaluation.materialize("rj_instruct", "dev", None, models.VOCAB)
+  assert evaluation.materialize("rj_instruct", "test", None, models.VOCAB).num_examples == 128
