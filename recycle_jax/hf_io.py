@@ -51,10 +51,6 @@ class Folder:
     return self.model.cfg
 
 
-def is_folder(path: str) -> bool:
-  return os.path.isfile(os.path.join(path, convert.HF_CONFIG))
-
-
 def open_folder(path: str, name: str | None = None) -> Folder:
   where = f"checkpoint {name!r} at {path}" if name else path
   check(os.path.isdir(path), "checkpoint directory not found", where,

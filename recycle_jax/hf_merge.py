@@ -22,7 +22,6 @@ import hashlib
 import json
 import os
 import shutil
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -246,9 +245,3 @@ def merge(plan: mergekit_config.Plan, output: str, overwrite: bool = False, seed
   finally:
     reader.close()
   return output
-
-
-def merge_config(path: str, output: str, **kw: Any) -> str:
-  """`recycle-jax merge --config=merge.yml`: load, validate, merge."""
-  return merge(mergekit_config.load(path), output, **kw)
-

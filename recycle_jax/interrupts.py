@@ -20,10 +20,6 @@ class Interrupted(KeyboardInterrupt):
   def name(self) -> str:
     return signal.Signals(self.signum).name
 
-  @property
-  def exit_code(self) -> int:
-    return 128 + self.signum  # the shell's convention for death by signal
-
 
 def _raise(signum, frame):
   raise Interrupted(signum)

@@ -18,7 +18,6 @@ from typing import Iterator, Sequence
 from recycle_jax.errors import UserError
 from recycle_jax.errors import check as require
 
-TEMP_MARKERS = (".partial-", ".tmp-", ".old-")  # suffixes of a writer's siblings
 HEADROOM = 1 << 20  # bytes beyond the estimate: metadata, filesystem blocks
 
 
@@ -107,16 +106,6 @@ def remove(path: str) -> None:
       os.remove(path)
   except OSError:
     pass
-
-
-def stale_siblings(path: str) -> list[str]:
-  d, base = os.path.split(os.path.abspath(path))
-  try:
-    names = os.listdir(d)
-  except OSError:
-    return []
-  return [os.path.join(d, n) for n in names
-          if n.startswith(base + ".") and any(m in n[len(base):] for m in TEMP_MARKERS)]
 
 
 def replace(tmp: str, path: str, overwrite: bool) -> None:
