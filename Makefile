@@ -7,7 +7,7 @@ export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
 export TF_CPP_MIN_LOG_LEVEL ?= 3
 export PYTHONWARNINGS ?= ignore::DeprecationWarning
 
-.PHONY: install demo test test-faults bench clean
+.PHONY: install demo test test-slow test-faults bench clean
 
 install: $(STAMP)
 
@@ -21,10 +21,14 @@ $(STAMP): requirements.txt requirements-test.txt setup.py
 demo: install
 	$(PY) experiments/demo.py --workdir=runs/demo
 
-# A stratified sample of the generated fault cases (every command meets every kind of
-# fault); `make test-faults` runs all of them (CI runs both).
+# `make test` (under 15 min on 2 cores): every test but those marked slow (the
+# two-process runs), and one generated fault case per (command, kind of fault).
+# `make test-slow` runs the slow ones, `make test-faults` every fault case; CI runs all three.
 test: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -m "not slow" tests
+
+test-slow: install
+	$(PY) -m pytest -q -m slow tests
 
 test-faults: install
 	RJ_FAULTS=all $(PY) -m pytest -q tests/reliability/test_faults.py

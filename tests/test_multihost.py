@@ -11,6 +11,8 @@ from conftest import search_args
 from recycle_jax import checkpoints
 from tools import compare_checkpoints, local_multihost
 
+pytestmark = pytest.mark.slow  # `make test-slow` (CI); two processes cost ~2 min on 2 cores
+
 WEIGHTS = (0.2, 0.3, 0.5)
 SCRIPT = os.path.abspath(multihost_merge.__file__)
 

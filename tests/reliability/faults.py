@@ -961,7 +961,7 @@ def output_cases() -> list[Case]:
 
 
 NOBODY = 65534
-SAMPLE_EVERY = 6  # `make test` runs about a sixth of the cases (see `sample`)
+SAMPLE_EVERY = 10**6  # `make test` runs the first case of each stratum (see `sample`)
 FULL_BYTES = 0  # what a "full" tmpfs has left
 
 
