@@ -162,6 +162,9 @@ def read_metadata(path: str, name: str | None = None) -> CheckpointMeta:
     return hf_io.read_metadata(path, name)
   check(bool(os.listdir(path)), "checkpoint directory is empty", where,
         "point at a directory written by Orbax")
+  check(os.path.exists(os.path.join(path, "_METADATA")),
+        "not a checkpoint: no _METADATA (Orbax) and no config.json (Hugging Face)", where,
+        "point at a checkpoint directory written by Orbax or a Hugging Face model folder")
   check_metadata_file(path, where)
   try:
     import orbax.checkpoint as ocp  # here, not at import: `merge --config` and errors skip it

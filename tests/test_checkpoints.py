@@ -110,3 +110,12 @@ def test_save_is_atomic_and_overwrite_replaces(tmp_path):
   got = checkpoints.restore(str(tmp_path / "out"), meta.abstract)
   np.testing.assert_array_equal(got["embed"]["embedding"], p2["embed"]["embedding"])
   assert sorted(os.listdir(tmp_path)) == ["out"]  # no temp dirs left behind
+
+
+def test_a_directory_that_is_no_checkpoint_is_named_as_such(tmp_path):
+  """Neither Orbax's _METADATA nor a Hugging Face config.json: refused before Orbax guesses."""
+  from recycle_jax import checkpoints
+  from recycle_jax.errors import UserError
+  (tmp_path / "notes.txt").write_text("not weights")
+  with pytest.raises(UserError, match="not a checkpoint: no _METADATA"):
+    checkpoints.read_metadata(str(tmp_path))
