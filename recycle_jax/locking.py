@@ -97,16 +97,46 @@ def release(path: str) -> None:
       os.remove(path)
 
 
+def make_parents(path: str) -> list[str]:
+  """Creates the missing directories above `path` (as `mkdir -p` of its parent would);
+  returns them, outermost first, so a command that fails can remove them again."""
+  missing, parent = [], os.path.dirname(os.path.abspath(path))
+  while parent and not os.path.lexists(parent):
+    missing.append(parent)
+    parent = os.path.dirname(parent)
+  for d in reversed(missing):
+    try:
+      os.mkdir(d)
+    except OSError as e:  # a file in the way, read-only: the lock's own line reports it
+      remove_empty(missing[missing.index(d) + 1:][::-1])
+      raise UserError(f"cannot create the directory {d}: {e.strerror}", path,
+                      "choose a workdir in a writable directory") from None
+  return missing[::-1]
+
+
+def remove_empty(dirs: list[str]) -> None:
+  """Removes those of `dirs` (outermost first) that are still empty, innermost first."""
+  for d in reversed(dirs):
+    with contextlib.suppress(OSError):
+      os.rmdir(d)
+
+
 @contextlib.contextmanager
 def workdir_lock(workdir: str, flag: str = "--workdir") -> Iterator[str | None]:
-  """The workdir's lock for the block. In a multi-process run (jax.distributed) the
-  processes share one workdir: process 0 holds the lock for all of them."""
+  """The workdir's lock for the block. Missing directories above the workdir are created
+  (runs/ on a fresh checkout) and removed again if the command leaves them empty. In a
+  multi-process run (jax.distributed) the processes share one workdir: process 0 holds
+  the lock for all of them."""
   import jax  # already imported by every command that locks
   if jax.process_count() > 1 and jax.process_index() != 0:
     yield None
     return
-  path = acquire(workdir, flag)
+  created = make_parents(lock_path(workdir))
   try:
-    yield path
+    path = acquire(workdir, flag)
+    try:
+      yield path
+    finally:
+      release(path)
   finally:
-    release(path)
+    remove_empty(created)

@@ -109,3 +109,22 @@ def test_a_live_lock_is_refused_and_a_stale_one_taken_over(tiny_pool, tmp_path, 
     json.dump({"host": "elsewhere", "pid": 1}, f)
   assert cli.main(tiny_search_args(tiny_pool, run, "--resume", budget=7)) == 2
   assert "in use by pid 1 on host elsewhere" in capsys.readouterr().err
+
+
+def test_a_workdir_under_missing_directories(tiny_pool, tmp_path, capsys):
+  """`make demo` on a fresh checkout: runs/ does not exist yet. The directories above the
+  workdir are made (the lock lives beside the workdir); a command that fails removes them."""
+  failed = tmp_path / "a" / "b" / "run"
+  assert cli.main(tiny_search_args(tmp_path / "missing.json", failed, budget=7)) == 2
+  assert "pool manifest not found" in capsys.readouterr().err
+  assert not (tmp_path / "a").exists()
+  run = tmp_path / "c" / "d" / "run"
+  assert cli.main(tiny_search_args(tiny_pool, run, budget=7)
+                  + ["--gin_bindings=Experiment.greedy_soup=False"]) == 0
+  assert (run / "results.json").exists() and not os.path.exists(locking.lock_path(run))
+  capsys.readouterr()
+  (tmp_path / "file").write_text("x")  # a file where a directory must go: one line
+  assert cli.main(tiny_search_args(tiny_pool, tmp_path / "file" / "run", budget=7)) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith("error: "), err
+  assert (tmp_path / "file").read_text() == "x"
