@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
-from recycle_jax import outputs, quiet, tokenizer_files, validation, waits
+from recycle_jax import multihost, outputs, quiet, tokenizer_files, validation, waits
 from recycle_jax.errors import UserError, check
 from recycle_jax.partitioning import path_str, with_shardings
 
@@ -336,14 +336,8 @@ def commit(tmp: str, path: str, overwrite: bool) -> None:
 
 def _run_token() -> str:
   # Same on every process of a multi-host run, so all of them write one directory.
-  if jax.process_count() == 1:
-    return uuid.uuid4().hex[:8]
-  from jax.experimental import multihost_utils
-  token = np.frombuffer(uuid.uuid4().bytes[:4], np.uint32).astype(np.int32)
-  return "%08x" % (int(multihost_utils.broadcast_one_to_all(token)[0]) % (1 << 32))
+  return multihost.broadcast("run_token", uuid.uuid4().hex[:8])
 
 
 def _sync(name: str) -> None:
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices(name)
+  multihost.barrier(name)

@@ -73,6 +73,10 @@ def one_line(e: BaseException, command: str = "") -> tuple[str, int]:
     signum = getattr(e, "signum", signal.SIGINT)
     hint = ("the search state is saved after every generation: rerun with --resume to "
             "continue" if command == "search" else "nothing was written; rerun to finish")
+    if getattr(e, "put_back", None):  # --overwrite: the old workdir is kept until the end
+      hint = (f"the workdir's previous contents were put back unchanged ({e.put_back}; "
+              "--overwrite replaces them only when the new search finishes): rerun with "
+              "--overwrite to start it again")
     return (f"error: interrupted by {signal.Signals(signum).name} (recycle-jax {command}); "
             f"{hint}"), 128 + signum
   if isinstance(e, OSError) and e.errno is not None:

@@ -13,11 +13,13 @@ CPU processes (tests, laptops) need collectives across processes: gloo is select
 """
 from __future__ import annotations
 
+import itertools
 import os
 
 import jax
 from absl import logging
 
+from recycle_jax import waits
 from recycle_jax.errors import UserError
 
 
@@ -62,3 +64,47 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
                     "JAX_PROCESS_ID (or run under a TPU pod, SLURM or Open MPI)") from None
   logging.info("process %d of %d: %d local / %d global devices", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
+# Every process makes the same calls in the same order, so a counter names them alike.
+_calls = itertools.count()
+
+
+def _client():
+  from jax._src import distributed  # the coordination service's client: bounded waits
+  return distributed.global_state.client
+
+
+def _bounded(fn, what: str):
+  """fn(timeout_ms) of the coordination service; past the bound, one line (waits)."""
+  try:
+    return fn(max(1, int(waits.limit_s() * 1000)))
+  except Exception as e:  # noqa: BLE001 (jax raises its runtime error: DEADLINE_EXCEEDED)
+    if "DEADLINE_EXCEEDED" not in str(e) and "timed out" not in str(e).lower():
+      raise UserError(f"{what} failed: {str(e).splitlines()[0][:200]}", "--distributed",
+                      "check the other processes' logs (one of them failed or exited)"
+                      ) from None
+    raise waits.stuck_error(f"{what} (process {jax.process_index()} of "
+                            f"{jax.process_count()})", "--distributed",
+                            "another process failed, exited or hung?",
+                            "check the other processes' logs") from None
+
+
+def barrier(name: str) -> None:
+  """Waits until every process reaches this barrier (bounded; nothing on one process)."""
+  if jax.process_count() == 1:
+    return
+  key = f"recycle_jax/{name}/{next(_calls)}"
+  _bounded(lambda ms: _client().wait_at_barrier(key, ms), f"the barrier {name!r}")
+
+
+def broadcast(name: str, value: str) -> str:
+  """Process 0's `value` on every process (the others wait for it, bounded)."""
+  if jax.process_count() == 1:
+    return value
+  key = f"recycle_jax/{name}/{next(_calls)}"
+  if jax.process_index() == 0:
+    _client().key_value_set(key, value)
+    return value
+  return _bounded(lambda ms: _client().blocking_key_value_get(key, ms),
+                  f"waiting for process 0's {name}")

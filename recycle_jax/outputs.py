@@ -137,9 +137,10 @@ def set_aside(path: str, active: bool = True) -> Iterator[None]:
   os.rename(path, old)
   try:
     yield
-  except BaseException:
+  except BaseException as e:
     remove(path)
     os.rename(old, path)
+    e.put_back = path  # an interrupted search: its state went too (the error line says)
     raise
   remove(old)
 

@@ -17,7 +17,7 @@ from typing import Iterable, Sequence
 import ml_dtypes
 import numpy as np
 
-from recycle_jax import validation
+from recycle_jax import validation, waits
 from recycle_jax.errors import UserError, check
 
 WEIGHTS, INDEX = "model.safetensors", "model.safetensors.index.json"
@@ -177,9 +177,10 @@ class Writer:
       pos += os.pwritev(fd, [view[pos:]], offset + pos)
 
   def close(self, fsync: bool = True) -> None:
+    if fsync:
+      waits.call(lambda: [os.fsync(fd) for fd in self._fds], "an fsync of the merged folder",
+                 self.folder)
     for fd in self._fds:
-      if fsync:
-        os.fsync(fd)
       os.close(fd)
     self._fds = []
     if self._index:

@@ -2,8 +2,9 @@
 filesystem, a dead disk) ends the command with one line instead of a hang.
 
 `result(future)` bounds a concurrent.futures or TensorStore future, `call(fn)` a blocking
-call (Orbax's wait_until_finished); past `limit_s()` they raise UserError and mark the
-process `stuck`: its threads may never return, so the CLI exits without joining them.
+call (Orbax's wait_until_finished, opening a file, fsync); past `limit_s()` they raise
+UserError and mark the process `stuck`: its threads may never return, so the CLI exits
+without joining them. Multi-host barriers are bounded the same way (multihost.barrier).
 """
 from __future__ import annotations
 
@@ -26,11 +27,12 @@ def limit_s() -> float:
     return DEFAULT_S
 
 
-def _stuck(what: str, where: str) -> UserError:
+def stuck_error(what: str, where: str, cause: str = "a hung or very slow filesystem?",
+                fix: str = "check the disk or the network filesystem") -> UserError:
+  """The one line for a wait past the bound; marks the process stuck."""
   stuck.set()
-  return UserError(f"{what} did not finish within {limit_s():g} s (a hung or very slow "
-                   "filesystem?)", where, f"check the disk or the network filesystem and "
-                   f"rerun (or raise the bound: {ENV}=SECONDS)")
+  return UserError(f"{what} did not finish within {limit_s():g} s ({cause})", where,
+                   f"{fix} and rerun (or raise the bound: {ENV}=SECONDS)")
 
 
 def result(future, what: str, where: str = "") -> Any:
@@ -38,7 +40,7 @@ def result(future, what: str, where: str = "") -> Any:
   try:
     return future.result(timeout=limit_s())
   except (concurrent.futures.TimeoutError, TimeoutError):
-    raise _stuck(what, where) from None
+    raise stuck_error(what, where) from None
 
 
 def call(fn: Callable[[], Any], what: str, where: str = "") -> Any:
@@ -54,7 +56,7 @@ def call(fn: Callable[[], Any], what: str, where: str = "") -> Any:
   t.start()
   t.join(limit_s())
   if t.is_alive():
-    raise _stuck(what, where)
+    raise stuck_error(what, where)
   if "error" in out:
     raise out["error"]
   return out.get("value")

@@ -37,7 +37,7 @@ import numpy as np
 import tensorstore as ts
 from tqdm.auto import tqdm
 
-from recycle_jax import checkpoints, tokenizer_files, waits
+from recycle_jax import checkpoints, multihost, tokenizer_files, waits
 from recycle_jax.errors import UserError, check
 from recycle_jax.streaming.kernel import accumulate, blas_single_threaded, gc_paused  # noqa: F401
 from recycle_jax.streaming.layout import (array_spec, ocdbt_index, pieces,  # noqa: F401
@@ -292,7 +292,4 @@ def merge_to_disk(pool: checkpoints.Pool, meta: checkpoints.CheckpointMeta,
 
 def _all_ok(ok: bool) -> bool:
   """Process 0's outcome, on every process (so none waits forever on a failed writer)."""
-  if jax.process_count() == 1:
-    return ok
-  from jax.experimental import multihost_utils
-  return bool(multihost_utils.broadcast_one_to_all(np.int32(ok)))
+  return multihost.broadcast("streaming_outcome", "ok" if ok else "failed") == "ok"

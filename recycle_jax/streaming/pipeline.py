@@ -124,7 +124,7 @@ class Syncer:
         waits.result(self.running, "the output's writeback", self.top)
       fsync_tree(self.top)
     finally:
-      self.ex.shutdown(wait=True)
+      self.ex.shutdown(wait=not waits.stuck.is_set())
 
   def abort(self) -> None:
     self.ex.shutdown(wait=not waits.stuck.is_set(), cancel_futures=True)
@@ -144,12 +144,16 @@ class NoSync:
 
 
 def fsync_tree(top: str) -> None:
-  """fsync every file and directory under `top`."""
+  """fsync every file and directory under `top` (each wait bounded)."""
   paths = []
   for root, _, files in os.walk(top):
     paths += [os.path.join(root, f) for f in files] + [root]
-  with concurrent.futures.ThreadPoolExecutor(4) as ex:
-    list(ex.map(lambda path: on_file(path, os.fsync), paths))
+  ex = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="merge-fsync")
+  try:
+    for f in [ex.submit(on_file, path, os.fsync) for path in paths]:
+      waits.result(f, "an fsync of the merged checkpoint", top)
+  finally:
+    ex.shutdown(wait=not waits.stuck.is_set(), cancel_futures=True)
 
 
 def start_writeback(top: str) -> None:
@@ -194,8 +198,10 @@ class Output:
   def __init__(self, out_dir: str, leaves: Sequence[Leaf], chunks: dict[str, Sequence[int]],
                compress: bool, limit: int, syncer: "Syncer | NoSync"):
     ctx = ts.Context({"file_io_sync": False})  # see Writes
-    self.stores = create_arrays(out_dir, leaves, chunks, ctx, compress)
-    self.kv = None if compress else ts.KvStore.open(database_spec(out_dir), context=ctx).result()
+    self.stores = waits.call(lambda: create_arrays(out_dir, leaves, chunks, ctx, compress),
+                             "creating the merged checkpoint's arrays", out_dir)
+    self.kv = None if compress else waits.result(
+        ts.KvStore.open(database_spec(out_dir), context=ctx), "opening the output", out_dir)
     self.writes, self.syncer = Writes(limit), syncer
 
   def write(self, leaf: Leaf, ushape: Sequence[int], origin: Sequence[int],
@@ -231,8 +237,10 @@ class Reader:
 
   def __init__(self, pool: checkpoints.Pool, input_meta: list, ctx: ts.Context):
     self.pool, self.input_meta, self.ctx = pool, input_meta, ctx
-    self.indexes = [self.unreadable_as_user_error(i, chunk_index, e.path, m, ctx)
-                    for i, (e, m) in enumerate(zip(pool.entries, input_meta))]
+    self.indexes = waits.call(
+        lambda: [self.unreadable_as_user_error(i, chunk_index, e.path, m, ctx)
+                 for i, (e, m) in enumerate(zip(pool.entries, input_meta))],
+        "reading the pool's chunk indexes", pool.entries[0].path if pool.entries else "")
     self.fds: dict[str, int] = {}
     self.maps: dict[str, mmap.mmap] = {}
     self.lock = threading.Lock()
@@ -245,15 +253,17 @@ class Reader:
 
   def _store(self, i: int, name: str) -> ts.TensorStore:
     spec = array_spec(self.pool.entries[i].path, name, self.input_meta[i])
-    return ts.open(spec, read=True, context=self.ctx).result()
+    return waits.result(ts.open(spec, read=True, context=self.ctx), "opening an array",
+                        self.pool.entries[i].path)
 
   def _fd(self, path: str) -> int:
     with self.lock:
       return self._fd_unlocked(path)
 
   def _fd_unlocked(self, path: str) -> int:
-    if path not in self.fds:
-      self.fds[path] = os.open(path, os.O_RDONLY)
+    if path not in self.fds:  # (mapped reads open on the summing thread: bounded)
+      self.fds[path] = waits.call(lambda: os.open(path, os.O_RDONLY), "opening a data file",
+                                  path)
     return self.fds[path]
 
   def _map(self, path: str) -> mmap.mmap:

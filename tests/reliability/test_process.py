@@ -128,3 +128,26 @@ def test_a_workdir_under_missing_directories(tiny_pool, tmp_path, capsys):
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and err[0].startswith("error: "), err
   assert (tmp_path / "file").read_text() == "x"
+
+
+def test_an_interrupted_overwrite_puts_the_old_workdir_back(tiny_pool, tmp_path):
+  """Ctrl-C during `search --overwrite`: the finished run it was replacing is back as it
+  was, no sibling is left, and the line does not suggest --resume (it would resume the
+  old run, not the interrupted one)."""
+  run = tmp_path / "run"
+  rc, log = run_cli(tiny_search_args(tiny_pool, run, "--gin_bindings=Experiment.save_merged=False",
+                                     "--gin_bindings=Experiment.greedy_soup=False", budget=7),
+                    tmp_path, "first.log")
+  assert rc == 0, log
+  before = snapshot(run)
+  args = tiny_search_args(tiny_pool, run, "--overwrite", "--gin_bindings=Experiment.save_merged=False",
+                          "--gin_bindings=Experiment.greedy_soup=False", budget=7 * GENERATIONS)
+  proc = start_cli(args + ["--log_level=error"], tmp_path, "search.log")
+  assert wait_for(lambda: any(s > 0 for s in _steps(run)) and not (run / "results.json").exists(),
+                  proc, timeout=300), (tmp_path / "search.log").read_text()
+  proc.send_signal(signal.SIGINT)
+  assert proc.wait(120) == 128 + signal.SIGINT
+  lines = [x for x in (tmp_path / "search.log").read_text().splitlines() if x.strip()]
+  assert len(lines) == 1 and "put back unchanged" in lines[0] and "--resume" not in lines[0], lines
+  assert snapshot(run) == before
+  assert not [n for n in os.listdir(tmp_path) if n.startswith("run.")]  # no sibling

@@ -47,3 +47,63 @@ def test_a_stuck_blocking_call_ends_in_one_line_and_a_quick_one_returns(fifo):
   with pytest.raises(ZeroDivisionError):  # a failure is the call's own, on this thread
     waits.call(lambda: 1 / 0, "x")
   assert threading.current_thread() is threading.main_thread()
+
+
+# Two real processes (jax.distributed on CPU): process 1 never reaches the barrier, so
+# process 0's wait must end in one line within the bound; a broadcast works both ways.
+PROGRAM = """
+import sys, time
+from recycle_jax import multihost, waits
+from recycle_jax.errors import UserError
+multihost.initialize()
+import jax
+me = jax.process_index()
+print("token", multihost.broadcast("token", f"from-{me}"), flush=True)
+multihost.barrier("together")
+if me == 1:
+  time.sleep(30)
+  sys.exit(0)
+t0 = time.monotonic()
+try:
+  multihost.barrier("alone")
+except UserError as e:
+  print(f"refused after {time.monotonic() - t0:.1f} s: {e}", flush=True)
+  print("stuck", waits.stuck.is_set(), flush=True)
+  import os; os._exit(3)
+"""
+
+
+@pytest.mark.slow  # two JAX processes (`make test-slow`)
+def test_a_barrier_another_process_never_reaches_ends_in_one_line(monkeypatch):
+  import sys
+  from tools import local_multihost
+  monkeypatch.setenv(waits.ENV, "3")  # the processes' environment is this one's
+  procs = local_multihost.launch([sys.executable, "-c", PROGRAM], devices=1)
+  try:
+    out = [p.communicate(timeout=240)[0] for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  assert "token from-0" in out[0] and "token from-0" in out[1], out  # process 0's value
+  assert procs[0].returncode == 3, out[0]
+  line = next(x for x in out[0].splitlines() if x.startswith("refused after"))
+  assert float(line.split()[2]) < 20, line
+  assert "the barrier 'alone'" in line and "process 0 of 2" in line, line
+  assert "did not finish within 3 s (another process failed" in line, line
+  assert waits.ENV in line, line
+  assert "stuck True" in out[0]
+
+
+def test_the_streaming_merges_own_blocking_calls_are_bounded(fifo):
+  """fsync of the output tree, and a data file opened on the summing thread (mapped
+  reads): a FIFO in their place blocks in open() as a hung filesystem would."""
+  from recycle_jax.streaming import pipeline
+  with pytest.raises(UserError, match="an fsync of the merged checkpoint did not finish"):
+    pipeline.fsync_tree(os.path.dirname(fifo))
+  waits.stuck.clear()
+  reader = pipeline.Reader.__new__(pipeline.Reader)  # only its file table
+  reader.fds, reader.lock = {}, threading.Lock()
+  t0 = time.monotonic()
+  with pytest.raises(UserError, match="opening a data file did not finish within 0.5 s"):
+    reader._fd(fifo)
+  assert time.monotonic() - t0 < 5 and reader.fds == {}
