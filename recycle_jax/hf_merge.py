@@ -17,6 +17,7 @@ and DELLA agree with mergekit in keep fraction and rescaling, not entry by entry
 """
 from __future__ import annotations
 
+import collections
 import functools
 import hashlib
 import json
@@ -129,18 +130,37 @@ def _same_tokenizers(plan: mergekit_config.Plan) -> None:
   """Embeddings are merged row by row: every input's tokenizer (tokenizer.json,
   tokenizer.model) must be the same file (mergekit would permute embeddings into a joint
   vocabulary; recycle_jax does not)."""
-  digests = {}
-  for m in plan.inputs:
-    h = hashlib.sha256()
-    for name in ("tokenizer.json", "tokenizer.model"):
-      if os.path.isfile(os.path.join(m, name)):
-        with open(os.path.join(m, name), "rb") as f:
-          h.update(name.encode() + f.read())
-    if h.digest() != hashlib.sha256().digest():
-      digests[m] = h.hexdigest()
-  check(len(set(digests.values())) <= 1, "the models' tokenizers differ ("
-        + ", ".join(sorted(os.path.basename(m) for m in digests)) + ")", plan.path,
-        "merge models that share one tokenizer (vocabulary merging is not supported)")
+  for m in plan.inputs:  # a damaged file is reported as such, not as a difference
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+      path = os.path.join(m, name)
+      if os.path.isfile(path):
+        check(isinstance(validation.load_json(path, name, "re-save the tokenizer with "
+                                              "transformers' save_pretrained"), dict),
+              f"{name} is not a JSON object", path, "re-save the tokenizer")
+  digests = {m: _tokenizer_digest(m) for m in plan.inputs}
+  common = collections.Counter(d for d in digests.values() if d).most_common(1)
+  if not common:
+    return  # no model has tokenizer files: the output has none either
+  ref = next(m for m in plan.inputs if digests[m] == common[0][0])
+  for m, d in digests.items():
+    check(d is not None, f"model {m} has no tokenizer (tokenizer.json or tokenizer.model) "
+          f"while {ref} has one: its vocabulary cannot be checked", plan.path,
+          "give every model its tokenizer's files")
+    check(d == common[0][0], f"model {m}'s tokenizer differs from {ref}'s (its "
+          "tokenizer.json or tokenizer.model)", plan.path, "merge models that share one "
+          "tokenizer (vocabulary merging is not supported)")
+
+
+def _tokenizer_digest(folder: str) -> str | None:
+  """sha256 of a folder's tokenizer.json and tokenizer.model; None if it has neither."""
+  h, found = hashlib.sha256(), False
+  for name in ("tokenizer.json", "tokenizer.model"):
+    path = os.path.join(folder, name)
+    if os.path.isfile(path):
+      with open(path, "rb") as f:
+        h.update(name.encode() + f.read())
+      found = True
+  return h.hexdigest() if found else None
 
 
 def plan_tensors(plan: mergekit_config.Plan) -> tuple[dict, list[tuple]]:

@@ -21,6 +21,7 @@ import os
 import shutil
 from typing import Any, Mapping, Sequence
 
+from recycle_jax import validation
 from recycle_jax.errors import UserError, check
 
 TOKENIZER_DIR = "tokenizer"  # beside an Orbax checkpoint's arrays
@@ -87,12 +88,8 @@ BYTE = Tokenizer("byte", _sha(b"byte:0"), 256 + 3, eos_id=1, pad_id=0, unk_id=2)
 def _read_json(path: str) -> dict | None:
   if not os.path.isfile(path):
     return None
-  try:
-    with open(path, encoding="utf-8") as f:
-      data = json.load(f)
-  except (OSError, ValueError) as e:
-    raise UserError(f"cannot read {os.path.basename(path)}: {e}", path,
-                    "write it with transformers' save_pretrained") from None
+  data = validation.load_json(path, os.path.basename(path),
+                              "write it with transformers' save_pretrained")
   check(isinstance(data, dict), f"{os.path.basename(path)} is not a JSON object", path)
   return data
 
@@ -115,9 +112,9 @@ def huggingface(folder: str, config: Mapping | None = None) -> Tokenizer:
   model's config.json). Hashed over tokenizer.json (canonical JSON) and the special ids."""
   from tokenizers import Tokenizer as Backend
   path = os.path.join(folder, "tokenizer.json")
+  raw = validation.load_json(path, "tokenizer.json",  # strictly: UTF-8, no NaN
+                             "save the tokenizer with transformers' save_pretrained")
   try:
-    with open(path, "rb") as f:
-      raw = json.loads(f.read())
     tok = Backend.from_str(json.dumps(raw))
   except (OSError, ValueError, Exception) as e:  # tokenizers raises its own Exception
     raise UserError(f"tokenizer.json is unreadable: {type(e).__name__}: "

@@ -31,8 +31,8 @@ def write_folder(path, tensors, tokenizer="tok-a", max_shard_bytes=1 << 30):
               f)
   if tokenizer:
     for n in ("tokenizer.json", "tokenizer_config.json"):
-      with open(os.path.join(path, n), "w") as f:
-        f.write(tokenizer)
+      with open(os.path.join(path, n), "w") as f:  # JSON, as transformers writes them
+        json.dump({"name": tokenizer}, f)
   w = safetensors_io.Writer(path, [(k, v.dtype, v.shape) for k, v in tensors.items()],
                             max_shard_bytes)
   for k, v in tensors.items():
@@ -150,7 +150,13 @@ def test_a_missing_required_parameter_and_differing_tokenizers_are_refused(folde
   plan = mergekit_config.load(config(tmp_path, {
       "merge_method": "linear", "parameters": {"weight": 1.0},
       "models": [{"model": folders["m0"]}, {"model": folders["other_tok"]}]}))
-  with pytest.raises(UserError, match="tokenizers differ"):
+  with pytest.raises(UserError, match=f"model {folders['other_tok']}'s tokenizer differs "
+                     f"from {folders['m0']}'s"):
+    hf_merge.merge(plan, str(tmp_path / "out"))
+  plan = mergekit_config.load(config(tmp_path, {  # one without: its vocabulary is unknown
+      "merge_method": "linear", "parameters": {"weight": 1.0},
+      "models": [{"model": folders["m0"]}, {"model": folders["no_tok"]}]}))
+  with pytest.raises(UserError, match=f"model {folders['no_tok']} has no tokenizer"):
     hf_merge.merge(plan, str(tmp_path / "out"))
   assert not os.path.exists(tmp_path / "out")
 
@@ -171,7 +177,7 @@ def test_linear_merge_with_gradients_and_out_dtype(folders, tmp_path):
     assert v.dtype == ml_dtypes.bfloat16
     np.testing.assert_allclose(v.astype(np.float32), want, rtol=2**-8, atol=1e-6)
   assert json.load(open(os.path.join(out, "config.json")))["torch_dtype"] == "bfloat16"
-  assert open(os.path.join(out, "tokenizer.json")).read() == "tok-a"
+  assert json.load(open(os.path.join(out, "tokenizer.json"))) == {"name": "tok-a"}
   assert os.path.isfile(os.path.join(out, "mergekit_config.yml"))
 
 

@@ -64,6 +64,7 @@ class World:
 def world() -> World:
   import jax
   from recycle_jax import cli, hf_io, models
+  import hf_fixtures
   from reliability_util import CFG, write_checkpoint, write_manifest
   keep = os.environ.get("RJ_FAULT_WORLD")  # a directory to reuse between runs (debugging)
   if keep and os.path.isfile(os.path.join(keep, "world.json")):
@@ -88,11 +89,15 @@ def world() -> World:
   assert cli.main(["search", f"--workdir={run}", f"--gin_file={gin_file}",
                    "--log_level=error"]) == 0
   hf_pool_dir = os.path.join(root, "hf_pool")
+  tok = os.path.join(root, "hf_tokenizer")  # a BPE tokenizer of the model's vocabulary
+  hf_fixtures.train_bpe(tok, vocab_size=CFG.vocab_size)  # size: eval reads the members
   folders = {}
   for i, n in enumerate("abc"):  # shards of a few KiB: an index and several files each
     folders[n] = os.path.join(hf_pool_dir, n)
     hf_io.save_folder(folders[n], CFG, jax.tree.map(np.asarray, models.init_params(
         CFG, jax.random.key(i))), shard_bytes=HF_SHARD_BYTES)
+    for name in os.listdir(tok):
+      shutil.copy(os.path.join(tok, name), folders[n])
   hf_pool = write_manifest(os.path.join(hf_pool_dir, "pool.json"), folders)
   merge_yml = os.path.join(root, "merge.yml")
   with open(merge_yml, "w") as f:
@@ -711,12 +716,17 @@ def file_cases() -> list[Case]:
   return out
 
 
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
 def _hf_member_files(folder: str) -> dict[str, str]:
-  """{label: file} of a Hugging Face folder: config.json, the index, shards by size."""
+  """{label: file} of a Hugging Face folder: config.json, the index, the tokenizer's
+  files, shards by size."""
   names = sorted(os.listdir(folder))
   shards = sorted((n for n in names if n.endswith(".safetensors")),
                   key=lambda n: (os.path.getsize(os.path.join(folder, n)), n))
-  out = {n: n for n in ("config.json", "model.safetensors.index.json") if n in names}
+  out = {n: n for n in ("config.json", "model.safetensors.index.json", *HF_TOKENIZER_FILES)
+         if n in names}
   out.update({f"shard#{i}": n for i, n in enumerate(shards)})
   return out
 
@@ -728,22 +738,25 @@ IMPOSTORS = {"pickle": b"\x80\x04\x95" + bytes(64), "zip": b"PK\x03\x04" + bytes
 
 def hf_member_cases() -> list[Case]:
   """Member b of a pool of Hugging Face folders: its config.json (bytes, fields), its
-  index and its shards (bytes, impostors), each damage on one reader in turn (eval reads
-  Hugging Face folders too, but these have no tokenizer to evaluate with)."""
+  index, its tokenizer's files (bytes, encodings) and its shards (bytes, impostors), each
+  damage on one reader in turn (eval evaluates the member alone)."""
   w = world()
   b = os.path.join(w.hf_pool_dir, "b")
   out, turn = [], 0
   for label, name in _hf_member_files(b).items():
     data = open(os.path.join(b, name), "rb").read()
-    if name.endswith(".json"):
+    if name in HF_TOKENIZER_FILES:  # (inspect does not read the tokenizer)
+      damage = {**_mutations(data), **_json_mutations(data, ())}
+      readers = ["eval", "merge", "merge-streaming", "merge-config"]
+    elif name.endswith(".json"):
       doc = json.loads(data)
       fields = tuple((k,) for k in HF_FIELDS if k in doc) if name == "config.json" else \
           (("weight_map",),)
       damage = {**_mutations(data), **_json_mutations(data, fields)}
-      readers = ["merge", "merge-streaming", "merge-config", "inspect"]
+      readers = ["merge", "merge-streaming", "merge-config", "inspect", "eval"]
     else:
       damage = {**_raw_and_json(data, False), **IMPOSTORS}
-      readers = ["merge", "merge-streaming", "merge-config"]  # (inspect: headers only)
+      readers = ["merge", "merge-streaming", "merge-config", "eval"]  # (inspect: headers)
     for kind, d in damage.items():
       command = readers[turn % len(readers)]
       turn += 1
