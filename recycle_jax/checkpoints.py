@@ -168,11 +168,14 @@ def read_metadata(path: str, name: str | None = None) -> CheckpointMeta:
   check_metadata_file(path, where)
   try:
     import orbax.checkpoint as ocp  # here, not at import: `merge --config` and errors skip it
-    with quiet.abandoned_reads():
-      meta = ocp.StandardCheckpointer().metadata(path)
+    with quiet.abandoned_reads():  # (it reads the arrays' metadata from the data files)
+      meta = waits.call(lambda: ocp.StandardCheckpointer().metadata(path),
+                        "reading the checkpoint's metadata", where)
     tree = meta.item_metadata
     abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), np.dtype(m.dtype)),
                             dict(tree))
+  except UserError:  # (a read past the bound)
+    raise
   except Exception as e:  # Orbax raises many types for unreadable metadata
     raise UserError(f"checkpoint metadata is unreadable (corrupted or truncated?): "
                     f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}",
@@ -249,16 +252,22 @@ def is_hf_folder(path: str) -> bool:
 
 
 def restore(path: str, abstract: PyTree, name: str | None = None) -> PyTree:
-  """Restores arrays, placed by the shardings in `abstract` when it has them."""
+  """Restores arrays, placed by the shardings in `abstract` when it has them (a read
+  that hangs ends at the bound: waits)."""
+  where = f"checkpoint {name!r} at {path}" if name else path
   if is_hf_folder(path):  # each device's slices read from the mapped safetensors files
     from recycle_jax import hf_io
-    return hf_io.restore(path, abstract, name)
+    return waits.call(lambda: hf_io.restore(path, abstract, name), "reading the checkpoint",
+                      where)
   try:
     import orbax.checkpoint as ocp
     with quiet.abandoned_reads():
-      return ocp.StandardCheckpointer().restore(os.path.abspath(path), abstract)
+      return waits.call(lambda: ocp.StandardCheckpointer().restore(os.path.abspath(path),
+                                                                   abstract),
+                        "reading the checkpoint", where)
+  except UserError:
+    raise
   except Exception as e:
-    where = f"checkpoint {name!r} at {path}" if name else path
     raise UserError(f"checkpoint data is unreadable (corrupted or truncated?): "
                     f"{_read_error(e)}", where, "re-write or remove this checkpoint") from None
 

@@ -400,12 +400,15 @@ def check_saved_state(state_dir: str, sig: dict) -> None:
   checkpoints.check_metadata_file(step_dir, step_dir)
   try:
     with quiet.abandoned_reads():
-      saved = ocp.StandardCheckpointer().restore(os.path.join(step_dir, "default"))
+      saved = waits.call(lambda: ocp.StandardCheckpointer().restore(
+          os.path.join(step_dir, "default")), "reading the search state", step_dir)
     a = saved_archive(saved)
     rows = {len(v) for v in a.values()}
     ok = ({"x", "points", "scores", "fitness", "is_seed"} <= set(a) and len(rows) == 1 and
           a["x"].ndim == 2 and a["x"].shape[1] == sig["dim"] and
           int(np.asarray(saved["state"]["generation"])) == steps[-1])
+  except UserError:  # (a read past the bound)
+    raise
   except Exception as e:  # noqa: BLE001 (Orbax and TensorStore raise many types)
     raise UserError(f"the saved search state is unreadable (damaged?): {type(e).__name__}: "
                     f"{' '.join(str(e).split())[:120]}", step_dir, fix) from None
@@ -474,7 +477,8 @@ def _restore(search: Search, mngr, datas) -> tuple[SearchState, Archive]:
   check_signature(str(mngr.directory), signature(search.cfg, search.space, datas))
   step = mngr.latest_step()
   with quiet.abandoned_reads():
-    restored = mngr.restore(step, args=ocp.args.StandardRestore())
+    restored = waits.call(lambda: mngr.restore(step, args=ocp.args.StandardRestore()),
+                          "reading the search state", str(mngr.directory))
   state = flax.serialization.from_state_dict(search.init(), restored["state"])
   archive = Archive.from_arrays(saved_archive(restored))
   if search.strategy.host:

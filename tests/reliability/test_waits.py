@@ -107,3 +107,33 @@ def test_the_streaming_merges_own_blocking_calls_are_bounded(fifo):
   with pytest.raises(UserError, match="opening a data file did not finish within 0.5 s"):
     reader._fd(fifo)
   assert time.monotonic() - t0 < 5 and reader.fds == {}
+
+
+def test_a_restore_that_hangs_ends_in_one_line(tmp_path, monkeypatch):
+  """A pool member whose data file blocks (a FIFO in its place, as a hung network
+  filesystem would): the Orbax restore ends at the bound, naming the checkpoint."""
+  import shutil
+  from recycle_jax import checkpoints
+  from reliability_util import write_checkpoint
+  path = write_checkpoint(str(tmp_path / "ckpt"), seed=0)
+  data = [os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs
+          if os.sep + "d" + os.sep in os.path.join(d, f) + os.sep and "ocdbt" in d]
+  assert data, sorted(os.listdir(path))
+  for f in data:
+    os.remove(f)
+    os.mkfifo(f)
+  monkeypatch.setenv(waits.ENV, "2")
+  t0 = time.monotonic()
+  try:  # (Orbax may read the arrays' metadata from the data files: then that read blocks)
+    with pytest.raises(UserError, match=r"reading the checkpoint('s metadata)? did not finish "
+                       r"within 2 s .*checkpoint 'a' at"):
+      checkpoints.restore_local(path, "a")
+    assert time.monotonic() - t0 < 30
+  finally:
+    for f in data:  # let a blocked reader go
+      try:
+        os.close(os.open(f, os.O_WRONLY | os.O_NONBLOCK))
+      except OSError:  # nobody is reading this one
+        pass
+    waits.stuck.clear()
+    shutil.rmtree(path, ignore_errors=True)
