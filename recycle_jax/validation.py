@@ -19,6 +19,7 @@ import types
 import typing
 from typing import Any, Iterator, Sequence
 
+from recycle_jax import waits
 from recycle_jax.errors import UserError, check
 
 
@@ -235,10 +236,13 @@ def _no_constant(name: str):
 
 
 def load_json(path: str, what: str, fix: str = "rewrite it as UTF-8 JSON") -> Any:
-  """A JSON file, strictly: UTF-8, no NaN/Infinity tokens; one line naming it otherwise."""
-  try:
+  """A JSON file, strictly: UTF-8, no NaN/Infinity tokens; one line naming it otherwise.
+  The read is bounded (waits): a manifest or config on a hung filesystem ends in one line."""
+  def read() -> bytes:
     with open(path, "rb") as f:
-      data = f.read()
+      return f.read()
+  try:
+    data = waits.call(read, f"reading the {what}", path)
   except OSError as e:
     raise UserError(f"cannot read the {what}: {e.strerror}", path, "check the path") from None
   try:

@@ -137,3 +137,12 @@ def test_a_restore_that_hangs_ends_in_one_line(tmp_path, monkeypatch):
         pass
     waits.stuck.clear()
     shutil.rmtree(path, ignore_errors=True)
+
+
+def test_a_json_input_that_blocks_is_refused_within_the_bound(fifo):
+  """Manifests, Hugging Face configs, tokenizer JSON, results: one strict reader, bounded."""
+  from recycle_jax import validation
+  t0 = time.monotonic()
+  with pytest.raises(UserError, match="reading the pool manifest did not finish within 0.5 s"):
+    validation.load_json(fifo, "pool manifest")
+  assert time.monotonic() - t0 < 5
