@@ -21,8 +21,9 @@ $(STAMP): requirements.txt requirements-test.txt setup.py
 demo: install
 	$(PY) experiments/demo.py --workdir=runs/demo
 
-# `make test` (under 15 min on 2 cores): every test but those marked slow (the
-# two-process runs), and one generated fault case per (command, kind of fault).
+# `make test` (under 15 min on 2 cores): every test but those marked slow (two-process
+# runs, real signals and kills, end-to-end CLI runs and sweeps), and one generated fault
+# case per (command, kind of fault).
 # `make test-slow` runs the slow ones, `make test-faults` every fault case; CI runs all three.
 test: install
 	$(PY) -m pytest -q -m "not slow" tests

@@ -9,6 +9,8 @@ import pytest
 from conftest import search_args
 from recycle_jax import checkpoints, cli
 
+pytestmark = pytest.mark.slow  # end-to-end CLI runs: `make test-slow` (CI)
+
 
 @pytest.fixture(scope="module")
 def base(micro_pool):

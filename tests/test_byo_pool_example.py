@@ -11,6 +11,8 @@ import pytest
 
 from recycle_jax import cli
 
+pytestmark = pytest.mark.slow  # the example end to end: `make test-slow` (CI)
+
 transformers = pytest.importorskip("transformers")
 EXAMPLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                        "examples", "byo_pool")

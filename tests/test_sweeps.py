@@ -69,6 +69,7 @@ def swept(micro_pool, tmp_path_factory):
   return base, workdir, proc.stdout
 
 
+@pytest.mark.slow  # a real sweep of searches: `make test-slow` (CI)
 def test_sweep_runs_trials_and_writes_one_table(swept):
   _, workdir, stdout = swept
   assert "trial_0: done" in stdout and "trial_1: done" in stdout
@@ -88,6 +89,7 @@ def test_sweep_runs_trials_and_writes_one_table(swept):
   assert "SearchConfig.seed = 1" in config and "sigma_init = 0.5" in config
 
 
+@pytest.mark.slow  # a real sweep of searches: `make test-slow` (CI)
 def test_finished_trials_are_skipped_and_a_changed_sweep_is_refused(swept):
   base, workdir, _ = swept
   before = os.path.getmtime(workdir / "trial_0" / "results.json")
@@ -100,6 +102,7 @@ def test_finished_trials_are_skipped_and_a_changed_sweep_is_refused(swept):
     sweeps.run_local(sweeps.load_spec(str(other)), str(workdir))
 
 
+@pytest.mark.slow  # a real sweep of searches: `make test-slow` (CI)
 def test_each_trial_writes_tensorboard_scalars(swept):
   _, workdir, _ = swept
   scalars = read_scalars(workdir / "trial_0" / metrics.TB_DIR)
@@ -110,6 +113,7 @@ def test_each_trial_writes_tensorboard_scalars(swept):
       res["methods"]["search"]["fitness"]["dev"], abs=1e-3)
 
 
+@pytest.mark.slow  # a real sweep of searches: `make test-slow` (CI)
 def test_report_rebuilds_report_md_from_results(swept, capsys):
   _, workdir, _ = swept
   trial = workdir / "trial_0"

@@ -4,10 +4,14 @@ import os
 import signal
 import threading
 
+import pytest
+
 from recycle_jax import cli
 from reliability_util import (pool_dir, run_cli, snapshot, start_cli, tiny_search_args,
                               wait_for)
 from reliability_util import tiny_pool  # noqa: F401 fixture
+
+pytestmark = pytest.mark.slow  # a search SIGKILLed and resumed: `make test-slow` (CI)
 
 GENERATIONS = 4  # budget 28 / population 7
 

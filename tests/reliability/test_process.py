@@ -18,6 +18,8 @@ from reliability_util import (ROOT, cli_env, pool_dir, run_cli, snapshot, start_
                               tiny_search_args, wait_for)
 from reliability_util import tiny_pool  # noqa: F401 fixture
 
+pytestmark = pytest.mark.slow  # real processes, signals and locks: `make test-slow` (CI)
+
 
 def test_stderr_is_the_one_error_line(tmp_path):
   """No oneDNN/CUDA/absl start-up lines: native libraries are imported (gin bindings
