@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from recycle_jax import (geometric, merging, mergekit_config, safetensors_io, task_vectors,
-                         validation)
+                         tokenizer_files, validation)
 from recycle_jax.errors import check
 
 # mergekit's generalized task arithmetic methods: (sparsification rule, sign consensus).
@@ -132,11 +132,7 @@ def _same_tokenizers(plan: mergekit_config.Plan) -> None:
   vocabulary; recycle_jax does not)."""
   for m in plan.inputs:  # a damaged file is reported as such, not as a difference
     for name in ("tokenizer.json", "tokenizer_config.json"):
-      path = os.path.join(m, name)
-      if os.path.isfile(path):
-        check(isinstance(validation.load_json(path, name, "re-save the tokenizer with "
-                                              "transformers' save_pretrained"), dict),
-              f"{name} is not a JSON object", path, "re-save the tokenizer")
+      tokenizer_files.read_json_object(os.path.join(m, name))
   digests = {m: _tokenizer_digest(m) for m in plan.inputs}
   common = collections.Counter(d for d in digests.values() if d).most_common(1)
   if not common:

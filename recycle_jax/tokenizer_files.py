@@ -85,7 +85,9 @@ BYTE = Tokenizer("byte", _sha(b"byte:0"), 256 + 3, eos_id=1, pad_id=0, unk_id=2)
 
 # ----------------------------------------------------------------------------- reading
 
-def _read_json(path: str) -> dict | None:
+def read_json_object(path: str) -> dict | None:
+  """A tokenizer's JSON file (tokenizer.json, tokenizer_config.json), strictly, as an
+  object; None if absent."""
   if not os.path.isfile(path):
     return None
   data = validation.load_json(path, os.path.basename(path),
@@ -120,7 +122,7 @@ def huggingface(folder: str, config: Mapping | None = None) -> Tokenizer:
     raise UserError(f"tokenizer.json is unreadable: {type(e).__name__}: "
                     f"{str(e).splitlines()[0][:200] if str(e) else ''}", path,
                     "save the tokenizer with transformers' save_pretrained") from None
-  tc = _read_json(os.path.join(folder, "tokenizer_config.json")) or {}
+  tc = read_json_object(os.path.join(folder, "tokenizer_config.json")) or {}
   config = dict(config or {})
   ids = {}
   for key in ("eos", "bos", "pad"):
