@@ -4,7 +4,7 @@ Measures, in one run, on a tiny model (the demo config, d=128, 2 layers; random 
 N checkpoints perturbed from one init: throughput does not depend on training):
   * decoded tokens per second of the population's generation: every candidate merged on
     device and its greedy continuations decoded on device (KV cache, a while_loop that
-    ends when every row has hit EOS or a stop sequence; evaluation.KINDS['generate']),
+    ends when every row has hit EOS or a stop sequence; kinds.REGISTRY['generate']),
     `population.pipelined` dispatching the population's halves back to back while the
     verifiers score the first half's tokens on host threads;
   * the same tokens/s for the loop peers run per candidate: merge on the host with numpy,
@@ -14,7 +14,7 @@ N checkpoints perturbed from one init: throughput does not depend on training):
     and EOS), decode, verify;
   * the share of the population generation's wall time spent waiting for verifiers: the
     wall time minus the same population's device-only time, over the wall time (noisy on
-    a shared machine), and the verifiers' own work (time inside `evaluation.verify`, which
+    a shared machine), and the verifiers' own work (time inside `task_splits.verify`, which
     overlaps the device's), an upper bound on what they can add.
 Tokens counted are generated tokens up to and including EOS (both loops count alike).
 
@@ -33,15 +33,20 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from recycle_jax import (evaluation, families, hf_io, models, partitioning,  # noqa: E402
-                         population, tokenizer_files)
+from recycle_jax.evaluation import kinds
+from recycle_jax.evaluation import task_splits
+from recycle_jax.evaluation import task_data
+from recycle_jax.evaluation import scorers
+from recycle_jax.models import families, transformer, partitioning
+from recycle_jax.checkpoint_io import hf_folder, tokenizer_files
+from recycle_jax.search import population
 
-DEMO = models.ModelConfig(d_model=128, num_layers=2, num_heads=4, num_kv_heads=2,
+DEMO = transformer.ModelConfig(d_model=128, num_layers=2, num_heads=4, num_kv_heads=2,
                           d_ff=352)
 
 
-def random_pool(n: int, cfg: models.ModelConfig, seed: int = 0, noise: float = 0.02):
-  base = models.init_params(cfg, jax.random.key(seed))
+def random_pool(n: int, cfg: transformer.ModelConfig, seed: int = 0, noise: float = 0.02):
+  base = transformer.init_params(cfg, jax.random.key(seed))
   base = jax.tree.map(lambda x: 3.0 * x, base)  # varied (not constant) greedy outputs
   leaves, tree = jax.tree.flatten(base)
   out = []
@@ -57,8 +62,8 @@ def count_tokens(tokens: np.ndarray) -> int:
   NO_TOKEN in ours, PAD in transformers')."""
   total = 0
   for row in np.asarray(tokens).reshape(-1, tokens.shape[-1]).tolist():
-    total += row.index(models.EOS_ID) + 1 if models.EOS_ID in row else \
-        sum(1 for t in row if t > models.PAD_ID)
+    total += row.index(transformer.EOS_ID) + 1 if transformer.EOS_ID in row else \
+        sum(1 for t in row if t > transformer.PAD_ID)
   return total
 
 
@@ -71,8 +76,8 @@ def peer_generate(model, torch, prompts, max_new: int) -> np.ndarray:
     ids[i, width - len(p):], mask[i, width - len(p):] = p, 1
   with torch.no_grad():
     out = model.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
-                         max_new_tokens=max_new, do_sample=False, eos_token_id=models.EOS_ID,
-                         pad_token_id=models.PAD_ID)
+                         max_new_tokens=max_new, do_sample=False, eos_token_id=transformer.EOS_ID,
+                         pad_token_id=transformer.PAD_ID)
   gen = out[:, width:].numpy()
   return np.pad(gen, ((0, 0), (0, max_new - gen.shape[1])))
 
@@ -91,15 +96,15 @@ def main():
   torch.set_num_threads(os.cpu_count() or 1)
 
   cfg, names = DEMO, args.tasks.split(",")
-  datas = evaluation.load_split(names, "dev", args.max_examples, models.VOCAB)
+  datas = task_splits.load_split(names, "dev", args.max_examples, transformer.VOCAB)
   assert all(d.kind == "generate" for d in datas), "give generate tasks"
   mesh = partitioning.make_mesh()
-  placed = evaluation.place(datas, mesh)
+  placed = task_data.place(datas, mesh)
   pool = tuple(jax.device_put(p, partitioning.replicated(mesh))
                for p in random_pool(args.pool_size, cfg))
-  dec = models.Decoder(cfg)
+  dec = transformer.Decoder(cfg)
   fn = population.jit_population(population.make_population_fn(
-      evaluation.make_scorer(dec), population.choose_mode(pool, args.population)), pool, mesh)
+      scorers.make_scorer(dec), population.choose_mode(pool, args.population)), pool, mesh)
   rng = np.random.default_rng(0)
   alphas = rng.dirichlet(np.ones(args.pool_size), size=args.population).astype(np.float32)
   width = -(-args.population // 2)
@@ -129,7 +134,7 @@ def main():
       path = os.path.join(tmp, "m")
       if args.peer_in_memory:
         if resident is None:
-          hf_io.save_folder(path, cfg, merged, tokenizer=tokenizer_files.BYTE)
+          hf_folder.save_folder(path, cfg, merged, tokenizer=tokenizer_files.BYTE)
           resident = transformers.AutoModelForCausalLM.from_pretrained(path)
         state = {t.hf_name: torch.from_numpy(np.ascontiguousarray(
             t.to_hf(np.asarray(families.get_path(merged, t.path)))))
@@ -137,18 +142,18 @@ def main():
         resident.load_state_dict(state, strict=False)
         model = resident
       else:
-        hf_io.save_folder(path, cfg, merged, tokenizer=tokenizer_files.BYTE, overwrite=True)
+        hf_folder.save_folder(path, cfg, merged, tokenizer=tokenizer_files.BYTE, overwrite=True)
         model = transformers.AutoModelForCausalLM.from_pretrained(path)
       model.eval()
       row = []
       for d in datas:
         out = peer_generate(model, torch, prompts[d.name], d.max_new)
         tokens += count_tokens(out)
-        row.append(evaluation.verify(d, out[None])[0])
+        row.append(task_splits.verify(d, out[None])[0])
       scores.append(row)
     return time.perf_counter() - t, tokens, np.asarray(scores)
 
-  verify, verify_s = evaluation.verify, [0.0]
+  verify, verify_s = task_splits.verify, [0.0]
 
   def timed_verify(*a):
     t = time.perf_counter()
@@ -156,7 +161,7 @@ def main():
       return verify(*a)
     finally:
       verify_s[0] += time.perf_counter() - t
-  evaluation.verify = timed_verify
+  task_splits.verify = timed_verify
   ours(), device_only()  # compile, and run the sandboxed programs once (cached after)
   best = {}
   for _ in range(args.rounds):

@@ -1,7 +1,7 @@
 """Merge throughput and memory, in one run (about 60 s on 2 CPU cores).
 
   (a) in-memory merge: N checkpoints sharded over 8 fake CPU devices by the partitioning
-      rules (parameter dims, never the pool axis), one jitted `merging.linear`, against a
+      rules (parameter dims, never the pool axis), one jitted `kernels.linear`, against a
       numpy copy of the same input bytes.                                  goal >= 0.7
   (b) streaming merge (`streaming.merge_to_disk`) of the same kind of pool saved to disk,
       against reading the checkpoints' files raw, with the page cache warm for both (each
@@ -38,7 +38,11 @@ import numpy as np  # noqa: E402
 import orbax.checkpoint as ocp  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from recycle_jax import checkpoints, merging, partitioning, streaming  # noqa: E402
+from recycle_jax.checkpoint_io import checkpoints
+from recycle_jax.checkpoint_io import checkpoint_meta
+from recycle_jax.checkpoint_io import pool_manifest
+from recycle_jax.merging import kernels, streaming
+from recycle_jax.models import partitioning  # noqa: E402
 
 MB = 2**20
 
@@ -86,7 +90,7 @@ def bench_in_memory(n: int, size_mb: float) -> dict:
   nbytes = sum(x.nbytes for t in trees for x in jax.tree.leaves(t))
   del trees
   alphas = np.full(n, 1.0 / n, np.float32)
-  merge = jax.jit(merging.linear)
+  merge = jax.jit(kernels.linear)
   t_merge = median_time(lambda: jax.block_until_ready(merge(alphas, pool)))
   src = np.ones(nbytes // 4, np.float32)
   dst = np.empty_like(src)
@@ -110,10 +114,10 @@ def write_pool(workdir: str, n: int, size_mb: float, compress: bool = True) -> s
     else:
       handler = ocp.PyTreeCheckpointHandler(use_compression=False)
       ocp.Checkpointer(handler).save(path, args=ocp.args.PyTreeSave(tree),
-                                     custom_metadata={checkpoints.META_KEY: {"model": None}})
-    entries.append(checkpoints.Entry(f"ckpt_{seed}", path))
+                                     custom_metadata={checkpoint_meta.META_KEY: {"model": None}})
+    entries.append(pool_manifest.Entry(f"ckpt_{seed}", path))
   manifest = os.path.join(workdir, "pool.json")
-  checkpoints.write_manifest(manifest, checkpoints.make_pool(entries))
+  pool_manifest.write_manifest(manifest, pool_manifest.make_pool(entries))
   return manifest
 
 
@@ -129,7 +133,7 @@ def read_raw(paths, buf=bytearray(16 * MB)) -> int:
   return total
 
 
-def read_arrays(pool: checkpoints.Pool, meta) -> int:
+def read_arrays(pool: pool_manifest.Pool, meta) -> int:
   """Reads every array of every checkpoint with tensorstore (decoded, not merged)."""
   import tensorstore as ts
   leaves, ctx, total = streaming.leaves_of(meta.abstract, {}), ts.Context(), 0
@@ -147,8 +151,8 @@ def evict(paths) -> None:
     streaming.drop_cached(top)
 
 
-def pool_of(manifest: str, n: int) -> checkpoints.Pool:
-  return checkpoints.make_pool(checkpoints.read_manifest(manifest).entries[:n])
+def pool_of(manifest: str, n: int) -> pool_manifest.Pool:
+  return pool_manifest.make_pool(pool_manifest.read_manifest(manifest).entries[:n])
 
 
 def bench_streaming(manifest: str, n: int, budget_mb: float, workdir: str) -> dict:

@@ -98,7 +98,7 @@ MK_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 def load_folder(path: str) -> dict[str, np.ndarray]:
   """Every tensor of a folder as float64 (safetensors' numpy API has no bfloat16)."""
   sys.path.insert(0, ROOT)
-  from recycle_jax import safetensors_io
+  from recycle_jax.checkpoint_io import safetensors_io
   reader = safetensors_io.Reader()
   try:
     return {k: reader.read(info).astype(np.float64)

@@ -39,17 +39,26 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from recycle_jax import (checkpoints, evaluation, experiment, models,  # noqa: E402
-                         population, search, spaces, vocabularies)
+from recycle_jax.checkpoint_io import checkpoints
+from recycle_jax.checkpoint_io import pool_manifest
+from recycle_jax.evaluation import task_data
+from recycle_jax.evaluation import kinds
+from recycle_jax.evaluation import task_splits
+from recycle_jax.evaluation import scorers
+from recycle_jax import experiment
+from recycle_jax.models import transformer
+from recycle_jax.search import population, loop
+from recycle_jax.merging import spaces
+from recycle_jax.evaluation import vocabularies
 
-DEMO = models.ModelConfig(d_model=128, num_layers=2, num_heads=4, num_kv_heads=2,
+DEMO = transformer.ModelConfig(d_model=128, num_layers=2, num_heads=4, num_kv_heads=2,
                           d_ff=352)
 
 
-def build_random_pool(workdir: str, n: int = 16, cfg: models.ModelConfig = DEMO,
+def build_random_pool(workdir: str, n: int = 16, cfg: transformer.ModelConfig = DEMO,
                       seed: int = 0, noise: float = 0.01) -> str:
   """pool.json of n checkpoints: one random init plus independent N(0, noise) each."""
-  base = models.init_params(cfg, jax.random.key(seed))
+  base = transformer.init_params(cfg, jax.random.key(seed))
   leaves, tree = jax.tree.flatten(base)
   entries = []
   for i in range(n):
@@ -58,9 +67,9 @@ def build_random_pool(workdir: str, n: int = 16, cfg: models.ModelConfig = DEMO,
                                        for x, k in zip(leaves, keys)])
     path = os.path.join(workdir, "checkpoints", f"random_{i:02d}")
     checkpoints.save(path, params, {"model": cfg.to_dict()})
-    entries.append(checkpoints.Entry(f"random_{i:02d}", path))
+    entries.append(pool_manifest.Entry(f"random_{i:02d}", path))
   manifest = os.path.join(workdir, "pool.json")
-  checkpoints.write_manifest(manifest, checkpoints.make_pool(entries, manifest))
+  pool_manifest.write_manifest(manifest, pool_manifest.make_pool(entries, manifest))
   return manifest
 
 
@@ -69,7 +78,7 @@ def cost_flops(fn, *args) -> float:
   return float((c[0] if isinstance(c, list) else c).get("flops", float("nan")))
 
 
-def _peer_choice_rows(d: evaluation.TaskData):
+def _peer_choice_rows(d: task_data.TaskData):
   """A choice split as a harness batches it: every (prompt, choice) its own row, rows
   sorted by length into buckets (the same bucketing as ours), each trimmed to its longest
   row. Returns [(row indices into E*C, tokens [R, L], target mask [R, L])]."""
@@ -78,7 +87,7 @@ def _peer_choice_rows(d: evaluation.TaskData):
   mask = np.asarray(d.target_mask).reshape(e * c, l)
   lengths = np.array([int(np.flatnonzero(m).max()) + 1 for m in mask])
   out, lo = [], 0
-  for hi in evaluation._buckets(lengths, 4, 128):
+  for hi in task_data._buckets(lengths, 4, 128):
     idx = np.flatnonzero((lengths > lo) & (lengths <= hi))
     lo = hi
     if idx.size:
@@ -86,7 +95,7 @@ def _peer_choice_rows(d: evaluation.TaskData):
   return out
 
 
-def peer_scorer(decoder: models.Decoder, datas):
+def peer_scorer(decoder: transformer.Decoder, datas):
   """score(params, datas) -> [T] as a peer harness (lm-eval style) computes it: greedy
   generation with a KV cache, all prompts in one batch, checked by exact match; rank
   classification with one forward per (prompt, choice) row, length-sorted and bucketed,
@@ -97,14 +106,14 @@ def peer_scorer(decoder: models.Decoder, datas):
     out = []
     for d in datas:
       if d.kind != "choice":
-        hits = evaluation.greedy_exact_match(decoder.greedy_decode, params,
+        hits = kinds.greedy_exact_match(decoder.greedy_decode, params,
                                              d.replace(packed=None))
         out.append(100.0 * jnp.mean(hits))
         continue
       e, c, _ = d.tokens.shape
       lp = jnp.zeros(e * c)
       for idx, toks, mask in layouts[d.name]:
-        logp = models.token_logprobs(decoder.apply(params, toks), toks)
+        logp = transformer.token_logprobs(decoder.apply(params, toks), toks)
         lp = lp.at[idx].set(jnp.sum(logp * mask, -1) / np.maximum(mask.sum(-1), 1))
       hits = jnp.argmax(lp.reshape(e, c), -1) == d.labels
       out.append(100.0 * jnp.mean(hits.astype(jnp.float32)))
@@ -144,20 +153,20 @@ def run(args) -> None:
   loaded = experiment.load_pool(args.pool)
   n = len(loaded.pool)
   names = args.tasks.split(",")
-  dev = evaluation.load_split(names, "dev", None, vocabularies.for_evaluation(
+  dev = task_splits.load_split(names, "dev", None, vocabularies.for_evaluation(
       loaded.tokenizer, loaded.model_cfg.vocab_size, args.pool))
-  decoder = models.Decoder(loaded.model_cfg)
-  score = evaluation.make_scorer(decoder)
-  cfg = search.SearchConfig()
+  decoder = transformer.Decoder(loaded.model_cfg)
+  score = scorers.make_scorer(decoder)
+  cfg = loop.SearchConfig()
 
   loops = {}  # name -> (fn running one unit, candidates per unit)
   # Compiled: one program per generation; only [P, N+T] numbers leave the device.
   for mode in ("vmap", "map"):
-    srch = search.Search(cfg, n, population.make_population_fn(score, mode))
+    srch = loop.Search(cfg, n, population.make_population_fn(score, mode))
     state = [srch.init()]
 
     def compiled(srch=srch, state=state):
-      # A host copy of the state in, as search.run does: one program for every generation.
+      # A host copy of the state in, as loop.run does: one program for every generation.
       state[0], out = srch.generation(jax.device_get(state[0]), loaded.params, dev)
       return out
     loops[f"compiled generation, population {mode}"] = (compiled, srch.pop)

@@ -17,7 +17,8 @@ def main() -> int:
   p.add_argument("--setting", default="gin_configs/settings/code_instruct.gin")
   p.add_argument("--budget", type=int, default=96, help="merges the search evaluates")
   args = p.parse_args()
-  from recycle_jax import cli, quiet
+  from recycle_jax import cli
+  from recycle_jax.runtime import quiet
   os.chdir(ROOT)
   quiet.NativeFilter().start()  # stderr: the project's own lines only, as the CLI's
   rc = cli.main(["make-pool", "--gin_file=gin_configs/pools/demo.gin",

@@ -47,7 +47,7 @@ def summary(workdir: str) -> str:
   lines += runner.timing_lines(workdir, [name for name, _, _ in runs()])
   top = [results[f"top{n}"][0] for n in TOP_N if f"top{n}" in results]
   if len(top) > 1:
-    from recycle_jax import figures
+    from recycle_jax.reporting import figures
     figures.top_n_ablation(top, os.path.join(workdir, "figures", "top_n.png"))
     lines += ["## Top-N ablation (seed 0's runs)", "", "![top-N ablation](figures/top_n.png)",
               ""]

@@ -23,6 +23,7 @@ import sys
 import numpy as np
 
 import runner  # noqa: E402  (experiments/runner.py; puts the repo on sys.path)
+from recycle_jax.reporting import statistics
 
 
 def grid(args) -> list[dict]:
@@ -64,14 +65,13 @@ def flags(run: dict, args) -> list[str]:
 
 
 def row(run: dict, rs: list[dict]) -> dict:
-  from recycle_jax import reporting
   s = [r["methods"]["search"] for r in rs]
   c = runner.comparison(rs)
   test = [x["fitness"]["test"] for x in s]
   dev = [x["fitness"]["dev"] for x in s]
   cfg = [r["config"] for r in rs]
-  return {**run, "seeds": len(rs), "test": reporting.mean_ci(test), "dev": reporting.mean_ci(dev),
-          "gap": reporting.mean_ci([d - t for d, t in zip(dev, test)]), "vs": c,
+  return {**run, "seeds": len(rs), "test": statistics.mean_ci(test), "dev": statistics.mean_ci(dev),
+          "gap": statistics.mean_ci([d - t for d, t in zip(dev, test)]), "vs": c,
           "nonzero": [runner.nonzero(x["weights"]) for x in s],
           # Density of everything the search proposed, not just its best point.
           "candidates_nonzero": float(np.mean([runner.nonzero(h["weights"]) for r in rs
@@ -130,7 +130,6 @@ def pooled_table(rows: list[dict], results: dict[str, list[dict]], reference: st
                  ) -> list[str]:
   """Each configuration over every setting and seed: test fitness, search - best baseline
   and config - `reference` paired by (setting, seed), density, cost and time."""
-  from recycle_jax import reporting
   by = {}
   for r in rows:
     by.setdefault(config_of(r), {})[r["setting"]] = r
@@ -159,9 +158,9 @@ def pooled_table(rows: list[dict], results: dict[str, list[dict]], reference: st
         ex.append(r["dev_examples"] / full["dev_examples"])
         if full is not r:
           dfull += [a - b for a, b in zip(test(r), test(full))]
-    pv, pr, pf = (reporting.paired(d, [0] * len(d)) for d in (vs, dref, dfull))
+    pv, pr, pf = (statistics.paired(d, [0] * len(d)) for d in (vs, dref, dfull))
     sig = lambda p: "–" if p["n"] == 0 else f"{p['mean']:+.1f} ± {p['ci95']:.1f}"
-    lines.append(f"| {c} | {len(per)} × {len(t) // max(1, len(per))} | {reporting.fmt_ci(t)} | "
+    lines.append(f"| {c} | {len(per)} × {len(t) // max(1, len(per))} | {statistics.fmt_ci(t)} | "
                  f"{sig(pv)} | {pv['verdict']} | {sig(pr)} | "
                  f"{pr['verdict'] if pr['n'] else '–'} | {np.mean(nz):.1f} | "
                  f"{np.mean(cand):.1f} | {np.mean(ex):.2f} | "
@@ -242,7 +241,7 @@ def summary(workdir: str, runs: list[dict], args) -> str:
   if main:
     figure(main, results, os.path.join(workdir, "figures", "fidelity.png"))
     lines += ["![fidelity](figures/fidelity.png)", ""]
-  from recycle_jax.checkpoints import atomic_write_text
+  from recycle_jax.runtime.outputs import write_text as atomic_write_text
   atomic_write_text(os.path.join(workdir, "claims.json"),
                     json.dumps(rows, default=float, indent=1))
   return "\n".join(lines)
@@ -276,7 +275,8 @@ def main() -> int:
                  help="the configuration the pooled table pairs every other one with, and "
                       "whose seeded tables (every baseline) the summary prints")
   args = p.parse_args()
-  from recycle_jax import search, spaces
+  from recycle_jax.search import loop
+  from recycle_jax.merging import spaces
   if args.configs:
     if any(len(c.split("-")) != 3 for c in args.configs):
       print(f"error: --configs {args.configs} (research_claims); pass "
@@ -284,9 +284,9 @@ def main() -> int:
       return 2
     args.strategies, args.parametrizations, args.fidelities = (
         list(dict.fromkeys(x)) for x in zip(*[c.split("-") for c in args.configs]))
-  bad = ([f"--strategies {s}" for s in args.strategies if s not in search.STRATEGIES] +
+  bad = ([f"--strategies {s}" for s in args.strategies if s not in strategies.REGISTRY] +
          [f"--parametrizations {s}" for s in args.parametrizations
-          if s not in spaces.PARAMETRIZATIONS] +
+          if s not in spaces.REGISTRY] +
          [f"--fidelities {s}" for s in args.fidelities if s not in ("full", "adaptive")])
   if bad or args.num_seeds < 1:
     print(f"error: unknown {bad[0] if bad else f'--num_seeds={args.num_seeds}'} "

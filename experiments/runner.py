@@ -5,6 +5,7 @@ import os
 import sys
 import time
 from typing import Callable, Iterable, Sequence
+from recycle_jax.reporting import statistics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -17,7 +18,7 @@ def search(setting: str, workdir: str, pool: str, bindings: Sequence[str] = (),
   """`recycle-jax search` with a setting's gin file into `workdir` (overwritten); its wall
   time goes to workdir/timing.json."""
   from recycle_jax import cli
-  from recycle_jax.checkpoints import atomic_write_text
+  from recycle_jax.runtime.outputs import write_text as atomic_write_text
   gin_file = setting if setting.endswith(".gin") else \
       os.path.join(ROOT, "gin_configs", "settings", f"{setting}.gin")
   os.makedirs(os.path.dirname(os.path.abspath(workdir)), exist_ok=True)  # its lock's folder
@@ -49,7 +50,7 @@ def done(run_dir: str, num_seeds: int) -> bool:
 
 
 def write_summary(workdir: str, text: str, name: str = "summary.md") -> str:
-  from recycle_jax.checkpoints import atomic_write_text
+  from recycle_jax.runtime.outputs import write_text as atomic_write_text
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, name)
   atomic_write_text(path, text)
@@ -81,9 +82,9 @@ def held_out_avg(m: dict, held_out: Sequence[str]) -> float | None:
 
 def methods_of(runs: Sequence[dict]) -> list[str]:
   """Methods present in every seed, the search first."""
-  from recycle_jax import reporting
+  from recycle_jax.reporting import records
   names = [m for m in runs[0]["methods"] if all(m in r["methods"] for r in runs)]
-  return reporting._ordered(names)
+  return records._ordered(names)
 
 
 def test_fitness(runs: Sequence[dict], method: str) -> list[float | None]:
@@ -100,9 +101,8 @@ def best_baseline(runs: Sequence[dict]) -> str:
 
 def comparison(runs: Sequence[dict]) -> dict:
   """search - best baseline over seeds: {'baseline', 'mean', 'ci95', 'n', 'verdict'}."""
-  from recycle_jax import reporting
   base = best_baseline(runs)
-  return {"baseline": base, **reporting.paired(test_fitness(runs, "search"),
+  return {"baseline": base, **statistics.paired(test_fitness(runs, "search"),
                                                test_fitness(runs, base))}
 
 
@@ -113,15 +113,14 @@ def _signed(c: dict) -> str:
 
 
 def overview_table(results: dict[str, list[dict]]) -> list[str]:
-  from recycle_jax import reporting
   lines = ["## Overview: test fitness, mean ± 95% CI over seeds", "",
            "| run | seeds | search | best baseline | search - best baseline | verdict | "
            "non-zero weights (per seed) |", "|---|---|---|---|---|---|---|"]
   for name, rs in results.items():
     c = comparison(rs)
     nz = [nonzero(r["methods"]["search"]["weights"]) for r in rs]
-    lines.append(f"| {name} | {len(rs)} | {reporting.fmt_ci(test_fitness(rs, 'search'))} | "
-                 f"{c['baseline']} {reporting.fmt_ci(test_fitness(rs, c['baseline']))} | "
+    lines.append(f"| {name} | {len(rs)} | {statistics.fmt_ci(test_fitness(rs, 'search'))} | "
+                 f"{c['baseline']} {statistics.fmt_ci(test_fitness(rs, c['baseline']))} | "
                  f"{_signed(c)} | {c['verdict']} | {', '.join(map(str, nz))} of "
                  f"{len(rs[0]['methods']['search']['weights'])} |")
   return lines
@@ -129,7 +128,6 @@ def overview_table(results: dict[str, list[dict]]) -> list[str]:
 
 def setting_section(name: str, runs: Sequence[dict]) -> list[str]:
   """Per method: test/dev fitness and held-out average (mean ± CI), non-zero weights."""
-  from recycle_jax import reporting
   tasks, held_out = runs[0]["tasks"], runs[0].get("report_tasks", [])
   lines = [f"## {name} ({', '.join(tasks)}; held out: {', '.join(held_out) or 'none'})", "",
            "| method | " + " | ".join(f"{t} test" for t in tasks) +
@@ -140,11 +138,11 @@ def setting_section(name: str, runs: Sequence[dict]) -> list[str]:
     nz = [nonzero(x["weights"]) for x in rows] if rows[0]["weights"] else []
     span = "–" if not nz else f"{min(nz)}" if min(nz) == max(nz) else f"{min(nz)}–{max(nz)}"
     lines.append(
-        f"| {m} | " + " | ".join(reporting.fmt_ci([x["scores"]["test"].get(t) for x in rows])
+        f"| {m} | " + " | ".join(statistics.fmt_ci([x["scores"]["test"].get(t) for x in rows])
                                  for t in tasks) +
-        f" | {reporting.fmt_ci([x['fitness']['test'] for x in rows])}"
-        f" | {reporting.fmt_ci([x['fitness']['dev'] for x in rows])}"
-        f" | {reporting.fmt_ci([held_out_avg(x, held_out) for x in rows])}"
+        f" | {statistics.fmt_ci([x['fitness']['test'] for x in rows])}"
+        f" | {statistics.fmt_ci([x['fitness']['dev'] for x in rows])}"
+        f" | {statistics.fmt_ci([held_out_avg(x, held_out) for x in rows])}"
         f" | {span} |")
   c = comparison(runs)
   lines += ["", f"search - {c['baseline']} (paired over {c['n']} seeds): {_signed(c)} test "

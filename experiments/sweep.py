@@ -13,7 +13,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from recycle_jax import sweeps  # noqa: E402
-from recycle_jax.errors import UserError  # noqa: E402
+from recycle_jax.runtime.errors import UserError  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -16,15 +16,20 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from recycle_jax import checkpoints, evaluation, models, scoring, vocabularies  # noqa: E402
+from recycle_jax.checkpoint_io import pool_manifest
+from recycle_jax.checkpoint_io import checkpoints
+from recycle_jax.evaluation import task_splits
+from recycle_jax.evaluation import scorers
+from recycle_jax.models import transformer
+from recycle_jax.evaluation import scoring, vocabularies  # noqa: E402
 
 
 def splits_as(kind_of: dict, names, split, max_examples, vocab):
   """The splits materialized with each task's scoring replaced by `kind_of[name]`."""
-  evaluation._MATERIALIZED.clear()
+  task_splits._MATERIALIZED.clear()
   for name in names:
     scoring.declare(name, kind_of[name])
-  return evaluation.load_split(names, split, max_examples, vocab)
+  return task_splits.load_split(names, split, max_examples, vocab)
 
 
 def main():
@@ -33,14 +38,14 @@ def main():
   ap.add_argument("--tasks", default="rj_code,rj_math")
   ap.add_argument("--max_examples", type=int, default=None)
   args = ap.parse_args()
-  pool = checkpoints.load_pool(args.pool)
+  pool = pool_manifest.load_pool(args.pool)
   meta = checkpoints.validate_pool(pool)
-  cfg = models.ModelConfig(**meta.model_config)
-  score = jax.jit(evaluation.make_scorer(models.Decoder(cfg)))
+  cfg = transformer.ModelConfig(**meta.model_config)
+  score = jax.jit(scorers.make_scorer(transformer.Decoder(cfg)))
   names = args.tasks.split(",")
   vocab = vocabularies.for_evaluation(meta.tokenizer, cfg.vocab_size, pool.source)
   splits = ("dev", "test")
-  now = {t: scoring.of(evaluation.bound_task(t, vocab), False) for t in names}
+  now = {t: scoring.of(task_splits.bound_task(t, vocab), False) for t in names}
   exact = {t: scoring.Scoring("exact") for t in names}
   before = {s: splits_as(exact, names, s, args.max_examples, vocab) for s in splits}
   after = {s: splits_as(now, names, s, args.max_examples, vocab) for s in splits}
@@ -52,8 +57,8 @@ def main():
     params = checkpoints.restore(e.path, meta.abstract, e.name)
     cells = []
     for s in splits:
-      b = evaluation.evaluate(score, params, before[s])
-      a = evaluation.evaluate(score, params, after[s])
+      b = scorers.evaluate(score, params, before[s])
+      a = scorers.evaluate(score, params, after[s])
       moved.append(a - b)
       cells += [f"{x:.1f} → {y:.1f}" for x, y in zip(b, a)]
     print(f"| {e.name} | " + " | ".join(cells) + " |")

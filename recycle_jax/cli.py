@@ -6,7 +6,7 @@ failure with one line too (--verbose adds the traceback).
 """
 from __future__ import annotations
 
-from recycle_jax import quiet
+from recycle_jax.runtime import quiet
 
 quiet.set_env()  # before any native library is imported
 
@@ -23,8 +23,8 @@ from typing import Sequence  # noqa: E402
 
 from absl import logging  # noqa: E402
 
-from recycle_jax import errors, interrupts, validation, waits  # noqa: E402
-from recycle_jax.errors import EXIT_USAGE, UserError, check  # noqa: E402
+from recycle_jax.runtime import errors, interrupts, validation, waits  # noqa: E402
+from recycle_jax.runtime.errors import EXIT_USAGE, UserError, check  # noqa: E402
 
 
 def _parse_gin(files, bindings) -> None:
@@ -36,8 +36,7 @@ def _parse_gin(files, bindings) -> None:
   gin.clear_config()  # one process may run several commands (tests, sweeps)
   if not files and not bindings:  # nothing to bind: the configurables' modules (seqio,
     return                        # TensorFlow, orbax) load when a command needs them
-  from recycle_jax import (configurables, experiment, models, pools,  # noqa: F401 (registers)
-                           user_tasks)
+  from recycle_jax import configurables, experiment, pools  # registers every configurable
   # What gin.parse_config_files_and_bindings does, a step at a time to say what is wrong.
   steps = [(f"--gin_file={f}", functools.partial(gin.parse_config_file, f, skip_unknown=False))
            for f in files or ()]
@@ -57,8 +56,8 @@ def _parse_gin(files, bindings) -> None:
                       "check the configurable and parameter names (a configurable of your "
                       "own module needs `import my_module` in the gin file, found in the "
                       "working directory too)") from None
-  validation.check_bindings()  # types and ranges, before any configurable runs
-  user_tasks.jsonl_tasks()  # the JsonlTasks the config declares, checked and registered
+  configurables.check_bindings([experiment.Experiment, pools.make_pool, pools.text_corpus])
+  configurables.jsonl_tasks()  # the JsonlTasks the config declares, checked and registered
 
 
 def _init_distributed(args) -> None:
@@ -68,7 +67,8 @@ def _init_distributed(args) -> None:
   same on 2 hosts as on one."""
   if getattr(args, "distributed", False):
     import gin
-    from recycle_jax import configurables, multihost
+    from recycle_jax import configurables
+    from recycle_jax.runtime import multihost
     multihost.initialize(**gin.get_bindings(configurables.initialize))
 
 
@@ -82,13 +82,21 @@ def _inputs(args, *paths) -> list[str]:
   return [p for p in (*paths, *args.gin_file) if p]
 
 
+def _register_tasks() -> None:
+  """The built-in tasks, for the commands that read tasks (seqio, TensorFlow: only them)."""
+  from recycle_jax.tasks import builtin
+  builtin.register()
+
+
 def cmd_make_pool(args) -> None:
-  from recycle_jax import locking, outputs, pools
+  _register_tasks()
+  from recycle_jax.runtime import locking, outputs
+  from recycle_jax import pools
   outputs.check(args.workdir, _inputs(args), overwrite=True, flag="--workdir")  # a cache
   with locking.workdir_lock(args.workdir):
     manifest = pools.make_pool(args.workdir, progress=_progress(args))
   try:  # figures are a convenience: failing to draw them is logged, never fatal
-    from recycle_jax import figures
+    from recycle_jax.reporting import figures
     figures.pool_figures(args.workdir)
   except Exception as e:  # noqa: BLE001
     logging.warning("pool figures not drawn: %s: %s", type(e).__name__, e)
@@ -97,11 +105,18 @@ def cmd_make_pool(args) -> None:
 
 
 def cmd_search(args) -> None:
-  from recycle_jax import baselines, checkpoints, experiment, locking, outputs, tasks
+  _register_tasks()
+  from recycle_jax.checkpoint_io import pool_manifest
+  from recycle_jax.search import baselines
+  from recycle_jax import experiment
+  from recycle_jax.runtime import locking, outputs
+  from recycle_jax.tasks import embedded
   if args.dev_size is not None:
-    tasks.set_dev_size(args.dev_size)
+    from recycle_jax.evaluation import task_splits
+    embedded.set_dev_size(args.dev_size)
+    task_splits.forget_splits()
   exp = experiment.Experiment()
-  pool = checkpoints.load_pool(exp.pool)
+  pool = pool_manifest.load_pool(exp.pool)
   inputs = _inputs(args, *pool.paths, pool.source if os.path.isfile(pool.source) else None,
                    exp.base)
   outputs.check(args.workdir, inputs, overwrite=True, flag="--workdir")
@@ -123,22 +138,25 @@ def cmd_search(args) -> None:
 
 def _merge_config(args) -> None:
   """`merge --config=merge.yml`: a mergekit config, merged into a Hugging Face folder."""
-  from recycle_jax import mergekit_config
+  from recycle_jax.checkpoint_io import mergekit_config
   check(args.pool is None, "--config names the models itself", "--pool",
         "drop --pool (or --config)")
   plan = mergekit_config.load(args.config)
-  from recycle_jax import hf_merge
+  from recycle_jax.merging import hf_merge
   hf_merge.merge(plan, args.output, overwrite=args.overwrite, seed=args.seed,
                  fsync=not args.no_fsync)
   print(f"merged model: {args.output}")
 
 
 def cmd_merge(args) -> None:
+  if args.tasks:  # a greedy soup scores its candidates
+    _register_tasks()
   if args.config is not None:
     return _merge_config(args)
   check(args.pool is not None, "no pool given", "--pool", "pass --pool=pool.json or "
         "--config=merge.yml (a mergekit config)")
-  from recycle_jax import merge_job, methods
+  from recycle_jax import merge_job
+  from recycle_jax.merging import methods
   merge_job.run_merge(merge_job.MergeRequest(
       args.pool, args.output, args.method, args.weights, args.base,
       {h: getattr(args, h) for h in methods.hparams_by_name()}, args.seed, args.tasks,
@@ -148,32 +166,35 @@ def cmd_merge(args) -> None:
 
 
 def cmd_eval(args) -> None:
+  _register_tasks()
   import jax
   import numpy as np
-  from recycle_jax import (checkpoints, evaluation, merge_job, models, tokenizer_files,
-                           vocabularies)
+  from recycle_jax import merge_job
+  from recycle_jax.checkpoint_io import checkpoints, tokenizer_files
+  from recycle_jax.evaluation import scorers, task_splits, vocabularies
+  from recycle_jax.models import transformer
   meta = checkpoints.read_metadata(args.checkpoint)
   cfg = merge_job.model_config_from(meta, args.checkpoint)
   names = [t for t in args.tasks.split(",") if t]
   check(bool(names), "no tasks given", "--tasks", "pass --tasks=rj_code,rj_math")
   if args.output:
-    from recycle_jax import outputs
+    from recycle_jax.runtime import outputs
     outputs.check(args.output, _inputs(args, args.checkpoint), args.overwrite, "--output",
                   kind="file")
   vocab = vocabularies.for_evaluation(
       tokenizer_files.of_checkpoint(args.checkpoint, meta.custom), cfg.vocab_size,
       args.checkpoint)
-  datas = evaluation.load_split(names, args.split, args.max_examples, vocab)
+  datas = task_splits.load_split(names, args.split, args.max_examples, vocab)
   params = checkpoints.restore(args.checkpoint, meta.abstract)
   from recycle_jax import configurables
-  scores = evaluation.evaluate(jax.jit(configurables.make_scorer(models.Decoder(cfg))), params,
+  scores = scorers.evaluate(jax.jit(configurables.make_scorer(transformer.Decoder(cfg))), params,
                                datas)
   out = {"checkpoint": os.path.abspath(args.checkpoint), "split": args.split,
          "scores": {t: round(float(s), 4) for t, s in zip(names, scores)}}
   for t, s in out["scores"].items():
     print(f"{t:20s} {s:6.2f}")
   if args.output:
-    checkpoints.atomic_write_text(args.output, json.dumps(out, indent=1))
+    outputs.write_text(args.output, json.dumps(out, indent=1))
 
 
 def cmd_convert(args) -> None:
@@ -184,14 +205,15 @@ def cmd_convert(args) -> None:
 
 
 def cmd_inspect(args) -> None:
-  from recycle_jax import inspection
+  from recycle_jax.checkpoint_io import inspection
   pool = inspection.load_any(args.pool)
   print(f"pool: {pool.source} ({len(pool)} checkpoints)")
   print(inspection.pool_markdown([inspection.entry_row(e) for e in pool.entries], args.split))
 
 
 def cmd_report(args) -> None:
-  from recycle_jax import outputs, reporting
+  from recycle_jax.reporting import records
+  from recycle_jax.runtime import outputs
   path = os.path.join(args.workdir, "results.json")
   check(os.path.isfile(path), "results.json not found", args.workdir,
         "pass the workdir of a finished `recycle-jax search`")
@@ -201,7 +223,7 @@ def cmd_report(args) -> None:
                                       "methods": dict, "history": Sequence[dict]},
                             "search result", path)
   try:  # the report is rendered whole before anything is written
-    text = reporting.report_markdown(results)
+    text = records.report_markdown(results)
   except (KeyError, TypeError, AttributeError, ValueError, IndexError) as e:
     raise UserError(f"results.json is not a search result ({type(e).__name__}: "
                     f"{' '.join(str(e).split())[:120]})", path, fix) from None
@@ -220,7 +242,8 @@ class _Parser(argparse.ArgumentParser):
 def _merge_flags(s: argparse.ArgumentParser) -> None:
   """`merge`'s flags: the pool or a mergekit config, the method and its hyperparameters
   (from the registry), the output and how it is written."""
-  from recycle_jax import merge_job, methods
+  from recycle_jax import merge_job
+  from recycle_jax.merging import methods
   s.add_argument("--pool", default=None)
   s.add_argument("--config", default=None,
                  help="a mergekit YAML config (merge_method, base_model, models, ...): "
@@ -347,8 +370,8 @@ def main(argv=None) -> int:
       if os.getcwd() not in sys.path:  # gin `import` lines and --task_module find modules here
         sys.path.insert(0, os.getcwd())
       if args.task_module:
-        from recycle_jax import user_tasks
-        user_tasks.import_modules(args.task_module)
+        from recycle_jax.tasks import jsonl
+        jsonl.import_modules(args.task_module)
       _parse_gin(args.gin_file, args.gin_bindings)  # (and checks every binding)
       _init_distributed(args)
       logging.info("recycle-jax %s", args.command)

@@ -1,4 +1,4 @@
-"""Hugging Face folders <-> Orbax checkpoints of `models.Transformer`, for every family.
+"""Hugging Face folders <-> Orbax checkpoints of `transformer.Transformer`, for every family.
 
 What differs between the layouts (names, kernel orientation, config fields) is each
 family's mapping in `families.py`; this module reads and writes the files. Tensors go
@@ -8,121 +8,20 @@ safetensors headers before a tensor is read or anything written.
 """
 from __future__ import annotations
 
-import dataclasses
-import glob
-import json
 import os
 from typing import Any
 
-import jax
-import numpy as np
 
-from recycle_jax import checkpoints, families, models, tokenizer_files, validation
-from recycle_jax.errors import UserError, check
+from recycle_jax.runtime import outputs
+from recycle_jax.checkpoint_io import checkpoints
+from recycle_jax.checkpoint_io import checkpoint_meta
+from recycle_jax.models import families
+from recycle_jax.checkpoint_io import tokenizer_files
+from recycle_jax.runtime.errors import check
+from recycle_jax.checkpoint_io.hf_reader import is_hf_dir, load_hf
 
 PyTree = Any
 HF_CONFIG, HF_WEIGHTS, HF_INDEX = "config.json", "model.safetensors", "model.safetensors.index.json"
-PICKLED = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
-_RESAVE = ("re-save it as safetensors (save_pretrained(..., safe_serialization=True)) "
-           "where you trust the file; recycle_jax never unpickles weights")
-
-
-@dataclasses.dataclass(frozen=True)
-class HFModel:
-  """A Hugging Face folder as validated from config.json and the safetensors headers."""
-  path: str
-  family: families.Family
-  cfg: models.ModelConfig
-  hf_config: dict  # config.json as read
-  files: dict[str, str]  # HF tensor name -> safetensors file holding it
-  shapes: dict[str, tuple]  # HF tensor name -> shape
-
-
-def is_hf_dir(path: str) -> bool:
-  return os.path.isfile(os.path.join(path, HF_CONFIG))
-
-
-def _read_json(path: str, what: str) -> Any:
-  return validation.load_json(path, what, "export the model with transformers' save_pretrained")
-
-
-def _weight_files(src: str) -> list[str]:
-  """The safetensors files of a folder; pickled weights are refused unread."""
-  index = os.path.join(src, HF_INDEX)
-  if os.path.isfile(index):
-    doc = _read_json(index, HF_INDEX)
-    weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
-    check(isinstance(weight_map, dict) and weight_map, "index has no weight_map", index,
-          "export the model with transformers' save_pretrained")
-    files = sorted(set(weight_map.values()))
-  elif os.path.isfile(os.path.join(src, HF_WEIGHTS)):
-    files = [HF_WEIGHTS]
-  else:
-    pickled = sorted(os.path.basename(p) for pat in PICKLED
-                     for p in glob.glob(os.path.join(src, pat)))
-    check(not pickled, f"weights are pickled ({', '.join(pickled[:3])})", src, _RESAVE)
-    raise UserError(f"no {HF_WEIGHTS} or {HF_INDEX}", src,
-                    "convert a directory written by save_pretrained with safetensors")
-  for f in files:
-    check(isinstance(f, str) and f.endswith(".safetensors") and os.sep not in f,
-          f"weights file {f!r} is not a safetensors file in the folder", src, _RESAVE)
-    check(os.path.isfile(os.path.join(src, f)), f"weights file {f} not found", src,
-          "copy every file the index lists, or re-export the model")
-  return [os.path.join(src, f) for f in files]
-
-
-def _headers(paths: list[str]) -> tuple[dict[str, str], dict[str, tuple]]:
-  """(tensor -> file, tensor -> shape) from the safetensors headers; no tensor is read."""
-  from safetensors import safe_open
-  files, shapes = {}, {}
-  for path in paths:
-    validation.check_safetensors(path)  # offsets against the file: truncation, impostors
-    try:
-      with safe_open(path, framework="np") as f:
-        for k in f.keys():
-          check(k not in files, f"tensor {k!r} is in two files", path,
-                "re-export the model")
-          files[k], shapes[k] = path, tuple(f.get_slice(k).get_shape())
-    except UserError:
-      raise
-    except Exception as e:  # safetensors raises its own error types for a bad header
-      raise UserError(f"cannot read safetensors header: {e}", path,
-                      "the file is truncated or not safetensors; re-export it") from None
-  return files, shapes
-
-
-def inspect_hf(src: str) -> HFModel:
-  """Family, config and tensor layout of a Hugging Face folder, every check done."""
-  path = os.path.join(src, HF_CONFIG)
-  hf = _read_json(path, HF_CONFIG)
-  validation.check_hf_config(hf, path)
-  fam, cfg = families.from_hf_config(hf, f"config.json at {src}")
-  files, shapes = _headers(_weight_files(src))
-  families.check_tensors(cfg, shapes, src)
-  return HFModel(src, fam, cfg, hf, files, shapes)
-
-
-def read_hf_tensors(src: str) -> dict[str, np.ndarray]:
-  """Every tensor of a folder's safetensors files (as stored)."""
-  from safetensors import safe_open
-  out = {}
-  for path in _weight_files(src):
-    with safe_open(path, framework="np") as f:
-      out.update({k: f.get_tensor(k) for k in f.keys()})
-  return out
-
-
-def load_hf(src: str) -> tuple[models.ModelConfig, PyTree, dict]:
-  """(config, flax params, original config.json) from a Hugging Face folder."""
-  from safetensors import safe_open
-  m = inspect_hf(src)
-  dtype = np.dtype(jax.numpy.dtype(m.cfg.dtype))
-  params: dict = {}
-  for t in families.tensor_map(m.cfg):
-    with safe_open(m.files[t.hf_name], framework="np") as f:
-      x = f.get_tensor(t.hf_name)
-    families.set_path(params, t.path, np.ascontiguousarray(t.to_param(x).astype(dtype)))
-  return m.cfg, params, m.hf_config
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -132,7 +31,7 @@ def convert(src: str, dst: str, overwrite: bool = False) -> str:
   check(os.path.isdir(src), "source directory not found", src,
         "pass a Hugging Face model directory or an Orbax checkpoint")
   size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(src) for f in fs)
-  checkpoints.check_output(dst, [src], overwrite, flag="DST", nbytes=size)
+  outputs.check_output(dst, [src], overwrite, flag="DST", nbytes=size)
   check(is_hf_dir(src) or not any(f.endswith(".safetensors") for f in os.listdir(src)),
         "a Hugging Face folder without config.json", src,
         "save the model with save_pretrained (it writes config.json)")
@@ -148,7 +47,7 @@ def convert(src: str, dst: str, overwrite: bool = False) -> str:
   cfg = families.stored_config(meta.model_config, src)
   families.check_params(cfg, meta.abstract, src)
   params = checkpoints.restore(src, meta.abstract)
-  from recycle_jax import hf_io  # the one writer of Hugging Face folders (merges too)
-  hf_io.save_folder(dst, cfg, params, meta.custom.get(checkpoints.META_KEY, {}).get(
+  from recycle_jax.checkpoint_io import hf_folder  # the one writer of Hugging Face folders (merges too)
+  hf_folder.save_folder(dst, cfg, params, meta.custom.get(checkpoint_meta.META_KEY, {}).get(
       "hf_config"), tokenizer_files.of_checkpoint(src, meta.custom), overwrite)
   return "orbax -> huggingface"

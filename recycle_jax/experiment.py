@@ -6,7 +6,7 @@ Configuration arrives through gin (`Experiment`, and through `configurables` the
 and sweep configs, mesh, scorer, merge space and baselines), built once per run; the
 stages call the pure modules (checkpoints, merging, evaluation, population, search). The
 run owns its compiled programs (`population.Programs`); its result is a
-`reporting.RunResult` of `reporting.MethodResult`s, which `reporting` turns into
+`records.RunResult` of `records.MethodResult`s, which `reporting` turns into
 results.json.
 """
 from __future__ import annotations
@@ -21,12 +21,22 @@ import jax
 import numpy as np
 from absl import logging
 
-from recycle_jax import (baselines, checkpoints, configurables, evaluation, merging,
-                         mergekit_config, methods, models, outputs, pareto, population,
-                         reporting, search, spaces)
-from recycle_jax.errors import UserError, check
-from recycle_jax.merge_job import (FORMATS, Loaded, load_base, load_pool, model_config_from,
-                                   nonfinite_members, save_merge)
+from recycle_jax.runtime import outputs
+from recycle_jax.checkpoint_io import pool_manifest
+from recycle_jax.checkpoint_io import checkpoint_meta
+from recycle_jax.checkpoint_io import checkpoints
+from recycle_jax.evaluation import task_splits
+from recycle_jax.evaluation import task_data
+from recycle_jax.evaluation import scorers
+from recycle_jax.reporting import records
+from recycle_jax.tasks import builtin
+from recycle_jax.search import baselines, loop, pareto, population, strategies
+from recycle_jax import configurables
+from recycle_jax.merging import kernels, methods, spaces
+from recycle_jax.checkpoint_io import mergekit_config
+from recycle_jax.models import transformer
+from recycle_jax.runtime.errors import UserError, check
+from recycle_jax.merge_job import FORMATS, Loaded, load_base, load_pool, model_config_from, nonfinite_members, save_merge
 
 PyTree = Any
 
@@ -48,7 +58,7 @@ class Experiment:
 
 def check_workdir(workdir: str, resume: bool, overwrite: bool, inputs: Sequence[str]) -> None:
   for src in inputs:
-    check(not checkpoints._inside(workdir, src) and not checkpoints._inside(src, workdir),
+    check(not outputs.inside(workdir, src) and not outputs.inside(src, workdir),
           f"workdir {workdir} overlaps input checkpoint {src}", "--workdir",
           "choose a workdir outside the pool")
   if os.path.isdir(workdir) and os.listdir(workdir) and not (resume or overwrite):
@@ -60,7 +70,7 @@ def check_workdir(workdir: str, resume: bool, overwrite: bool, inputs: Sequence[
 
 def _write_config(workdir: str) -> None:
   if jax.process_index() == 0:
-    checkpoints.atomic_write_text(os.path.join(workdir, "config.gin"),
+    outputs.write_text(os.path.join(workdir, "config.gin"),
                                   gin.operative_config_str())
 
 
@@ -72,6 +82,7 @@ def run_search(workdir: str, resume: bool = False, overwrite: bool = False,
   with seeds seed..seed+K-1, each run in workdir/seed_k, sharing the loaded pool, the
   scorers' caches and the run's compiled programs; workdir then holds seed 0's results
   plus the mean and 95% CI over the seeds."""
+  builtin.register()
   # Configuration: gin builds the run's objects, once.
   exp = configured_experiment(merged_format)
   scfg, sweep = configurables.SearchConfig(), configurables.SweepConfig()
@@ -104,7 +115,7 @@ def run_search(workdir: str, resume: bool = False, overwrite: bool = False,
             for k, (wd, cfg) in enumerate(seeds)]
     results = runs[0]
     if num_seeds > 1:
-      results = reporting.with_seeds(runs[0], runs, [os.path.basename(wd) for wd, _ in seeds])
+      results = records.with_seeds(runs[0], runs, [os.path.basename(wd) for wd, _ in seeds])
       write_results(workdir, results, runs)
   return results
 
@@ -126,30 +137,29 @@ def configured_experiment(merged_format: str | None = None) -> Experiment:
 class Inputs:
   """A run's inputs, checked from metadata: the pool, its metadata, the tasks' splits
   (on the host) and their vocabulary (the pool's)."""
-  pool: checkpoints.Pool
-  meta: checkpoints.CheckpointMeta
+  pool: pool_manifest.Pool
+  meta: checkpoint_meta.CheckpointMeta
   dev: tuple
   test: tuple
   vocab: Any
 
 
-def check_inputs(exp: Experiment, scfg: search.SearchConfig, workdir: str, resume: bool,
+def check_inputs(exp: Experiment, scfg: loop.SearchConfig, workdir: str, resume: bool,
                  overwrite: bool, num_seeds: int) -> Inputs:
   """Cheap checks first: metadata of every checkpoint, every task and split, the config."""
-  pool = checkpoints.load_pool(exp.pool)
+  pool = pool_manifest.load_pool(exp.pool)
   check(len(exp.tasks) > 0, "no tasks to search on", "Experiment.tasks",
         "bind Experiment.tasks to a list of seqio task names")
   check_workdir(workdir, resume, overwrite, pool.paths)
   meta = checkpoints.validate_pool(pool)
   model_config_from(meta, pool.entries[0].path)  # evaluation needs a model family
-  from recycle_jax import vocabularies  # seqio and TensorFlow: evaluation only
+  from recycle_jax.evaluation import vocabularies  # seqio and TensorFlow: evaluation only
   vocab = vocabularies.for_evaluation(meta.tokenizer, (meta.model_config or {}).get(
       "vocab_size"), pool.source)  # every task is tokenized with the pool's tokenizer
-  dev = evaluation.load_split(exp.tasks, "dev", exp.max_examples, vocab)
+  dev = task_splits.load_split(exp.tasks, "dev", exp.max_examples, vocab)
   test_tasks = tuple(exp.tasks) + tuple(t for t in exp.report_tasks if t not in exp.tasks)
-  test = evaluation.load_split(test_tasks, "test", exp.max_examples, vocab)
-  check(scfg.strategy in search.STRATEGIES, f"unknown search strategy {scfg.strategy!r}",
-        "SearchConfig.strategy", f"choose from {list(search.STRATEGIES)}")
+  test = task_splits.load_split(test_tasks, "test", exp.max_examples, vocab)
+  strategies.get(scfg.strategy)  # an unknown name is refused before anything runs
   check(num_seeds >= 1, f"num_seeds={num_seeds}", "--num_seeds", "pass 1 or more")
   method, _ = spaces.parse_space(scfg.merge_space)
   check(exp.base is not None or not methods.get(method).needs_base,
@@ -162,8 +172,8 @@ def check_inputs(exp: Experiment, scfg: search.SearchConfig, workdir: str, resum
 def _check_saved(seeds, space: spaces.MergeSpace, dev) -> None:
   """Every seed's saved state, read whole, before the workdir changes."""
   for wd, cfg in seeds:
-    search.check_saved_state(os.path.join(wd, search.STATE_DIR),
-                             search.signature(cfg, space, dev))
+    loop.check_saved_state(os.path.join(wd, loop.STATE_DIR),
+                             loop.signature(cfg, space, dev))
 
 
 @dataclasses.dataclass
@@ -182,7 +192,7 @@ class Run:
   scorer: population.CachedScorer | None = None  # linear merges of the pool, P at a time
   single_dev: np.ndarray | None = None  # [N, T]
   single_test: np.ndarray | None = None  # [N, T + R]
-  baselines: dict[str, reporting.MethodResult] = dataclasses.field(default_factory=dict)
+  baselines: dict[str, records.MethodResult] = dataclasses.field(default_factory=dict)
   seed_weights: np.ndarray | None = None  # [S, N]: the linear merges seeding every search
 
   @property
@@ -193,10 +203,10 @@ class Run:
 def place(exp: Experiment, inputs: Inputs) -> Run:
   """The pool restored onto the mesh (its top N when asked), the splits placed, the base."""
   loaded = load_pool(exp.pool)
-  dev, test = evaluation.place(inputs.dev, loaded.mesh), evaluation.place(inputs.test,
+  dev, test = task_data.place(inputs.dev, loaded.mesh), task_data.place(inputs.test,
                                                                          loaded.mesh)
   base = load_base(exp.base, loaded) if exp.base else None
-  score = configurables.make_scorer(models.Decoder(loaded.model_cfg))
+  score = configurables.make_scorer(transformer.Decoder(loaded.model_cfg))
   if exp.top_n:
     loaded = top_n_subset(loaded, score, dev, exp.top_n)
   programs = population.Programs(score, loaded.params, base, loaded.mesh,
@@ -224,14 +234,14 @@ def score_baselines(run: Run, method_baselines: dict) -> None:
   lin = baselines.baseline_weights(run.single_dev)
   how = {}
   if run.exp.greedy_soup:
-    lin["greedy_soup"], soup = merging.greedy_soup(
+    lin["greedy_soup"], soup = kernels.greedy_soup(
         lambda a: np.mean(run.scorer(a[None], run.dev, "dev")[0]), run.single_dev.mean(-1))
     how["greedy_soup"] = {"method": "greedy_soup",
                           "ingredients": [run.loaded.pool.names[i] for i in soup]}
   names = list(lin)
   w = np.stack([lin[m] for m in names])
   dev, test = run.scorer(w, run.dev, "dev"), run.scorer(w, run.test, "test")
-  run.baselines = {m: reporting.MethodResult(w[i], dev[i], test[i], how.get(m))
+  run.baselines = {m: records.MethodResult(w[i], dev[i], test[i], how.get(m))
                    for i, m in enumerate(names)}
   run.seed_weights = np.concatenate([np.eye(run.n, dtype=np.float32)] +
                                     [lin[m][None] for m in names if m != "best_single"])
@@ -240,20 +250,20 @@ def score_baselines(run: Run, method_baselines: dict) -> None:
     trees = [merge(p, space.operands(run.loaded.params, run.base)) for p in points]
     devs = run.programs.score_trees(trees, run.dev)
     i = int(np.argmax(np.nan_to_num(devs.mean(-1), nan=-np.inf)))  # lam chosen on dev
-    run.baselines[m] = reporting.MethodResult(
+    run.baselines[m] = records.MethodResult(
         space.checkpoint_weights(points[i]), devs[i],
         run.programs.score_trees([trees[i]], run.test)[0], space.describe(points[i]))
 
 
-def search_once(run: Run, scfg: search.SearchConfig, space: spaces.MergeSpace,
+def search_once(run: Run, scfg: loop.SearchConfig, space: spaces.MergeSpace,
                 scorer: population.CachedScorer, workdir: str, resume: bool, progress: bool,
                 sweep: pareto.SweepConfig) -> dict:
   """One search and its Pareto sweep, from seeds that enter each archive once (the linear
   baselines as points of the space, scored once); their record written to workdir."""
   os.makedirs(workdir, exist_ok=True)
   points = space.lift(run.seed_weights)
-  seeds = search.Seeds.of(space, points, scorer(points, run.dev, "dev"),
-                          spaces.get_parametrization(scfg.parametrization))
+  seeds = loop.Seeds.of(space, points, scorer(points, run.dev, "dev"),
+                          spaces.get(scfg.parametrization))
   start = time.perf_counter()
   archive = run_one(run, scfg, space, scorer, seeds, workdir, resume, progress)
   wall = time.perf_counter() - start  # the search alone (its first generation compiles)
@@ -262,10 +272,10 @@ def search_once(run: Run, scfg: search.SearchConfig, space: spaces.MergeSpace,
       resume, progress)) for i, c in enumerate(pareto.sweep_configs(scfg, sweep, len(run.dev)))]
   best = archive.best()
   w = np.asarray(archive.points[best])
-  found = reporting.MethodResult(space.checkpoint_weights(w), archive.scores[best],
+  found = records.MethodResult(space.checkpoint_weights(w), archive.scores[best],
                                  scorer(w[None], run.test, "test")[0], space.describe(w))
   config = run_config(run, scfg, space, archive, wall, scorer.hits)
-  record = reporting.RunResult(
+  record = records.RunResult(
       list(run.exp.tasks), [d.name for d in run.test if d.name not in run.exp.tasks],
       run.loaded.pool.names, run.single_dev, run.single_test,
       {"search": found, **run.baselines}, archive, config, space, sweeps,
@@ -273,33 +283,33 @@ def search_once(run: Run, scfg: search.SearchConfig, space: spaces.MergeSpace,
   if run.exp.save_merged:  # the merge job's path
     save_merge(run.loaded, space, w, run.base, os.path.join(workdir, "merged"), "search",
                {"space": found.merge}, run.exp.merged_format, overwrite=True)
-  results = reporting.build_results(record)
+  results = records.build_results(record)
   write_results(workdir, results)
   return results
 
 
-def run_one(run: Run, cfg: search.SearchConfig, space: spaces.MergeSpace,
-            scorer: population.CachedScorer, seeds: search.Seeds, workdir: str, resume: bool,
-            progress: bool) -> search.Archive:
+def run_one(run: Run, cfg: loop.SearchConfig, space: spaces.MergeSpace,
+            scorer: population.CachedScorer, seeds: loop.Seeds, workdir: str, resume: bool,
+            progress: bool) -> loop.Archive:
   """One search of `space` from `seeds`, on the full dev splits or (adaptive fidelity) on
   a fixed random subset of each first."""
-  srch = search.Search(cfg, run.n, scorer.population_fn, space,
+  srch = loop.Search(cfg, run.n, scorer.population_fn, space,
                        programs=run.programs.generations)
   subset = None
   # A fixed random subset of each dev split, the same for every search seed: its packed
   # shapes are then too, so seeds share one compiled program (a subset per seed cost a
   # 25 s compile each, 6x the search: 30 vs 5 s per search on code-instruct).
   if cfg.adaptive:
-    subset = evaluation.place(tuple(
-        evaluation.subset(d, cfg.fidelity_subset, 0)
-        for d in evaluation.load_split([d.name for d in run.dev], "dev",
+    subset = task_data.place(tuple(
+        task_data.subset(d, cfg.fidelity_subset, 0)
+        for d in task_splits.load_split([d.name for d in run.dev], "dev",
                                        run.exp.max_examples, run.vocab)), run.loaded.mesh)
-  return search.run(srch, scorer.pool, run.dev, workdir, resume=resume, progress=progress,
+  return loop.run(srch, scorer.pool, run.dev, workdir, resume=resume, progress=progress,
                     seeds=seeds, subset=subset)
 
 
-def run_config(run: Run, scfg: search.SearchConfig, space: spaces.MergeSpace,
-               archive: search.Archive, wall: float, hits: int) -> dict:
+def run_config(run: Run, scfg: loop.SearchConfig, space: spaces.MergeSpace,
+               archive: loop.Archive, wall: float, hits: int) -> dict:
   """results.json's `config`: the search's, and how it ran."""
   return {"search": dataclasses.asdict(scfg), "population_size": scfg.pop_size(space.dim),
           "sigma_init": scfg.sigma(), "dev_examples_evaluated": archive.dev_examples(),
@@ -312,7 +322,7 @@ def run_config(run: Run, scfg: search.SearchConfig, space: spaces.MergeSpace,
 
 def write_results(workdir: str, results: dict, runs: Sequence[dict] = ()) -> None:
   if jax.process_index() == 0:  # one writer
-    reporting.write_run(workdir, results, runs)
+    records.write_run(workdir, results, runs)
 
 
 def top_n_subset(loaded: Loaded, score, dev, top_n: int) -> Loaded:
@@ -320,7 +330,7 @@ def top_n_subset(loaded: Loaded, score, dev, top_n: int) -> Loaded:
   check(1 <= top_n <= len(loaded.pool), f"top_n={top_n} but the pool has {len(loaded.pool)}",
         "Experiment.top_n", f"choose 1..{len(loaded.pool)}")
   fit = jax.jit(score)
-  fitness = [float(np.mean(evaluation.evaluate(fit, p, dev))) for p in loaded.params]
+  fitness = [float(np.mean(scorers.evaluate(fit, p, dev))) for p in loaded.params]
   keep = sorted(np.argsort(-np.asarray(fitness), kind="stable")[:top_n])
-  pool = checkpoints.make_pool([loaded.pool.entries[i] for i in keep], loaded.pool.source)
+  pool = pool_manifest.make_pool([loaded.pool.entries[i] for i in keep], loaded.pool.source)
   return dataclasses.replace(loaded, pool=pool, params=tuple(loaded.params[i] for i in keep))

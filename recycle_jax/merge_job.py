@@ -14,11 +14,19 @@ from typing import TYPE_CHECKING, Any, Sequence
 import jax
 import numpy as np
 
-from recycle_jax import checkpoints, merging, methods, partitioning, spaces, validation
-from recycle_jax.errors import UserError, check
+from recycle_jax.checkpoint_io import pool_manifest
+from recycle_jax.checkpoint_io import checkpoint_meta
+from recycle_jax.checkpoint_io import checkpoints
+from recycle_jax.runtime import outputs
+from recycle_jax.evaluation import task_data
+from recycle_jax.evaluation import task_splits
+from recycle_jax.merging import kernels, methods, spaces
+from recycle_jax.models import partitioning
+from recycle_jax.runtime import validation
+from recycle_jax.runtime.errors import UserError, check
 
 if TYPE_CHECKING:
-  from recycle_jax import models
+  from recycle_jax.models import transformer
 
 PyTree = Any
 FORMATS = ("orbax", "hf")  # how a merge is written: Orbax checkpoint, Hugging Face folder
@@ -27,9 +35,9 @@ FORMATS = ("orbax", "hf")  # how a merge is written: Orbax checkpoint, Hugging F
 @dataclasses.dataclass
 class Loaded:
   """A validated pool restored onto the mesh, with the model that reads it."""
-  pool: checkpoints.Pool
+  pool: pool_manifest.Pool
   params: tuple  # N parameter trees, sharded by the partitioning rules
-  model_cfg: models.ModelConfig
+  model_cfg: transformer.ModelConfig
   mesh: Any
   tokenizer: Any = None  # the pool's tokenizer_files.Tokenizer; kept in merges
   source_config: dict | None = None  # the pool's Hugging Face config.json, if it has one
@@ -40,20 +48,20 @@ class Loaded:
     return partitioning.shardings_of(self.params[0])
 
 
-def model_config_from(meta: checkpoints.CheckpointMeta, where: str) -> models.ModelConfig:
-  from recycle_jax import models  # noqa: PLC0415 (flax: only where a model is read)
+def model_config_from(meta: checkpoint_meta.CheckpointMeta, where: str) -> transformer.ModelConfig:
+  from recycle_jax.models import transformer  # noqa: PLC0415 (flax: only where a model is read)
   cfg = meta.model_config
   check(cfg is not None, "checkpoint has no model family (no recycle_jax model config in "
         "its metadata): it can be merged, not evaluated", where,
         "evaluate checkpoints converted by `recycle-jax convert` or written by recycle_jax")
-  return validation.build(models.ModelConfig, cfg, where, "re-write this checkpoint")
+  return validation.build(transformer.ModelConfig, cfg, where, "re-write this checkpoint")
 
 
 def load_pool(pool_spec, need_model: bool = True) -> Loaded:
   """The pool restored onto the mesh. Without `need_model`, any trees of arrays (MaxText,
   t5x, ...) load, with `model_cfg` None when they record no model: merging needs none."""
   from recycle_jax import configurables  # noqa: PLC0415 (the gin edge: make_mesh, ...)
-  pool = checkpoints.load_pool(pool_spec)
+  pool = pool_manifest.load_pool(pool_spec)
   meta = checkpoints.validate_pool(pool)  # metadata only: no array read yet
   cfg = (model_config_from(meta, pool.entries[0].path)
          if need_model or meta.model_config is not None else None)
@@ -61,19 +69,19 @@ def load_pool(pool_spec, need_model: bool = True) -> Loaded:
   shardings = configurables.param_shardings(meta.abstract, mesh)
   abstract = partitioning.with_shardings(meta.abstract, shardings)
   return Loaded(pool, checkpoints.restore_pool(pool, abstract), cfg, mesh, meta.tokenizer,
-                meta.custom.get(checkpoints.META_KEY, {}).get("hf_config"))
+                meta.custom.get(checkpoint_meta.META_KEY, {}).get("hf_config"))
 
 
 def nonfinite_members(loaded: Loaded) -> list[str]:
   """Names of pool members holding NaN/Inf (looked for once a merge came out non-finite)."""
-  finite = jax.jit(merging.all_finite)
+  finite = jax.jit(kernels.all_finite)
   return [n for n, p in zip(loaded.pool.names, loaded.params) if not bool(finite(p))]
 
 
 def load_base(path: str, loaded: Loaded) -> PyTree:
   """The base checkpoint, checked against the pool from metadata, placed like the pool."""
-  entry = checkpoints.Entry("<base>", os.path.abspath(path))
-  checkpoints.validate_pool(checkpoints.make_pool([entry, *loaded.pool.entries], path))
+  entry = pool_manifest.Entry("<base>", os.path.abspath(path))
+  checkpoints.validate_pool(pool_manifest.make_pool([entry, *loaded.pool.entries], path))
   abstract = partitioning.with_shardings(loaded.params[0], loaded.shardings)
   return checkpoints.restore(entry.path, abstract, "base")
 
@@ -109,8 +117,8 @@ def save_merged(path: str, loaded: Loaded, params: PyTree, custom: dict, fmt: st
   """The merge as an Orbax checkpoint or (fmt 'hf') a Hugging Face folder, the pool's
   tokenizer kept with it either way."""
   if fmt == "hf":
-    from recycle_jax import hf_io  # noqa: PLC0415
-    hf_io.save_folder(path, loaded.model_cfg, params, loaded.source_config,
+    from recycle_jax.checkpoint_io import hf_folder  # noqa: PLC0415
+    hf_folder.save_folder(path, loaded.model_cfg, params, loaded.source_config,
                       loaded.tokenizer, overwrite)
   else:
     checkpoints.save(path, params, custom, overwrite=overwrite, tokenizer=loaded.tokenizer)
@@ -120,7 +128,7 @@ def save_merged(path: str, loaded: Loaded, params: PyTree, custom: dict, fmt: st
 
 def merge_choices() -> tuple[str, ...]:
   """--method's choices, from the registry: 'layerwise' and the soup beside the methods."""
-  return (("linear", "layerwise") + tuple(m for m in methods.METHODS if m != "linear") +
+  return (("linear", "layerwise") + tuple(m for m in methods.REGISTRY if m != "linear") +
           ("greedy_soup",))
 
 
@@ -147,8 +155,8 @@ class MergeRequest:
 
 @dataclasses.dataclass(frozen=True)
 class _Checked:
-  pool: checkpoints.Pool
-  meta: checkpoints.CheckpointMeta
+  pool: pool_manifest.Pool
+  meta: checkpoint_meta.CheckpointMeta
   spec: methods.MergeMethod
   hparams: dict  # every method's hyperparameter: given or its default
   alphas: np.ndarray  # [N] or [G * N], each row checked and normalized
@@ -177,11 +185,11 @@ def run_merge(req: MergeRequest) -> None:
 
 def check_request(req: MergeRequest) -> _Checked:
   """Every flag, in order, against the pool's and the base's metadata; the output's room."""
-  pool = checkpoints.load_pool(req.pool)
+  pool = pool_manifest.load_pool(req.pool)
   meta = checkpoints.validate_pool(pool)
   if req.base is not None:  # a base is checked whether the method uses it or not
-    checkpoints.validate_pool(checkpoints.make_pool(
-        [checkpoints.Entry("base", os.path.abspath(req.base)), *pool.entries], "--base"))
+    checkpoints.validate_pool(pool_manifest.make_pool(
+        [pool_manifest.Entry("base", os.path.abspath(req.base)), *pool.entries], "--base"))
   choices = merge_choices()
   check(req.method in choices + spaces.space_names(), f"unknown merge method "
         f"{req.method!r}", "--method", f"choose from {list(choices)}")
@@ -199,12 +207,12 @@ def check_request(req: MergeRequest) -> _Checked:
         "pass --tasks=rj_code,rj_math")
   check(not soup or req.weights is None, "greedy_soup chooses its own weights", "--weights",
         "drop --weights")
-  groups = merging.layer_groups(meta.abstract)[0] if layerwise else ()
+  groups = kernels.layer_groups(meta.abstract)[0] if layerwise else ()
   alphas = explicit_weights(req.weights, len(pool), groups, spec.negative_weights)
   nbytes = sum(x.size * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(meta.abstract))
   inputs = [p for p in (*pool.paths, pool.source if os.path.isfile(pool.source) else None,
                         req.base, *req.inputs) if p]
-  checkpoints.check_output(req.output, inputs, req.overwrite, nbytes=nbytes)
+  outputs.check_output(req.output, inputs, req.overwrite, nbytes=nbytes)
   return _Checked(pool, meta, spec, hparams, alphas)
 
 
@@ -213,7 +221,7 @@ def _hparams(req: MergeRequest, spec: methods.MergeMethod) -> dict:
   is refused, a given value checked against its bounds."""
   given = {h: v for h, v in req.hparams.items() if v is not None}
   for h in sorted(set(given) - {h.name for h in spec.hparams}):
-    takes = [m for m, s in methods.METHODS.items() if h in {x.name for x in s.hparams}]
+    takes = [m for m, s in methods.REGISTRY.items() if h in {x.name for x in s.hparams}]
     raise UserError(f"--method={req.method} takes no --{h}", f"--{h}",
                     f"drop it, or choose a method that takes it ({', '.join(takes)})")
   values = {h.name: given.get(h.name, h.default) for h in methods.hparams_by_name().values()}
@@ -234,7 +242,7 @@ def explicit_weights(weights: str | None, n: int, groups: Sequence[str],
   validation.check_weights(values, rows * n, "--weights", signed=allow_negative,
                            what=(f"{rows} layer groups of {n} checkpoints "
                                  f"({', '.join(groups)})" if groups else ""))
-  return np.concatenate([merging.check_explicit_weights(
+  return np.concatenate([kernels.check_explicit_weights(
       values[r * n:(r + 1) * n], n, allow_negative=allow_negative) for r in range(rows)])
 
 
@@ -246,13 +254,13 @@ def _stream(req: MergeRequest, c: _Checked) -> None:
     check(all(folders) and req.fmt == "hf", "--streaming merges Hugging Face folders "
           "into a Hugging Face folder only", "--format",
           "pass --format=hf, or drop --streaming (the in-memory merge writes either)")
-    from recycle_jax import hf_io  # noqa: PLC0415
-    hf_io.stream_merge(c.pool, c.alphas, req.output, req.overwrite, c.meta.tokenizer,
+    from recycle_jax.checkpoint_io import hf_folder  # noqa: PLC0415
+    hf_folder.stream_merge(c.pool, c.alphas, req.output, req.overwrite, c.meta.tokenizer,
                        req.memory_budget_mb, fsync=req.fsync)
     return
   check(req.fmt == "orbax", "--streaming writes Orbax checkpoints from Orbax pools",
         "--format", "drop --streaming to write a Hugging Face folder")
-  from recycle_jax import streaming  # noqa: PLC0415
+  from recycle_jax.merging import streaming  # noqa: PLC0415
   streaming.merge_to_disk(c.pool, c.meta, c.alphas, req.output,
                           memory_budget_mb=req.memory_budget_mb, overwrite=req.overwrite,
                           fsync=req.fsync, progress=req.progress)
@@ -260,18 +268,20 @@ def _stream(req: MergeRequest, c: _Checked) -> None:
 
 def greedy_soup(loaded: Loaded, req: MergeRequest) -> tuple[np.ndarray, dict]:
   """Greedy soup on the dev split of the request's tasks: (alphas [N], its ingredients)."""
-  from recycle_jax import (configurables, evaluation, models, population,  # noqa: PLC0415
-                           vocabularies)
+  from recycle_jax import configurables
+  from recycle_jax.models import transformer
+  from recycle_jax.search import population
+  from recycle_jax.evaluation import vocabularies
   names = [t for t in req.tasks.split(",") if t]
   vocab = vocabularies.for_evaluation(loaded.tokenizer, loaded.model_cfg.vocab_size,
                                      req.pool)
-  dev = evaluation.place(evaluation.load_split(names, "dev", req.max_examples, vocab),
+  dev = task_data.place(task_splits.load_split(names, "dev", req.max_examples, vocab),
                          loaded.mesh)
-  score = configurables.make_scorer(models.Decoder(loaded.model_cfg))
+  score = configurables.make_scorer(transformer.Decoder(loaded.model_cfg))
   scorer = population.CachedScorer(  # one candidate at a time: greedy soups are sequential
       population.jit_population(population.make_population_fn(score, "vmap"), loaded.params,
                                 loaded.mesh), loaded.params, 1)
   single = scorer(np.eye(len(loaded.params), dtype=np.float32), dev, "dev")
-  alphas, soup = merging.greedy_soup(lambda a: np.mean(scorer(a[None], dev, "dev")[0]),
+  alphas, soup = kernels.greedy_soup(lambda a: np.mean(scorer(a[None], dev, "dev")[0]),
                                      single.mean(-1))
   return alphas, {"ingredients": [loaded.pool.names[i] for i in soup], "tasks": names}

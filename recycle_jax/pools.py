@@ -26,9 +26,19 @@ import numpy as np
 from absl import logging
 from tqdm.auto import tqdm
 
-from recycle_jax import (checkpoints, evaluation, models, reporting, tasks, tokenizer_files,
-                         training, vocabularies)
-from recycle_jax.errors import check
+from recycle_jax.checkpoint_io import checkpoints
+from recycle_jax.checkpoint_io import pool_manifest
+from recycle_jax.runtime import outputs
+from recycle_jax.checkpoint_io import checkpoint_meta
+from recycle_jax.evaluation import task_splits
+from recycle_jax.evaluation import scorers
+from recycle_jax.reporting import records
+from recycle_jax.models import transformer, training
+from recycle_jax.tasks import embedded
+from recycle_jax.checkpoint_io import tokenizer_files
+from recycle_jax.evaluation import vocabularies
+from recycle_jax.runtime.errors import check
+from recycle_jax.tasks import builtin
 
 PyTree = Any
 
@@ -36,7 +46,7 @@ PyTree = Any
 # ----------------------------------------------------------------------------- data
 
 def _encode(text: str) -> list[int]:
-  return models.VOCAB.encode(text)
+  return transformer.VOCAB.encode(text)
 
 
 def sft_arrays(pairs: Sequence[tuple[str, str]], length: int) -> dict[str, np.ndarray]:
@@ -44,7 +54,7 @@ def sft_arrays(pairs: Sequence[tuple[str, str]], length: int) -> dict[str, np.nd
   toks = np.zeros((len(pairs), length), np.int32)
   mask = np.zeros((len(pairs), length), np.float32)
   for i, (p, t) in enumerate(pairs):
-    p, t = _encode(p), _encode(t) + [models.EOS_ID]
+    p, t = _encode(p), _encode(t) + [transformer.EOS_ID]
     seq = (p + t)[:length]
     toks[i, :len(seq)] = seq
     mask[i, len(p):len(seq)] = 1.0
@@ -54,12 +64,12 @@ def sft_arrays(pairs: Sequence[tuple[str, str]], length: int) -> dict[str, np.nd
 @gin.configurable
 def text_corpus(max_code_bytes: int = 400_000) -> np.ndarray:
   """Real code as one token stream: Python's standard library source."""
-  return np.asarray(_encode(tasks.stdlib_code(max_code_bytes)), np.int32)
+  return np.asarray(_encode(embedded.stdlib_code(max_code_bytes)), np.int32)
 
 
 def facts_corpus(repeats: int = 64, seed: int = 0) -> np.ndarray:
   """The world's facts as one token stream: `repeats` shuffled passes over every fact."""
-  facts, rng = tasks.fact_sentences(), np.random.default_rng(seed)
+  facts, rng = embedded.fact_sentences(), np.random.default_rng(seed)
   return np.asarray(_encode(" ".join(facts[i] for _ in range(repeats)
                                      for i in rng.permutation(len(facts)))), np.int32)
 
@@ -83,9 +93,9 @@ class Sampler:
     if name in STREAMS:
       check(self.objective == "sft", f"the {name!r} source supports only sft", name)
       return _stream(name)
-    check(name in tasks.HELD_IN, f"unknown training source {name!r}", "pool recipe mix",
-          f"use 'text', 'facts' or one of {tasks.HELD_IN} (held-out tasks are never trained on)")
-    rows = tasks.items(name)["train"]
+    check(name in embedded.HELD_IN, f"unknown training source {name!r}", "pool recipe mix",
+          f"use 'text', 'facts' or one of {embedded.HELD_IN} (held-out tasks are never trained on)")
+    rows = embedded.items(name)["train"]
     pairs = [(r["inputs"], r["targets"]) for r in rows]
     if self.objective == "sft":
       return sft_arrays(pairs, self.length)
@@ -163,21 +173,21 @@ def _fingerprint(obj) -> str:
 @gin.configurable
 def make_pool(workdir: str, recipes: Sequence[dict] = gin.REQUIRED,
               base_stages: Sequence[dict] = gin.REQUIRED,
-              model: models.ModelConfig | None = None, seq_len: int = 96,
+              model: transformer.ModelConfig | None = None, seq_len: int = 96,
               batch_size: int = 32, seed: int = 0, eval_tasks: Sequence[str] | None = None,
               max_eval_examples: int | None = None, progress: bool = True) -> str:
   """Builds (or reuses) the pool; returns the manifest path `workdir/pool.json`."""
-  model = model or models.ModelConfig()
-  eval_tasks = tuple(eval_tasks or tasks.HELD_IN + tasks.HELD_OUT)
+  model = model or transformer.ModelConfig()
+  eval_tasks = tuple(eval_tasks or embedded.HELD_IN + embedded.HELD_OUT)
   for t in eval_tasks:
-    evaluation.get_task(t)
+    task_splits.get_task(t)
   names = [r["name"] for r in recipes]
   check(len(set(names)) == len(names), "duplicate recipe names", "make_pool.recipes")
   spec = {"model": model.to_dict(), "seq_len": seq_len, "batch": batch_size, "seed": seed,
           "base": list(base_stages)}
   manifest = os.path.join(workdir, "pool.json")
   os.makedirs(workdir, exist_ok=True)
-  apply = models.Decoder(model).apply
+  apply = transformer.Decoder(model).apply
   custom = lambda extra: {"model": model.to_dict(), **extra,
                           "vocabulary": tokenizer_files.BYTE.describe()}
 
@@ -187,7 +197,7 @@ def make_pool(workdir: str, recipes: Sequence[dict] = gin.REQUIRED,
   params = _cached(base_dir, base_fp)
   built = params is None
   if params is None:
-    params = models.init_params(model, jax.random.key(seed))
+    params = transformer.init_params(model, jax.random.key(seed))
     params = train_recipe(apply, params, base_stages, seq_len, batch_size, seed, "base")
     checkpoints.save(base_dir, params, custom({"fingerprint": base_fp, "recipe": "base"}),
                      overwrite=True)
@@ -203,18 +213,18 @@ def make_pool(workdir: str, recipes: Sequence[dict] = gin.REQUIRED,
                             seed + 17 * (i + 1), recipe["name"])
       checkpoints.save(path, params, custom({"fingerprint": fp, "recipe": recipe}),
                        overwrite=True)
-    entries.append(checkpoints.Entry(recipe["name"], path, {"recipe": recipe}))
+    entries.append(pool_manifest.Entry(recipe["name"], path, {"recipe": recipe}))
   train_s = time.time() - t0
 
-  pool = checkpoints.make_pool(entries, manifest)
+  pool = pool_manifest.make_pool(entries, manifest)
   old = _old_scores(manifest, eval_tasks, max_eval_examples)
   scores = {e.name: old[e.name] for e in entries if e.name in old}
   if len(scores) < len(entries):
     built = True
     scores = score_pool(pool, eval_tasks, max_eval_examples)
-  entries = [checkpoints.Entry(e.name, e.path, {**e.info, "scores": scores[e.name]})
+  entries = [pool_manifest.Entry(e.name, e.path, {**e.info, "scores": scores[e.name]})
              for e in entries]
-  checkpoints.write_manifest(manifest, checkpoints.make_pool(entries, manifest))
+  pool_manifest.write_manifest(manifest, pool_manifest.make_pool(entries, manifest))
   timing = {"train_seconds": round(train_s, 1), "total_seconds": round(time.time() - t0, 1),
             "built_on": build_environment()}
   timing = write_pool_meta(workdir, eval_tasks, max_eval_examples, timing, built)
@@ -260,14 +270,14 @@ def build_environment() -> dict:
 
 
 def write_pool_report(workdir: str, entries, eval_tasks: Sequence[str], timing=None) -> None:
-  held_in = [t for t in eval_tasks if t not in tasks.HELD_OUT]
-  held_out = [t for t in eval_tasks if t in tasks.HELD_OUT]
+  held_in = [t for t in eval_tasks if t not in embedded.HELD_OUT]
+  held_out = [t for t in eval_tasks if t in embedded.HELD_OUT]
   cols = held_in + held_out
   grid = lambda split: np.array([[e.info["scores"][split][t] for t in cols] for e in entries])
-  text = reporting.pool_report_markdown([e.name for e in entries], held_in, held_out,
+  text = records.pool_report_markdown([e.name for e in entries], held_in, held_out,
                                         grid("dev"), grid("test"),
                                         [e.info["recipe"] for e in entries], timing)
-  checkpoints.atomic_write_text(os.path.join(workdir, "pool_report.md"), text)
+  outputs.write_text(os.path.join(workdir, "pool_report.md"), text)
 
 
 def _cached(path: str, fingerprint: str, restore: bool = True):
@@ -278,7 +288,7 @@ def _cached(path: str, fingerprint: str, restore: bool = True):
     meta = checkpoints.read_metadata(path)
   except Exception:
     return None
-  if meta.custom.get(checkpoints.META_KEY, {}).get("fingerprint") != fingerprint:
+  if meta.custom.get(checkpoint_meta.META_KEY, {}).get("fingerprint") != fingerprint:
     return None
   return checkpoints.restore(path, meta.abstract) if restore else True
 
@@ -291,24 +301,25 @@ def _old_scores(manifest: str, eval_tasks, max_eval_examples) -> dict:
   if meta.get("eval_tasks") != list(eval_tasks) or \
       meta.get("max_eval_examples") != max_eval_examples:
     return {}
-  return {e.name: e.info["scores"] for e in checkpoints.read_manifest(manifest).entries
+  return {e.name: e.info["scores"] for e in pool_manifest.read_manifest(manifest).entries
           if "scores" in e.info}
 
 
-def score_pool(pool: checkpoints.Pool, eval_tasks: Sequence[str],
+def score_pool(pool: pool_manifest.Pool, eval_tasks: Sequence[str],
                max_examples: int | None = None) -> dict[str, dict]:
   """{name: {"dev": {task: s}, "test": {task: s}}} for every checkpoint."""
+  builtin.register()
   meta = checkpoints.validate_pool(pool)
-  cfg = models.ModelConfig(**meta.model_config)
+  cfg = transformer.ModelConfig(**meta.model_config)
   from recycle_jax import configurables  # noqa: PLC0415 (make_scorer.* bindings)
-  score = jax.jit(configurables.make_scorer(models.Decoder(cfg)))
+  score = jax.jit(configurables.make_scorer(transformer.Decoder(cfg)))
   vocab = vocabularies.for_evaluation(meta.tokenizer, cfg.vocab_size, pool.source)
   out = {}
   for e in tqdm(pool.entries, desc="score pool", leave=False):
     params = checkpoints.restore(e.path, meta.abstract, e.name)
     out[e.name] = {}
     for split in ("dev", "test"):
-      datas = evaluation.load_split(eval_tasks, split, max_examples, vocab)
-      s = evaluation.evaluate(score, params, datas)
+      datas = task_splits.load_split(eval_tasks, split, max_examples, vocab)
+      s = scorers.evaluate(score, params, datas)
       out[e.name][split] = {t: round(float(v), 4) for t, v in zip(eval_tasks, s)}
   return out

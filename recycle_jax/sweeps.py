@@ -20,9 +20,9 @@ import subprocess
 import sys
 from typing import Any, Sequence
 
-from recycle_jax import baselines
-from recycle_jax.checkpoints import atomic_write_text
-from recycle_jax.errors import UserError, check
+from recycle_jax.search import baselines
+from recycle_jax.runtime.outputs import write_text as atomic_write_text
+from recycle_jax.runtime.errors import UserError, check
 
 Trial = dict[str, Any]  # gin binding name -> value
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

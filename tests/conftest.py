@@ -6,6 +6,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import pytest  # noqa: E402
 
+from recycle_jax.tasks import builtin  # noqa: E402
+
+builtin.register()  # what the entry points do before they read a task
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MICRO_GIN = os.path.join(ROOT, "gin_configs", "pools", "micro.gin")
 

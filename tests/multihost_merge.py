@@ -13,15 +13,18 @@ import numpy as np
 
 
 def merge(pool_path: str, weights, output: str, model_axis: int = 8) -> None:
-  from recycle_jax import checkpoints, merging, partitioning
-  pool = checkpoints.load_pool(pool_path)
+  from recycle_jax.checkpoint_io import pool_manifest
+  from recycle_jax.checkpoint_io import checkpoints
+  from recycle_jax.merging import kernels
+  from recycle_jax.models import partitioning
+  pool = pool_manifest.load_pool(pool_path)
   meta = checkpoints.validate_pool(pool)
   mesh = partitioning.make_mesh(model=model_axis)  # parameter dims sharded across hosts
   abstract = partitioning.with_shardings(
       meta.abstract, partitioning.param_shardings(meta.abstract, mesh))
   params = checkpoints.restore_pool(pool, abstract)
   alphas = np.asarray(weights, np.float32)
-  merged, finite = jax.jit(merging.linear_checked)(alphas, params)
+  merged, finite = jax.jit(kernels.linear_checked)(alphas, params)
   assert bool(finite)
   checkpoints.save(output, merged, {"model": meta.model_config,
                                     "merge": {"weights": alphas.tolist(), "pool": pool.names}})
@@ -35,13 +38,14 @@ def main(argv=None) -> None:
   p.add_argument("--search", default=None,
                  help="JSON list of `recycle-jax search` arguments, run after the merges")
   args = p.parse_args(argv)
-  from recycle_jax import multihost
+  from recycle_jax.runtime import multihost
   multihost.initialize()
   assert jax.process_count() > 1 and jax.device_count() == 8, jax.devices()
   weights = [float(w) for w in args.weights.split(",")]
   merge(args.pool, weights, args.output)
-  from recycle_jax import checkpoints, streaming  # process 0 writes, the others wait
-  pool = checkpoints.load_pool(args.pool)
+  from recycle_jax.checkpoint_io import checkpoints, pool_manifest
+  from recycle_jax.merging import streaming  # process 0 writes, the others wait
+  pool = pool_manifest.load_pool(args.pool)
   streaming.merge_to_disk(pool, checkpoints.validate_pool(pool), weights,
                           args.output + "_streaming", progress=False)
   if args.search:

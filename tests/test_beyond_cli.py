@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from conftest import search_args
-from recycle_jax import checkpoints, cli
+from recycle_jax.checkpoint_io import checkpoints
+from recycle_jax import cli
 
 pytestmark = pytest.mark.slow  # end-to-end CLI runs: `make test-slow` (CI)
 

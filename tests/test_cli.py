@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from conftest import search_args
-from recycle_jax import checkpoints, cli
+from recycle_jax.checkpoint_io import checkpoints
+from recycle_jax import cli
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import pytest
 
 import multihost_merge
 from conftest import search_args
-from recycle_jax import checkpoints
+from recycle_jax.checkpoint_io import checkpoints
 from tools import compare_checkpoints, local_multihost
 
 pytestmark = pytest.mark.slow  # `make test-slow` (CI); two processes cost ~2 min on 2 cores

@@ -10,8 +10,9 @@ import types
 import pytest
 
 from conftest import ROOT
-from recycle_jax import cli, metrics, sweeps
-from recycle_jax.errors import UserError
+from recycle_jax import cli, sweeps
+from recycle_jax.reporting import metrics
+from recycle_jax.runtime.errors import UserError
 
 SWEEP_PY = os.path.join(ROOT, "experiments", "sweep.py")
 XM_PY = os.path.join(ROOT, "experiments", "launch_xmanager.py")

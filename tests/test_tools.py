@@ -5,14 +5,15 @@ import sys
 
 import numpy as np
 
-from recycle_jax import checkpoints
+from recycle_jax.checkpoint_io import pool_manifest
+from recycle_jax.checkpoint_io import checkpoints
 from tools import compare_checkpoints, local_multihost
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _paths(micro_pool):
-  return [e.path for e in checkpoints.load_pool(micro_pool).entries]
+  return [e.path for e in pool_manifest.load_pool(micro_pool).entries]
 
 
 def test_compare_checkpoints_exit_status_and_differences(micro_pool, capsys):

@@ -20,7 +20,7 @@ def compare(a: dict, b: dict, atol: float = 0.0, rtol: float = 0.0) -> list[str]
   """Lines describing every difference beyond tolerance (empty when the trees agree)."""
   import jax
   import numpy as np
-  from recycle_jax.partitioning import path_str
+  from recycle_jax.models.partitioning import path_str
   fa = {path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(a)[0]}
   fb = {path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(b)[0]}
   out = [f"{k}: only in the {'first' if k in fa else 'second'}" for k in sorted(set(fa) ^ set(fb))]
@@ -47,8 +47,8 @@ def main(argv=None) -> int:
   p.add_argument("--atol", type=float, default=0.0)
   p.add_argument("--rtol", type=float, default=0.0)
   args = p.parse_args(argv)
-  from recycle_jax import checkpoints
-  from recycle_jax.errors import UserError
+  from recycle_jax.checkpoint_io import checkpoints
+  from recycle_jax.runtime.errors import UserError
   try:
     a, _ = checkpoints.restore_local(args.a)
     b, _ = checkpoints.restore_local(args.b)

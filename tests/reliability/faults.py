@@ -63,7 +63,9 @@ class World:
 @functools.lru_cache(None)
 def world() -> World:
   import jax
-  from recycle_jax import cli, hf_io, models
+  from recycle_jax import cli
+  from recycle_jax.checkpoint_io import hf_folder
+  from recycle_jax.models import transformer
   import hf_fixtures
   from reliability_util import CFG, write_checkpoint, write_manifest
   keep = os.environ.get("RJ_FAULT_WORLD")  # a directory to reuse between runs (debugging)
@@ -78,9 +80,9 @@ def world() -> World:
   paths = {n: write_checkpoint(os.path.join(pool_dir, n), seed=i) for i, n in enumerate("abc")}
   pool = write_manifest(os.path.join(pool_dir, "pool.json"), paths)
   hf = os.path.join(root, "hf")
-  params = jax.tree.map(np.asarray, models.init_params(CFG, jax.random.key(0)))
-  hf_io.save_folder(hf, CFG, params)
-  gin_file = os.path.join(root, "search.gin")
+  params = jax.tree.map(np.asarray, transformer.init_params(CFG, jax.random.key(0)))
+  hf_folder.save_folder(hf, CFG, params)
+  gin_file = os.path.join(root, "loop.gin")
   with open(gin_file, "w") as f:
     f.write(f"Experiment.pool = {pool!r}\nExperiment.tasks = [{TASK!r}]\n"
             "Experiment.max_examples = 4\nExperiment.greedy_soup = False\n"
@@ -94,7 +96,7 @@ def world() -> World:
   folders = {}
   for i, n in enumerate("abc"):  # shards of a few KiB: an index and several files each
     folders[n] = os.path.join(hf_pool_dir, n)
-    hf_io.save_folder(folders[n], CFG, jax.tree.map(np.asarray, models.init_params(
+    hf_folder.save_folder(folders[n], CFG, jax.tree.map(np.asarray, transformer.init_params(
         CFG, jax.random.key(i))), shard_bytes=HF_SHARD_BYTES)
     for name in os.listdir(tok):
       shutil.copy(os.path.join(tok, name), folders[n])
@@ -253,7 +255,7 @@ def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentP
 
 
 def _numbers(flag: str, kind) -> list:
-  from recycle_jax import validation
+  from recycle_jax.runtime import validation
   vals = ["x", ""] + (["nan", "inf", "-inf", "1e999"] if kind is float else ["1.5"])
   bound = validation.BOUNDS.get(flag)
   if bound is not None:
@@ -355,7 +357,7 @@ def path_cases() -> list[Case]:
 def _wrong_values(hint) -> list[str]:
   """gin literals of another type than `hint` (two at most)."""
   import gin
-  from recycle_jax import validation
+  from recycle_jax.runtime import validation
   out = []
   for text in ("'x'", "3", "1.5", "True", "[1]", "None", "{'a': 1}"):
     value = gin.config.parse_value(text)
@@ -390,7 +392,7 @@ def _defaults(fn) -> set[str]:
 
 def gin_cases() -> list[Case]:
   import gin
-  from recycle_jax import validation
+  from recycle_jax.runtime import validation
   import_all()
   out = []
   for selector, configurable in sorted(gin.config._REGISTRY.items()):  # noqa: SLF001
@@ -532,7 +534,7 @@ def _raw_and_json(data: bytes, is_json: bool) -> dict[str, bytes | None]:
 
 
 def _restore(path: str):
-  from recycle_jax import checkpoints
+  from recycle_jax.checkpoint_io import checkpoints
   return checkpoints.restore_local(path)
 
 
@@ -572,7 +574,7 @@ def _used(root: str, rel: str, read: Callable[[str], object]) -> str:
 
 
 def file_cases() -> list[Case]:
-  from recycle_jax import search
+  from recycle_jax.search import loop
   w = world()
   out = []
 
@@ -694,7 +696,7 @@ def file_cases() -> list[Case]:
            "signature.json": "signature.json"}
   sig = json.load(open(os.path.join(state, "signature.json")))
   for label, rel in files.items():
-    used = _used(state, rel, lambda p: search.check_saved_state(p, sig))
+    used = _used(state, rel, lambda p: loop.check_saved_state(p, sig))
     if not used:
       continue
     data = open(os.path.join(state, rel), "rb").read()

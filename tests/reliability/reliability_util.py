@@ -17,15 +17,18 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from recycle_jax import checkpoints, cli, models
+from recycle_jax.checkpoint_io import checkpoints
+from recycle_jax.checkpoint_io import pool_manifest
+from recycle_jax import cli
+from recycle_jax.models import transformer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-CFG = models.ModelConfig(d_model=16, num_layers=1, num_heads=2, num_kv_heads=1, d_ff=32)
+CFG = transformer.ModelConfig(d_model=16, num_layers=1, num_heads=2, num_kv_heads=1, d_ff=32)
 TASKS = ["rj_knowledge", "rj_reasoning"]
 
 
 def write_checkpoint(path, seed=0, cfg=CFG, mutate=None) -> str:
-  params = models.init_params(cfg, jax.random.key(seed))
+  params = transformer.init_params(cfg, jax.random.key(seed))
   params = jax.tree.map(np.asarray, params)
   if mutate:
     params = mutate(params)
@@ -78,7 +81,7 @@ def _odd_checkpoints(base) -> dict:
   return {
       "nan": write_checkpoint(root / "nan", 7, mutate=_poison(np.nan)),
       "inf": write_checkpoint(root / "inf", 8, mutate=_poison(np.inf)),
-      "wide": write_checkpoint(root / "wide", 9, models.ModelConfig(
+      "wide": write_checkpoint(root / "wide", 9, transformer.ModelConfig(
           **{**CFG.to_dict(), "d_ff": 48})),
       "half": write_checkpoint(root / "half", 10, mutate=lambda p: jax.tree.map(
           lambda x: x.astype(np.float16), p)),
@@ -100,7 +103,7 @@ def pool_dir(pool_json: str) -> str:
 
 
 def pool_paths(pool_json: str) -> dict:
-  return {e.name: e.path for e in checkpoints.load_pool(pool_json).entries}
+  return {e.name: e.path for e in pool_manifest.load_pool(pool_json).entries}
 
 
 def tiny_search_args(pool: str, workdir, *extra, budget: int = 28) -> list[str]:

@@ -90,8 +90,9 @@ def test_reads_abandoned_by_a_failed_restore_are_not_logged(tiny_pool, tmp_path)
   import logging
 
   import orbax.checkpoint as ocp
-  from recycle_jax import checkpoints, quiet
-  from recycle_jax.errors import UserError
+  from recycle_jax.checkpoint_io import checkpoints
+  from recycle_jax.runtime import quiet
+  from recycle_jax.runtime.errors import UserError
   b = pool_paths(_damaged_copy(tiny_pool, tmp_path, "ocdbt.process_0/d", every=True))["b"]
   abstract = checkpoints.read_metadata(b).abstract
   try:
@@ -160,7 +161,7 @@ def test_nonfinite_checkpoint_is_named_and_nothing_is_written(kind, tiny_pool,
 def test_merge_finds_nonfinite_in_the_merge_pass_only(tiny_pool, odd_checkpoints, tmp_path,
                                                       out, monkeypatch):
   """No extra pass over the data: every checkpoint is read once, NaN or not."""
-  from recycle_jax import checkpoints, cli
+  from recycle_jax import cli
   reads = []
   real = checkpoints.restore
   monkeypatch.setattr(checkpoints, "restore",
@@ -278,7 +279,7 @@ def test_output_on_another_filesystem(extra, tiny_pool, tmp_path):
   """Inputs on one filesystem, the output on another (a rename across them fails with
   EXDEV): the temporary sibling is written in the output's own directory, so every rename
   stays on its filesystem; an earlier output there is replaced the same way."""
-  from recycle_jax import checkpoints, cli
+  from recycle_jax import cli
   from reliability_util import snapshot
   other = _other_filesystem(tmp_path) or pytest.skip("no second writable filesystem")
   try:

@@ -129,7 +129,7 @@ def test_generated_cases_cover_every_command_and_kind():
 
 def test_an_unexpected_failure_is_one_line_with_a_hint_and_verbose_adds_the_traceback(
     world, monkeypatch, capsys):
-  from recycle_jax import inspection
+  from recycle_jax.checkpoint_io import inspection
   monkeypatch.setattr(inspection, "pool_markdown",
                       lambda *a, **k: (_ for _ in ()).throw(RuntimeError("a bug")))
   assert cli.main(["inspect", world.pool]) == 1

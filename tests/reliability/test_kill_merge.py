@@ -7,7 +7,8 @@ import jax
 import numpy as np
 import pytest
 
-from recycle_jax import checkpoints, cli
+from recycle_jax.checkpoint_io import checkpoints
+from recycle_jax import cli
 from reliability_util import partials, pool_dir, pool_paths, snapshot, start_cli, wait_for
 from reliability_util import tiny_pool  # noqa: F401 fixture
 

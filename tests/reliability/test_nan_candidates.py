@@ -14,7 +14,8 @@ import logging
 
 import pytest
 
-from recycle_jax import cli, population
+from recycle_jax import cli
+from recycle_jax.search import population
 from reliability_util import tiny_search_args
 from reliability_util import tiny_pool  # noqa: F401 fixture
 

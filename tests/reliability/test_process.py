@@ -13,7 +13,8 @@ import sys
 
 import pytest
 
-from recycle_jax import cli, locking
+from recycle_jax import cli
+from recycle_jax.runtime import locking
 from reliability_util import (ROOT, cli_env, pool_dir, run_cli, snapshot, start_cli,
                               tiny_search_args, wait_for)
 from reliability_util import tiny_pool  # noqa: F401 fixture

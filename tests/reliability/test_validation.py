@@ -8,8 +8,9 @@ import gin
 import pytest
 
 import faults
-from recycle_jax import validation
-from recycle_jax.errors import UserError
+from recycle_jax import configurables
+from recycle_jax.runtime import validation
+from recycle_jax.runtime.errors import UserError
 from reliability_util import ROOT
 
 GIN_FILES = sorted(glob.glob(os.path.join(ROOT, "gin_configs", "**", "*.gin"), recursive=True))
@@ -21,7 +22,7 @@ def test_shipped_gin_configs_pass_the_binding_checks(path):
   gin.clear_config()
   try:
     gin.parse_config_file(path, skip_unknown=False)
-    validation.check_bindings()
+    configurables.check_bindings()
   finally:
     gin.clear_config()
 

@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from recycle_jax import waits
-from recycle_jax.errors import UserError
+from recycle_jax.runtime import waits
+from recycle_jax.runtime.errors import UserError
 
 
 @pytest.fixture
@@ -97,7 +97,7 @@ def test_a_barrier_another_process_never_reaches_ends_in_one_line(monkeypatch):
 def test_the_streaming_merges_own_blocking_calls_are_bounded(fifo):
   """fsync of the output tree, and a data file opened on the summing thread (mapped
   reads): a FIFO in their place blocks in open() as a hung filesystem would."""
-  from recycle_jax.streaming import pipeline
+  from recycle_jax.merging.streaming import pipeline
   with pytest.raises(UserError, match="an fsync of the merged checkpoint did not finish"):
     pipeline.fsync_tree(os.path.dirname(fifo))
   waits.stuck.clear()
@@ -113,7 +113,7 @@ def test_a_restore_that_hangs_ends_in_one_line(tmp_path, monkeypatch):
   """A pool member whose data file blocks (a FIFO in its place, as a hung network
   filesystem would): the Orbax restore ends at the bound, naming the checkpoint."""
   import shutil
-  from recycle_jax import checkpoints
+  from recycle_jax.checkpoint_io import checkpoints
   from reliability_util import write_checkpoint
   path = write_checkpoint(str(tmp_path / "ckpt"), seed=0)
   data = [os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs
@@ -141,7 +141,7 @@ def test_a_restore_that_hangs_ends_in_one_line(tmp_path, monkeypatch):
 
 def test_a_json_input_that_blocks_is_refused_within_the_bound(fifo):
   """Manifests, Hugging Face configs, tokenizer JSON, results: one strict reader, bounded."""
-  from recycle_jax import validation
+  from recycle_jax.runtime import validation
   t0 = time.monotonic()
   with pytest.raises(UserError, match="reading the pool manifest did not finish within 0.5 s"):
     validation.load_json(fifo, "pool manifest")

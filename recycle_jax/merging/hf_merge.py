@@ -1,0 +1,264 @@
+"""Merging Hugging Face folders by a mergekit config, tensor by tensor.
+
+Each tensor is read once from every input (positioned reads), merged by a jitted kernel in
+float32 (compiled once per shape and method options; the per-tensor numbers such as
+weights, densities, lambda or t, which gradients vary by layer, are arguments), cast to the
+output dtype and written once at its place in the sharded safetensors output. Every
+tensor's parameters are resolved, and every input checked, before anything is written; the
+output is a sibling `.partial-*` folder renamed into place when complete, with config.json
+(dtype updated), generation_config.json and the tokenizer files of the donor (the
+tokenizer source, else the base, else the first model), and the config as
+mergekit_config.yml, as mergekit writes them.
+
+Sparsification follows mergekit's rules here (exactly max(1, floor(density * size))
+entries kept, random drops rescaled to the L1 norm when `rescale`, a zero sign sum counted
+positive): see `task_vectors`. The random masks are JAX's (seeded), not torch's, so DARE
+and DELLA agree with mergekit in keep fraction and rescaling, not entry by entry.
+"""
+from __future__ import annotations
+
+import collections
+import functools
+import hashlib
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from recycle_jax.merging import geometric, kernels, task_vectors
+from recycle_jax.checkpoint_io import mergekit_config, safetensors_io, tokenizer_files
+from recycle_jax.runtime import validation
+from recycle_jax.runtime.errors import check
+
+# mergekit's generalized task arithmetic methods: (sparsification rule, sign consensus).
+GTA = {"task_arithmetic": (None, False), "ties": ("magnitude", True),
+       "dare_ties": ("random", True), "dare_linear": ("random", False),
+       "breadcrumbs": ("magnitude_outliers", False),
+       "breadcrumbs_ties": ("magnitude_outliers", True),
+       "della": ("della_magprune", True), "della_linear": ("della_magprune", False)}
+FLOATS = ("weight", "density", "gamma", "epsilon")  # per input, traced
+SHARED_FLOATS = ("lambda", "t")  # per tensor, traced (gradients vary them by layer)
+TAGALONG = ("generation_config.json",)
+DONOR_TOKENIZER = ("tokenizer_config.json", "special_tokens_map.json", "tokenizer.json",
+                   "tokenizer.model", "added_tokens.json", "merges.txt", "vocab.json",
+                   "chat_template.jinja", "chat_template.json")
+
+
+@functools.partial(jax.jit, static_argnames=("method", "base", "static", "out_dtype"))
+def merge_tensor(xs, per, shared, counts, key, *, method: str, base: int | None,
+                 static: tuple, out_dtype) -> jax.Array:
+  """One tensor of a mergekit merge.
+
+  xs: the inputs' tensors, in the plan's input order; per: {name: [N] float32} per input
+  (0 where a parameter does not apply); shared: {name: float32 scalar}; counts: [N, 2]
+  int32 exact trim counts; base: the base's position in xs or None; static: the method's
+  boolean and integer options as sorted (name, value) pairs.
+  """
+  opt = dict(static)
+  xs = [x.astype(jnp.float32) for x in xs]
+  nb = [i for i in range(len(xs)) if i != base]
+  b = None if base is None else xs[base]
+  w = per.get("weight")
+  if method == "linear":
+    out = sum(w[i] * x for i, x in enumerate(xs))
+    out = out / jnp.sum(w) if opt["normalize"] else out
+  elif method in GTA:
+    sparsify, consensus = GTA[method]
+    take = lambda v: v[jnp.asarray(nb)]
+    out = task_vectors.combine(
+        b, [xs[i] for i in nb], take(w), shared["lambda"], sparsify=sparsify,
+        density=take(per["density"]), consensus=consensus, normalize=opt["normalize"],
+        mergekit_rules=True, rescale=opt["rescale"], gamma=take(per["gamma"]),
+        epsilon=take(per["epsilon"]), key=key, counts=counts[jnp.asarray(nb)])
+  elif method == "slerp":
+    out = kernels.slerp_tensors(shared["t"], b, xs[nb[0]])
+  elif method == "nuslerp":
+    out = geometric.nuslerp_leaf(geometric.nuslerp_t(w[nb[0]], w[nb[1]]), xs[nb[0]],
+                                 xs[nb[1]], b, opt["nuslerp_row_wise"], opt["nuslerp_flatten"])
+  elif method == "multislerp":
+    out = geometric.multislerp_leaf([xs[i] for i in nb], w[jnp.asarray(nb)], b,
+                                    opt["normalize_weights"], opt["eps"])
+  elif method == "karcher":
+    out = geometric.karcher_leaf(xs, jnp.full(len(xs), 1.0 / len(xs)), opt["max_iter"],
+                                 opt["tol"])
+  elif method == "model_stock":
+    out = geometric.model_stock_leaf(b, [xs[i] for i in nb], None, opt["filter_wise"])
+  elif method == "passthrough":
+    out = xs[0] if opt["scale"] is None else xs[0] * opt["scale"]
+  else:
+    raise AssertionError(method)
+  return out.astype(out_dtype)
+
+
+def _donor(plan: mergekit_config.Plan) -> str:
+  return plan.base or plan.inputs[0]
+
+
+# config.json fields that fine-tunes of one model may change; every other field they share
+# must agree (a config that disagrees with its tensors is a damaged or foreign model).
+CONFIG_MAY_DIFFER = ("_name_or_path", "transformers_version", "torch_dtype", "dtype",
+                     "use_cache", "architectures", "generation_config")
+
+
+def _same_configs(plan: mergekit_config.Plan) -> None:
+  """Every input's config.json is a JSON object that agrees with the donor's (the output's
+  config is the donor's): a field both have, other than token ids and CONFIG_MAY_DIFFER,
+  has one value."""
+  donor = _donor(plan)
+  configs = {}
+  for m in plan.inputs:
+    path = os.path.join(m, "config.json")
+    doc = validation.load_json(path, "model config", "re-save the model's config.json")
+    check(isinstance(doc, dict), f"config.json is a {type(doc).__name__}, not an object",
+          path, "re-save the model's config.json")
+    for k in ("torch_dtype", "dtype"):
+      check(doc.get(k) is None or isinstance(doc[k], str), f"{k} is {doc.get(k)!r}, not a dtype "
+            "name", path, "re-save the model's config.json")
+    configs[m] = doc
+  ref = configs[donor]
+  for m, doc in configs.items():
+    diff = [k for k in sorted(set(doc) & set(ref)) if k not in CONFIG_MAY_DIFFER and
+            not k.endswith("_token_id") and doc[k] != ref[k]]
+    check(not diff, f"config.json differs from {donor}'s: " + ", ".join(
+        f"{k} {doc[k]!r:.40} vs {ref[k]!r:.40}" for k in diff[:3]), os.path.join(m, "config.json"),
+          "merge fine-tunes of one model (one architecture)")
+
+
+def _same_tokenizers(plan: mergekit_config.Plan) -> None:
+  """Embeddings are merged row by row: every input's tokenizer (tokenizer.json,
+  tokenizer.model) must be the same file (mergekit would permute embeddings into a joint
+  vocabulary; recycle_jax does not)."""
+  for m in plan.inputs:  # a damaged file is reported as such, not as a difference
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+      tokenizer_files.read_json_object(os.path.join(m, name))
+  digests = {m: _tokenizer_digest(m) for m in plan.inputs}
+  common = collections.Counter(d for d in digests.values() if d).most_common(1)
+  if not common:
+    return  # no model has tokenizer files: the output has none either
+  ref = next(m for m in plan.inputs if digests[m] == common[0][0])
+  for m, d in digests.items():
+    check(d is not None, f"model {m} has no tokenizer (tokenizer.json or tokenizer.model) "
+          f"while {ref} has one: its vocabulary cannot be checked", plan.path,
+          "give every model its tokenizer's files")
+    check(d == common[0][0], f"model {m}'s tokenizer differs from {ref}'s (its "
+          "tokenizer.json or tokenizer.model)", plan.path, "merge models that share one "
+          "tokenizer (vocabulary merging is not supported)")
+
+
+def _tokenizer_digest(folder: str) -> str | None:
+  """sha256 of a folder's tokenizer.json and tokenizer.model; None if it has neither."""
+  h, found = hashlib.sha256(), False
+  for name in ("tokenizer.json", "tokenizer.model"):
+    path = os.path.join(folder, name)
+    if os.path.isfile(path):
+      with open(path, "rb") as f:
+        h.update(name.encode() + f.read())
+      found = True
+  return h.hexdigest() if found else None
+
+
+def plan_tensors(plan: mergekit_config.Plan) -> tuple[dict, list[tuple]]:
+  """Checks the inputs (same tensors, shapes) and resolves every tensor's parameters.
+  Returns (the inputs' tensor infos, [(name, out dtype, shape, resolved)] in file order)."""
+  infos = {m: safetensors_io.folder_tensors(m) for m in plan.inputs}
+  ref = infos[_donor(plan)]
+  for m, t in infos.items():
+    missing, extra = sorted(set(ref) - set(t)), sorted(set(t) - set(ref))
+    check(not missing and not extra, f"model {m} has tensors {'missing' if missing else 'extra'}"
+          f" relative to {_donor(plan)}: {(missing or extra)[:3]}", plan.path,
+          "merge models of one architecture")
+    for name, info in t.items():
+      check(info.shape == ref[name].shape, f"tensor {name} has shape {info.shape} in {m}, "
+            f"{ref[name].shape} in {_donor(plan)}", plan.path, "merge models of one shape")
+  out = []
+  for name in sorted(ref, key=lambda n: (ref[n].file, ref[n].start)):
+    info = ref[name]
+    want = plan.out_dtype or plan.dtype
+    floating = jnp.issubdtype(info.dtype, jnp.floating)
+    dtype = jnp.dtype(want) if floating and want else info.dtype
+    shared, per = plan.resolve(name)
+    if plan.method.name in ("della", "della_linear"):
+      for m in plan.non_base:
+        p = per[m]
+        check(p["density"] >= 1 or p["density"] <= 0 or task_vectors.check_della(
+            p["density"], p["epsilon"]), f"density {p['density']:g} +- epsilon "
+            f"{p['epsilon']:g} is not inside (0, 1) for {os.path.basename(m)}:{name}",
+            plan.path, "choose epsilon < min(density, 1 - density)")
+    out.append((name, dtype, info.shape, (shared, per)))
+  return infos, out
+
+
+def _arguments(plan, resolved, size):
+  """A tensor's resolved parameters as merge_tensor's arguments (0 where one does not
+  apply: the base's weight, a method's absent density)."""
+  shared, per = resolved
+  ins = plan.inputs
+  value = lambda m, k: 0.0 if per[m].get(k) is None else per[m][k]
+  per_arr = {k: jnp.asarray([value(m, k) for m in ins], jnp.float32) for k in FLOATS}
+  shared_arr = {k: jnp.float32(v) for k, v in shared.items() if k in SHARED_FLOATS}
+  static = tuple(sorted((k, v) for k, v in shared.items() if k not in SHARED_FLOATS))
+  if plan.method.name == "passthrough":
+    static += (("scale", per[ins[0]]["scale"]),)
+  counts = jnp.asarray([task_vectors.host_counts(per[m].get("density", 1.0),
+                                                 per[m].get("gamma", 0.0), size)
+                        for m in ins], jnp.int32)
+  return per_arr, shared_arr, counts, static
+
+
+def _write_extras(plan: mergekit_config.Plan, tmp: str, out_dtype: str | None) -> None:
+  donor = _donor(plan)
+  with open(os.path.join(donor, "config.json")) as f:
+    cfg = json.load(f)
+  if out_dtype:
+    for k in ("torch_dtype", "dtype"):
+      if k in cfg or k == "dtype":
+        cfg[k] = out_dtype
+  with open(os.path.join(tmp, "config.json"), "w") as f:
+    json.dump(cfg, f, indent=2)
+  tok = plan.tokenizer_source or donor
+  for src, names in ((donor, TAGALONG), (tok, DONOR_TOKENIZER)):
+    for n in names:
+      if os.path.isfile(os.path.join(src, n)):
+        shutil.copyfile(os.path.join(src, n), os.path.join(tmp, n))
+  shutil.copyfile(plan.path, os.path.join(tmp, "mergekit_config.yml"))
+
+
+def merge(plan: mergekit_config.Plan, output: str, overwrite: bool = False, seed: int = 0,
+          max_shard_bytes: int = 5 << 30, fsync: bool = True) -> str:
+  """Runs a mergekit plan into a Hugging Face folder at `output`; returns its path."""
+  from recycle_jax.runtime import outputs
+  output = os.path.abspath(output)
+  outputs.check_output(output, list(plan.inputs) + [plan.path], overwrite)
+  _same_configs(plan)
+  _same_tokenizers(plan)
+  infos, tensors = plan_tensors(plan)
+  tmp = outputs.temp_sibling(output)
+  os.makedirs(tmp)
+  reader = safetensors_io.Reader()
+  try:
+    writer = safetensors_io.Writer(tmp, [(n, d, s) for n, d, s, _ in tensors], max_shard_bytes)
+    base = plan.inputs.index(plan.base) if plan.base in plan.inputs and \
+        plan.method.base != "ignored" else None
+    key = jax.random.key(seed)
+    for i, (name, dtype, shape, resolved) in enumerate(tensors):
+      xs = [reader.read(infos[m][name]) for m in plan.inputs]
+      if not jnp.issubdtype(dtype, jnp.floating):
+        writer.write(name, xs[plan.inputs.index(_donor(plan))])  # integer buffers
+        continue
+      per, shared, counts, static = _arguments(plan, resolved, int(np.prod(shape)))
+      out = merge_tensor(xs, per, shared, counts, jax.random.fold_in(key, i),
+                         method=plan.method.name, base=base, static=static, out_dtype=dtype)
+      writer.write(name, np.asarray(out))
+    writer.close(fsync)
+    out_dtype = plan.out_dtype or plan.dtype
+    _write_extras(plan, tmp, out_dtype)
+    outputs.commit(tmp, output, overwrite)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  finally:
+    reader.close()
+  return output
