@@ -1,21 +1,21 @@
-"""Verifiers accept right answers and reject wrong ones; the sandbox contains programs."""
-import os
-import tempfile
-
+"""Verifiers accept right answers and reject wrong ones (the code sandbox itself:
+test_sandbox.py)."""
 import pytest
 
 from recycle_jax.evaluation import verifiers
 from recycle_jax.runtime.errors import UserError
-from recycle_jax.evaluation.verifiers import ifeval, numeric, sandbox
+from recycle_jax.evaluation.verifiers import ifeval, numeric
 
 _IF = {"instruction_id_list": ["change_case:english_lowercase", "punctuation:no_comma"],
        "kwargs": [{}, {}]}
 # Per verifier: targets, right predictions, wrong predictions (one each per target).
 CASES = {
-    "exact_match": (["The Fox.", ["b", "cat"]], ["fox", "Cat"], ["dog", "a"]),
+    "exact_match": (["The Fox.", ["b", "cat"]], ["The Fox.", "cat"], ["fox", "Cat"]),
+    "exact_match_squad": (["The Fox.", ["b", "cat"]], ["fox", "Cat"], ["dog", "a"]),
     "regex_match": ([r"\d+ apples", r"(yes|no)"], ["12 apples", " no "], ["apples", "maybe"]),
-    "numeric": (["#### 1,234", "-3", "72"], ["so 1234.", "it is -3", "$72.00"],
-                ["1,235", "3", "#### 27 then 72"]),
+    "numeric": (["#### 1,234", "-3", "Natalia sold 72 clips.\n#### 72"],
+                ["#### 1234.", "#### -3", "#### 72\n#### 73"],
+                ["#### 1,235", "it is -3", "#### 27 then 72"]),
     "code_tests": ([{"prefix": "def f(x):\n", "tests": "assert f(2) == 4"}, "assert g() == 1"],
                    ["  return x * 2", "def g(): return 1"],
                    ["  return x + 3", "def g(): return 2"]),
@@ -41,6 +41,7 @@ def test_verifier_accepts_right_rejects_wrong(name):
   assert next(iter(bad.values())) == 0.0, bad
   assert v.primary(targets, right).tolist() == [1.0] * len(targets)
   assert v.__name__ == name
+  assert tuple(good) == v.metrics  # the metrics a task can name as its score
 
 
 def test_unknown_verifier_is_refused():
@@ -48,14 +49,21 @@ def test_unknown_verifier_is_refused():
     verifiers.get("nope")
 
 
-@pytest.mark.parametrize("text,want", [
-    ("The answer is 72.", "72"), ("#### 1,234", "1234"), ("so $18.00 total", "18"),
-    ("Natalia sold 48/2 = 24 clips.\n#### 72", "72"), ("x #### 7 and then 9", "7"),
-    ("it fell to -5 then +3.5", "3.5"), ("v2 is 10,000,000 more", "10000000"),
-    ("It is 3.", "3"), ("nothing here", None), (".5 of it", "0.5")])
-def test_numeric_extraction(text, want):
-  got = numeric.extract(text)
-  assert (got is None) if want is None else (got == numeric.extract(want))
+@pytest.mark.parametrize("text,strict,flexible", [
+    ("The answer is 72.", "[invalid]", "72."), ("#### 1,234", "1,234", "1,234"),
+    ("so $18.00 total", "[invalid]", "$18.00"), ("x #### 7 and then 9", "7", "9"),
+    ("it fell to -5 then +3.5", "[invalid]", "3.5"), ("nothing here", "[invalid]", "[invalid]")])
+def test_numeric_filters(text, strict, flexible):
+  assert (numeric.strict_match(text), numeric.flexible_extract(text)) == (strict, flexible)
+
+
+def test_verifier_options_are_bound_and_checked():
+  v = verifiers.get("exact_match").with_options({"ignore_case": True})
+  assert v(["Lion"], ["lion"]) == {"exact_match": 100.0}
+  with pytest.raises(UserError, match="takes no option ignore_articles"):
+    verifiers.get("exact_match").with_options({"ignore_articles": True})
+  with pytest.raises(UserError, match="has no metric 'acc'.*strict-match, flexible-extract"):
+    verifiers.get("numeric").check_metric("acc", "JsonlTask.metric")
 
 
 def test_regex_match_refuses_an_invalid_pattern():
@@ -100,8 +108,12 @@ IFEVAL = [
     ("startend:quotation", {}, '"quoted"', 'not "quoted"'),
     ("change_case:capital_word_frequency", {"capital_frequency": 2, "capital_relation": "at least"},
      "VERY LOUD words", "only ONE"),
-    ("change_case:english_capital", {}, "ALL CAPS", "Not caps"),
-    ("change_case:english_lowercase", {}, "all lower", "Not lower"),
+    ("change_case:english_capital", {}, "THIS IS ALL CAPITAL ENGLISH TEXT ABOUT THE WEATHER.",
+     "Not caps"),
+    ("change_case:english_lowercase", {}, "this is all lowercase english text about the weather.",
+     "c'est une phrase en français, écrite tout en minuscules, vraiment."),
+    ("language:response_language", {"language": "de"},
+     "Das ist ein schöner Tag, und wir gehen heute spazieren.", "This is an English sentence."),
     ("punctuation:no_comma", {}, "no commas here", "a, b"),
 ]
 
@@ -134,67 +146,12 @@ def test_ifeval_loose_and_instruction_level():
 
 
 def test_ifeval_refuses_unknown_instruction():
-  with pytest.raises(UserError, match="unsupported IFEval instruction 'language:"):
-    verifiers.get("ifeval")([{"instruction_id_list": ["language:response_language"],
+  with pytest.raises(UserError, match="unsupported IFEval instruction 'language:nope'"):
+    verifiers.get("ifeval")([{"instruction_id_list": ["language:nope"],
                               "kwargs": [{"language": "fr"}]}], ["bonjour"])
 
 
 def test_sentence_and_word_splitting():
   assert ifeval.split_sentences("Mr. Smith paid $3.50. Then he left! Why? e.g. this.") == [
-      "Mr. Smith paid $3.50.", "Then he left!", "Why?", "e.g. this."]
+      "Mr. Smith paid $3.50.", "Then he left!", "Why?", "e.g.", "this."]  # as nltk's Punkt
   assert ifeval.count_words("It's a well-known fact, isn't it?") == 9
-
-
-# ----------------------------------------------------------------------------- sandbox
-LIMITS = sandbox.Limits(timeout_s=2, cpu_s=2, memory_mb=512, file_mb=1)
-
-
-@pytest.mark.parametrize("source,status", [
-    ("print('ok')", "passed"),
-    ("raise ValueError('no')", "failed"),
-    ("while True:\n  pass", "timeout"),  # CPU limit or wall clock, whichever first
-    ("import time\ntime.sleep(60)", "timeout"),
-    ("import sys\nsys.exit(0)", "exited"),
-    ("import os\nos._exit(0)", "exited"),
-    ("import os\nwhile True:\n  os.fork()", "failed"),
-    ("import subprocess\nsubprocess.run(['true'])", "failed"),
-    ("import ctypes", "failed"),
-    ("x = bytearray(2 << 30)", "failed"),
-    ("f = open('big', 'wb')\nwhile True:\n  f.write(b'x' * 65536)", "failed"),
-    ("import socket\nsocket.create_connection(('127.0.0.1', 22), timeout=1)", "failed"),
-])
-def test_sandbox_outcomes(source, status):
-  out = sandbox.run_program(source, LIMITS)
-  assert out.status in ((status, "killed") if status == "timeout" else (status,)), out
-  assert out.passed == (status == "passed")
-
-
-def test_sandbox_contains_escapes(tmp_path):
-  victim = tmp_path / "victim.txt"
-  victim.write_text("keep")
-  sources = [f"open({str(victim)!r}, 'w').write('gone')",
-             f"import os\nos.remove({str(victim)!r})",
-             f"import shutil\nshutil.rmtree({str(tmp_path)!r})",
-             f"import os\nos.chdir({str(tmp_path)!r})\nopen('new', 'w')",
-             "open('inside.txt', 'w').write('fine')\nprint(open('inside.txt').read())"]
-  outs = sandbox.run_programs(sources, LIMITS, workers=2)
-  assert [o.status for o in outs] == ["failed"] * 4 + ["passed"]
-  assert "sandbox:" in outs[0].stderr and outs[-1].stdout.strip() == "fine"
-  assert victim.read_text() == "keep" and sorted(os.listdir(tmp_path)) == ["victim.txt"]
-
-
-def test_sandbox_pool_isolates_bad_programs(tmp_path, monkeypatch):
-  """Hangs, exits and crashes among good programs: each loses only its own sample, in
-  order, and no temporary directory is left behind."""
-  monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-  sources = ["print(1)", "while True: pass", "print(2)", "import os\nos._exit(0)",
-             "print(3)", "raise SystemExit(0)", "print(4)"]
-  outs = sandbox.run_programs(sources, sandbox.Limits(timeout_s=3, cpu_s=3), workers=3)
-  assert [o.passed for o in outs] == [True, False, True, False, True, False, True]
-  assert [o.stdout.strip() for o in outs[::2]] == ["1", "2", "3", "4"]
-  assert os.listdir(tmp_path) == []
-
-
-def test_sandbox_output_is_bounded():
-  out = sandbox.run_program("print('x' * 10**6)", sandbox.Limits(output_bytes=100))
-  assert out.passed and len(out.stdout) == 100

@@ -1,7 +1,10 @@
 """Code verifiers: programs executed in the sandbox (`sandbox.py`), pass@1 of one sample.
 
-  code_tests         MBPP/HumanEval: program = prefix + prediction + tests; the sample
-                     passes when the program runs to its end (every assert holds).
+  code_tests         MBPP/HumanEval: the program prefix + prediction runs in the sandbox;
+                     the tests run in the sandbox's harness, out of the program's reach,
+                     calling its functions with plain values (the prefix, the task's
+                     prompt, runs there too: the tests use its helpers, not the
+                     program's). The sample passes when every assert holds.
                      target: {"prefix": str (optional), "tests": str} or the tests alone.
   code_output        the generated program's stdout equals the expected output.
                      target: {"prefix": str (optional), "stdout": str} or the output alone.
@@ -9,7 +12,7 @@
                      equal the prediction (the model predicts what the code prints).
                      target: {"program": str} or the program alone.
 Outputs are compared with surrounding whitespace stripped. Outcomes are cached by program
-text within a process (a search scores the same programs for many candidates; the cache
+(text, tests, prefix) within a process (a search scores the same programs for many candidates; the cache
 also makes a program's verdict the same every time it is asked).
 """
 from __future__ import annotations
@@ -24,11 +27,12 @@ _CACHE: dict[bytes, sandbox.Outcome] = {}
 _CACHE_MAX = 200_000
 
 
-def run_cached(sources: Sequence[str], limits: sandbox.Limits = LIMITS,
+def run_cached(programs: Sequence[sandbox.Program | str], limits: sandbox.Limits = LIMITS,
                workers: int | None = None) -> list[sandbox.Outcome]:
-  """Outcomes of `sources`; programs already run in this process are not run again."""
-  keys = [hashlib.sha256(repr(limits).encode() + s.encode()).digest() for s in sources]
-  todo = {k: s for k, s in zip(keys, sources) if k not in _CACHE}
+  """Outcomes of `programs`; programs already run in this process are not run again."""
+  programs = [sandbox.Program(p) if isinstance(p, str) else p for p in programs]
+  keys = [hashlib.sha256(repr((limits, p)).encode()).digest() for p in programs]
+  todo = {k: p for k, p in zip(keys, programs) if k not in _CACHE}
   if len(_CACHE) + len(todo) > _CACHE_MAX:
     _CACHE.clear()
   for k, outcome in zip(todo, sandbox.run_programs(list(todo.values()), limits, workers)):
@@ -41,8 +45,8 @@ def _field(target, key: str, default: str = "") -> str:
 
 
 def code_tests_hits(targets: Sequence, predictions: Sequence[str]) -> dict:
-  programs = [f"{_field(t, 'prefix')}{p}\n\n{_field(t, 'tests', t)}\n"
-              for t, p in zip(targets, predictions)]
+  programs = [sandbox.Program(f"{_field(t, 'prefix')}{p}\n", _field(t, "tests", t),
+                             _field(t, "prefix")) for t, p in zip(targets, predictions)]
   return {"pass@1": [float(o.passed) for o in run_cached(programs)]}
 
 
