@@ -25,6 +25,7 @@ from absl import logging  # noqa: E402
 
 from recycle_jax.runtime import errors, interrupts, validation, waits  # noqa: E402
 from recycle_jax.runtime.errors import EXIT_USAGE, UserError, check  # noqa: E402
+from recycle_jax.evaluation.verifiers import sandbox  # noqa: E402
 
 
 def _parse_gin(files, bindings) -> None:
@@ -287,6 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "first: it registers your own seqio Tasks (repeatable)")
     s.add_argument("--verbose", action="store_true",
                    help="on an unexpected failure, print the traceback too")
+    s.add_argument("--allow_unsandboxed_code", action="store_true",
+                   help="where the code sandbox cannot start (no Linux namespaces), run "
+                        "model-written code unconfined instead of refusing")
     s.set_defaults(fn=fn)
     return s
 
@@ -367,6 +371,7 @@ def main(argv=None) -> int:
         sys.unraisablehook = _log_unraisable
       _init_logging(args.log_level)
       validation.check_flags(args)  # every check that needs no file runs first
+      sandbox.allow_unsandboxed(args.allow_unsandboxed_code)
       if os.getcwd() not in sys.path:  # gin `import` lines and --task_module find modules here
         sys.path.insert(0, os.getcwd())
       if args.task_module:
