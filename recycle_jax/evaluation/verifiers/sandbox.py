@@ -158,18 +158,48 @@ def view() -> dict:
 
 
 # ----------------------------------------------------------------------------- uids
+def _mapped(path: str) -> list[tuple[int, int]]:
+  """(first id, count) ranges of an /proc/self/{uid,gid}_map."""
+  try:
+    with open(path) as f:
+      return [(int(r[0]), int(r[2])) for r in (line.split() for line in f) if len(r) == 3]
+  except (OSError, ValueError):
+    return []
+
+
+@functools.lru_cache(None)
+def _uid_block() -> tuple[int, int] | None:
+  """(first, count) of the uids programs run as when the caller is root: UID_BASE on a
+  host (every id is mapped), the top of the largest mapped range in a rootless container
+  (which maps fewer), None if only root is mapped (the jail then drops capabilities)."""
+  uids, gids = _mapped("/proc/self/uid_map"), _mapped("/proc/self/gid_map")
+  first = UID_BASE + (os.getpid() % 100_000) * 1000
+  if any(a <= first and first + 1000 <= a + n for a, n in uids) and any(
+      a <= first and first + 1000 <= a + n for a, n in gids):
+    return first, 1000
+  common = [(a, n) for a, n in uids if (a, n) in gids and a + n - 1 > 0]
+  if not common:
+    return None
+  a, n = max(common, key=lambda r: r[1])
+  count = min(1000, n - 1 if a == 0 else n)
+  return (a + n - count, count) if count > 0 else None
+
+
 _uid_lock = threading.Lock()
 _uids_free: list[int] = []
-_uids_next = [0]
+_uids_used = [0]
 
 
-def _take_uid() -> int:
+def _take_uid() -> int | None:
   """A uid no other running program of this process has (RLIMIT_NPROC is per uid)."""
+  block = _uid_block()
+  if block is None:
+    return None
   with _uid_lock:
     if _uids_free:
       return _uids_free.pop()
-    _uids_next[0] += 1
-    return UID_BASE + (os.getpid() % 100_000) * 1000 + _uids_next[0] % 1000
+    _uids_used[0] += 1
+    return block[0] + (_uids_used[0] - 1) % block[1]
 
 
 def _give_uid(uid: int) -> None:
