@@ -1,8 +1,8 @@
 """The kernel half of the sandbox: namespaces, a minimal read-only root, no privilege.
 
-Started by sandbox.py as `python -I -S _jail.py CONFIG` (trusted code: nothing the
-program wrote has run yet). `enter(config)` makes new mount, pid, network, IPC and UTS
-namespaces (plus a user namespace when the caller is not root), forks, and returns in the
+Called by the harness (_harness.py) before the program starts (trusted code: nothing the
+program wrote has run yet). `enter(view, tmp_bytes, uid)` makes new mount, pid, network,
+IPC and UTS namespaces (plus a user namespace when the caller is not root), forks, and returns in the
 child, which is pid 1 of the new pid namespace (when it exits, the kernel kills every
 process the program started) after it has:
   - built a new root on a read-only tmpfs holding only read-only binds of the shared
@@ -16,11 +16,12 @@ process the program started) after it has:
   - pivoted into that root and detached the old one;
   - dropped every privilege: as root, to a distinct unprivileged uid and gid (`uid`, no
     supplementary groups; RLIMIT_NPROC then counts this program's processes only); in a
-    user namespace, the capability bounding set;
+    user namespace (or as a root with no other uid mapped: `uid` None), the capability
+    bounding set, so nothing it executes gets a capability;
   - set no_new_privs and a seccomp filter that denies ptrace, reading or writing other
     processes' memory (process_vm_*), stealing their descriptors (pidfd_getfd), new
     namespaces, mounts, memfd/execveat, keyrings, bpf, perf, io_uring and module loading.
-The caller outside the namespace (this file's `main`) only waits and exits with pid 1's
+The calling process stays outside the pid namespace: it only waits and exits with pid 1's
 status. Linux x86_64 and aarch64 (the seccomp filter names their syscall numbers).
 """
 import ctypes
