@@ -80,6 +80,8 @@ class ModelConfig:
   rope_original_max_positions: int = 8192  # llama3
   local_rope_theta: float | None = None  # SLIDING layers' base, unscaled RoPE (Gemma 3);
   # None: they use the FULL layers' RoPE
+  scan_layers: bool = False  # run the blocks under nn.scan (one compiled block, so compile
+  # time stays flat in depth); parameters keep the unrolled layer_{i} tree (Decoder.prepare)
 
   def __post_init__(self):
     set_ = functools.partial(object.__setattr__, self)
@@ -159,13 +161,42 @@ def _dense(features: int, name: str, dtype, bias: bool = False) -> nn.Dense:
                   kernel_init=nn.initializers.normal(0.02))
 
 
+def attention(cfg: ModelConfig, q: jax.Array, k: jax.Array, v: jax.Array,
+              mask: jax.Array) -> jax.Array:
+  """Grouped-query attention. q [B, T, H, Dh], k and v [B, S, K, Dh], mask [B, T, S]
+  (True = attend) -> [B, T, H, Dh]. Through `jax.nn.dot_product_attention` (XLA's fused
+  softmax on CPU and TPU; cuDNN's flash attention on GPU for 16-bit dtypes where it
+  accepts the shapes); soft-capped scores (Gemma 2) take the explicit einsum path."""
+  dt, dh = q.dtype, cfg.head_dim
+  scale = 1.0 / math.sqrt(cfg.query_scale or dh)
+  if cfg.attn_softcap is None:
+    impls = ["xla"]
+    if jax.default_backend() == "gpu" and dt in (jnp.bfloat16, jnp.float16):
+      impls.insert(0, "cudnn")
+    for impl in impls:
+      try:
+        return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=scale,
+                                            implementation=impl)
+      except (ValueError, NotImplementedError, RuntimeError):  # cuDNN refused the shapes
+        if impl == impls[-1]:
+          raise
+  b, t, h, _ = q.shape
+  kh = k.shape[2]
+  q = q.reshape(b, t, kh, h // kh, dh)  # grouped-query: G query heads per kv head
+  logits = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32) * scale
+  logits = softcap(logits, cfg.attn_softcap)
+  logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits, axis=-1).astype(dt)
+  return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, dh)
+
+
 class Attention(nn.Module):
   cfg: ModelConfig
-  kind: str = FULL
 
   @nn.compact
-  def __call__(self, x, positions, mask, cache=None):
-    """x: [B, T, D]; positions: [B, T]; mask: [B, T, S] (True = attend).
+  def __call__(self, x, positions, mask, freqs, cache=None):
+    """x: [B, T, D]; positions: [B, T]; mask: [B, T, S] (True = attend); freqs: RoPE's
+    inverse frequencies [Dh // 2] (`rope_frequencies` of the layer's kind).
 
     With `cache = (k, v)` of shape [B, S, K, Dh], the new keys/values are written at
     `positions` and attention runs over the whole cache.
@@ -178,32 +209,24 @@ class Attention(nn.Module):
     v = _dense(kh * dh, "v", dt, cfg.qkv_bias)(x).reshape(b, t, kh, dh)
     if cfg.qk_norm:
       q, k = _norm(cfg, "q_norm")(q), _norm(cfg, "k_norm")(k)
-    freqs = rope_frequencies(cfg, self.kind)
     q, k = rope(q, positions, freqs), rope(k, positions, freqs)
     if cache is not None:
       rows = jnp.arange(b)[:, None]
       k = cache[0].at[rows, positions].set(k)
       v = cache[1].at[rows, positions].set(v)
       cache = (k, v)
-    q = q.reshape(b, t, kh, h // kh, dh)  # grouped-query: G query heads per kv head
-    logits = (jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32)
-              / jnp.sqrt(cfg.query_scale or dh))
-    logits = softcap(logits, cfg.attn_softcap)
-    logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(dt)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h * dh)
+    out = attention(cfg, q, k, v, mask).reshape(b, t, h * dh)
     return _dense(cfg.d_model, "o", dt)(out), cache
 
 
 class Block(nn.Module):
   cfg: ModelConfig
-  kind: str = FULL
 
   @nn.compact
-  def __call__(self, x, positions, mask, cache=None):
+  def __call__(self, x, positions, mask, freqs, cache=None):
     cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
-    y, cache = Attention(cfg, self.kind, name="attn")(
-        _norm(cfg, "attn_norm")(x), positions, mask, cache)
+    y, cache = Attention(cfg, name="attn")(
+        _norm(cfg, "attn_norm")(x), positions, mask, freqs, cache)
     if cfg.sandwich_norms:
       y = _norm(cfg, "attn_post_norm")(y)
     x = x + y
@@ -216,6 +239,21 @@ class Block(nn.Module):
     return x + y, cache
 
 
+class _ScannedBlock(nn.Module):
+  """One step of the scanned layer stack: a Block whose kind is a traced flag, choosing
+  between the FULL and SLIDING masks and RoPE frequencies (computed once, broadcast)."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x, layer, positions, masks, freqs):
+    sliding, cache = layer
+    pick = lambda pair: jnp.where(sliding, pair[1], pair[0])
+    return Block(self.cfg, name="block")(x, positions, pick(masks), pick(freqs), cache)
+
+
+SCANNED = "layers"  # the scanned stack's parameters: {SCANNED: {"block": [L, ...] leaves}}
+
+
 class Transformer(nn.Module):
   """tokens [B, T] -> logits [B, T, V] (float32), and the updated cache if given.
 
@@ -225,12 +263,18 @@ class Transformer(nn.Module):
                      row; `positions` [B, T] then gives each token its RoPE position.
     gather [B, S]:   only these positions go through the final norm and the head; the
                      logits are then [B, S, V].
+  With a cache, `gather` [B, S] likewise picks the positions whose logits prefill needs.
+  head=False returns the final-normed hidden states [B, S, D] instead of logits
+  (`scored_tokens` runs the head over the vocabulary in chunks).
   Sliding layers also mask keys `sliding_window` or more positions behind the query.
+  With cfg.scan_layers the blocks run under nn.scan over parameters stacked by
+  `stack_layers`, and the cache is (k, v) stacked [L, B, S, K, Dh] (`Decoder`).
   """
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, tokens, positions=None, cache=None, segments=None, gather=None):
+  def __call__(self, tokens, positions=None, cache=None, segments=None, gather=None,
+               head=True):
     cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
     b, t = tokens.shape
     embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=dt, param_dtype=dt,
@@ -244,7 +288,8 @@ class Transformer(nn.Module):
         mask = mask & ((segments[:, None, :] == 0)
                        | (segments[:, None, :] == segments[:, :, None]))
     else:
-      key_positions = jnp.arange(cache[0][0].shape[1])[None]
+      key_positions = jnp.arange(cache[0].shape[-3] if cfg.scan_layers
+                                 else cache[0][0].shape[1])[None]
       mask = key_positions[:, None, :] <= positions[:, :, None]
     masks = {FULL: mask}
     if SLIDING in cfg.layer_types:
@@ -253,23 +298,38 @@ class Transformer(nn.Module):
     x = embed(tokens)
     if cfg.embed_scale:
       x = x * jnp.asarray(math.sqrt(cfg.d_model), dt)
-    new_cache = []
-    for i, kind in enumerate(cfg.layer_types):
-      x, c = Block(cfg, kind, name=f"layer_{i}")(x, positions, masks[kind],
-                                                None if cache is None else cache[i])
-      new_cache.append(c)
+    freqs = {kind: rope_frequencies(cfg, kind) for kind in (FULL, SLIDING)}
+    if cfg.scan_layers:
+      stack = nn.scan(_ScannedBlock, variable_axes={"params": 0}, split_rngs={"params": True},
+                      in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
+                      length=cfg.num_layers)
+      sliding = jnp.array([kind == SLIDING for kind in cfg.layer_types])
+      x, new_cache = stack(cfg, name=SCANNED)(
+          x, (sliding, cache), positions, (masks[FULL], masks.get(SLIDING, masks[FULL])),
+          (freqs[FULL], freqs[SLIDING]))
+    else:
+      new_cache = []
+      for i, kind in enumerate(cfg.layer_types):
+        x, c = Block(cfg, name=f"layer_{i}")(x, positions, masks[kind], freqs[kind],
+                                             None if cache is None else cache[i])
+        new_cache.append(c)
+      new_cache = tuple(new_cache)
     if gather is not None:
       x = jnp.take_along_axis(x, gather[..., None], axis=1)
     x = _norm(cfg, "final_norm")(x)
+    if not head:
+      return x if cache is None else (x, new_cache)
     if cfg.tie_embeddings:
       logits = embed.attend(x)
     else:
       logits = _dense(cfg.vocab_size, "lm_head", dt)(x)
     logits = softcap(logits.astype(jnp.float32), cfg.final_softcap)
-    return logits if cache is None else (logits, tuple(new_cache))
+    return logits if cache is None else (logits, new_cache)
 
 
 def init_params(cfg: ModelConfig, key: jax.Array) -> PyTree:
+  """Parameters in the one stored layout (layer_{i}, whatever cfg.scan_layers says)."""
+  cfg = dataclasses.replace(cfg, scan_layers=False)
   return Transformer(cfg).init(key, jnp.zeros((1, 8), jnp.int32))["params"]
 
 
@@ -277,6 +337,72 @@ def make_apply(cfg: ModelConfig) -> ApplyFn:
   """The model as `apply(params, tokens) -> logits`, the only interface merging needs."""
   model = Transformer(cfg)
   return lambda params, tokens: model.apply({"params": params}, tokens)
+
+
+def stack_layers(cfg: ModelConfig, params: PyTree) -> PyTree:
+  """The stored layer_{i} parameters as the scanned stack expects them (one [L, ...]
+  leaf per block parameter); unchanged without cfg.scan_layers. Inside a jitted program
+  this is one copy of the blocks' weights per call."""
+  if not cfg.scan_layers or SCANNED in params:
+    return params
+  names = [f"layer_{i}" for i in range(cfg.num_layers)]
+  rest = {k: v for k, v in params.items() if k not in names}
+  blocks = jax.tree.map(lambda *xs: jnp.stack(xs), *[params[n] for n in names])
+  return {**rest, SCANNED: {"block": blocks}}
+
+
+VOCAB_CHUNK = 16384  # vocabulary columns per step of `scored_tokens`
+
+
+def head_logits(cfg: ModelConfig, params: PyTree, x: jax.Array, start=0,
+                size: int | None = None) -> jax.Array:
+  """float32 logits [..., size] of vocabulary ids [start, start + size) for final-normed
+  hidden states x [..., D], computed as the Transformer's head computes them."""
+  dt, size = jnp.dtype(cfg.dtype), size or cfg.vocab_size
+  if cfg.tie_embeddings:  # nn.Embed.attend
+    w = jax.lax.dynamic_slice_in_dim(params["embed"]["embedding"], start, size, 0)
+    logits = jnp.dot(x.astype(dt), w.astype(dt).T)
+  else:  # nn.Dense without bias
+    w = jax.lax.dynamic_slice_in_dim(params["lm_head"]["kernel"], start, size, 1)
+    logits = jnp.dot(x.astype(dt), w.astype(dt))
+  return softcap(logits.astype(jnp.float32), cfg.final_softcap)
+
+
+def scored_tokens(cfg: ModelConfig, params: PyTree, x: jax.Array, tokens: jax.Array,
+                  chunk: int = VOCAB_CHUNK) -> tuple[jax.Array, jax.Array]:
+  """(log p(tokens), argmax token) [...] from final-normed hidden states x [..., D],
+  without the full [..., V] logits: the head runs over the vocabulary in chunks of
+  `chunk` columns, carrying a running log-sum-exp, the running argmax (first index on
+  ties, as jnp.argmax) and the tokens' own logits."""
+  v = cfg.vocab_size
+  c = min(chunk, v)
+  n = -(-v // c)
+  lead = x.shape[:-1]
+
+  def body(carry, i):
+    m, s, best, arg, picked = carry
+    start = jnp.minimum(i * c, v - c)  # the last chunk overlaps the one before ...
+    logits = head_logits(cfg, params, x, start, c)
+    ids = start + jnp.arange(c)
+    fresh = ids >= i * c  # ... and skips the columns already counted
+    live = jnp.where(fresh, logits, -jnp.inf)
+    top = jnp.max(live, axis=-1)
+    new_m = jnp.maximum(m, top)
+    s = s * jnp.exp(m - new_m) + jnp.sum(jnp.exp(live - new_m[..., None]), axis=-1)
+    better = top > best
+    arg = jnp.where(better, start + jnp.argmax(live, axis=-1).astype(jnp.int32), arg)
+    picked = picked + jnp.sum(jnp.where(fresh & (ids == tokens[..., None]), logits, 0.0),
+                              axis=-1)
+    return (new_m, s, jnp.maximum(best, top), arg, picked), None
+
+  neg = jnp.full(lead, -jnp.inf, jnp.float32)
+  init = (neg, jnp.zeros(lead, jnp.float32), neg, jnp.zeros(lead, jnp.int32),
+          jnp.zeros(lead, jnp.float32))
+  if n == 1:
+    (m, s, _, arg, picked), _ = body(init, jnp.int32(0))
+  else:
+    (m, s, _, arg, picked), _ = jax.lax.scan(body, init, jnp.arange(n))
+  return picked - (m + jnp.log(s)), arg
 
 
 def token_logprobs(logits: jax.Array, tokens: jax.Array) -> jax.Array:
@@ -318,26 +444,58 @@ class Decoder:
   def module(self) -> Transformer:
     return Transformer(self.cfg)
 
+  def prepare(self, params: PyTree) -> PyTree:
+    """Stored parameters as the module takes them (`stack_layers`): done once before a
+    loop that calls `run`."""
+    return stack_layers(self.cfg, params)
+
   def apply(self, params: PyTree, tokens: jax.Array) -> jax.Array:
-    return self.module.apply({"params": params}, tokens)
+    return self.module.apply({"params": self.prepare(params)}, tokens)
 
   def apply_packed(self, params: PyTree, tokens: jax.Array, positions: jax.Array,
                    segments: jax.Array, gather: jax.Array) -> jax.Array:
     """Logits [B, S, V] at the `gather` positions of segment-packed rows (Transformer)."""
-    return self.module.apply({"params": params}, tokens, positions, segments=segments,
-                             gather=gather)
+    return self.module.apply({"params": self.prepare(params)}, tokens, positions,
+                             segments=segments, gather=gather)
+
+  def score_packed(self, params: PyTree, tokens: jax.Array, positions: jax.Array,
+                   segments: jax.Array, gather: jax.Array, targets: jax.Array
+                   ) -> tuple[jax.Array, jax.Array]:
+    """(log p(targets), argmax) [B, S] at the `gather` positions of segment-packed rows,
+    the head chunked over the vocabulary (`scored_tokens`): no [B, S, V] logits."""
+    x = self.module.apply({"params": self.prepare(params)}, tokens, positions,
+                          segments=segments, gather=gather, head=False)
+    return scored_tokens(self.cfg, params, x, targets)
+
+  @property
+  def cache_axis(self) -> int:
+    """The batch axis of the cache's arrays (1 when stacked over layers)."""
+    return 1 if self.cfg.scan_layers else 0
+
+  def empty_cache(self, batch: int, length: int):
+    """A zero KV cache for `batch` rows of `length` positions."""
+    cfg = self.cfg
+    shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
+    if cfg.scan_layers:
+      zeros = jnp.zeros((cfg.num_layers, *shape), jnp.dtype(cfg.dtype))
+      return (zeros, zeros)
+    zeros = jnp.zeros(shape, jnp.dtype(cfg.dtype))
+    return tuple((zeros, zeros) for _ in range(cfg.num_layers))
+
+  def run(self, prepared: PyTree, tokens: jax.Array, positions: jax.Array, cache,
+          gather: jax.Array | None = None):
+    """(logits [B, T or S, V], cache) of one cached step on `prepare`d parameters."""
+    return self.module.apply({"params": prepared}, tokens, positions, cache, gather=gather)
 
   def greedy_decode(self, params: PyTree, prompts: jax.Array, prompt_lens: jax.Array,
                     max_new: int) -> jax.Array:
     """Same contract as `greedy_decode_uncached`, with a KV cache of Lp + max_new."""
-    cfg = self.cfg
     b, lp = prompts.shape
-    shape = (b, lp + max_new, cfg.num_kv_heads, cfg.head_dim)
-    zeros = jnp.zeros(shape, jnp.dtype(cfg.dtype))
-    cache = tuple((zeros, zeros) for _ in range(cfg.num_layers))
-    run = lambda tok, pos, cache: self.module.apply({"params": params}, tok, pos, cache)
-    logits, cache = run(prompts, jnp.broadcast_to(jnp.arange(lp), (b, lp)), cache)
-    first = jnp.argmax(_pick_last(logits, prompt_lens - 1), axis=-1)
+    prepared = self.prepare(params)
+    run = functools.partial(self.run, prepared)
+    logits, cache = run(prompts, jnp.broadcast_to(jnp.arange(lp), (b, lp)),
+                        self.empty_cache(b, lp + max_new), (prompt_lens - 1)[:, None])
+    first = jnp.argmax(logits[:, 0], axis=-1)
 
     def step(carry, _):
       tok, pos, cache = carry
