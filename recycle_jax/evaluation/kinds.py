@@ -4,9 +4,10 @@ A split becomes a `TaskData` pytree (static `kind`, fixed shapes), so one compil
 program can score any candidate, or a vmapped population, without leaving the device.
 How each kind is materialized and scored is one `Kind` record in `REGISTRY`:
 
-  choice:   rank classification by length-normalized log-likelihood of each choice (any
-            number of choices per example).
-  exact:    greedy decoding checked by exact match against the target (+EOS). Because
+  choice:   rank classification by the log-likelihood of each choice (any number of
+            choices per example), summed or divided by `TaskData.choice_norm`.
+  exact:    the target is the greedy continuation (is_greedy; + EOS for is_greedy_eos,
+            whose targets end with it). Because
             decoding is greedy, "every teacher-forced argmax equals the target" is the
             same event; `generation='teacher_forced'` scores it with one forward pass.
   generate: greedy decoding on device (`decoding.generate`: KV cache, EOS and stop
@@ -24,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from recycle_jax.models import decoding, transformer
+from recycle_jax.evaluation import loglikelihood
 from recycle_jax.evaluation.task_data import Packed, TaskData, _choice, _exact, _generate
 from recycle_jax.runtime.registry import Registry
 
@@ -43,43 +45,39 @@ def teacher_forced_exact_match(apply, params, d: TaskData) -> jax.Array:
 
 
 def greedy_exact_match(decode, params, d: TaskData) -> jax.Array:
-  """[E] 1.0 where greedy decoding reproduces target + EOS."""
+  """[E] 1.0 where greedy decoding reproduces the target tokens."""
   out = decode(params, d.prompts, d.prompt_lens, d.targets.shape[1])
   valid = jnp.arange(d.targets.shape[1])[None] < d.target_lens[:, None]
   return jnp.all((out == d.targets) | ~valid, axis=-1).astype(jnp.float32)
 
 
 def choice_logprobs(apply, params, d: TaskData) -> jax.Array:
-  """[E, C] length-normalized log-likelihood of each choice."""
+  """[E, C] log-likelihood of each choice, summed and divided by `choice_norm`."""
   e, c, l = d.tokens.shape
   toks, mask = d.tokens.reshape(e * c, l), d.target_mask.reshape(e * c, l)
   lp = transformer.token_logprobs(apply(params, toks), toks)
-  score = (jnp.sum(lp * mask, -1) / jnp.maximum(jnp.sum(mask, -1), 1)).reshape(e, c)
+  score = jnp.sum(lp * mask, -1).reshape(e, c)
+  if d.choice_norm is not None:
+    score = score / d.choice_norm
   if d.choice_count is None:
     return score
   return jnp.where(jnp.arange(c) < d.choice_count[:, None], score, -jnp.inf)
 
 
 def rank_classification(apply, params, d: TaskData) -> jax.Array:
-  """[E] 1.0 where the labelled choice has the highest normalized log-likelihood."""
+  """[E] 1.0 where the labelled choice has the highest (normalized) log-likelihood."""
   return (jnp.argmax(choice_logprobs(apply, params, d), -1) == d.labels).astype(jnp.float32)
 
 
 def packed_hits(decoder: transformer.Decoder, params, p: Packed) -> jax.Array:
-  """[R] hits of one packed bucket: teacher-forced exact match (num_groups == 1, the
-  generation layout) or rank classification by length-normalized log-likelihood."""
-  logits = decoder.apply_packed(params, p.tokens, p.positions, p.segments, p.slot_pos)
-  used = p.slot_group >= 0
-  real = jnp.any(used, axis=-1)  # rows with no scored slot are padding (`pad_rows`)
+  """[R] hits of one packed bucket: is_greedy of the one continuation (num_groups == 1,
+  the exact layout) or rank classification by (normalized) log-likelihood
+  (`loglikelihood.packed_loglikelihood`; ties go to the first choice, as np.argmax)."""
+  summed, is_greedy, count = loglikelihood.packed_loglikelihood(decoder, params, p)
+  real = jnp.any(count > 0, axis=-1)  # rows with no scored slot are padding (`pad_rows`)
   if p.kind != "choice":
-    ok = (jnp.argmax(logits, axis=-1) == p.slot_tok) | ~used
-    return (jnp.all(ok, axis=-1) & real).astype(jnp.float32)
-  logp = jax.nn.log_softmax(logits, axis=-1)
-  lp = jnp.take_along_axis(logp, p.slot_tok[..., None], axis=-1)[..., 0]  # [R, S]
-  member = (p.slot_group[..., None] == jnp.arange(p.num_groups)).astype(lp.dtype)
-  count = jnp.sum(member, 1)  # [R, C]; 0 for an example's empty (padding) choice slots
-  score = jnp.where(count > 0, jnp.einsum("rs,rsc->rc", lp, member)
-                    / jnp.maximum(count, 1), -jnp.inf)
+    return (is_greedy[:, 0] & real).astype(jnp.float32)
+  score = jnp.where(count > 0, summed / p.group_norm, -jnp.inf)
   return ((jnp.argmax(score, -1) == p.labels) & real).astype(jnp.float32)
 
 

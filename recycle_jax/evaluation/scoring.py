@@ -5,6 +5,17 @@ elsewhere gets one inferred from what it declares (`of`): examples with `choices
 `choice`, a task with `metric_fns` is `generate` (its metrics are its verifiers; the first
 value of the first metric is its score), any other task is `exact`. The kinds themselves
 and their scorers are `kinds.REGISTRY`.
+
+Each task states which metric is its score (`Scoring.metric`), under lm-eval's names:
+  choice    acc (summed log-likelihood of each choice, lm-eval's `acc`; the default),
+            acc_norm (per character of the choice), acc_bytes (per UTF-8 byte),
+            acc_mean_token (per token: no lm-eval metric, named so).
+  exact     is_greedy (lm-eval's loglikelihood `acc`: the continuation is the greedy
+            one; the default), is_greedy_eos (the continuation followed by EOS).
+  generate  one of the verifier's metrics (default its first).
+Choice and exact continuations are tokenized as lm-eval does (`encode_pair`):
+`target_delimiter` (lm-eval's, default " ") joins context and continuation, and the
+context's trailing whitespace moves into the continuation.
 """
 from __future__ import annotations
 
@@ -16,6 +27,9 @@ from recycle_jax.runtime.errors import check
 # The scoring kinds a task may declare; each is implemented by one entry of
 # `kinds.REGISTRY` (tests/evaluation checks the two agree).
 KIND_NAMES = ("choice", "exact", "generate")
+# The metrics a device-scored kind can report (generate: its verifier's).
+KIND_METRICS = {"choice": ("acc", "acc_norm", "acc_bytes", "acc_mean_token"),
+                "exact": ("is_greedy", "is_greedy_eos")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,11 +38,15 @@ class Scoring:
   `max_new_tokens` tokens, stopping at EOS or at any of `stop` (the text is cut before
   it), then score the text with the task's metric_fns. splits: ((name used here, the
   task's own split name), ...) for a task whose splits are named otherwise, e.g.
-  (('dev', 'validation'),): the search's 'dev' then reads the task's 'validation'."""
+  (('dev', 'validation'),): the search's 'dev' then reads the task's 'validation'.
+  metric: the task's score (see the module docstring; "" = the kind's default).
+  target_delimiter: put between context and continuation (choice, exact)."""
   kind: str
   max_new_tokens: int = 32
   stop: tuple[str, ...] = ()
   splits: tuple[tuple[str, str], ...] = ()
+  metric: str = ""
+  target_delimiter: str = " "
 
   def __post_init__(self):
     check(self.kind in KIND_NAMES, f"unknown scoring kind {self.kind!r}", "kind",
@@ -38,6 +56,29 @@ class Scoring:
           "max_new_tokens")
     check(all(isinstance(s, str) and s for s in self.stop),
           f"stop sequences must be non-empty strings, got {self.stop!r}", "stop")
+    check(isinstance(self.target_delimiter, str),
+          f"target_delimiter must be a string, got {self.target_delimiter!r}",
+          "target_delimiter")
+    if self.kind in KIND_METRICS:
+      check(not self.metric or self.metric in KIND_METRICS[self.kind],
+            f"kind {self.kind!r} has no metric {self.metric!r}", "metric",
+            f"choose from: {', '.join(KIND_METRICS[self.kind])}")
+
+  @property
+  def score_metric(self) -> str:
+    """The metric the task is scored by ("" for generate: its verifier's first)."""
+    return self.metric or KIND_METRICS.get(self.kind, ("",))[0]
+
+
+def encode_pair(encode, context: str, continuation: str) -> tuple[list[int], list[int]]:
+  """lm-eval's `_encode_pair` (causal models): the context's trailing whitespace moved to
+  the continuation, context + continuation encoded together and split at the length of
+  the context's own encoding. encode: text -> ids (no special tokens)."""
+  n = len(context) - len(context.rstrip())
+  if n:
+    context, continuation = context[:-n], context[-n:] + continuation
+  whole, head = encode(context + continuation), encode(context)
+  return list(head), list(whole[len(head):])
 
 
 _DECLARED: dict[str, Scoring] = {}
@@ -80,4 +121,6 @@ def score_texts(task, examples, texts) -> float:
   preds = [post(truncate(t, stop), example=e, is_target=False) for t, e in zip(texts, examples)]
   check(bool(task.metric_fns), f"task {task.name!r} generates but has no metric_fns",
         task.name, "register it with a verifier")
-  return float(next(iter(task.metric_fns[0](targets, preds).values())))
+  values = task.metric_fns[0](targets, preds)
+  metric = of(task, False).metric
+  return float(values[metric] if metric else next(iter(values.values())))

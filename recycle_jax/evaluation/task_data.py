@@ -4,11 +4,16 @@ A split becomes a `TaskData` pytree (static `kind`, fixed shapes), so one compil
 program can score any candidate, or a vmapped population, without leaving the device.
 How each kind is materialized and scored is one `Kind` record in `kinds.REGISTRY`:
 
-  choice:   rank classification by length-normalized log-likelihood of each choice (any
-            number of choices per example).
-  exact:    greedy decoding checked by exact match against the target (+EOS). Because
-            decoding is greedy, "every teacher-forced argmax equals the target" is the
-            same event; `generation='teacher_forced'` scores it with one forward pass.
+  choice:   rank classification by the log-likelihood of each choice (any number of
+            choices per example): summed (lm-eval's acc) or divided by the choice's
+            characters, bytes or tokens (`scoring.KIND_METRICS`).
+  exact:    the target is the greedy continuation (lm-eval's is_greedy; with EOS after it
+            for the metric is_greedy_eos). Because decoding is greedy, "every
+            teacher-forced argmax equals the target" is the same event;
+            `generation='teacher_forced'` scores it with one forward pass.
+Choice and exact splits are tokenized as lm-eval tokenizes loglikelihood requests
+(`scoring.encode_pair`: the target delimiter, the context's trailing whitespace moved into
+the continuation, encoded together and split at the context's length).
   generate: greedy decoding on device (`decoding.generate`: KV cache, EOS and stop
             sequences); the tokens come back to the host, where the task's verifier
             (its seqio metric_fns, `scoring.score_texts`) scores them: `verify`.
@@ -45,7 +50,9 @@ class TaskData:
             tokens/target_mask are the prompts/zeros (unused). `split`, `examples` (E)
             and `vocab_key` find the host examples the verifier scores against.
   choice:   tokens [E, C, L], target_mask [E, C, L], labels [E], choice_count [E] (the
-            example's real choices come first; the other slots are empty and never win).
+            example's real choices come first; the other slots are empty and never win),
+            choice_norm [E, C]: what each choice's summed log-likelihood is divided by
+            before the argmax (1 for acc; characters, bytes or tokens otherwise).
   """
   tokens: jax.Array
   target_mask: jax.Array
@@ -57,6 +64,7 @@ class TaskData:
   choice_count: jax.Array | None = None
   stop_ids: jax.Array | None = None
   packed: tuple["Packed", ...] | None = None  # the scoring layout (`pack`), by materialize
+  choice_norm: jax.Array | None = None
   kind: str = flax.struct.field(pytree_node=False, default="exact")
   name: str = flax.struct.field(pytree_node=False, default="")
   split: str = flax.struct.field(pytree_node=False, default="")
@@ -86,6 +94,7 @@ class Packed:
   """
   tokens: jax.Array
   positions: jax.Array
+    group_norm [R, C]: each choice's divisor (`TaskData.choice_norm`; ones otherwise).
   segments: jax.Array
   slot_pos: jax.Array
   slot_tok: jax.Array
@@ -95,6 +104,7 @@ class Packed:
   kind: str = flax.struct.field(pytree_node=False, default="exact")
 
 
+  group_norm: jax.Array
 def _round_up(n: int, m: int = 8) -> int:
   return max(m, -(-n // m) * m)
 
@@ -114,8 +124,8 @@ def _sequences(prompts, conts) -> tuple[np.ndarray, np.ndarray]:
 
 
 def choice_data(name: str, prompts: Sequence[Sequence[int]],
-                choices: Sequence[Sequence[Sequence[int]]], labels: Sequence[int]
-                ) -> TaskData:
+                choices: Sequence[Sequence[Sequence[int]]], labels: Sequence[int],
+                norms: Sequence[Sequence[float]] | None = None) -> TaskData:
   """A choice split from token ids; examples may have different numbers of choices.
 
   Each example's choices are padded to the split's maximum C with empty slots
@@ -124,6 +134,7 @@ def choice_data(name: str, prompts: Sequence[Sequence[int]],
   counts = [len(cs) for cs in choices]
   for i, (n, y) in enumerate(zip(counts, labels)):
     check(n >= 1 and 0 <= y < n, f"example {i} has label {y} but {n} choices",
+  norms: per example, each choice's divisor (default 1: summed log-likelihood, acc).
           f"task {name!r}", "labels index the example's own choices")
   c = max(counts)
   flat_p = [p for p, cs in zip(prompts, choices) for _ in cs]
@@ -134,20 +145,77 @@ def choice_data(name: str, prompts: Sequence[Sequence[int]],
   for i, n in enumerate(counts):
     full_t[i, :n], full_m[i, :n] = tokens[row:row + n], mask[row:row + n]
     row += n
+  full_n = np.ones((e, c), np.float32)
   d = TaskData(tokens=full_t, target_mask=full_m, labels=np.asarray(labels, np.int32),
-               choice_count=np.asarray(counts, np.int32), kind="choice", name=name)
+               choice_count=np.asarray(counts, np.int32), choice_norm=full_n,
+               kind="choice", name=name)
   return d.replace(packed=pack(d))
+    if norms is not None:
+      check(len(norms[i]) == n and all(x > 0 for x in norms[i]),
+            f"example {i} has norms {list(norms[i])} for {n} choices", f"task {name!r}",
+            "give one positive divisor per choice")
+      full_n[i, :n] = norms[i]
 
 
 def _choice(name: str, prompts: list, rows: list[dict], vocab: seqio.Vocabulary,
             how: scoring.Scoring) -> TaskData:
-  choices = [[vocab.encode(c.decode()) for c in r["choices"]] for r in rows]
-  return choice_data(name, prompts, choices, [int(r["label"]) for r in rows])
+  texts = [[_text(c) for c in r["choices"]] for r in rows]
+  contexts, choices = loglikelihood_pairs(rows, vocab, how, texts)
+  for i, (t, cs) in enumerate(zip(texts, choices)):
+    check(all(t) and all(cs), f"example {i} of task {name!r} has an empty choice",
+          f"task {name!r}", "every choice needs text (lm-eval divides by its length)")
+  norms = [choice_norms(how.score_metric, t, cs) for t, cs in zip(texts, choices)]
+  return choice_data(name, contexts, choices, [int(r["label"]) for r in rows], norms)
+def _text(x) -> str:
+  return x.decode() if isinstance(x, bytes) else str(x)
+
+
+def bos_prefix(vocab: seqio.Vocabulary) -> list[int]:
+  """[BOS] where the tokenizer starts a sequence with it (as transformers does), else []."""
+  return [vocab.bos_id] if getattr(vocab, "add_bos", False) else []
+
+
+def loglikelihood_pairs(rows: list[dict], vocab: seqio.Vocabulary, how: scoring.Scoring,
+                        continuations: Sequence[Sequence[str]]
+                        ) -> tuple[list[list[int]], list[list[list[int]]]]:
+  """Per example, the context ids and each continuation's ids as lm-eval encodes the
+  requests (context = the prompt text, continuation = target_delimiter + text;
+  `scoring.encode_pair`). An empty context starts from BOS or, without one, from EOS
+  (lm-eval's prefix token), so the first continuation token is scored too."""
+  contexts, conts = [], []
+  for r, texts in zip(rows, continuations):
+    context = _text(r["inputs_pretokenized"])
+    pairs = [scoring.encode_pair(vocab.encode, context, how.target_delimiter + t)
+             for t in texts]
+    head = bos_prefix(vocab) + pairs[0][0]
+    contexts.append(head or [vocab.eos_id])
+    conts.append([c for _, c in pairs])
+  return contexts, conts
+
+
+def choice_norms(metric: str, texts: Sequence[str], tokens: Sequence[Sequence[int]]
+                 ) -> list[float]:
+  """Each choice's divisor for `metric`: lm-eval divides by the choice's characters
+  (acc_norm) or UTF-8 bytes (acc_bytes), the delimiter not counted."""
+  if metric == "acc_norm":
+    return [float(len(t)) for t in texts]
+  if metric == "acc_bytes":
+    return [float(len(t.encode("utf-8"))) for t in texts]
+  if metric == "acc_mean_token":
+    return [float(max(len(c), 1)) for c in tokens]
+  return [1.0] * len(texts)
+
+
 
 
 def _exact(name: str, prompts: list, rows: list[dict], vocab: seqio.Vocabulary,
            how: scoring.Scoring) -> TaskData:
-  targets = [r["targets"].tolist() for r in rows]  # EOS appended by seqio
+  prompts, conts = loglikelihood_pairs(rows, vocab, how,
+                                       [[_text(r["targets_pretokenized"])] for r in rows])
+  eos = [vocab.eos_id] if how.score_metric == "is_greedy_eos" else []
+  targets = [c[0] + eos for c in conts]
+  check(all(targets), f"task {name!r} has an empty target", f"task {name!r}",
+        "every example needs a target to match")
   tokens, mask = _sequences(prompts, targets)
   d = TaskData(tokens=tokens, target_mask=mask, kind="exact", name=name,
                prompts=_pad(prompts, _round_up(max(map(len, prompts)))),
@@ -233,6 +301,8 @@ def pack(d: TaskData, max_buckets: int = 4, overhead: int = 128) -> tuple[Packed
   lo = 0
   for hi in _buckets(lengths, max_buckets, overhead):
     idx = [i for i, n in enumerate(lengths) if lo < _round_up(int(n)) <= hi]
+  norms = (np.asarray(d.choice_norm, np.float32) if d.choice_norm is not None
+           else np.ones(tokens.shape[:2], np.float32))
     lo = hi
     if not idx:
       continue
@@ -248,7 +318,7 @@ def pack(d: TaskData, max_buckets: int = 4, overhead: int = 128) -> tuple[Packed
         spos[r, k], stok[r, k], sgrp[r, k] = a, b, c
     out.append(Packed(tokens=tok, positions=pos, segments=seg, slot_pos=spos,
                       slot_tok=stok, slot_group=sgrp, labels=labels[idx],
-                      num_groups=tokens.shape[1], kind=d.kind))
+                      group_norm=norms[idx], num_groups=tokens.shape[1], kind=d.kind))
   return tuple(out)
 
 
@@ -259,11 +329,12 @@ def pad_rows(p: Packed, multiple: int) -> Packed:
   extra = -rows % multiple
   if not extra:
     return p
-  fill = {"tokens": transformer.PAD_ID, "segments": -1, "slot_group": -1}
+  fill = {"tokens": transformer.PAD_ID, "segments": -1, "slot_group": -1, "group_norm": 1}
   grow = lambda name, x: np.concatenate(  # noqa: E731
       [x, np.full((extra, *x.shape[1:]), fill.get(name, 0), x.dtype)])
   out = {k: grow(k, np.asarray(getattr(p, k))) for k in
-         ("tokens", "positions", "segments", "slot_pos", "slot_tok", "slot_group", "labels")}
+         ("tokens", "positions", "segments", "slot_pos", "slot_tok", "slot_group", "labels",
+          "group_norm")}
   out["positions"][rows:] = np.arange(p.tokens.shape[1])
   return p.replace(**out)
 

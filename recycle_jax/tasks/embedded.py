@@ -15,8 +15,9 @@ Generation answers come from executing the code (`exec`) or from fixed formattin
 functions. Scoring (`scoring.Scoring`, `verifiers`): rj_code decodes greedily and the
 `output_prediction` verifier executes the snippet in the sandbox and compares what it
 prints with the generation; rj_math decodes greedily and the `numeric` verifier compares
-the extracted numbers; rj_instruct scores teacher-forced exact match (`exact`); the
-multiple choice tasks rank classification. Every split is disjoint (items are deduplicated by
+the extracted numbers (lm-eval gsm8k's flexible-extract); rj_instruct scores whether the
+answer and EOS are the greedy continuation (`exact`, is_greedy_eos); the multiple choice
+tasks rank classification by summed log-likelihood (lm-eval's acc). Every split is disjoint (items are deduplicated by
 prompt before they are cut into train/dev/test) and held-out tasks have no train split.
 The pretraining text is Python's standard library source (real code) plus the generated
 world's fact sentences, the only place rj_knowledge's answers appear.
@@ -283,8 +284,14 @@ def fact_sentences() -> list[str]:
 # ----------------------------------------------------------------------------- seqio
 
 # Generated tasks' scoring: decode at most max_new_tokens (answers are a few bytes), stop at
-# a newline, score with the verifier. The rest: teacher-forced exact match or choice.
-_VERIFIED = {"rj_code": ("output_prediction", 16), "rj_math": ("numeric", 8)}
+# a newline, score with the verifier's named metric (rj_math's answers are bare numbers:
+# lm-eval gsm8k's flexible-extract). The rest: is_greedy of the answer followed by EOS
+# (rj_instruct asks for exactly the answer) or choice by summed log-likelihood (lm-eval's
+# acc). Prompts end with the separator, so the target delimiter is empty.
+_VERIFIED = {"rj_code": ("output_prediction", 16, "output_match"),
+             "rj_math": ("numeric", 8, "flexible-extract")}
+_SCORED = {"rj_instruct": scoring.Scoring("exact", metric="is_greedy_eos", target_delimiter="")}
+_CHOICE = scoring.Scoring("choice", metric="acc", target_delimiter="")
 
 
 def _dataset_fn(task: str):
@@ -315,7 +322,7 @@ def register() -> None:
   for name in HELD_IN + HELD_OUT:
     if name in seqio.TaskRegistry.names():
       continue
-    verifier, max_new = _VERIFIED.get(name, (None, 0))
+    verifier, max_new, metric = _VERIFIED.get(name, (None, 0, ""))
     seqio.TaskRegistry.add(
         name,
         source=seqio.FunctionDataSource(_dataset_fn(name), splits=SPLITS),
@@ -323,5 +330,7 @@ def register() -> None:
         output_features=features, postprocess_fn=jsonl.postprocess,
         metric_fns=[verifiers.get(verifier)] if verifier else [])
     if verifier:
-      scoring.declare(name, scoring.Scoring("generate", max_new, ("\n",)))
+      scoring.declare(name, scoring.Scoring("generate", max_new, ("\n",), metric=metric))
+    else:
+      scoring.declare(name, _SCORED.get(name, _CHOICE))
 

