@@ -199,6 +199,16 @@ def parity_configs(base: str, m: list[str]) -> dict[str, dict]:
                 "models": [{"model": m[0]}], "parameters": {"t": [
                     {"filter": "self_attn", "value": [0.0, 0.5, 0.3, 0.7, 1.0]},
                     {"value": 0.4}]}},
+      "sce": {"merge_method": "sce", "base_model": base, "dtype": "float32",
+              "models": [{"model": x} for x in m], "parameters": {"select_topk": 1.0}},
+      "sce (select_topk gradient)": {
+          "merge_method": "sce", "base_model": base, "dtype": "float32",
+          "models": [{"model": x} for x in m], "parameters": {"select_topk": [0.2, 0.7]}},
+      "nearswap": {"merge_method": "nearswap", "base_model": base, "dtype": "float32",
+                   "models": [{"model": m[0]}], "parameters": {"t": [
+                       {"filter": "mlp", "value": [0.001, 0.05]}, {"value": 0.01}]}},
+      "arcee_fusion": {"merge_method": "arcee_fusion", "base_model": base,
+                       "dtype": "float32", "models": [{"model": m[0]}]},
   }
 
 

@@ -90,9 +90,14 @@ for _m in (
     Method("model_stock", (Param("filter_wise", bool, SHARED, False),), base="required",
            min_inputs=3),
     Method("passthrough", (Param("scale", float, INPUT, None),), max_inputs=1),
+    Method("sce", (Param("int8_mask", bool, SHARED, False),
+                   Param("select_topk", float, SHARED, 1.0)), base="required"),
+    Method("nearswap", (Param("t", float, SHARED),), base="required", min_inputs=2,
+           max_inputs=2),
+    Method("arcee_fusion", (), base="required", min_inputs=2, max_inputs=2),
 ):
   REGISTRY.register(_m)
-NOT_SUPPORTED = ("arcee_fusion", "nearswap", "ram", "ramplus_tl", "sce")
+NOT_SUPPORTED = ("ram", "ramplus_tl")
 TOP_FIELDS = ("merge_method", "base_model", "models", "slices", "parameters", "dtype",
               "out_dtype", "tokenizer_source")
 REFUSED_FIELDS = {"modules": "multi-module configs", "tokenizer": "the tokenizer section "

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from recycle_jax.merging import geometric, kernels, task_vectors
+from recycle_jax.merging import geometric, kernels, selection, task_vectors
 from recycle_jax.checkpoint_io import mergekit_config, safetensors_io, tokenizer_files
 from recycle_jax.runtime import validation
 from recycle_jax.runtime.errors import check
@@ -40,7 +40,7 @@ GTA = {"task_arithmetic": (None, False), "ties": ("magnitude", True),
        "breadcrumbs_ties": ("magnitude_outliers", True),
        "della": ("della_magprune", True), "della_linear": ("della_magprune", False)}
 FLOATS = ("weight", "density", "gamma", "epsilon")  # per input, traced
-SHARED_FLOATS = ("lambda", "t")  # per tensor, traced (gradients vary them by layer)
+SHARED_FLOATS = ("lambda", "t", "select_topk")  # per tensor, traced (layer gradients)
 TAGALONG = ("generation_config.json",)
 DONOR_TOKENIZER = ("tokenizer_config.json", "special_tokens_map.json", "tokenizer.json",
                    "tokenizer.model", "added_tokens.json", "merges.txt", "vocab.json",
@@ -88,6 +88,12 @@ def merge_tensor(xs, per, shared, counts, key, *, method: str, base: int | None,
     out = geometric.model_stock_leaf(b, [xs[i] for i in nb], None, opt["filter_wise"])
   elif method == "passthrough":
     out = xs[0] if opt["scale"] is None else xs[0] * opt["scale"]
+  elif method == "sce":
+    out = selection.sce_leaf(b, [xs[i] for i in nb], None, shared["select_topk"])
+  elif method == "nearswap":
+    out = selection.nearswap_leaf(b, xs[nb[0]], shared["t"])
+  elif method == "arcee_fusion":
+    out = selection.arcee_fusion_leaf(b, xs[nb[0]])
   else:
     raise AssertionError(method)
   return out.astype(out_dtype)

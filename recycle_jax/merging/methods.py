@@ -3,7 +3,7 @@ pattern), from which everything else is derived: the CLI's `--method` choices an
 the task-vector baselines, the report's row order, the figures' markers, the search spaces
 and whether a base checkpoint is needed.
 
-Adding a method is one kernel (in `merging`, `task_vectors` or `geometric`) and one
+Adding a method is one kernel (in `kernels`, `task_vectors`, `geometric` or `selection`) and one
 `MergeMethod` entry below (or `register(...)` from another module);
 tests/test_methods_registry.py covers it for free.
 """
@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import jax
 
-from recycle_jax.merging import geometric, kernels, task_vectors
+from recycle_jax.merging import geometric, kernels, selection, task_vectors
 from recycle_jax.runtime.errors import check
 from recycle_jax.runtime.registry import Registry
 
@@ -92,6 +92,11 @@ GAMMA = Hparam("gamma", 0.01, (0.001, 0.1), linear=0.01, valid=(0.0, 0.5),
                help="breadcrumbs: fraction of largest-magnitude entries dropped (outliers)")
 EPSILON = Hparam("epsilon", 0.1, (0.01, 0.2), linear=0.1, valid=(0.0, 0.5),
                  help="DELLA: keep probabilities span density +- epsilon by magnitude rank")
+SELECT_TOPK = Hparam("select_topk", 1.0, (0.05, 1.0), linear=1.0, valid=(0.0, 1.0),
+                     help="SCE: fraction of entries kept, those of most variance across models")
+NEARSWAP_T = Hparam("nearswap_t", 0.001, (1e-5, 0.05), valid=(0.0, float("inf")),
+                    help="NearSwap: entries within this distance of the base are swapped in "
+                         "whole, farther ones move this far (mergekit's t)")
 
 REGISTRY: Registry[MergeMethod] = Registry("merge method", "--method")
 register = REGISTRY.register
@@ -132,6 +137,13 @@ for _m in (
                 doc="weighted Riemannian (Karcher) mean of the directions, mean norm"),
     MergeMethod("model_stock", geometric.model_stock, needs_base=True, members=False,
                 doc="average pulled toward the base by the task vectors' mean angle"),
+    MergeMethod("sce", selection.sce, (SELECT_TOPK,), needs_base=True,
+                doc="select entries by variance, weight models by energy, erase sign "
+                    "conflicts"),
+    MergeMethod("nearswap", selection.nearswap, (NEARSWAP_T,), needs_base=True,
+                members=False, doc="the base, with the average's entries near it swapped in"),
+    MergeMethod("arcee_fusion", selection.arcee_fusion, needs_base=True, members=False,
+                doc="the base, with the average's changes of outlying importance"),
 ):
   register(_m)
 

@@ -108,7 +108,7 @@ def test_slices_give_per_range_parameters(folders, tmp_path):
 
 BAD = {  # what is wrong -> (config edits, the words the error must contain)
     "unknown method": ({"merge_method": "frobnicate"}, "unknown merge method 'frobnicate'"),
-    "unsupported method": ({"merge_method": "sce"}, "not supported"),
+    "unsupported method": ({"merge_method": "ram"}, "not supported"),
     "missing model": ({"models": [{"model": "/nonexistent/m"}]}, "not found on disk"),
     "hub id": ({"models": [{"model": "org/some-model"}]}, "not found on disk"),
     "parameter not taken": ({"models": [{"model": "M0", "parameters": {"weight": 1,
