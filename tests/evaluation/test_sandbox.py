@@ -15,7 +15,7 @@ from recycle_jax.tasks import humaneval
 
 JAILED = pytest.mark.skipif(sandbox.jail_problem() is not None,
                             reason=f"the jail cannot start here: {sandbox.jail_problem()}")
-LIMITS = sandbox.Limits(timeout_s=3, cpu_s=2, memory_mb=512, file_mb=1)
+LIMITS = sandbox.Limits(timeout_s=2, cpu_s=2, memory_mb=512, file_mb=1)
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 

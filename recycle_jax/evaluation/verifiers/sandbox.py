@@ -104,9 +104,15 @@ def allow_unsandboxed(allow: bool) -> None:
   _ALLOW_UNSANDBOXED = bool(allow)
 
 
-@functools.lru_cache(None)
 def jail_problem() -> str | None:
-  """None when the jail works here, else what failed (one line). Measured once."""
+  """None when the jail works here, else what failed (one line). Measured once per
+  effective uid (a caller that switched its euid gets its own answer)."""
+  return _jail_problem(os.geteuid())
+
+
+@functools.lru_cache(None)
+def _jail_problem(euid: int) -> str | None:
+  del euid  # the cache key
   if not sys.platform.startswith("linux"):
     return f"Linux namespaces are needed; this is {sys.platform}"
   out = _run(Program("print('ok')"), Limits(timeout_s=30), jail=True)
