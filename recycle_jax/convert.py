@@ -18,7 +18,7 @@ from recycle_jax.checkpoint_io import checkpoint_meta
 from recycle_jax.models import families
 from recycle_jax.checkpoint_io import tokenizer_files
 from recycle_jax.runtime.errors import check
-from recycle_jax.checkpoint_io.hf_reader import is_hf_dir, load_hf
+from recycle_jax.checkpoint_io.hf_reader import is_hf_folder, load_hf
 
 PyTree = Any
 HF_CONFIG, HF_WEIGHTS, HF_INDEX = "config.json", "model.safetensors", "model.safetensors.index.json"
@@ -32,10 +32,10 @@ def convert(src: str, dst: str, overwrite: bool = False) -> str:
         "pass a Hugging Face model directory or an Orbax checkpoint")
   size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(src) for f in fs)
   outputs.check_output(dst, [src], overwrite, flag="DST", nbytes=size)
-  check(is_hf_dir(src) or not any(f.endswith(".safetensors") for f in os.listdir(src)),
+  check(is_hf_folder(src) or not any(f.endswith(".safetensors") for f in os.listdir(src)),
         "a Hugging Face folder without config.json", src,
         "save the model with save_pretrained (it writes config.json)")
-  if is_hf_dir(src):
+  if is_hf_folder(src):
     cfg, params, hf = load_hf(src)
     checkpoints.save(dst, params, {"model": cfg.to_dict(),
                                    "source": {"format": "huggingface",

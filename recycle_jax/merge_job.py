@@ -92,9 +92,12 @@ def save_merge(loaded: Loaded, space: spaces.MergeSpace, point: np.ndarray,
   """The one merge path of `search` and `merge`: the point merged and checked finite in
   one program, sharded like the pool, saved with its metadata (`how` it was merged)."""
   w = np.asarray(point, np.float32)
-  merged, finite = jax.jit(space.merge_checked, out_shardings=(
-      loaded.shardings, partitioning.replicated(loaded.mesh)))(
-          w, space.operands(loaded.params, base))
+  if space.is_linear:  # memory and compile time of the model's size, whatever N
+    merged, finite = kernels.linear_accumulated(w, loaded.params)
+  else:
+    merged, finite = jax.jit(space.merge_checked, out_shardings=(
+        loaded.shardings, partitioning.replicated(loaded.mesh)))(
+            w, space.operands(loaded.params, base))
   if not bool(finite):  # found in the merge's own pass; only now look for the culprit
     bad = nonfinite_members(loaded)
     raise UserError(f"the merge has NaN or Inf values coming from {bad or 'the base'}",
@@ -249,7 +252,8 @@ def explicit_weights(weights: str | None, n: int, groups: Sequence[str],
 def _stream(req: MergeRequest, c: _Checked) -> None:
   """The linear merge out of core: Hugging Face folders into a Hugging Face folder, or
   Orbax checkpoints into an Orbax checkpoint."""
-  folders = [checkpoints.is_hf_folder(p) for p in c.pool.paths]
+  from recycle_jax.checkpoint_io import hf_reader
+  folders = [hf_reader.is_hf_folder(p) for p in c.pool.paths]
   if any(folders):
     check(all(folders) and req.fmt == "hf", "--streaming merges Hugging Face folders "
           "into a Hugging Face folder only", "--format",

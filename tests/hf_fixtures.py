@@ -48,3 +48,14 @@ def tiny_llama(folder, vocab_size, seed=0, tie=False, layers=2, d=32, heads=4, k
   model = transformers.LlamaForCausalLM(cfg).eval()
   model.save_pretrained(folder)
   return model
+
+
+def read_hf_tensors(src: str) -> dict:
+  """Every tensor of a folder's safetensors files, as stored."""
+  import glob
+  from safetensors import safe_open
+  out = {}
+  for path in sorted(glob.glob(os.path.join(src, "*.safetensors"))):
+    with safe_open(path, framework="np") as f:
+      out.update({k: f.get_tensor(k) for k in f.keys()})
+  return out

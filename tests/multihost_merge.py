@@ -10,6 +10,7 @@ import sys
 
 import jax
 import numpy as np
+import tree_helpers
 
 
 def merge(pool_path: str, weights, output: str, model_axis: int = 8) -> None:
@@ -24,7 +25,7 @@ def merge(pool_path: str, weights, output: str, model_axis: int = 8) -> None:
       meta.abstract, partitioning.param_shardings(meta.abstract, mesh))
   params = checkpoints.restore_pool(pool, abstract)
   alphas = np.asarray(weights, np.float32)
-  merged, finite = jax.jit(kernels.linear_checked)(alphas, params)
+  merged, finite = jax.jit(tree_helpers.linear_checked)(alphas, params)
   assert bool(finite)
   checkpoints.save(output, merged, {"model": meta.model_config,
                                     "merge": {"weights": alphas.tolist(), "pool": pool.names}})

@@ -13,7 +13,7 @@ from recycle_jax import cli
 
 pytestmark = pytest.mark.slow  # the example end to end: `make test-slow` (CI)
 
-transformers = pytest.importorskip("transformers")
+import transformers  # noqa: E402 (pinned test dependency)
 EXAMPLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                        "examples", "byo_pool")
 

@@ -19,9 +19,9 @@ from recycle_jax.runtime import outputs, quiet, validation, waits
 from recycle_jax.checkpoint_io import tokenizer_files
 from recycle_jax.runtime.errors import UserError, check
 from recycle_jax.models.partitioning import path_str, with_shardings
+from recycle_jax.checkpoint_io.hf_reader import is_hf_folder
 from recycle_jax.checkpoint_io.checkpoint_meta import META_KEY, CheckpointMeta
 from recycle_jax.checkpoint_io.pool_manifest import Pool
-from recycle_jax.runtime.outputs import commit, temp_sibling
 
 PyTree = Any
 
@@ -124,10 +124,6 @@ def validate_pool(pool: Pool) -> CheckpointMeta:
 
 # ----------------------------------------------------------------------------- I/O
 
-def is_hf_folder(path: str) -> bool:
-  return os.path.isfile(os.path.join(path, "config.json"))
-
-
 def restore(path: str, abstract: PyTree, name: str | None = None) -> PyTree:
   """Restores arrays, placed by the shardings in `abstract` when it has them (a read
   that hangs ends at the bound: waits)."""
@@ -177,18 +173,33 @@ def save(path: str, params: PyTree, custom: dict, overwrite: bool = False,
   tokenizer is kept with it: its files in `tokenizer/`, its kind and content hash in the
   metadata (`tokenizer_files.of_checkpoint` reads them back)."""
   import orbax.checkpoint as ocp
-  path = os.path.abspath(path)
-  tmp = temp_sibling(path)
   if tokenizer is not None:
     custom = {**custom, "vocabulary": tokenizer.describe()}  # the key existing checkpoints use
-  try:
+  with outputs.writing(path, overwrite, reads_back(params)) as tmp:
     ckptr = ocp.StandardCheckpointer()
     ckptr.save(tmp, params, custom_metadata={META_KEY: custom})
     waits.call(ckptr.wait_until_finished, "writing the checkpoint", tmp)
     if jax.process_index() == 0:
       tokenizer_files.write_files(tokenizer, os.path.join(tmp, tokenizer_files.TOKENIZER_DIR))
-  except BaseException:
-    if jax.process_index() == 0:  # a full disk, a signal: no partial output left
-      outputs.remove(tmp)
-    raise
-  commit(tmp, path, overwrite)
+
+
+def reads_back(params: PyTree):
+  """A check that a written Orbax checkpoint is complete: its metadata reads back with
+  every array of `params`, of its shape (a success is reported only after it)."""
+  want = {k: tuple(v) for k, v in _describe(params).items()}
+
+  def verify(path: str) -> None:
+    import orbax.checkpoint as ocp
+    try:
+      tree = waits.call(lambda: ocp.StandardCheckpointer().metadata(path),
+                        "reading back the written checkpoint", path).item_metadata
+      got = {k: tuple(v) for k, v in _describe(jax.tree.map(
+          lambda m: jax.ShapeDtypeStruct(tuple(m.shape), np.dtype(m.dtype)), dict(tree))).items()}
+    except UserError:
+      raise
+    except Exception as e:  # noqa: BLE001 (Orbax raises many types)
+      got = f"{type(e).__name__}: {' '.join(str(e).split())[:120]}"
+    why = got if isinstance(got, str) else "its arrays differ"
+    check(got == want, f"the written checkpoint does not read back whole ({why})", path,
+          "rerun the command (was the disk full, or did something else write there?)")
+  return verify

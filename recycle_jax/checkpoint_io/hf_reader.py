@@ -38,7 +38,7 @@ class HFModel:
   shapes: dict[str, tuple]  # HF tensor name -> shape
 
 
-def is_hf_dir(path: str) -> bool:
+def is_hf_folder(path: str) -> bool:
   return os.path.isfile(os.path.join(path, HF_CONFIG))
 
 
@@ -100,16 +100,6 @@ def inspect_hf(src: str) -> HFModel:
   files, shapes = _headers(_weight_files(src))
   families.check_tensors(cfg, shapes, src)
   return HFModel(src, fam, cfg, hf, files, shapes)
-
-
-def read_hf_tensors(src: str) -> dict[str, np.ndarray]:
-  """Every tensor of a folder's safetensors files (as stored)."""
-  from safetensors import safe_open
-  out = {}
-  for path in _weight_files(src):
-    with safe_open(path, framework="np") as f:
-      out.update({k: f.get_tensor(k) for k in f.keys()})
-  return out
 
 
 def load_hf(src: str) -> tuple[transformer.ModelConfig, PyTree, dict]:

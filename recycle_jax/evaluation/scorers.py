@@ -72,7 +72,10 @@ def make_scorer(decoder: transformer.Decoder, generation: str = "teacher_forced"
   return score
 
 
-_VERIFIER_THREADS = concurrent.futures.ThreadPoolExecutor(2, "verify")
+@functools.lru_cache(None)
+def _verifier_threads() -> concurrent.futures.ThreadPoolExecutor:
+  """Started on first use (importing this module starts no thread)."""
+  return concurrent.futures.ThreadPoolExecutor(2, "verify")
 
 
 def finish(scores: np.ndarray, tokens: Sequence[np.ndarray],
@@ -102,4 +105,4 @@ def finish_async(out, datas: Sequence[TaskData]) -> concurrent.futures.Future:
   def run():
     scores, finite, tokens = jax.device_get(out)
     return finish(scores, tokens, datas), finite
-  return _VERIFIER_THREADS.submit(run)
+  return _verifier_threads().submit(run)

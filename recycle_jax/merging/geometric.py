@@ -3,7 +3,7 @@
 Each leaf kernel takes float32 leaves and follows mergekit's formula (its module is named
 in each docstring), so a mergekit config gives mergekit's result; the tree-level methods
 take recycle_jax's weights (alphas [N] on the simplex, or [G, N] per layer group) and
-`kernels._map_merge` casts results to the stored dtype. Data-dependent branches of the
+`kernels.map_merge` casts results to the stored dtype. Data-dependent branches of the
 reference (colinear vectors, convergence) become `jnp.where` / a masked fixed-length loop,
 so every kernel jits and vmaps.
 """
@@ -55,7 +55,7 @@ def multislerp_leaf(xs: Sequence[jax.Array], weights, base: jax.Array | None = N
 
 def multislerp(alphas, pool) -> PyTree:
   """Multi-SLERP of the pool's checkpoints, tensor by tensor (base-free)."""
-  return kernels._map_merge(lambda i, a, b, xs: multislerp_leaf(xs, a), alphas, pool)
+  return kernels.map_merge(lambda i, a, b, xs: multislerp_leaf(xs, a), alphas, pool)
 
 
 # ----------------------------------------------------------------------------- NuSLERP
@@ -94,7 +94,7 @@ def nuslerp_leaf(t, v0: jax.Array, v1: jax.Array, base: jax.Array | None = None,
 
 def nuslerp(alphas, pool) -> PyTree:
   """NuSLERP of 2 checkpoints (base-free), t = alphas[1] / (alphas[0] + alphas[1])."""
-  return kernels._map_merge(
+  return kernels.map_merge(
       lambda i, a, b, xs: nuslerp_leaf(nuslerp_t(a[0], a[1]), *xs), alphas, pool)
 
 
@@ -137,7 +137,7 @@ def karcher_leaf(xs: Sequence[jax.Array], weights, max_iter: int = 10, tol: floa
 
 def karcher(alphas, pool, max_iter: int = 10, tol: float = 1e-5) -> PyTree:
   """The Karcher mean of the pool's checkpoints, tensor by tensor (base-free)."""
-  return kernels._map_merge(lambda i, a, b, xs: karcher_leaf(xs, a, max_iter, tol), alphas,
+  return kernels.map_merge(lambda i, a, b, xs: karcher_leaf(xs, a, max_iter, tol), alphas,
                             pool)
 
 
@@ -170,5 +170,5 @@ def model_stock_leaf(base: jax.Array, xs: Sequence[jax.Array], weights=None,
 def model_stock(alphas, pool, base) -> PyTree:
   """Model stock of the pool against its base, tensor by tensor; alphas weight the average
   (uniform alphas: mergekit's)."""
-  return kernels._map_merge(lambda i, a, b, xs: model_stock_leaf(b, xs, a), alphas, pool,
+  return kernels.map_merge(lambda i, a, b, xs: model_stock_leaf(b, xs, a), alphas, pool,
                             base)

@@ -53,20 +53,32 @@ def linear(alphas: jax.Array, pool: Pool) -> PyTree:
   return jax.tree.map(leaf, *pool)
 
 
-def linear_population(alphas: jax.Array, pool: Pool) -> PyTree:
-  """alphas: [P, N] -> trees with a leading population axis [P, ...]."""
-  return jax.vmap(linear, in_axes=(0, None))(alphas, pool)
-
-
 def all_finite(tree: PyTree) -> jax.Array:
   """Scalar bool; fused into the merge that produced `tree`, so no extra pass over data."""
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
-def linear_checked(alphas: jax.Array, pool: Pool) -> tuple[PyTree, jax.Array]:
-  """The linear merge and whether it is all finite, in one pass over the data."""
-  merged = linear(alphas, pool)
+@jax.jit
+def _accumulate(acc: PyTree, alpha: jax.Array, params: PyTree) -> PyTree:
+  return jax.tree.map(lambda s, x: s + alpha * x.astype(jnp.float32), acc, params)
+
+
+@jax.jit
+def _finish(acc: PyTree, like: PyTree) -> tuple[PyTree, jax.Array]:
+  merged = jax.tree.map(lambda s, x: s.astype(x.dtype), acc, like)
   return merged, all_finite(merged)
+
+
+def linear_accumulated(alphas, pool: Pool) -> tuple[PyTree, jax.Array]:
+  """`linear` and whether it is all finite, one member at a time: two programs of the
+  model's size whatever N (one program over N trees compiles an N x leaves graph, whose
+  memory and time grow with N: 12.8 GB and 122 s for 1,000 small members). The same sum
+  in the same order (equal up to float32 rounding where XLA fuses the one program's
+  multiply-adds). alphas: [N]."""
+  acc = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32, device=x.sharding), pool[0])
+  for a, params in zip(np.asarray(alphas, np.float32), pool):
+    acc = _accumulate(acc, a, params)
+  return _finish(acc, pool[0])
 
 
 # ----------------------------------------------------------------------------- layer groups
@@ -97,7 +109,7 @@ def _wsum(alphas: jax.Array, xs: Sequence[jax.Array]) -> jax.Array:
   return sum(alphas[i] * x for i, x in enumerate(xs))
 
 
-def _map_merge(leaf_fn: Callable, alphas, pool: Pool, base: PyTree | None = None) -> PyTree:
+def map_merge(leaf_fn: Callable, alphas, pool: Pool, base: PyTree | None = None) -> PyTree:
   """leaf_fn(leaf index, alphas row [N], base leaf | None, pool leaves) per leaf, in float32.
 
   alphas [N] serve every leaf; alphas [G, N] give each layer group (layer_groups) its row.
@@ -121,7 +133,7 @@ def _map_merge(leaf_fn: Callable, alphas, pool: Pool, base: PyTree | None = None
 
 def layerwise(alphas: jax.Array, pool: Pool) -> PyTree:
   """Linear merge with one weight vector per layer group. alphas: [G, N]."""
-  return _map_merge(lambda i, a, b, xs: _wsum(a, xs), alphas, pool)
+  return map_merge(lambda i, a, b, xs: _wsum(a, xs), alphas, pool)
 
 
 def trim_magnitude(tv: jax.Array, density) -> jax.Array:
@@ -168,7 +180,7 @@ def _task_vectors(alphas, pool: Pool, base: PyTree, lam, density=1.0, sparsify=N
       k = jax.random.fold_in(key, i)
       tvs = [dare_drop(t, density, jax.random.fold_in(k, j)) for j, t in enumerate(tvs)]
     return b + lam * (disjoint_merge(a, tvs) if elect else _wsum(a, tvs))
-  return _map_merge(leaf, alphas, pool, base)
+  return map_merge(leaf, alphas, pool, base)
 
 
 def task_arithmetic(alphas, pool: Pool, base: PyTree, lam=1.0) -> PyTree:
@@ -221,7 +233,7 @@ def slerp(alphas, pool: Pool) -> PyTree:
   [G, 2]: one t per layer group, mergekit's layer gradient). Base-free."""
   check(len(pool) == 2, f"SLERP interpolates 2 checkpoints, the pool has {len(pool)}",
         "--pool", "give a pool of exactly 2 checkpoints")
-  return _map_merge(lambda i, a, b, xs: slerp_tensors(a[1], *xs), alphas, pool)
+  return map_merge(lambda i, a, b, xs: slerp_tensors(a[1], *xs), alphas, pool)
 
 
 # ----------------------------------------------------------------------------- soups

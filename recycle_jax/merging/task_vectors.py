@@ -19,7 +19,7 @@ chooses:
     election counts a zero weighted sum as positive.
 Weights may be negative (task negation: mergekit's `weight: -1`).
 
-Leaf kernels take float32 leaves; `kernels._map_merge` casts results to the stored dtype.
+Leaf kernels take float32 leaves; `kernels.map_merge` casts results to the stored dtype.
 """
 from __future__ import annotations
 
@@ -134,7 +134,6 @@ def della_magprune(tv, density, key, mergekit_rules, rescale, gamma, epsilon, co
 SPARSIFY: dict[str, Callable[..., jax.Array]] = {
     "magnitude": magnitude, "random": random, "magnitude_outliers": magnitude_outliers,
     "della_magprune": della_magprune}
-RANDOM_RULES = ("random", "della_magprune")
 
 
 # ----------------------------------------------------------------------------- combination
@@ -191,7 +190,7 @@ def merge_tree(alphas, pool, base: PyTree, lam=1.0, key: jax.Array | None = None
   def leaf(i, a, b, xs):
     k = None if key is None else jax.random.fold_in(key, i)
     return combine(b, xs, a, lam, key=k, **options)
-  return kernels._map_merge(leaf, alphas, pool, base)
+  return kernels.map_merge(leaf, alphas, pool, base)
 
 
 # ----------------------------------------------------------------------------- methods

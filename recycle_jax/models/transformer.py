@@ -22,7 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from recycle_jax.models.byte_vocab import BYTE_VOCAB_SIZE, EOS_ID, PAD_ID
+from recycle_jax.models.byte_vocab import BYTE_VOCAB_SIZE, EOS_ID, PAD_ID  # noqa: F401 (transformer.EOS_ID)
 
 PyTree = Any
 ApplyFn = Callable[[PyTree, jax.Array], jax.Array]
@@ -331,12 +331,6 @@ def init_params(cfg: ModelConfig, key: jax.Array) -> PyTree:
   """Parameters in the one stored layout (layer_{i}, whatever cfg.scan_layers says)."""
   cfg = dataclasses.replace(cfg, scan_layers=False)
   return Transformer(cfg).init(key, jnp.zeros((1, 8), jnp.int32))["params"]
-
-
-def make_apply(cfg: ModelConfig) -> ApplyFn:
-  """The model as `apply(params, tokens) -> logits`, the only interface merging needs."""
-  model = Transformer(cfg)
-  return lambda params, tokens: model.apply({"params": params}, tokens)
 
 
 def stack_layers(cfg: ModelConfig, params: PyTree) -> PyTree:

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import math
 import os
@@ -51,14 +52,12 @@ from tqdm.auto import tqdm
 from recycle_jax.checkpoint_io import checkpoints
 from recycle_jax.runtime import outputs
 from recycle_jax.evaluation import kinds
-from recycle_jax.evaluation import task_data
 from recycle_jax.runtime import interrupts, quiet, validation, waits
-from recycle_jax.search import pareto, population, strategies
+from recycle_jax.search import irt_fitness, pareto, population, strategies
 from recycle_jax.merging import spaces
 from recycle_jax.runtime.errors import UserError, check
 
 PyTree = Any
-WORST = 1e9  # minimized fitness given to NaN candidates
 STATE_DIR = "search_state"  # under a search's workdir: its Orbax checkpoints and signature
 
 
@@ -74,6 +73,14 @@ class SearchConfig:
   # N = 16, so with fidelity_subset = 0.15 a search costs 0.15 + 1/6 < 1/3 of the full
   # search's dev evaluations (a promoted candidate scores the whole split again).
   fidelity_promote: float = 1 / 6
+  # IRT fitness (search.irt_fitness), instead of adaptive fidelity: every candidate scored
+  # on irt_items dev items per task, its full-split scores estimated by a 2PL model fitted
+  # on the seeds' per-item correctness; 'fisher': the most informative items, gp-IRT;
+  # 'random': random items, their plain mean. Every irt_promote_every generations the best
+  # estimate is scored on the full split and joins the fit.
+  irt_items: int = 0
+  irt_select: str = "fisher"
+  irt_promote_every: int = 2
   warm_start: bool = False  # tell the best single checkpoints/baselines first
   seed: int = 0
   merge_space: str = "linear"  # spaces.make_space: 'layerwise', 'ties', ... (its hparams
@@ -94,6 +101,10 @@ class SearchConfig:
   @property
   def adaptive(self) -> bool:
     return self.fidelity_subset < 1.0
+
+  @property
+  def irt(self) -> bool:
+    return self.irt_items > 0
 
   def promoted(self, pop: int) -> int:
     """Candidates of a generation scored on the full split (adaptive fidelity)."""
@@ -196,6 +207,11 @@ class Search:
   # The run's compiled programs: (program-shaping config, space, population_fn) -> the
   # Search whose jitted functions run it. None: this Search compiles its own.
   programs: dict | None = None
+  # Fingerprints of what it computes on besides the dev data (the pool's members, the
+  # base): recorded in the signature, so --resume refuses a changed input.
+  inputs: dict | None = None
+  # IRT fitness: (points, operands, datas) -> (hits [P, sum E], finite [P]) per item.
+  item_fn: Callable | None = None
 
   def __post_init__(self):
     self.space = self.space or spaces.MergeSpace(n=self.n)
@@ -316,6 +332,10 @@ class Search:
     if subset is None:
       scores, finite = score(points, datas)
       fidelity = jnp.ones(x.shape[0], jnp.float32)
+    elif isinstance(subset, irt_fitness.Subset):  # estimates from the chosen items
+      hits, finite = self.item_fn(points, pool, subset.datas)
+      scores = subset.scores(hits)
+      fidelity = jnp.full(x.shape[0], subset.fraction, jnp.float32)
     else:
       low, finite = score(points, subset)
       low = jnp.where(finite[:, None], low, jnp.nan)
@@ -333,7 +353,7 @@ class Search:
     return points, scores, fit(scores, finite), fidelity
 
   def _tell(self, state: SearchState, key, x, fitness):
-    safe = jnp.where(jnp.isfinite(fitness), -fitness, WORST)
+    safe = jnp.where(jnp.isfinite(fitness), -fitness, -strategies.WORST)
     es_state, _ = self.es.tell(key, x, safe, state.es_state, self.es_params)
     return es_state
 
@@ -375,13 +395,30 @@ def saved_archive(saved: dict) -> dict[str, np.ndarray]:
   return {("points" if k == "alphas" else k): np.asarray(v) for k, v in saved["archive"].items()}
 
 
-def signature(cfg: SearchConfig, space: spaces.MergeSpace, datas) -> dict:
+def signature(cfg: SearchConfig, space: spaces.MergeSpace, datas,
+              inputs: dict[str, str] | None = None) -> dict:
   """What a resumed search must share with the saved one: everything but the budget
-  (which may grow, to extend a finished search)."""
+  (which may grow, to extend a finished search); and `inputs`, fingerprints of what it
+  computes on: the pool's members and the base (`pool_manifest.fingerprint`), every dev
+  split as read on the host (`data_fingerprint`)."""
   sig = {f"search.{k}": v for k, v in dataclasses.asdict(cfg).items() if k != "budget"}
   sig.update(dim=space.dim, population=cfg.pop_size(space.dim), merge_space=space.name,
              tasks=[d.name for d in datas] if datas is not None else None)
+  sig.update(inputs or {})
   return json.loads(json.dumps(sig))  # as it reads back (tuples become lists)
+
+
+def data_fingerprint(d) -> str:
+  """sha256 of a host split's arrays (shapes and values): its examples as scored (the
+  count `max_examples` leaves, the task's files, the tokenizer)."""
+  h = hashlib.sha256(f"{d.num_examples}".encode())
+  for x in jax.tree.leaves(jax.device_get(d)):
+    x = np.asarray(x)
+    h.update(f"{x.shape}{x.dtype}".encode() + np.ascontiguousarray(x).tobytes())
+  return h.hexdigest()[:16]
+
+
+CONTENT = ("pool[", "base", "dev[")  # signature keys naming content, not configuration
 
 
 def saved_steps(state_dir: str) -> list[int]:
@@ -433,11 +470,40 @@ def check_signature(state_dir: str, sig: dict) -> None:
                                     for f in dataclasses.fields(SearchConfig)}))
   diff = [k for k in sorted(set(old) | set(sig))
           if old.get(k, defaults.get(k)) != sig.get(k, defaults.get(k))]
+  content = [k for k in diff if k.startswith(CONTENT)]
+  if content:  # what is computed on changed: name it, not its hashes
+    what = {"pool[": "pool member {} (its files)", "dev[": "dev split of task {} (its "
+            "examples: Experiment.max_examples, the task's files or the tokenizer)",
+            "base": "base checkpoint{}"}
+    k = content[0]
+    pre = next(p for p in CONTENT if k.startswith(p))
+    name = k[len(pre):].rstrip("]")
+    change = ("is new" if k not in old else "is gone" if k not in sig else
+              "differs from the saved search's")
+    raise UserError(f"cannot resume: the {what[pre].format(repr(name) if name else '')} "
+                    f"{change}", "--resume", "resume with the inputs the search started "
+                    "with, or pass --overwrite to start again")
   if diff:
     k = diff[0]
     raise UserError(f"cannot resume: the saved search has {k} = {old.get(k)!r}, this config "
                     f"{sig.get(k)!r}", "--resume", "resume with the config the search started "
                     "with (only SearchConfig.budget may change), or pass --overwrite")
+
+
+def _promote(search: Search, archive: Archive, calibration: irt_fitness.Calibration,
+             last: int, full_n: int) -> None:
+  """The best estimated candidate of the archive's `last` rows, scored on the full split:
+  its archive row becomes full fidelity, its answers join the calibration."""
+  rows = range(len(archive) - last, len(archive))
+  fit = [archive.fitness[i] if archive.fidelity[i] < 1.0 else -np.inf for i in rows]
+  if not np.isfinite(np.nanmax(np.asarray(fit, np.float64), initial=-np.inf)):
+    return  # every one non-finite (or already full)
+  i = rows[int(np.nanargmax(fit))]
+  scores, finite = calibration.score(np.asarray(archive.points[i])[None])
+  archive.scores[i] = scores[0]
+  archive.fitness[i] = float(search.fitness(scores)[0]) if finite[0] else float("nan")
+  archive.fidelity[i] = 1.0
+  archive.examples[i] += full_n
 
 
 def _examples(datas) -> int:
@@ -446,18 +512,24 @@ def _examples(datas) -> int:
 
 def run(search: Search, pool, datas, workdir: str | None, resume: bool = False,
         seeds: Seeds | None = None, progress: bool = True,
-        on_generation: Callable | None = None, subset=None) -> Archive:
+        on_generation: Callable | None = None, subset=None,
+        calibration: irt_fitness.Calibration | None = None) -> Archive:
   """Runs the search to its budget, checkpointing after every generation in `workdir`.
 
   seeds: already evaluated points of the search's space: they enter the archive (with
   this search's scalarization as fitness) and, when `warm_start`, the top P are told to
   the strategy before the first generation.
   subset: the dev splits' fixed subsets, required when the config is adaptive (the splits
-  as `datas`, each cut to a fixed random subset of its examples: `task_data.subset`).
+  as `datas`, each cut to a fixed random subset of its examples: `task_data.subset`), or
+  with IRT fitness the calibration's `subset()` and the `calibration` itself.
   """
-  check(search.cfg.adaptive == (subset is not None), "adaptive fidelity needs the dev "
-        "subsets, and only it", "search.run", "pass subset= exactly when "
-        "SearchConfig.fidelity_subset < 1")
+  check(not (search.cfg.adaptive and search.cfg.irt), "adaptive fidelity and IRT fitness "
+        "are two ways to score fewer dev examples", "SearchConfig.irt_items",
+        "choose one: fidelity_subset < 1 or irt_items > 0")
+  check((search.cfg.adaptive or search.cfg.irt) == (subset is not None) and
+        search.cfg.irt == (calibration is not None), "adaptive fidelity and IRT fitness "
+        "need the dev subsets, and only they", "search.run", "pass subset= exactly when "
+        "SearchConfig.fidelity_subset < 1 or irt_items > 0")
   mngr = None
   if workdir:
     mngr = ocp.CheckpointManager(
@@ -465,10 +537,17 @@ def run(search: Search, pool, datas, workdir: str | None, resume: bool = False,
         options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
   if resume and mngr is not None and mngr.latest_step() is not None:
     state, archive = _restore(search, mngr, datas)
+    if calibration is not None:  # the promoted points join the fit again
+      promoted = [p for p, k, f in zip(archive.points, archive.kind, archive.fidelity)
+                  if k == "search" and f >= 1.0]
+      if promoted:
+        calibration.score(np.asarray(promoted))
+        subset = calibration.subset()
   else:
     state, archive = _start(search, mngr, datas, seeds)
   try:  # on any exit (Ctrl-C and SIGTERM too) a save in flight is finished
-    _generations(search, state, archive, pool, datas, subset, mngr, progress, on_generation)
+    _generations(search, state, archive, pool, datas, subset, mngr, progress, on_generation,
+                 calibration)
   finally:
     if mngr is not None:
       waits.call(mngr.wait_until_finished, "saving the search state", str(mngr.directory))
@@ -478,7 +557,8 @@ def run(search: Search, pool, datas, workdir: str | None, resume: bool = False,
 
 def _restore(search: Search, mngr, datas) -> tuple[SearchState, Archive]:
   """The latest saved state and archive (a host study replayed from the archive)."""
-  check_signature(str(mngr.directory), signature(search.cfg, search.space, datas))
+  check_signature(str(mngr.directory), signature(search.cfg, search.space, datas,
+                                                         search.inputs))
   step = mngr.latest_step()
   with quiet.abandoned_reads():
     restored = waits.call(lambda: mngr.restore(step, args=ocp.args.StandardRestore()),
@@ -501,16 +581,20 @@ def _start(search: Search, mngr, datas, seeds: Seeds | None) -> tuple[SearchStat
     state = search.start(state, seeds.x, fitness)
   if mngr is not None and jax.process_index() == 0:
     outputs.write_text(os.path.join(str(mngr.directory), "signature.json"),
-                                  json.dumps(signature(search.cfg, search.space, datas), indent=1))
+                                  json.dumps(signature(search.cfg, search.space, datas,
+                                                       search.inputs), indent=1))
   if mngr is not None and len(archive):  # a fresh init needs no checkpoint
     mngr.save(0, args=ocp.args.StandardSave(_state_to_save(state, archive)))
   return state, archive
 
 
 def _generations(search: Search, state: SearchState, archive: Archive, pool, datas, subset,
-                 mngr, progress: bool, on_generation: Callable | None) -> None:
-  """The generations left to the budget, each archived and saved."""
-  full_n, sub_n = _examples(datas), _examples(subset)
+                 mngr, progress: bool, on_generation: Callable | None,
+                 calibration: irt_fitness.Calibration | None = None) -> None:
+  """The generations left to the budget, each archived and saved (with IRT fitness, the
+  best estimate of every irt_promote_every generations scored on the full split)."""
+  full_n = _examples(datas)
+  sub_n = _examples(subset.datas if calibration is not None else subset)
   total, start = search.cfg.num_generations(search.dim), int(state.generation)
   bar = tqdm(range(start, total), desc="search", disable=not progress, initial=start,
              total=total, unit="gen")
@@ -525,6 +609,10 @@ def _generations(search: Search, state: SearchState, archive: Archive, pool, dat
       # the promoted ones (every one otherwise).
       examples = (sub_n if subset is not None else 0) + (fidelity >= 1.0) * full_n
       archive.add(x, points, scores, fitness, "search", fidelity, examples)
+      every = search.cfg.irt_promote_every
+      if calibration is not None and ((g + 1) % every == 0 or g + 1 == total):
+        _promote(search, archive, calibration, len(x) * (g % every + 1), full_n)
+        subset = calibration.subset()  # refitted: same items, so the same program
       if mngr is not None:
         with interrupts.deferred():  # Ctrl-C / SIGTERM: after the state is saved whole
           mngr.save(g + 1, args=ocp.args.StandardSave(_state_to_save(state, archive)))

@@ -8,8 +8,8 @@ import jax
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+import torch  # noqa: E402 (pinned test dependency)
+import transformers  # noqa: E402 (pinned test dependency)
 
 from recycle_jax.checkpoint_io import checkpoints
 from recycle_jax.checkpoint_io import pool_manifest
@@ -18,6 +18,8 @@ from recycle_jax import convert
 from recycle_jax import cli
 from recycle_jax.models import transformer  # noqa: E402
 from recycle_jax.runtime.errors import UserError  # noqa: E402
+import hf_fixtures
+import tree_helpers
 
 VOCAB = 300  # deliberately not the byte vocabulary (259)
 TOL = 1e-4
@@ -51,7 +53,7 @@ def our_logits(path) -> np.ndarray:
   meta = checkpoints.read_metadata(str(path))
   cfg = transformer.ModelConfig(**meta.model_config)
   params = checkpoints.restore(str(path), meta.abstract)
-  return np.asarray(transformer.make_apply(cfg)(params, TOKENS))
+  return np.asarray(tree_helpers.make_apply(cfg)(params, TOKENS))
 
 
 @pytest.mark.parametrize("tie,kv_heads", [(True, 2), (False, 1), (False, 4)],
@@ -70,7 +72,7 @@ def test_hf_to_orbax_matches_transformers(tmp_path, tie, kv_heads):
 
 def test_sharded_index_is_read(tmp_path):
   model = tiny_hf(tmp_path / "one", tie=False)
-  tensors = hf_reader.read_hf_tensors(str(tmp_path / "one"))
+  tensors = hf_fixtures.read_hf_tensors(str(tmp_path / "one"))
   from safetensors.numpy import save_file
   os.makedirs(tmp_path / "sharded")
   names = sorted(tensors)
@@ -104,7 +106,7 @@ def test_merged_checkpoint_exports_to_transformers(tmp_path):
   err = np.abs(hf_logits(loaded) - ours).max()
   assert err < TOL, err
   # And the merge really is 0.3 * m0 + 0.7 * m1, in transformers' naming.
-  t = {k: hf_reader.read_hf_tensors(str(tmp_path / d)) for k, d in
+  t = {k: hf_fixtures.read_hf_tensors(str(tmp_path / d)) for k, d in
        (("a", "hf0"), ("b", "hf1"), ("m", "hf_merged"))}
   name = "model.layers.1.self_attn.k_proj.weight"
   np.testing.assert_allclose(t["m"][name], 0.3 * t["a"][name] + 0.7 * t["b"][name], atol=1e-6)
@@ -119,7 +121,7 @@ def test_bfloat16_round_trip_is_bit_exact(tmp_path):
   assert meta.model_config["dtype"] == "bfloat16"
   assert {x.dtype.name for x in jax.tree.leaves(meta.abstract)} == {"bfloat16"}
   convert.convert(str(tmp_path / "ckpt"), str(tmp_path / "back"))
-  a, b = (hf_reader.read_hf_tensors(str(tmp_path / d)) for d in ("hf", "back"))
+  a, b = (hf_fixtures.read_hf_tensors(str(tmp_path / d)) for d in ("hf", "back"))
   assert sorted(a) == sorted(b)
   for k in a:
     assert a[k].dtype == b[k].dtype and np.array_equal(a[k].view(np.uint16), b[k].view(np.uint16))
@@ -161,7 +163,7 @@ def test_missing_tensor_and_existing_output_are_refused(tmp_path):
   os.makedirs(tmp_path / "taken")
   with pytest.raises(UserError, match="already exists"):
     convert.convert(str(tmp_path / "hf"), str(tmp_path / "taken"))
-  tensors = hf_reader.read_hf_tensors(str(tmp_path / "hf"))
+  tensors = hf_fixtures.read_hf_tensors(str(tmp_path / "hf"))
   del tensors["model.norm.weight"]
   from safetensors.numpy import save_file
   save_file(tensors, str(tmp_path / "hf" / "model.safetensors"), metadata={"format": "pt"})
@@ -220,7 +222,7 @@ def _break_shapes(hf):
 
 def _break_extra(hf):
   from safetensors.numpy import save_file
-  tensors = hf_reader.read_hf_tensors(str(hf))
+  tensors = hf_fixtures.read_hf_tensors(str(hf))
   tensors["model.layers.0.self_attn.o_proj.bias"] = np.zeros(32, np.float32)
   save_file(tensors, str(hf / "model.safetensors"), metadata={"format": "pt"})
 

@@ -21,8 +21,8 @@ from recycle_jax.runtime.errors import UserError
 
 import hf_fixtures  # noqa: E402
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+import torch  # noqa: E402 (pinned test dependency)
+import transformers  # noqa: E402 (pinned test dependency)
 EOS = 2
 
 

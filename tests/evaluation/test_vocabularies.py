@@ -22,7 +22,7 @@ from recycle_jax.runtime.errors import UserError
 
 import hf_fixtures  # noqa: E402  (tests/ is on the path)
 
-transformers = pytest.importorskip("transformers")
+import transformers  # noqa: E402 (pinned test dependency)
 TEXTS = ["the cat sat on the mat .", "Ann is older than Bob . who is oldest ?",
          "print(x[::-1]) fox owl", "ünïcödé and 12345"]
 

@@ -5,6 +5,7 @@ import pytest
 
 from recycle_jax.merging import kernels, spaces
 from recycle_jax.runtime.errors import UserError
+import tree_helpers
 
 
 def _pool(n, seed=0, dtype=np.float32):
@@ -35,7 +36,7 @@ def test_linear_merge_keeps_dtype_and_accumulates_in_float32():
 def test_population_merge_matches_single_merges():
   pool = _pool(3)
   alphas = np.array([[1, 0, 0], [0.5, 0.5, 0], [0.2, 0.3, 0.5]], np.float32)
-  pop = kernels.linear_population(alphas, pool)
+  pop = tree_helpers.linear_population(alphas, pool)
   for i, a in enumerate(alphas):
     np.testing.assert_allclose(pop["b"][i], kernels.linear(a, pool)["b"], rtol=1e-6)
 
@@ -54,9 +55,9 @@ def test_nonfinite_merge_is_flagged_in_the_same_pass():
   pool = list(_pool(2))
   pool[1] = jax.tree.map(lambda x: x.copy(), pool[1])
   pool[1]["b"][2] = np.nan
-  _, finite = kernels.linear_checked(jnp.array([1.0, 0.0]), pool)
+  _, finite = tree_helpers.linear_checked(jnp.array([1.0, 0.0]), pool)
   assert not bool(finite)
-  _, finite = kernels.linear_checked(jnp.array([1.0, 0.0]), _pool(2))
+  _, finite = tree_helpers.linear_checked(jnp.array([1.0, 0.0]), _pool(2))
   assert bool(finite)
 
 

@@ -14,8 +14,8 @@ import jax
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+import torch  # noqa: E402 (pinned test dependency)
+import transformers  # noqa: E402 (pinned test dependency)
 
 from recycle_jax.checkpoint_io import checkpoints
 from recycle_jax import cli

@@ -9,6 +9,7 @@ from recycle_jax.evaluation import task_splits
 from recycle_jax.evaluation import scorers
 from recycle_jax.evaluation import kinds
 from recycle_jax.models import transformer
+import tree_helpers
 
 
 def _trained(micro_pool):
@@ -68,7 +69,7 @@ def test_gqa_and_untied_model_shapes():
   params = transformer.init_params(cfg, jax.random.key(0))
   assert params["layer_0"]["attn"]["k"]["kernel"].shape == (32, 16)
   assert params["lm_head"]["kernel"].shape == (32, cfg.vocab_size)
-  logits = transformer.make_apply(cfg)(params, jnp.ones((2, 5), jnp.int32))
+  logits = tree_helpers.make_apply(cfg)(params, jnp.ones((2, 5), jnp.int32))
   assert logits.shape == (2, 5, cfg.vocab_size) and logits.dtype == jnp.float32
 
 

@@ -4,8 +4,12 @@ Cases are generated, not listed: from argparse's actions (types, choices, ranges
 `validation.BOUNDS`), from gin's registry of configurables (their annotations and bounds),
 from the bytes and JSON fields of real input files (manifests, checkpoint metadata, HF
 config.json, search state, results.json, safetensors), and from the destinations of
-every output (inputs, read-only, full, other filesystems). A new flag, binding, field or
-file is covered without a new test.
+every output (inputs, read-only, full, out of inodes, other filesystems, another live
+writer of it or of the workdir around it). Every JSON file, JSONL line and mergekit YAML
+also gets hostile documents (nesting past any bound, an alias bomb, a number beyond float
+range, a lone surrogate), every safetensors file lying headers (an F32 weight declared
+I32, overlapping byte ranges). A new flag, binding, field, file or reader is covered
+without a new test.
 
 Each `Case` builds its inputs in a fresh directory from a shared `World` (a tiny pool, a
 Hugging Face copy of one member, a finished tiny search) and says what the one `error:`
@@ -399,7 +403,7 @@ def gin_cases() -> list[Case]:
     if not configurable.wrapped.__module__.startswith("recycle_jax."):
       continue
     short = selector.split(".")[-1]
-    hints = validation._hints(configurable.wrapped)  # noqa: SLF001
+    hints = validation.hints(configurable.wrapped)
     pool_only = configurable.wrapped.__module__.endswith(("pools", "training"))
     command = "make-pool" if pool_only else "search"
     defaults = _defaults(configurable.wrapped)
@@ -439,8 +443,55 @@ def _json_mutations(data: bytes, fields: tuple[tuple, ...]) -> dict[str, bytes]:
   sizes (fields: key paths into the document)."""
   out = {"not-utf8": b"\xff\xfe\xfa" + data, "utf16": data.decode().encode("utf-16"),
          "top-list": b"[]", "top-string": b'"x"', "top-number": b"3", "top-null": b"null",
-         "nan-token": data.replace(b"{", b'{"__nan__": NaN, ', 1)}
+         "nan-token": data.replace(b"{", b'{"__nan__": NaN, ', 1), **_hostile_json(data)}
   out.update(_field_mutations(json.loads(data), fields, lambda d: json.dumps(d).encode()))
+  return out
+
+
+DEEP = 100_000  # levels of nesting of a hostile document (Python's parsers recurse)
+HUGE = "1" + "0" * 400  # beyond float range
+
+
+def _hostile_json(data: bytes) -> dict[str, bytes]:
+  """Valid JSON that no reader should take: nested past any bound, a number beyond float
+  range, a lone surrogate escaped into a string (each as a field added to the object)."""
+  add = lambda field: data.replace(b"{", b"{" + field + b", ", 1)  # noqa: E731
+  return {"deep-nesting": add(b'"__deep__": ' + b"[" * DEEP + b"]" * DEEP),
+          "huge-number": add(b'"__huge__": ' + HUGE.encode()),
+          "lone-surrogate": add(b'"__text__": "\\ud800"')}
+
+
+def _hostile_yaml(data: bytes) -> dict[str, bytes]:
+  """YAML that no reader should take: an alias bomb (9 levels of 9 aliases: 387 M nodes
+  expanded), nesting past any bound, a number beyond float range."""
+  bomb = b'__a0: &a0 ["x","x","x","x","x","x","x","x","x"]\n' + b"".join(
+      f"__a{i}: &a{i} [{','.join([f'*a{i - 1}'] * 9)}]\n".encode() for i in range(1, 10))
+  return {"alias-bomb": bomb + data, "deep-nesting": b"__deep__: " + b"[" * DEEP +
+          b"]" * DEEP + b"\n" + data, "huge-number": b"__huge__: " + HUGE.encode() + b"\n" + data}
+
+
+def _lying_headers(data: bytes) -> dict[str, bytes]:
+  """A safetensors file whose header lies, each damage where the file allows it: a float32
+  weight declared I32 (same byte size: read as integers), a tensor's byte range moved onto
+  the first tensor's (two tensors share bytes)."""
+  n = int.from_bytes(data[:8], "little")
+  header, body = json.loads(data[8:8 + n]), data[8 + n:]
+  def dump(h):
+    raw = json.dumps(h).encode()
+    raw += b" " * (-len(raw) % 8)
+    return len(raw).to_bytes(8, "little") + raw + body
+  names = sorted((k for k in header if k != "__metadata__"),
+                 key=lambda k: header[k]["data_offsets"])
+  out = {}
+  lie = next((k for k in names if k.endswith(".weight") and header[k]["dtype"] == "F32"), None)
+  if lie:
+    out["dtype-lie"] = dump({**header, lie: {**header[lie], "dtype": "I32"}})
+  sized = [k for k in names if header[k]["data_offsets"][1] > header[k]["data_offsets"][0]]
+  if len(sized) >= 2:
+    first, moved = header[sized[0]]["data_offsets"][0], header[sized[1]]
+    size = moved["data_offsets"][1] - moved["data_offsets"][0]
+    out["overlapping-ranges"] = dump({**header, sized[1]: {
+        **moved, "data_offsets": [first, first + size]}})
   return out
 
 
@@ -665,7 +716,7 @@ def file_cases() -> list[Case]:
       s.argv[1], s.inputs, s.culprits = hf, [hf], (os.path.join(hf, "config.json"), hf)
     out.append(_case("convert", "hf-config", kind, edit))
   weights = open(os.path.join(w.hf, "model.safetensors"), "rb").read()
-  for kind, d in {**_mutations(weights), **IMPOSTORS}.items():
+  for kind, d in {**_mutations(weights), **IMPOSTORS, **_lying_headers(weights)}.items():
     def edit(s, w, t, d=d):
       hf = _hf_copy(w, t)
       _damage(os.path.join(hf, "model.safetensors"), d)
@@ -757,7 +808,7 @@ def hf_member_cases() -> list[Case]:
       damage = {**_mutations(data), **_json_mutations(data, fields)}
       readers = ["merge", "merge-streaming", "merge-config", "inspect", "eval"]
     else:
-      damage = {**_raw_and_json(data, False), **IMPOSTORS}
+      damage = {**_raw_and_json(data, False), **IMPOSTORS, **_lying_headers(data)}
       readers = ["merge", "merge-streaming", "merge-config", "eval"]  # (inspect: headers)
     for kind, d in damage.items():
       command = readers[turn % len(readers)]
@@ -807,7 +858,8 @@ def mergekit_cases() -> list[Case]:
   doc = yaml.safe_load(data)
   damage = {**_mutations(data), "not-utf8": b"\xff\xfe\xfa" + data, "top-list": b"[]\n",
             "top-string": b"x\n", "tab-indent": data.replace(b"\n  ", b"\n\t", 1),
-            **_field_mutations(doc, MERGEKIT_FIELDS, lambda d: yaml.safe_dump(d).encode())}
+            **_field_mutations(doc, MERGEKIT_FIELDS, lambda d: yaml.safe_dump(d).encode()),
+            **_hostile_yaml(data)}
   for kind in ("list", "huge", "negative"):  # a weight may be any finite real, or a
     damage.pop(f"models.1.parameters.weight={kind}")  # list (a gradient over layers)
   out = []
@@ -834,6 +886,7 @@ def jsonl_cases() -> list[Case]:
                  "line-not-json": data + b"{broken\n", "line-not-object": data + b"[1, 2]\n",
                  "line-missing-field": data + first.replace(b'"a"', b'"z"') + b"\n",
                  "blank-only": b"\n\n"})
+  damage.update({k: data + v + b"\n" for k, v in _hostile_json(first).items()})
   out = []
   for i, (kind, d) in enumerate(damage.items()):
     command = ("eval", "search")[i % 2]
@@ -942,14 +995,31 @@ def output_cases() -> list[Case]:
       s.culprits += (f,)
     out.append(_case(command, "output", "under-a-file", under_file))
 
-    for fs in ("readonly", "full"):
+    for fs in ("readonly", "full", "no-inodes"):
       def on_fs(s, w, t, command=command, fs=fs):
         mnt = os.path.join(t, fs)
         os.makedirs(mnt)
-        mount_tmpfs(mnt, readonly=fs == "readonly")
+        mount_tmpfs(mnt, readonly=fs == "readonly", inodes=(
+            None if fs != "no-inodes" else 0 if command == "eval" else 2))
         _set_output(s, command, os.path.join(mnt, "out" if command != "eval" else "s.json"))
         s.culprits += (mnt,)
       out.append(_case(command, "output-fs", fs, on_fs, needs="mount"))
+
+    def held(s, w, t, command=command):  # another live writer of the same output
+      _set_output(s, command, os.path.join(t, "out"))
+      hold_lock(os.path.join(t, "out"))
+      s.culprits = (os.path.join(t, "out.lock"),)
+    if command != "eval":  # (a file written whole by a rename: the last writer wins)
+      out.append(_case(command, "concurrent", "output-locked", held))
+
+    def in_locked_workdir(s, w, t, command=command):  # a running search's workdir
+      run = os.path.join(t, "run")
+      os.makedirs(run)
+      hold_lock(run)
+      _set_output(s, command, os.path.join(run, "merged"))
+      s.culprits = (os.path.join(t, "run.lock"),)
+    if command.startswith("merge") or command == "convert":
+      out.append(_case(command, "concurrent", "inside-locked-workdir", in_locked_workdir))
 
     def mount_point(s, w, t, command=command):  # an earlier output on its own filesystem
       mnt = os.path.join(t, "mnt")
@@ -980,11 +1050,41 @@ SAMPLE_EVERY = 10**6  # `make test` runs the first case of each stratum (see `sa
 FULL_BYTES = 0  # what a "full" tmpfs has left
 
 
-def mount_tmpfs(path: str, readonly: bool = False, full: bool = True) -> None:
-  """A small tmpfs at path: read-only, with a few KiB left, or (not `full`) with room."""
-  opts = "ro,size=64k" if readonly else "size=256k" if full else "size=64m"
+@functools.lru_cache(None)
+def _other_writer() -> subprocess.Popen:
+  """A live process of this host that holds the locks of `hold_lock` (until the session
+  ends)."""
+  proc = subprocess.Popen(["sleep", "86400"])
+  atexit.register(proc.kill)
+  return proc
+
+
+def hold_lock(path: str) -> None:
+  """`path`'s lock, taken by another live process (a concurrent writer of `path`)."""
+  import socket
+  from recycle_jax.runtime import locking
+  pid = _other_writer().pid
+  with open(locking.lock_path(path), "w") as f:
+    json.dump({"host": socket.gethostname(), "pid": pid, "since": 0,
+               "start": locking.process_start(pid)}, f)
+
+
+def mount_tmpfs(path: str, readonly: bool = False, full: bool = True,
+                inodes: int | None = None) -> None:
+  """A small tmpfs at path: read-only, with a few KiB left, (not `full`) with room, or
+  with room but only `inodes` files left to create."""
+  opts = "ro,size=64k" if readonly else "size=256k" if full and inodes is None else "size=64m"
+  if inodes is not None:
+    opts += ",nr_inodes=64"
   subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", path], check=True,
                  capture_output=True, timeout=30)
+  if inodes is not None:
+    fill = os.path.join(path, ".inodes")
+    os.mkdir(fill)
+    for i in range(os.statvfs(path).f_favail - inodes):
+      open(os.path.join(fill, str(i)), "w").close()
+    os.chmod(fill, 0o555)
+    return
   if not readonly and full:
     st = os.statvfs(path)
     with open(os.path.join(path, ".filler"), "wb") as f:
