@@ -105,7 +105,7 @@ def _exact_hits(ctx: "_Context", params, d: TaskData) -> jax.Array:
 
 def _generate_tokens(ctx: "_Context", params, d: TaskData) -> jax.Array:
   return decoding.generate(ctx.decoder, params, decoding.Prompts(
-      d.prompts, d.prompt_lens, d.stop_ids, d.max_new))
+      d.prompts, d.prompt_lens, d.stop_ids, d.max_new, d.stop_text, d.decode_groups))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -46,7 +46,9 @@ class TaskData:
             marks target tokens; prompts [E, Lp], prompt_lens [E]; targets [E, Lt],
             target_lens [E] (EOS included).
   generate: prompts [E', Lp], prompt_lens [E'] (E' >= E: `place` pads rows to split them
-            over 'data'), stop_ids [S, Ls] (decoding.stop_ids), static max_new;
+            over 'data'), stop_ids [S, Ls] (decoding.stop_ids: EOS and the stops' ids),
+            stop_text [S', 1 + M, V] (decoding.stop_tables: the stops as text), static
+            max_new and decode_groups (rows in that many blocks, one per 'data' shard);
             tokens/target_mask are the prompts/zeros (unused). `split`, `examples` (E)
             and `vocab_key` find the host examples the verifier scores against.
   choice:   tokens [E, C, L], target_mask [E, C, L], labels [E], choice_count [E] (the
@@ -63,6 +65,7 @@ class TaskData:
   target_lens: jax.Array | None = None
   choice_count: jax.Array | None = None
   stop_ids: jax.Array | None = None
+  stop_text: jax.Array | None = None
   packed: tuple["Packed", ...] | None = None  # the scoring layout (`pack`), by materialize
   choice_norm: jax.Array | None = None
   kind: str = flax.struct.field(pytree_node=False, default="exact")
@@ -70,6 +73,7 @@ class TaskData:
   split: str = flax.struct.field(pytree_node=False, default="")
   examples: int = flax.struct.field(pytree_node=False, default=0)  # E; 0: tokens' rows
   max_new: int = flax.struct.field(pytree_node=False, default=0)
+  decode_groups: int = flax.struct.field(pytree_node=False, default=1)
   vocab_key: str = flax.struct.field(pytree_node=False, default="")  # materialize's key
 
   @property
@@ -235,6 +239,7 @@ def _generate(name: str, prompts: list, rows: list[dict], vocab: seqio.Vocabular
                   prompt_lens=np.array([len(p) for p in prompts], np.int32),
                   stop_ids=decoding.stop_ids([vocab.encode(s) for s in how.stop],
                                              vocab.eos_id),
+                  stop_text=decoding.stop_tables(vocab, tuple(how.stop)),
                   max_new=how.max_new_tokens)
 
 
@@ -356,6 +361,7 @@ def place(datas: tuple[TaskData, ...], mesh) -> tuple[TaskData, ...]:
                "prompt_lens": np.pad(np.asarray(d.prompt_lens), (0, extra),
                                      constant_values=0)}  # length 0: done at once
       split = {n: partitioning.put(x, rows) for n, x in split.items()}
+      d = d.replace(decode_groups=k)  # decoding moves rows within a shard only
     d = d.replace(packed=None, **{n: None for n in split})
     d = jax.tree.map(lambda x: partitioning.put(x, full), d)
     return d.replace(packed=packed or None, **split)

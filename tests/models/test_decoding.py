@@ -68,3 +68,68 @@ def test_texts_cut_at_eos():
                    vocab.encode("xyz") + [decoding.NO_TOKEN]])
   assert decoding.texts(vocab, rows) == ["ab", "xyz"]
   assert decoding.stop_ids([[5, 6]], eos_id=1).tolist() == [[-1, 1], [5, 6]]
+
+
+def _first_text_hit(vocab, row, stops):
+  """Steps to keep: the first prefix of `row` whose decoded text contains a stop."""
+  for n in range(1, len(row) + 1):
+    if any(s in vocab.decode(list(row[:n])) for s in stops):
+      return n
+  return len(row)
+
+
+def test_stop_tables_match_the_decoded_text_of_every_prefix(tmp_path):
+  """A real byte-level BPE tokenizer: the automaton hits at exactly the first prefix whose
+  decoded text contains the stop, whether the stop lies inside one token, spans several,
+  or comes at the first token."""
+  import hf_fixtures
+  from recycle_jax.checkpoint_io import tokenizer_files
+  from recycle_jax.evaluation import vocabularies
+  hf_fixtures.train_bpe(str(tmp_path / "tok"), vocab_size=300,
+                        text=hf_fixtures.TEXT + " \n\n the\n\ncat \n ok\n")
+  vocab = vocabularies.of(tokenizer_files.huggingface(str(tmp_path / "tok")))
+  texts = [vocab.decode([v]) for v in range(vocab.vocab_size)]
+  inside = max(texts, key=len)  # a multi-character token
+  assert len(inside) >= 3
+  stops = ("\n", inside[1:3], "at .")
+  table = decoding.stop_tables(vocab, stops)
+  assert table.shape == (3, 1 + 4, vocab.vocab_size)
+  rng = np.random.default_rng(0)
+  plain = [v for v, t in enumerate(texts) if t and "\n" not in t]
+  for trial in range(300):
+    row = rng.choice(plain, 12).tolist()
+    if trial % 3 == 0:  # plant a token holding the stop, or its pieces, mid-row
+      row[5:7] = vocab.encode(rng.choice([inside, "\n\n", "cat .", " sat ."]))[:2]
+    for s_i, stop in enumerate(stops):
+      state, hit = 0, len(row)
+      for n, v in enumerate(row):
+        state = table[s_i, 0 if n == 0 else 1 + state, v]
+        if state == decoding.HIT:
+          hit = n + 1
+          break
+      assert hit == _first_text_hit(vocab, row, (stop,)), (row, stop)
+
+
+def test_text_stops_end_rows_on_device():
+  """Byte vocabulary: generation stops at the first step whose text contains a stop
+  (one spanning two tokens, one of one token), rows finishing at different steps; the
+  halving stages and row groups leave every token where it was."""
+  dec, params, prompts, lens = _setup()
+  vocab = transformer.VOCAB
+  prompts = np.concatenate([prompts, prompts[::-1]])
+  lens = np.concatenate([lens, lens[::-1]])
+  full = np.asarray(GEN(dec, params, decoding.Prompts(prompts, lens, _stops([]), max_new=12)))
+  text = vocab.decode([t for t in full[0, 3:5].tolist() if t >= 3])
+  stops = (text, vocab.decode([int(full[1, 0])]))
+  table = decoding.stop_tables(vocab, tuple(s for s in stops if s))
+  for groups in (1, 2):
+    got = np.asarray(GEN(dec, params, decoding.Prompts(
+        prompts, lens, _stops([]), 12, table, groups)))
+    for f, o in zip(full, got):
+      n = _first_text_hit(vocab, f, [s for s in stops if s])
+      assert o[:n].tolist() == f[:n].tolist() and set(o[n:].tolist()) <= {decoding.NO_TOKEN}
+
+
+def test_stage_sizes_halve_to_one():
+  assert decoding.stage_sizes(12) == (12, 6, 3, 2, 1)
+  assert decoding.stage_sizes(1) == (1,)
