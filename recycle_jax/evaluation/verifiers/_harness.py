@@ -24,6 +24,7 @@ import importlib
 import marshal
 import os
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _child  # noqa: E402  (the codec and framing, shared with the program's side)
@@ -103,11 +104,18 @@ class _Program:
     call.__name__ = call.__qualname__ = name
     return call
 
-  def close(self) -> int:
+  def close(self, grace_s: float = 1.0) -> int | None:
+    """Ends the conversation; the program's exit status, or None if it had not ended
+    within `grace_s` (a thread it left running) and was killed: its verdict is decided."""
     os.close(self.req)
-    code = os.waitstatus_to_exitcode(os.waitpid(self.pid, 0)[1])
+    deadline = time.monotonic() + grace_s
+    while (done := os.waitpid(self.pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+      time.sleep(0.002)
+    if done[0] == 0:
+      os.kill(self.pid, 9)
+      os.waitpid(self.pid, 0)
     os.close(self.rep)
-    return code
+    return os.waitstatus_to_exitcode(done[1]) if done[0] else None
 
 
 def _names_used(tests: str) -> set:
@@ -126,7 +134,8 @@ def run(job: dict, config: dict) -> dict:
   if first is None or first[0] != "ready" or len(first) < 2 or not isinstance(first[1], dict):
     code = program.close()
     if first is None or len(first) < 2:
-      status = "killed" if code < 0 else "exited" if code in (0, 3) else "failed"
+      status = "failed" if code is None else "killed" if code < 0 else \
+          "exited" if code in (0, 3) else "failed"
       return {"status": status, "detail": f"exit status {code}"}
     return {"status": "exited" if first[0] == "exited" else "failed", "detail": str(first[1])}
   verdict = {"status": "passed", "detail": ""}
@@ -152,7 +161,7 @@ def run(job: dict, config: dict) -> dict:
       status = "exited" if isinstance(e, ProgramError) and "exited" in str(e) else "failed"
       verdict = {"status": status, "detail": f"{type(e).__name__}: {str(e)[:500]}"}
   code = program.close()
-  if verdict["status"] == "passed" and code < 0:
+  if verdict["status"] == "passed" and code is not None and code < 0:
     verdict = {"status": "killed", "detail": f"signal {-code}"}
   return verdict
 
