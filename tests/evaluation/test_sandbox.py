@@ -128,6 +128,19 @@ def test_a_thread_left_running_does_not_hold_the_verdict():
       ("passed", []), ("passed", ["hi"]), ("passed", ["hi", "bye"])]
 
 
+@JAILED
+def test_a_program_cannot_touch_another_sample():
+  """One sample signals every process it can, all the time, while right answers run
+  beside it: they still pass (each sample has its pid namespace and uid)."""
+  killer = "import os, time\nfor _ in range(300):\n  try:\n    os.kill(-1, 9)\n" \
+           "  except OSError:\n    pass\n  time.sleep(0.01)\ndef add(a, b):\n  return 0\n"
+  right = "import time\ntime.sleep(1)\ndef add(a, b):\n  return a + b\n"
+  tests = "assert add(1, 2) == 3\n"
+  outs = sandbox.run_programs([sandbox.Program(p, tests) for p in (killer, right, right)],
+                              workers=3)
+  assert [o.passed for o in outs] == [False, True, True], outs
+
+
 def test_plain_value_codec():
   values = [None, True, 0, -2**70, 1.5, float("inf"), "s", b"b", 1j, [1, [2]], (1, (2,)),
             {1: "a", (1, 2): [3]}, {1, 2}, frozenset({3}), {"~": "tuple", "v": []}]

@@ -89,6 +89,8 @@ _NAMESPACES = (CLONE_NEWNS | CLONE_NEWCGROUP | CLONE_NEWUTS | CLONE_NEWIPC | CLO
 
 def seccomp_program(machine: str) -> bytes:
   """The BPF filter (struct sock_filter[]) for `machine`, as bytes."""
+  if machine not in _ARCH:
+    raise OSError(f"the sandbox's seccomp filter knows {' and '.join(_ARCH)}, not {machine}")
   arch, denied, clone, clone3 = _ARCH[machine]
   ld, jeq, jge, jset, ret = 0x20, 0x15, 0x35, 0x45, 0x06
   allow, kill = 0x7FFF0000, 0x80000000
