@@ -147,7 +147,7 @@ def view() -> dict:
   links = {d: os.readlink(d) for d in tops if os.path.islink(d)}
   dirs = [d for d in tops if os.path.isdir(d) and d not in links]
   if not any(prefix == d or prefix.startswith(d + "/") for d in dirs):
-    dirs.append(prefix)
+    dirs = [d for d in dirs if not d.startswith(prefix + "/")] + [prefix]  # /usr: whole
   files = [f for f in ("/etc/ld.so.cache",) if os.path.isfile(f)]
   if not any(python.startswith(d + "/") for d in dirs):
     files.append(python)
