@@ -18,8 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import numpy as np
@@ -132,11 +131,9 @@ def save_folder(path: str, cfg: transformer.ModelConfig, params: PyTree,
   docstring), through a temporary sibling renamed into place when complete."""
   check(cfg is not None and cfg.family in families.REGISTRY, "the merge has no model family "
         "with a Hugging Face layout", "--format=hf", "write Orbax (drop --format=hf)")
-  path = os.path.abspath(path)
-  tmp = outputs.temp_sibling(path)
-  os.makedirs(tmp)
-  try:
-    maps = families.tensor_map(cfg)
+  maps = families.tensor_map(cfg)
+  with outputs.writing(path, overwrite, reads_back([t.hf_name for t in maps])) as tmp:
+    os.makedirs(tmp)
     leaves = [families.get_path(params, t.path) for t in maps]
     writer = safetensors_io.Writer(tmp, [(t.hf_name, np.dtype(x.dtype), t.hf_shape(x.shape))
                                          for t, x in zip(maps, leaves)], shard_bytes)
@@ -144,10 +141,22 @@ def save_folder(path: str, cfg: transformer.ModelConfig, params: PyTree,
       writer.write(t.hf_name, t.to_hf(np.asarray(jax.device_get(x))))
     writer.close()
     _write_extras(tmp, cfg, base, tokenizer)
-    outputs.commit(tmp, path, overwrite)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
+
+
+def reads_back(names) -> Callable[[str], None]:
+  """A check that a written folder is complete: config.json and the headers of its
+  safetensors files read back, holding exactly the tensors `names` (a success is reported
+  only after it)."""
+  want = sorted(names)
+
+  def verify(folder: str) -> None:
+    check(os.path.isfile(os.path.join(folder, "config.json")), "the written folder has no "
+          "config.json", folder, "rerun the command (was the disk full?)")
+    got = sorted(safetensors_io.folder_tensors(folder))
+    check(got == want, f"the written folder does not read back whole ({len(got)} of "
+          f"{len(want)} tensors)", folder, "rerun the command (was the disk full, or did "
+          "something else write there?)")
+  return verify
 
 
 def _write_extras(folder: str, cfg: transformer.ModelConfig, base: Mapping | None,
@@ -175,10 +184,9 @@ def stream_merge(pool: pool_manifest.Pool, alphas, output: str, overwrite: bool 
   cfg, alphas = folders[0].cfg, [float(a) for a in alphas]
   output = os.path.abspath(output)
   outputs.check_output(output, pool.paths, overwrite)
-  tmp = outputs.temp_sibling(output)
-  os.makedirs(tmp)
-  try:
-    maps = families.tensor_map(cfg)
+  maps = families.tensor_map(cfg)
+  with outputs.writing(output, overwrite, reads_back([t.hf_name for t in maps])) as tmp:
+    os.makedirs(tmp)
     first = [folders[0].tensors[t.hf_name] for t in maps]
     writer = safetensors_io.Writer(tmp, [(t.hf_name, x.dtype, x.shape)
                                          for t, x in zip(maps, first)], shard_bytes)
@@ -209,7 +217,3 @@ def stream_merge(pool: pool_manifest.Pool, alphas, output: str, overwrite: bool 
       del out
     writer.close(fsync)
     _write_extras(tmp, cfg, folders[0].model.hf_config, tokenizer)
-    outputs.commit(tmp, output, overwrite)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise

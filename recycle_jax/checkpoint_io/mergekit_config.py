@@ -31,12 +31,23 @@ SHARED, INPUT, NON_BASE = "shared", "input", "non_base"
 REQUIRED = object()
 
 
+ANY = (-math.inf, math.inf, False)
+
+
 @dataclasses.dataclass(frozen=True)
 class Param:
   name: str
   kind: type  # float, int or bool
   scope: str  # SHARED: one value per tensor; INPUT / NON_BASE: one per (non-base) model
   default: Any = REQUIRED
+  valid: tuple[float, float, bool] = ANY  # (lo, hi, lo open): lo <= value <= hi
+
+  def check_range(self, v: float, where: str) -> None:
+    lo, hi, lo_open = self.valid
+    check((v > lo if lo_open else v >= lo) and v <= hi, f"parameter {self.name!r} is "
+          f"{v!r}, outside {'(' if lo_open else '['}{lo:g}, {hi:g}]", where,
+          f"give {self.name} in that range (mergekit would merge it into a wrong or "
+          "non-finite model)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,11 +71,15 @@ def _gta(name: str, normalize: bool, rescale: bool, extra: tuple[Param, ...] = (
                        Param("rescale", bool, SHARED, rescale),
                        Param("lambda", float, SHARED, 1.0),
                        Param("weight", float, NON_BASE),
-                       Param("density", float, NON_BASE, 1.0)) + extra, base="required")
+                       Param("density", float, NON_BASE, 1.0, DENSITY)) + extra,
+                base="required")
 
 
-GAMMA = (Param("gamma", float, NON_BASE, 0.01),)
-EPSILON = (Param("epsilon", float, NON_BASE, 0.15),)
+# The ranges of the `--pool` flags (merging.methods' Hparam.valid), so a config merges only
+# what the same method would merge from flags: a fraction kept, a fraction pruned.
+DENSITY = (0.0, 1.0, True)
+GAMMA = (Param("gamma", float, NON_BASE, 0.01, (0.0, 0.5, False)),)
+EPSILON = (Param("epsilon", float, NON_BASE, 0.15, (0.0, 0.5, False)),)
 REGISTRY: Registry[Method] = Registry("mergekit merge method")
 for _m in (
     Method("linear", (Param("weight", float, INPUT), Param("normalize", bool, SHARED, True))),
@@ -76,7 +91,8 @@ for _m in (
     _gta("breadcrumbs_ties", False, False, GAMMA),
     _gta("della", True, True, EPSILON),
     _gta("della_linear", False, True, EPSILON),
-    Method("slerp", (Param("t", float, SHARED),), base="required", min_inputs=2,
+    Method("slerp", (Param("t", float, SHARED, valid=(0.0, 1.0, False)),), base="required",
+           min_inputs=2,
            max_inputs=2),
     Method("nuslerp", (Param("weight", float, NON_BASE),
                        Param("nuslerp_row_wise", bool, SHARED, False),
@@ -84,9 +100,11 @@ for _m in (
            min_non_base=2, max_non_base=2),
     Method("multislerp", (Param("weight", float, NON_BASE),
                           Param("normalize_weights", bool, SHARED, True),
-                          Param("eps", float, SHARED, 1e-8)), base="optional",
+                          Param("eps", float, SHARED, 1e-8, (0.0, 1.0, True))),
+           base="optional",
            min_non_base=1),
-    Method("karcher", (Param("max_iter", int, SHARED, 10), Param("tol", float, SHARED, 1e-5))),
+    Method("karcher", (Param("max_iter", int, SHARED, 10, (1, 10_000, False)),
+                       Param("tol", float, SHARED, 1e-5, (0.0, 1.0, True)))),
     Method("model_stock", (Param("filter_wise", bool, SHARED, False),), base="required",
            min_inputs=3),
     Method("passthrough", (Param("scale", float, INPUT, None),), max_inputs=1),
@@ -189,6 +207,7 @@ def _scalar(p: Param, v: Any, where: str) -> Any:
       raise UserError(f"parameter {p.name!r} must be a number, got {v!r}", where) from None
   check(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
         f"parameter {p.name!r} must be a finite number, got {v!r}", where)
+  p.check_range(v, where)
   if p.kind is int:
     check(float(v).is_integer(), f"parameter {p.name!r} must be an integer, got {v!r}", where)
     return int(v)
@@ -421,8 +440,13 @@ def load(path: str) -> Plan:
   import yaml
   check(os.path.isfile(path), "mergekit config not found", path, "pass --config=merge.yml")
   try:
+    check(os.path.getsize(path) <= validation.MAX_YAML_BYTES, "the mergekit config is "
+          f"larger than {validation.MAX_YAML_BYTES >> 20} MiB", path, "give a mergekit config")
     with open(path, encoding="utf-8") as f:
-      raw = yaml.safe_load(f)
+      raw = validation.parse_yaml(f.read())
+  except validation.DocumentError as e:
+    raise UserError(f"the mergekit config is beyond what is read: {e}", path,
+                    "write a plain mergekit config") from None
   except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
     msg = " ".join(str(e).split())[:200]
     raise UserError(f"cannot read the mergekit config: {msg}", path,

@@ -8,6 +8,7 @@ partial checkpoint at the destination.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 from typing import Any, Sequence
@@ -39,6 +40,10 @@ class Pool:
   @property
   def paths(self) -> list[str]:
     return [e.path for e in self.entries]
+
+  def fingerprints(self) -> dict[str, str]:
+    """{'pool[NAME]': content fingerprint} of every member (see `fingerprint`)."""
+    return {f"pool[{e.name}]": fingerprint(e.path) for e in self.entries}
 
   def __len__(self) -> int:
     return len(self.entries)
@@ -125,3 +130,23 @@ def write_manifest(path: str, pool: Pool) -> None:
 
 
 MAX_FIELD = 1024  # characters of a name or path in a manifest
+
+
+SMALL_FILE = 1 << 16  # files up to this size are hashed whole (metadata, configs, indexes)
+
+
+def fingerprint(path: str) -> str:
+  """A checkpoint's content, cheaply: sha256 over every file's relative path, size and
+  modification time, and the bytes of its small files (Orbax and Hugging Face metadata,
+  configs, indexes, tokenizers). A member replaced, re-saved or edited gets another."""
+  h = hashlib.sha256()
+  for d, dirs, files in sorted(os.walk(path)):
+    dirs.sort()
+    for f in sorted(files):
+      p = os.path.join(d, f)
+      st = os.stat(p)
+      h.update(f"{os.path.relpath(p, path)}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+      if st.st_size <= SMALL_FILE:
+        with open(p, "rb") as fh:
+          h.update(fh.read())
+  return h.hexdigest()[:16]

@@ -25,7 +25,6 @@ DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
           "BF16": ml_dtypes.bfloat16, "I64": np.int64, "I32": np.int32, "I16": np.int16,
           "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
 CODES = {np.dtype(v): k for k, v in DTYPES.items()}
-MAX_HEADER = 100 << 20  # safetensors' own limit
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,35 +41,19 @@ class TensorInfo:
 
 
 def read_header(path: str) -> dict[str, TensorInfo]:
-  """A safetensors file's tensors (name -> TensorInfo), checked against the file size."""
-  try:
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-      head = f.read(8)
-      check(len(head) == 8, "file is shorter than a safetensors header", path)
-      (n,) = struct.unpack("<Q", head)
-      check(8 + n <= min(size, MAX_HEADER + 8), f"header length {n} exceeds the file", path,
-            "the file is truncated or not safetensors")
-      header = json.loads(f.read(n).decode("utf-8"))
-  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-    raise UserError(f"cannot read safetensors header: {type(e).__name__}: {e}", path,
-                    "the file is damaged or not safetensors") from None
-  check(isinstance(header, dict), "safetensors header is not a mapping", path)
+  """A safetensors file's tensors (name -> TensorInfo), from the one header reader every
+  path shares (`validation.read_safetensors_header`: offsets against the file size,
+  overlapping byte ranges, weights of a non-floating type, bounded JSON)."""
+  header, start = validation.read_safetensors_header(path)
   out = {}
   for name, v in header.items():
     if name == "__metadata__":
       continue
-    ok = isinstance(v, dict) and v.get("dtype") in DTYPES and isinstance(
-        v.get("shape"), list) and isinstance(v.get("data_offsets"), list) and len(
-        v["data_offsets"]) == 2
-    check(ok, f"tensor {name!r} has an unsupported or malformed entry", path)
-    dtype = np.dtype(DTYPES[v["dtype"]])
+    check(v["dtype"] in DTYPES, f"tensor {name!r} is of type {v['dtype']}, which is not "
+          "read", path, f"store it as one of {', '.join(DTYPES)}")
     a, b = v["data_offsets"]
-    shape = tuple(int(d) for d in v["shape"])
-    check(0 <= a <= b and 8 + n + b <= size and b - a == dtype.itemsize * int(
-        np.prod(shape, dtype=np.int64)), f"tensor {name!r} lies outside the file or its "
-        "size disagrees with its shape", path, "the file is truncated or damaged")
-    out[name] = TensorInfo(path, dtype, shape, 8 + n + a, 8 + n + b)
+    out[name] = TensorInfo(path, np.dtype(DTYPES[v["dtype"]]), tuple(v["shape"]),
+                           start + a, start + b)
   return out
 
 

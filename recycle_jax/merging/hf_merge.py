@@ -29,7 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from recycle_jax.merging import geometric, kernels, selection, task_vectors
-from recycle_jax.checkpoint_io import mergekit_config, safetensors_io, tokenizer_files
+from recycle_jax.checkpoint_io import (hf_folder, mergekit_config, safetensors_io,
+                                       tokenizer_files)
 from recycle_jax.runtime import validation
 from recycle_jax.runtime.errors import check
 
@@ -186,6 +187,10 @@ def plan_tensors(plan: mergekit_config.Plan) -> tuple[dict, list[tuple]]:
     floating = jnp.issubdtype(info.dtype, jnp.floating)
     dtype = jnp.dtype(want) if floating and want else info.dtype
     shared, per = plan.resolve(name)
+    if plan.method.name == "linear" and shared.get("normalize") and floating:
+      check(sum(per[m]["weight"] for m in plan.inputs) != 0, f"the weights of tensor {name} "
+            "sum to 0, and linear's normalize divides by their sum", plan.path,
+            "give weights that do not sum to zero (or set normalize: false)")
     if plan.method.name in ("della", "della_linear"):
       for m in plan.non_base:
         p = per[m]
@@ -241,30 +246,34 @@ def merge(plan: mergekit_config.Plan, output: str, overwrite: bool = False, seed
   _same_configs(plan)
   _same_tokenizers(plan)
   infos, tensors = plan_tensors(plan)
-  tmp = outputs.temp_sibling(output)
-  os.makedirs(tmp)
   reader = safetensors_io.Reader()
+  verify = hf_folder.reads_back([n for n, _, _, _ in tensors])
   try:
-    writer = safetensors_io.Writer(tmp, [(n, d, s) for n, d, s, _ in tensors], max_shard_bytes)
-    base = plan.inputs.index(plan.base) if plan.base in plan.inputs and \
-        plan.method.base != "ignored" else None
-    key = jax.random.key(seed)
-    for i, (name, dtype, shape, resolved) in enumerate(tensors):
-      xs = [reader.read(infos[m][name]) for m in plan.inputs]
-      if not jnp.issubdtype(dtype, jnp.floating):
-        writer.write(name, xs[plan.inputs.index(_donor(plan))])  # integer buffers
-        continue
-      per, shared, counts, static = _arguments(plan, resolved, int(np.prod(shape)))
-      out = merge_tensor(xs, per, shared, counts, jax.random.fold_in(key, i),
-                         method=plan.method.name, base=base, static=static, out_dtype=dtype)
-      writer.write(name, np.asarray(out))
-    writer.close(fsync)
-    out_dtype = plan.out_dtype or plan.dtype
-    _write_extras(plan, tmp, out_dtype)
-    outputs.commit(tmp, output, overwrite)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
+    with outputs.writing(output, overwrite, verify) as tmp:
+      os.makedirs(tmp)
+      writer = safetensors_io.Writer(tmp, [(n, d, s) for n, d, s, _ in tensors],
+                                     max_shard_bytes)
+      base = plan.inputs.index(plan.base) if plan.base in plan.inputs and \
+          plan.method.base != "ignored" else None
+      key = jax.random.key(seed)
+      for i, (name, dtype, shape, resolved) in enumerate(tensors):
+        xs = [reader.read(infos[m][name]) for m in plan.inputs]
+        if not jnp.issubdtype(dtype, jnp.floating):
+          writer.write(name, xs[plan.inputs.index(_donor(plan))])  # integer buffers
+          continue
+        for m, x in zip(plan.inputs, xs):  # as `merge --pool` refuses a non-finite member
+          check(bool(np.isfinite(x).all()), f"model {m} holds NaN or Inf values in tensor "
+                f"{name}", plan.path, "repair or drop that model; nothing was written")
+        per, shared, counts, static = _arguments(plan, resolved, int(np.prod(shape)))
+        out = np.asarray(merge_tensor(xs, per, shared, counts, jax.random.fold_in(key, i),
+                                      method=plan.method.name, base=base, static=static,
+                                      out_dtype=dtype))
+        check(bool(np.isfinite(out).all()), f"the {plan.method.name} merge of tensor {name} "
+              "comes out with NaN or Inf values (from finite models: the parameters)",
+              plan.path, "check the method's parameters for that tensor; nothing was written")
+        writer.write(name, out)
+      writer.close(fsync)
+      _write_extras(plan, tmp, plan.out_dtype or plan.dtype)
   finally:
     reader.close()
   return output

@@ -9,6 +9,7 @@ taken over, one from another host is reported (its holder cannot be checked from
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import socket
@@ -34,6 +35,33 @@ def _alive(pid: int) -> bool:
   return True
 
 
+def process_start(pid: int) -> int | None:
+  """The process's start time (clock ticks since boot, /proc/PID/stat field 22): with the
+  pid, it names one process (a pid reused by a later process has another start)."""
+  try:
+    with open(f"/proc/{pid}/stat", "rb") as f:
+      stat = f.read()
+    return int(stat[stat.rindex(b")") + 2:].split()[19])
+  except (OSError, ValueError, IndexError):
+    return None
+
+
+def host_key() -> str:
+  """This host, as 8 hex digits (names of temp siblings carry it)."""
+  return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def owner_alive(host: str, pid: int, start: int | None) -> bool:
+  """Whether the process that wrote a record is still running. One on another host
+  cannot be checked from here: counted alive."""
+  if host not in (socket.gethostname(), host_key()):
+    return True
+  if not _alive(pid):
+    return False
+  now = process_start(pid)
+  return not start or now is None or now == start
+
+
 def _holder(path: str) -> dict | None:
   """The lock's {host, pid, ...}, or None when unreadable (a writer between create and
   write, or garbage: treated as held, briefly, then as stale)."""
@@ -51,28 +79,30 @@ def _stale(path: str, holder: dict | None) -> bool:
       return time.time() - os.path.getmtime(path) > 5.0
     except OSError:
       return True
-  return holder.get("host") == socket.gethostname() and not _alive(holder["pid"])
+  return not owner_alive(str(holder.get("host")), holder["pid"], holder.get("start"))
 
 
-def acquire(workdir: str, flag: str = "--workdir") -> str:
-  """Takes the workdir's lock or raises UserError naming its holder; returns its path."""
+def acquire(workdir: str, flag: str = "--workdir", what: str = "workdir") -> str:
+  """Takes the lock of `workdir` (or of an output: `what`) or raises UserError naming its
+  holder; returns its path."""
   path = lock_path(workdir)
-  me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}
+  me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.time(),
+        "start": process_start(os.getpid())}
   for _ in range(3):  # a stale lock is removed, then taken like a fresh one
     try:
       fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     except FileExistsError:
       holder = _holder(path)
       if holder and holder.get("host") == me["host"] and holder.get("pid") == me["pid"]:
-        raise UserError(f"workdir {workdir} is already locked by this process", flag) from None
+        raise UserError(f"{what} {workdir} is already locked by this process", flag) from None
       if _stale(path, holder):
         with contextlib.suppress(FileNotFoundError):
           os.remove(path)
         continue
       who = (f"pid {holder['pid']} on host {holder.get('host')}" if holder
              else "another process")
-      raise UserError(f"workdir {workdir} is in use by {who}", f"{flag}, lock file {path}",
-                      "wait for it to finish, or use another workdir (if that process is "
+      raise UserError(f"{what} {workdir} is in use by {who}", f"{flag}, lock file {path}",
+                      f"wait for it to finish, or use another {what} (if that process is "
                       "gone, delete the lock file)") from None
     except OSError as e:  # read-only or missing parent: reported by the writer's checks
       raise UserError(f"cannot create the lock file: {e.strerror}", path,
@@ -140,3 +170,43 @@ def workdir_lock(workdir: str, flag: str = "--workdir") -> Iterator[str | None]:
       release(path)
   finally:
     remove_empty(created)
+
+
+# ----------------------------------------------------------------------------- outputs
+
+def holder_of(path: str) -> dict | None:
+  """The live holder of the lock of `path` other than this process, or None."""
+  lock = lock_path(path)
+  if not os.path.lexists(lock):
+    return None
+  holder = _holder(lock)
+  if holder is None:
+    return None if _stale(lock, holder) else {"pid": "?", "host": "?"}
+  mine = holder.get("host") == socket.gethostname() and holder.get("pid") == os.getpid()
+  return None if mine or _stale(lock, holder) else holder
+
+
+@contextlib.contextmanager
+def output_lock(path: str, flag: str = "--output") -> Iterator[str]:
+  """The lock of the output `path` (`PATH.lock`) for the block: a second writer of the
+  same path is refused naming this one. A `path` inside (or at) a workdir another process
+  has locked, a running search's, is refused first: the search would replace it."""
+  path = os.path.abspath(path)
+  d = path
+  while True:
+    holder = holder_of(d)
+    if holder is not None and d != path:
+      raise UserError(f"output {path} lies inside the workdir {d}, in use by pid "
+                      f"{holder.get('pid')} on host {holder.get('host')}", f"{flag}, lock "
+                      f"file {lock_path(d)}", "write it outside that workdir (the run there "
+                      "would replace it), or wait for the run to finish")
+    parent = os.path.dirname(d)
+    if parent == d:
+      break
+    d = parent
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  lock = acquire(path, flag, what="output")
+  try:
+    yield lock
+  finally:
+    release(lock)

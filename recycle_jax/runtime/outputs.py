@@ -12,14 +12,17 @@ from __future__ import annotations
 import contextlib
 import glob
 import os
+import re
 import shutil
 import uuid
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
+from recycle_jax.runtime import locking
 from recycle_jax.runtime.errors import UserError
 from recycle_jax.runtime.errors import check as require
 
 HEADROOM = 1 << 20  # bytes beyond the estimate: metadata, filesystem blocks
+MIN_INODES = 8  # files and directories: a lock, a temp sibling, an output's few files
 
 
 def real(path: str) -> str:
@@ -79,6 +82,11 @@ def check(path: str, inputs: Sequence[str] = (), overwrite: bool = False,
   need = nbytes + HEADROOM if nbytes else 1
   require(free >= need, f"not enough space in {parent}: {_mb(need)} needed, {_mb(free)} free",
          flag, "free some space or write elsewhere")
+  # Files too (inodes): a filesystem that counts them (f_files > 0) with fewer left than
+  # one output needs fails its writes after the work; refused before it.
+  require(not st.f_files or st.f_favail >= MIN_INODES, f"{parent} is out of inodes "
+          f"({st.f_favail} files can be created, an output needs {MIN_INODES} or more)", flag,
+          "delete some files there or write elsewhere")
 
 
 def check_replaceable(path: str, flag: str) -> None:
@@ -147,6 +155,20 @@ def set_aside(path: str, active: bool = True) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def removed_if_empty(path: str) -> Iterator[None]:
+  """For a block that creates the directory `path`: when it fails (a full disk, out of
+  inodes, a signal) and leaves `path` new and empty, `path` is removed (nothing left)."""
+  existed = os.path.lexists(path)
+  try:
+    yield
+  except BaseException:
+    if not existed:
+      with contextlib.suppress(OSError):
+        os.rmdir(path)
+    raise
+
+
+@contextlib.contextmanager
 def staged(path: str, overwrite: bool = False, token: str | None = None,
            commit: bool = True) -> Iterator[str]:
   """Yields a temp sibling to write `path` into; renames it onto `path` when the block
@@ -170,6 +192,13 @@ def write_text(path: str, text: str, overwrite: bool = True) -> None:
 
 # ----------------------------------------------------------------------------- checkpoint directories
 # Written by every process of a multi-host run into one temporary sibling, renamed by process 0.
+# One writer per output: process 0 holds `PATH.lock` from before the sibling is made until
+# the output is committed and read back (a second writer is refused naming the holder), and
+# a sibling's name records its owner (pid, process start, host), so a sweep removes only
+# siblings whose writer is gone.
+
+_OWNED = re.compile(r"\.partial-(\d+)-(\d+)-([0-9a-f]{8})-[0-9a-f]{8}")
+
 
 def check_output(path: str, inputs: Sequence[str] = (), overwrite: bool = False,
                  flag: str = "--output", nbytes: int = 0) -> None:
@@ -179,13 +208,50 @@ def check_output(path: str, inputs: Sequence[str] = (), overwrite: bool = False,
 
 
 def temp_sibling(path: str) -> str:
-  """A fresh `PATH.partial-TOKEN` to write into (one name on every process)."""
+  """A fresh `PATH.partial-PID-START-HOST-RANDOM` to write into (one name on every
+  process), after removing the siblings whose writer is gone (killed: SIGKILL, power)."""
   import jax
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  for stale in glob.glob(f"{path}.partial-*"):  # left by a killed writer
-    if jax.process_index() == 0:
-      shutil.rmtree(stale, ignore_errors=True)
+  if jax.process_index() == 0:
+    for sibling in glob.glob(f"{glob.escape(path)}.partial-*"):
+      if not _owner_alive(sibling[len(path):]):
+        remove(sibling)
   return f"{path}.partial-{_run_token()}"
+
+
+def _owner_alive(suffix: str) -> bool:
+  """Whether the writer named in a sibling's suffix still runs (a sibling of an older
+  version, which names none, counts as gone: as before, it is swept)."""
+  m = _OWNED.match(suffix)
+  return bool(m) and locking.owner_alive(m[3], int(m[1]), int(m[2]))
+
+
+@contextlib.contextmanager
+def writing(path: str, overwrite: bool, verify: Callable[[str], None] | None = None,
+            flag: str = "--output") -> Iterator[str]:
+  """Yields the temporary sibling to write the directory `path` into (every process);
+  when the block ends normally, `verify(sibling)` reads it back (process 0: raises when it
+  is not a complete output), it is renamed onto `path` and read back there. On any
+  failure the sibling, and whatever a library left beside it, is removed. Process 0 holds
+  the output's lock throughout: another writer of `path` is refused naming this one, and
+  a `path` inside a workdir another process has locked (a running search) is refused."""
+  import jax
+  path = os.path.abspath(path)
+  lead = jax.process_index() == 0
+  with (locking.output_lock(path, flag) if lead else contextlib.nullcontext()):
+    tmp = temp_sibling(path)
+    try:
+      yield tmp
+      if lead and verify is not None:
+        verify(tmp)
+      commit(tmp, path, overwrite)
+      if lead and verify is not None:
+        verify(path)
+    except BaseException:
+      if lead:
+        for left in glob.glob(f"{glob.escape(tmp)}*"):  # (Orbax's .orbax-checkpoint-tmp too)
+          remove(left)
+      raise
 
 
 def commit(tmp: str, path: str, overwrite: bool) -> None:
@@ -197,9 +263,13 @@ def commit(tmp: str, path: str, overwrite: bool) -> None:
 
 
 def _run_token() -> str:
-  # Same on every process of a multi-host run, so all of them write one directory.
+  """PID-START-HOST-RANDOM of process 0: the same on every process of a multi-host run, so
+  all of them write one directory; it names its writer for the sweep."""
   from recycle_jax.runtime import multihost  # jax: only where a checkpoint is written
-  return multihost.broadcast("run_token", uuid.uuid4().hex[:8])
+  pid = os.getpid()
+  token = (f"{pid}-{locking.process_start(pid) or 0}-{locking.host_key()}-"
+           f"{uuid.uuid4().hex[:8]}")
+  return multihost.broadcast("run_token", token)
 
 
 def _sync(name: str) -> None:

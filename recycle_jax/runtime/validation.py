@@ -76,6 +76,9 @@ BOUNDS: dict[str, Bound] = {
     "--max_examples": Bound(int, lo=1, none_ok=True),
     "--memory_budget_mb": Bound(float, lo=16, hi=2**20),  # 16 MiB .. 1 TiB of buffers
     "--num_seeds": Bound(int, lo=1, hi=1000),
+    "--devices": Bound(int, lo=1, hi=1_000_000, none_ok=True),  # plan's mesh
+    "--population": Bound(int, lo=1, hi=1_000_000, none_ok=True),
+    "--batch_size": COUNT,
     "Experiment.max_examples": Bound(int, lo=1, none_ok=True),
     "Experiment.top_n": Bound(int, lo=1, none_ok=True),
     "SearchConfig.budget": POSITIVE_INT,
@@ -214,6 +217,117 @@ def parse_numbers(text: str, flag: str) -> list[float]:
                     "pass comma-separated numbers like 0.5,0.5") from None
 
 
+# ----------------------------------------------------------------------------- documents
+# Bounds of every JSON and YAML document read (configs, manifests, headers, JSONL lines):
+# deeper nesting, a bigger expansion (YAML aliases) or a number beyond float range is
+# refused by name instead of ending in RecursionError, OverflowError or out of memory.
+MAX_DEPTH = 64  # levels of nesting (Hugging Face configs use 4, tokenizer.json 6)
+MAX_YAML_NODES = 100_000  # nodes of a YAML document with every alias expanded
+MAX_YAML_BYTES = 16 << 20
+FLOAT_MAX = 1.7976931348623157e308
+
+
+class DocumentError(ValueError):
+  """A document beyond the bounds (raised inside the parse; readers add the file name)."""
+
+
+def _short_number(text: str) -> str:
+  return text if len(text) <= 24 else f"{text[:12]}... ({len(text)} characters)"
+
+
+def _parse_float(text: str) -> float:
+  x = float(text)
+  if not math.isfinite(x):
+    raise DocumentError(f"number {_short_number(text)} is out of float range")
+  return x
+
+
+def _parse_int(text: str) -> int:
+  if len(text.lstrip("-")) > 309 or (len(text) > 300 and abs(int(text)) > FLOAT_MAX):
+    raise DocumentError(f"number {_short_number(text)} is out of float range")
+  return int(text)
+
+
+def check_document(doc: Any) -> Any:
+  """`doc` within the bounds: nesting depth, numbers in float range, strings that are
+  Unicode text (no lone surrogates, which JSON's \\uD800 escapes can spell)."""
+  stack = [(doc, 1)]
+  while stack:
+    x, depth = stack.pop()
+    if isinstance(x, (dict, list)):
+      if depth > MAX_DEPTH:
+        raise DocumentError(f"it is nested deeper than {MAX_DEPTH} levels")
+      items = x.items() if isinstance(x, dict) else ((None, v) for v in x)
+      for k, v in items:
+        if isinstance(k, str):
+          _check_text(k)
+        stack.append((v, depth + 1))
+    elif isinstance(x, str):
+      _check_text(x)
+    elif isinstance(x, int) and not isinstance(x, bool) and abs(x) > FLOAT_MAX:
+      raise DocumentError(f"number {_short_number(str(x))} is out of float range")
+  return doc
+
+
+def _check_text(s: str) -> None:
+  try:
+    s.encode("utf-8")
+  except UnicodeEncodeError as e:
+    raise DocumentError(f"a string holds a lone surrogate (U+{ord(s[e.start]):04X}), which "
+                        "is not Unicode text") from None
+
+
+def parse_json(text: str | bytes) -> Any:
+  """json.loads, strictly (no NaN/Infinity tokens) and within the bounds; ValueError
+  (JSONDecodeError or DocumentError) otherwise."""
+  try:
+    doc = json.loads(text, parse_constant=_no_constant, parse_float=_parse_float,
+                     parse_int=_parse_int)
+  except RecursionError:
+    raise DocumentError(f"it is nested deeper than {MAX_DEPTH} levels") from None
+  return check_document(doc)
+
+
+def parse_yaml(text: str) -> Any:
+  """yaml.safe_load within the bounds: the node graph is composed first and its size with
+  every alias expanded counted (an alias bomb stops at MAX_YAML_NODES, before anything is
+  built); yaml.YAMLError or DocumentError otherwise."""
+  import yaml
+  if len(text) > MAX_YAML_BYTES:
+    raise DocumentError(f"it is {len(text)} characters long, more than {MAX_YAML_BYTES}")
+  loader = yaml.SafeLoader(text)
+  try:
+    try:
+      node = loader.get_single_node()
+    except RecursionError:
+      raise DocumentError(f"it is nested deeper than {MAX_DEPTH} levels") from None
+    if node is None:
+      return None
+    count, stack = 0, [(node, 1)]
+    while stack:
+      n, depth = stack.pop()
+      count += 1
+      if count > MAX_YAML_NODES:
+        raise DocumentError(f"it expands to more than {MAX_YAML_NODES} nodes (aliases "
+                            "repeating aliases?)")
+      if depth > MAX_DEPTH:
+        raise DocumentError(f"it is nested deeper than {MAX_DEPTH} levels")
+      if isinstance(n, yaml.SequenceNode):
+        stack.extend((c, depth + 1) for c in n.value)
+      elif isinstance(n, yaml.MappingNode):
+        stack.extend((c, depth + 1) for kv in n.value for c in kv)
+    return check_document(loader.construct_document(node))
+  finally:
+    loader.dispose()
+
+
+def split_lines(data: str) -> list[str]:
+  """JSON Lines' lines: split at \\n only (U+2028, U+0085 and other line separators that
+  str.splitlines honours may sit inside a JSON string)."""
+  lines = data.split("\n")
+  return [l[:-1] if l.endswith("\r") else l for l in lines]
+
+
 # ----------------------------------------------------------------------------- files
 
 def _no_constant(name: str):
@@ -236,7 +350,9 @@ def load_json(path: str, what: str, fix: str = "rewrite it as UTF-8 JSON") -> An
     raise UserError(f"the {what} is not UTF-8 text (byte {e.start})", path, fix) from None
   check(text.strip() != "", f"the {what} is empty", path, fix)
   try:
-    return json.loads(text, parse_constant=_no_constant)
+    return parse_json(text)
+  except DocumentError as e:
+    raise UserError(f"the {what} is beyond what is read: {e}", path, fix) from None
   except ValueError as e:  # JSONDecodeError, and NaN tokens
     msg = f"{e.msg} at line {e.lineno} column {e.colno}" if hasattr(e, "msg") else str(e)
     raise UserError(f"the {what} is not valid JSON: {msg}", path, fix) from None
@@ -294,12 +410,22 @@ MAX_SAFETENSORS_HEADER = 100 * 2**20  # as the safetensors library's own limit
 SAFETENSORS_DTYPES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2,
                       "U16": 2, "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8,
                       "U64": 8, "F64": 8}
+# A model's weights and biases are of a floating type; one declared an integer type (a
+# float32 embedding relabelled I32 has the same byte size) would be read as integers.
+WEIGHT_DTYPES = ("F16", "BF16", "F32", "F64")
+WEIGHT_SUFFIXES = (".weight", ".bias")
 
 
 def check_safetensors(path: str) -> dict:
   """The header of a safetensors file, checked against the file: one line naming the file
-  when it is not what its name says (pickled data, zip, truncated, garbage). No tensor
-  read."""
+  when it is not what its name says (pickled data, zip, truncated, garbage), when two
+  tensors' byte ranges overlap, or when a weight is declared of a non-floating type. No
+  tensor read."""
+  return read_safetensors_header(path)[0]
+
+
+def read_safetensors_header(path: str) -> tuple[dict, int]:
+  """(the checked header, the offset its data starts at): see check_safetensors."""
   fix = "re-export it with safetensors (transformers: save_pretrained(safe_serialization=True))"
   bad = "cannot read safetensors header: "
   try:
@@ -309,13 +435,17 @@ def check_safetensors(path: str) -> dict:
       n = int.from_bytes(head, "little") if len(head) == 8 else -1
       check(0 < n <= min(MAX_SAFETENSORS_HEADER, size - 8),
             f"{bad}not a safetensors file ({_sniff(head)})", path, fix)
-      header = json.loads(f.read(n).decode("utf-8"), parse_constant=_no_constant)
-  except (UnicodeDecodeError, ValueError):
-    raise UserError(f"{bad}not a safetensors file (not JSON)", path, fix) from None
+      raw = f.read(n)
   except OSError as e:
     raise UserError(f"cannot read the weights file: {e.strerror}", path, "check it") from None
+  try:
+    header = parse_json(raw.decode("utf-8"))
+  except DocumentError as e:
+    raise UserError(f"{bad}{e}", path, fix) from None
+  except (UnicodeDecodeError, ValueError):
+    raise UserError(f"{bad}not a safetensors file (not JSON)", path, fix) from None
   check(isinstance(header, dict), f"{bad}not a safetensors file (not an object)", path, fix)
-  end = 0
+  ranges = []
   for name, t in header.items():
     if name == "__metadata__":
       continue
@@ -329,10 +459,20 @@ def check_safetensors(path: str) -> dict:
     nbytes = math.prod(t["shape"]) * SAFETENSORS_DTYPES[t["dtype"]]
     check(0 <= lo <= hi and hi - lo == nbytes,
           f"{bad}tensor {name!r}: offsets {lo}..{hi} do not hold its {nbytes} bytes", path, fix)
-    end = max(end, hi)
+    check(not name.endswith(WEIGHT_SUFFIXES) or t["dtype"] in WEIGHT_DTYPES,
+          f"tensor {name!r} is declared {t['dtype']}, not a floating type (weights are "
+          f"{', '.join(WEIGHT_DTYPES)}): quantized weights or a damaged header", path,
+          "give the model's weights in a floating type (dequantize it, or re-export it)")
+    if hi > lo:
+      ranges.append((lo, hi, name))
+  ranges.sort()
+  for (_, end, a), (start, _, b) in zip(ranges, ranges[1:]):
+    check(start >= end, f"{bad}tensors {a!r} and {b!r} share bytes (their offsets overlap)",
+          path, fix)
+  end = max((hi for _, hi, _ in ranges), default=0)
   check(8 + n + end <= size, f"{bad}the file is truncated: {size} bytes, the header needs "
         f"{8 + n + end}", path, "copy or download it again")
-  return header
+  return header, 8 + n
 
 
 def _sniff(head: bytes) -> str:

@@ -997,10 +997,13 @@ def output_cases() -> list[Case]:
 
     for fs in ("readonly", "full", "no-inodes"):
       def on_fs(s, w, t, command=command, fs=fs):
+        from recycle_jax.runtime.outputs import MIN_INODES
         mnt = os.path.join(t, fs)
         os.makedirs(mnt)
-        mount_tmpfs(mnt, readonly=fs == "readonly", inodes=(
-            None if fs != "no-inodes" else 0 if command == "eval" else 2))
+        # out of inodes: none left (refused before any work), or (Orbax outputs) as many
+        # as the check asks, fewer than a checkpoint's files (its writes fail midway)
+        mount_tmpfs(mnt, readonly=fs == "readonly", inodes=None if fs != "no-inodes" else (
+            MIN_INODES if command in ("merge", "merge-streaming", "convert") else 0))
         _set_output(s, command, os.path.join(mnt, "out" if command != "eval" else "s.json"))
         s.culprits += (mnt,)
       out.append(_case(command, "output-fs", fs, on_fs, needs="mount"))

@@ -121,7 +121,20 @@ def test_generated_cases_cover_every_command_and_kind():
   kinds = {c.id.split(":")[1] for c in ALL_CASES}
   assert {"flag", "path", "gin", "checkpoint", "manifest", "hf-config", "hf-weights",
           "results", "resume-state", "output", "output-fs", "hf-member", "mergekit-config",
-          "jsonl-task"} <= kinds
+          "jsonl-task", "concurrent"} <= kinds
+  # Hostile documents and lying headers reach every reader of their format: each JSON
+  # file's kind, the mergekit YAML, JSONL lines, safetensors shards and weights files.
+  details = {(c.id.split(":")[1], c.id.split(":")[-1]) for c in ALL_CASES}
+  for kind in ("manifest", "hf-config", "results", "hf-member", "jsonl-task"):
+    for hostile in ("deep-nesting", "huge-number", "lone-surrogate"):
+      assert (kind, hostile) in details, (kind, hostile)
+  for hostile in ("alias-bomb", "deep-nesting", "huge-number"):
+    assert ("mergekit-config", hostile) in details
+  for kind in ("hf-member", "hf-weights"):
+    for lie in ("dtype-lie", "overlapping-ranges"):
+      assert (kind, lie) in details, (kind, lie)
+  assert {("output-fs", "no-inodes"), ("concurrent", "output-locked"),
+          ("concurrent", "inside-locked-workdir")} <= details
   sample = faults.sample(ALL_CASES)
   assert {faults.stratum(c) for c in sample} == {faults.stratum(c) for c in ALL_CASES}
   assert len(sample) < len(ALL_CASES) / 4 and sample == faults.sample(ALL_CASES)

@@ -29,7 +29,6 @@ import itertools
 import math
 import os
 import queue
-import shutil
 from typing import Callable, Iterator, Sequence
 
 import jax
@@ -274,20 +273,19 @@ def merge_to_disk(pool: pool_manifest.Pool, meta: checkpoint_meta.CheckpointMeta
         "--memory_budget_mb")
   output = os.path.abspath(output)
   outputs.check_output(output, pool.paths, overwrite)
-  tmp = outputs.temp_sibling(output)
-  error = stats = None
-  if jax.process_index() == 0:
-    try:
-      os.makedirs(tmp)
-      stats = merge_into(tmp, pool, meta, alphas, memory_budget_mb, progress, compress, fsync)
-      tokenizer_files.write_files(meta.tokenizer,
-                                  os.path.join(tmp, tokenizer_files.TOKENIZER_DIR))
-    except BaseException as e:
-      shutil.rmtree(tmp, ignore_errors=True)
-      error = e
-  if not _all_ok(error is None):
-    raise error or UserError("the streaming merge failed on process 0", "--streaming")
-  outputs.commit(tmp, output, overwrite)
+  with outputs.writing(output, overwrite, checkpoints.reads_back(meta.abstract)) as tmp:
+    error = stats = None
+    if jax.process_index() == 0:
+      try:
+        os.makedirs(tmp)
+        stats = merge_into(tmp, pool, meta, alphas, memory_budget_mb, progress, compress,
+                           fsync)
+        tokenizer_files.write_files(meta.tokenizer,
+                                    os.path.join(tmp, tokenizer_files.TOKENIZER_DIR))
+      except BaseException as e:  # (the sibling is removed by `writing`)
+        error = e
+    if not _all_ok(error is None):
+      raise error or UserError("the streaming merge failed on process 0", "--streaming")
   return stats
 
 
