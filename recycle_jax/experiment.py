@@ -92,7 +92,8 @@ def run_search(workdir: str, resume: bool = False, overwrite: bool = False,
             dataclasses.replace(scfg, seed=scfg.seed + k)) for k in range(num_seeds)]
   if resume and not exp.top_n:  # a damaged or foreign state: refused before any array read
     _check_saved(seeds, configurables.make_space(scfg.merge_space, inputs.meta.abstract,
-                                                 len(inputs.pool)), inputs.dev)
+                                                 len(inputs.pool)), inputs.dev,
+                 fingerprints(inputs.pool, exp.base, inputs.dev))
   # 2. Place the pool and the data on the mesh.
   run = place(exp, inputs)
   # 3. Score the single checkpoints, then (once the workdir is prepared) the baselines.
@@ -101,10 +102,11 @@ def run_search(workdir: str, resume: bool = False, overwrite: bool = False,
   space_scorer = run.programs.scorer(space, scfg.pop_size(space.dim))
   method_baselines = configurables.task_vector_baselines(run.n, run.base is not None)
   if resume and exp.top_n:  # the space is known once the top N are chosen
-    _check_saved(seeds, space, run.dev)
+    _check_saved(seeds, space, run.dev, run.content)
   # The workdir is only touched once every input has been read and checked; one replaced
   # is set aside (WORKDIR.old-*) until the new run is complete, and put back if it fails.
-  with outputs.set_aside(workdir, overwrite and not resume and jax.process_index() == 0):
+  with outputs.set_aside(workdir, overwrite and not resume and jax.process_index() == 0), \
+      outputs.removed_if_empty(workdir):
     os.makedirs(workdir, exist_ok=True)
     _write_config(workdir)  # once: every configurable has been called, the config is complete
     run.single_test = run.scorer(np.eye(run.n, dtype=np.float32), run.test, "test")
@@ -169,11 +171,21 @@ def check_inputs(exp: Experiment, scfg: loop.SearchConfig, workdir: str, resume:
   return Inputs(pool, meta, dev, test, vocab)
 
 
-def _check_saved(seeds, space: spaces.MergeSpace, dev) -> None:
+def _check_saved(seeds, space: spaces.MergeSpace, dev, inputs: dict) -> None:
   """Every seed's saved state, read whole, before the workdir changes."""
   for wd, cfg in seeds:
     loop.check_saved_state(os.path.join(wd, loop.STATE_DIR),
-                             loop.signature(cfg, space, dev))
+                           loop.signature(cfg, space, dev, inputs))
+
+
+def fingerprints(pool, base: str | None, dev) -> dict[str, str]:
+  """What a search computes on, by content: the pool's members, the base and the dev
+  splits as read on the host (a resume refuses any of them changed, naming it)."""
+  out = pool.fingerprints()
+  if base is not None:
+    out["base"] = pool_manifest.fingerprint(base)
+  out.update({f"dev[{d.name}]": loop.data_fingerprint(d) for d in dev})
+  return out
 
 
 @dataclasses.dataclass
@@ -188,6 +200,7 @@ class Run:
   programs: population.Programs
   base: PyTree | None = None
   vocab: Any = None  # the tasks' vocabulary (the pool's): adaptive fidelity's subsets
+  content: dict = dataclasses.field(default_factory=dict)  # `fingerprints`: for --resume
   mode: str = ""  # the linear program's population mode
   scorer: population.CachedScorer | None = None  # linear merges of the pool, P at a time
   single_dev: np.ndarray | None = None  # [N, T]
@@ -211,7 +224,8 @@ def place(exp: Experiment, inputs: Inputs) -> Run:
     loaded = top_n_subset(loaded, score, dev, exp.top_n)
   programs = population.Programs(score, loaded.params, base, loaded.mesh,
                                  configurables.choose_mode)
-  return Run(exp, loaded, dev, test, programs, base, inputs.vocab)
+  return Run(exp, loaded, dev, test, programs, base, inputs.vocab,
+             content=fingerprints(loaded.pool, exp.base, inputs.dev))
 
 
 def score_singles(run: Run, size: int) -> None:
@@ -294,7 +308,8 @@ def run_one(run: Run, cfg: loop.SearchConfig, space: spaces.MergeSpace,
   """One search of `space` from `seeds`, on the full dev splits or (adaptive fidelity) on
   a fixed random subset of each first."""
   srch = loop.Search(cfg, run.n, scorer.population_fn, space,
-                       programs=run.programs.generations)
+                     programs=run.programs.generations,
+                     inputs=run.content)
   subset = None
   # A fixed random subset of each dev split, the same for every search seed: its packed
   # shapes are then too, so seeds share one compiled program (a subset per seed cost a

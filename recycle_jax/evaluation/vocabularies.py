@@ -17,6 +17,8 @@ from __future__ import annotations
 import functools
 import json
 import os
+import sys
+import time
 from typing import Sequence
 
 import numpy as np
@@ -118,17 +120,40 @@ class HFVocabulary(seqio.Vocabulary):
     check(self.chat_template is not None, "the tokenizer has no chat template",
           self.folder, "use a tokenizer with chat_template, or drop the task's chat flag")
     tokens = self.source.special_tokens
-    return _render(self.chat_template, [{"role": "user", "content": text}],
-                   bos_token=tokens.get("bos") or "", eos_token=tokens.get("eos") or "")
+    try:
+      return _render(self.chat_template, [{"role": "user", "content": text}],
+                     bos_token=tokens.get("bos") or "", eos_token=tokens.get("eos") or "")
+    except UserError as e:  # the line names the template's tokenizer
+      raise UserError(e.message.replace("(chat template)", "(chat template of the tokenizer "
+                                        f"in {self.folder})", 1)) from None
+
+
+CHAT_TEMPLATE_SECONDS = 5.0  # one rendering (real templates take well under 1 ms)
+CHAT_TEMPLATE_CHARS = 1 << 24  # the most a `*` or `**` in a template may build
 
 
 @functools.lru_cache(None)
 def _template(source: str):
   from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+  class Bounded(ImmutableSandboxedEnvironment):
+    """transformers' sandbox, and `*` / `**` that cannot build a huge value."""
+    intercepted_binops = frozenset(["*", "**"])
+
+    def call_binop(self, context, operator, left, right):
+      if operator == "**":
+        check(not isinstance(right, (int, float)) or abs(right) <= 64, f"{left!r} ** {right!r} "
+              "is too large", "chat template", "fix chat_template in tokenizer_config.json")
+      elif isinstance(left, (str, list, tuple)) or isinstance(right, (str, list, tuple)):
+        seq, n = (left, right) if isinstance(left, (str, list, tuple)) else (right, left)
+        check(not isinstance(n, int) or len(seq) * n <= CHAT_TEMPLATE_CHARS, "a `*` builds "
+              f"more than {CHAT_TEMPLATE_CHARS} items", "chat template",
+              "fix chat_template in tokenizer_config.json")
+      return super().call_binop(context, operator, left, right)
+
   def raise_exception(message):
     raise UserError(f"chat template error: {message}", "chat template")
-  env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                      extensions=["jinja2.ext.loopcontrols"])
+  env = Bounded(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
   env.filters["tojson"] = lambda x, indent=None, **_: json.dumps(x, indent=indent,
                                                                  ensure_ascii=False)
   env.globals["raise_exception"] = raise_exception
@@ -138,13 +163,37 @@ def _template(source: str):
 
 def _render(source: str, messages: Sequence[dict], **special) -> str:
   try:
-    return _template(source).render(messages=list(messages), add_generation_prompt=True,
-                                    **special)
+    template = _template(source)
+    return _bounded(lambda: template.render(messages=list(messages),
+                                            add_generation_prompt=True, **special))
   except UserError:
     raise
+  except RecursionError:
+    raise UserError("the chat template recurses too deeply", "chat template",
+                    "fix chat_template in tokenizer_config.json") from None
   except Exception as e:  # jinja2 syntax and runtime errors
     raise UserError(f"the chat template cannot be rendered: {type(e).__name__}: {e}",
                     "chat template", "fix chat_template in tokenizer_config.json") from None
+
+
+def _bounded(render):
+  """render(), ended after CHAT_TEMPLATE_SECONDS: a trace function checks the clock on
+  every line the template's compiled code runs (a loop of loops ends in one line, in any
+  thread; signals still end the process, as the code is Python)."""
+  deadline = time.monotonic() + CHAT_TEMPLATE_SECONDS
+
+  def tracer(frame, event, arg):
+    if time.monotonic() > deadline:
+      raise UserError(f"the chat template did not finish within {CHAT_TEMPLATE_SECONDS:g} s",
+                      "chat template", "fix chat_template in tokenizer_config.json (a loop "
+                      "that does not end?)")
+    return tracer
+  old = sys.gettrace()
+  sys.settrace(tracer)
+  try:
+    return render()
+  finally:
+    sys.settrace(old)
 
 
 class SentencePieceVocabulary(seqio.SentencePieceVocabulary):
