@@ -1,10 +1,10 @@
 """The untrusted half: runs one program and serves calls to what it defined.
 
 Started by the harness (_harness.py) inside the sandbox as `python -I -S -c THIS_FILE
-LIMITS REQUESTS_FD REPLIES_FD` (frames: see `send`/`receive`). It sets
-the kernel limits (LIMITS: JSON {RLIMIT name: value}) on itself, reads the program, runs
-it as `__main__`, replies `["ready", {name: "callable" | "value"}]` (or `["error", text]`,
-`["exited", code]`), then answers `["call", name, args, kwargs]` with `["ret", value]` or
+LIMITS REQUESTS_FD REPLIES_FD` (messages: JSON text in 4-byte-length frames, `send` and
+`receive`). It sets the kernel limits (LIMITS: JSON {RLIMIT name: value}) on itself, reads
+the program, runs it as `__main__`, replies `["ready", {name: "callable" | "value" |
+"module:NAME"}]` (or `["error", text]`, `["exited", code]`), then answers `["call", name, args, kwargs]` with `["ret", value]` or
 `["raise", exception name, message]` and `["value", name]` with `["ret", value]` until
 the harness closes the request pipe.
 
