@@ -124,6 +124,11 @@ def huggingface(folder: str, config: Mapping | None = None) -> Tokenizer:
     raise UserError(f"tokenizer.json is unreadable: {type(e).__name__}: "
                     f"{str(e).splitlines()[0][:200] if str(e) else ''}", path,
                     "save the tokenizer with transformers' save_pretrained") from None
+  # A truncation or padding block stored in tokenizer.json (left by training with
+  # truncation=True) is ignored, as transformers' fast tokenizers ignore it unless a call
+  # asks for truncation: prompts are never cut or padded silently.
+  tok.no_truncation()
+  tok.no_padding()
   tc = read_json_object(os.path.join(folder, "tokenizer_config.json")) or {}
   config = dict(config or {})
   ids = {}

@@ -64,10 +64,10 @@ class TaskData:
   targets: jax.Array | None = None
   target_lens: jax.Array | None = None
   choice_count: jax.Array | None = None
+  choice_norm: jax.Array | None = None
   stop_ids: jax.Array | None = None
   stop_text: jax.Array | None = None
   packed: tuple["Packed", ...] | None = None  # the scoring layout (`pack`), by materialize
-  choice_norm: jax.Array | None = None
   kind: str = flax.struct.field(pytree_node=False, default="exact")
   name: str = flax.struct.field(pytree_node=False, default="")
   split: str = flax.struct.field(pytree_node=False, default="")
@@ -94,21 +94,21 @@ class Packed:
     slot_pos, slot_tok, slot_group [R, S]: a scored prediction: the hidden state at
         slot_pos predicts slot_tok, for choice slot_group (0 for generation; -1 = unused).
     labels [R]: the right choice (choice tasks; zeros otherwise).
+    group_norm [R, C]: each choice's divisor (`TaskData.choice_norm`; ones otherwise).
   Only the S slots go through the head (no [R, L, V] logits).
   """
   tokens: jax.Array
   positions: jax.Array
-    group_norm [R, C]: each choice's divisor (`TaskData.choice_norm`; ones otherwise).
   segments: jax.Array
   slot_pos: jax.Array
   slot_tok: jax.Array
   slot_group: jax.Array
   labels: jax.Array
+  group_norm: jax.Array
   num_groups: int = flax.struct.field(pytree_node=False, default=1)
   kind: str = flax.struct.field(pytree_node=False, default="exact")
 
 
-  group_norm: jax.Array
 def _round_up(n: int, m: int = 8) -> int:
   return max(m, -(-n // m) * m)
 
@@ -134,42 +134,33 @@ def choice_data(name: str, prompts: Sequence[Sequence[int]],
 
   Each example's choices are padded to the split's maximum C with empty slots
   (`choice_count` [E] says how many are real) that score -inf, so they never win.
+  norms: per example, each choice's divisor (default 1: summed log-likelihood, acc).
   """
   counts = [len(cs) for cs in choices]
   for i, (n, y) in enumerate(zip(counts, labels)):
     check(n >= 1 and 0 <= y < n, f"example {i} has label {y} but {n} choices",
-  norms: per example, each choice's divisor (default 1: summed log-likelihood, acc).
           f"task {name!r}", "labels index the example's own choices")
   c = max(counts)
   flat_p = [p for p, cs in zip(prompts, choices) for _ in cs]
   tokens, mask = _sequences(flat_p, [x for cs in choices for x in cs])
   e, l = len(prompts), tokens.shape[1]
   full_t, full_m = np.zeros((e, c, l), np.int32), np.zeros((e, c, l), bool)
+  full_n = np.ones((e, c), np.float32)
   row = 0
   for i, n in enumerate(counts):
     full_t[i, :n], full_m[i, :n] = tokens[row:row + n], mask[row:row + n]
-    row += n
-  full_n = np.ones((e, c), np.float32)
-  d = TaskData(tokens=full_t, target_mask=full_m, labels=np.asarray(labels, np.int32),
-               choice_count=np.asarray(counts, np.int32), choice_norm=full_n,
-               kind="choice", name=name)
-  return d.replace(packed=pack(d))
     if norms is not None:
       check(len(norms[i]) == n and all(x > 0 for x in norms[i]),
             f"example {i} has norms {list(norms[i])} for {n} choices", f"task {name!r}",
             "give one positive divisor per choice")
       full_n[i, :n] = norms[i]
+    row += n
+  d = TaskData(tokens=full_t, target_mask=full_m, labels=np.asarray(labels, np.int32),
+               choice_count=np.asarray(counts, np.int32), choice_norm=full_n,
+               kind="choice", name=name)
+  return d.replace(packed=pack(d))
 
 
-def _choice(name: str, prompts: list, rows: list[dict], vocab: seqio.Vocabulary,
-            how: scoring.Scoring) -> TaskData:
-  texts = [[_text(c) for c in r["choices"]] for r in rows]
-  contexts, choices = loglikelihood_pairs(rows, vocab, how, texts)
-  for i, (t, cs) in enumerate(zip(texts, choices)):
-    check(all(t) and all(cs), f"example {i} of task {name!r} has an empty choice",
-          f"task {name!r}", "every choice needs text (lm-eval divides by its length)")
-  norms = [choice_norms(how.score_metric, t, cs) for t, cs in zip(texts, choices)]
-  return choice_data(name, contexts, choices, [int(r["label"]) for r in rows], norms)
 def _text(x) -> str:
   return x.decode() if isinstance(x, bytes) else str(x)
 
@@ -210,6 +201,15 @@ def choice_norms(metric: str, texts: Sequence[str], tokens: Sequence[Sequence[in
   return [1.0] * len(texts)
 
 
+def _choice(name: str, prompts: list, rows: list[dict], vocab: seqio.Vocabulary,
+            how: scoring.Scoring) -> TaskData:
+  texts = [[_text(c) for c in r["choices"]] for r in rows]
+  contexts, choices = loglikelihood_pairs(rows, vocab, how, texts)
+  for i, (t, cs) in enumerate(zip(texts, choices)):
+    check(all(t) and all(cs), f"example {i} of task {name!r} has an empty choice",
+          f"task {name!r}", "every choice needs text (lm-eval divides by its length)")
+  norms = [choice_norms(how.score_metric, t, cs) for t, cs in zip(texts, choices)]
+  return choice_data(name, contexts, choices, [int(r["label"]) for r in rows], norms)
 
 
 def _exact(name: str, prompts: list, rows: list[dict], vocab: seqio.Vocabulary,
@@ -301,13 +301,13 @@ def pack(d: TaskData, max_buckets: int = 4, overhead: int = 128) -> tuple[Packed
   rows = [_pack_row(t[:n], m[:n]) for t, m, n in zip(tokens, mask, counts)]
   labels = (np.asarray(d.labels, np.int32) if d.kind == "choice"
             else np.zeros(len(rows), np.int32))
+  norms = (np.asarray(d.choice_norm, np.float32) if d.choice_norm is not None
+           else np.ones(tokens.shape[:2], np.float32))
   lengths = np.array([len(r[0]) for r in rows])
   out = []
   lo = 0
   for hi in _buckets(lengths, max_buckets, overhead):
     idx = [i for i, n in enumerate(lengths) if lo < _round_up(int(n)) <= hi]
-  norms = (np.asarray(d.choice_norm, np.float32) if d.choice_norm is not None
-           else np.ones(tokens.shape[:2], np.float32))
     lo = hi
     if not idx:
       continue

@@ -52,6 +52,7 @@ import seqio
 import tensorflow as tf
 
 from recycle_jax.evaluation import scoring, verifiers, vocabularies
+from recycle_jax.runtime import validation
 from recycle_jax.runtime.errors import UserError, check
 from recycle_jax.tasks.spec import JsonlTask
 
@@ -97,17 +98,21 @@ def read_jsonl(task: str, split: str, pattern: str, needed: Mapping[str, str],
   keys = {name: fields.get(name, name) for name in needed}
   records, missing = [], {}
   for path in files:
-    try:
-      lines = open(path, encoding="utf-8").read().splitlines()
+    try:  # lines end at \n only: U+2028 or U+0085 inside a JSON string is text
+      lines = validation.split_lines(open(path, encoding="utf-8").read())
     except (OSError, UnicodeDecodeError) as e:
       raise UserError(f"cannot read {path}: {e}", where, "give a UTF-8 JSON-lines file") from None
     for number, line in enumerate(lines, 1):
       if not line.strip():
         continue
       try:
-        raw = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise UserError(f"malformed JSON on line {number} of {path}: {e.msg}", where,
+        raw = validation.parse_json(line)
+      except validation.DocumentError as e:
+        raise UserError(f"line {number} of {path} is beyond what is read: {e}", where,
+                        "make every line one plain JSON object") from None
+      except ValueError as e:  # JSONDecodeError, NaN tokens
+        raise UserError(f"malformed JSON on line {number} of {path}: "
+                        f"{getattr(e, 'msg', e)}", where,
                         "make every line one JSON object") from None
       check(isinstance(raw, dict), f"line {number} of {path} is not a JSON object", where,
             "make every line one JSON object")
@@ -139,11 +144,6 @@ def _validate(t: JsonlTask) -> None:
           "which does not generate", f"{where}.verifier",
           "use kind='generate', or drop the verifier")
     verifiers.get(t.verifier, f"{where}.verifier")
-  if t.kind == "choice":
-    check(bool(t.choices and t.label), "kind 'choice' needs the `choices` and `label` fields",
-          f"{where}.choices/label", "name the list-of-choices field and the label field")
-  else:
-    check(t.target is not None, f"kind {t.kind!r} needs a target template", f"{where}.target",
   if t.kind == "generate":
     v = verifiers.get(t.verifier or "exact_match", f"{where}.verifier")
     v.with_options(t.verifier_options, f"{where}.verifier_options")
@@ -152,6 +152,11 @@ def _validate(t: JsonlTask) -> None:
     check(not t.verifier_options, f"verifier_options are given to kind {t.kind!r}, which has "
           "no verifier", f"{where}.verifier_options", "use kind='generate', or drop them")
     scoring.Scoring(t.kind, metric=t.metric or "", target_delimiter=t.target_delimiter)
+  if t.kind == "choice":
+    check(bool(t.choices and t.label), "kind 'choice' needs the `choices` and `label` fields",
+          f"{where}.choices/label", "name the list-of-choices field and the label field")
+  else:
+    check(t.target is not None, f"kind {t.kind!r} needs a target template", f"{where}.target",
           "e.g. target='{answer}'")
     check(t.kind == "generate" or isinstance(t.target, str),
           "kind 'exact' needs a text target template", f"{where}.target")
@@ -174,13 +179,13 @@ def _answer_template(t: JsonlTask) -> str | None:
 def _examples(t: JsonlTask, split: str, records: list[Record], shots: str) -> dict:
   """Columns of the split's dataset."""
   cols = {"inputs": [shots + str(_render(t.prompt, r)) for r in records]}
+  if t.id:  # the records' own names, for `verify`
+    cols["doc_key"] = [str(r[t.id]) for r in records]
   if t.kind == "choice":
     choices, labels = [], []
     for i, r in enumerate(records):
       options, label = [str(c) for c in r[t.choices]], r[t.label]
       if isinstance(label, str) and label in options:
-  if t.id:  # the records' own names, for `verify`
-    cols["doc_key"] = [str(r[t.id]) for r in records]
         label = options.index(label)
       check(isinstance(label, int) and 0 <= label < len(options),
             f"label {r[t.label]!r} of record {i + 1} is not an index or text of its "
@@ -231,8 +236,12 @@ def _chat_preprocessor(task: str):
     check(fn is not None, f"task {task!r} asks for a chat template, but its vocabulary "
           f"{type(vocab).__name__} has none", f"JsonlTask {task!r}.chat_template",
           "use a pool whose tokenizer has a chat template, or chat_template=False")
-    wrap = lambda x: tf.py_function(lambda s: fn(s.numpy().decode()), [x], tf.string)
-    return dataset.map(lambda ex: {**ex, "inputs": tf.ensure_shape(wrap(ex["inputs"]), [])})
+    # Rendered here, in the calling thread, not in a tf.data function: a template that
+    # fails is one line (not TensorFlow's UnknownError), its time bound and Ctrl-C/SIGTERM
+    # apply as to any Python code.
+    texts = [fn(s.decode()) for s in dataset.map(lambda ex: ex["inputs"]).as_numpy_iterator()]
+    rendered = tf.data.Dataset.from_tensor_slices(tf.constant(texts, tf.string, [len(texts)]))
+    return tf.data.Dataset.zip((dataset, rendered)).map(lambda ex, r: {**ex, "inputs": r})
   return apply
 
 
@@ -256,6 +265,8 @@ def register(t: JsonlTask, vocabulary: seqio.Vocabulary = vocabularies.POOL,
   needed = {f: what for what, ts in templates.items() for tpl in ts for f in _placeholders(tpl)}
   if t.kind == "choice":
     needed.update({t.choices: "JsonlTask.choices", t.label: "JsonlTask.label"})
+  if t.id:
+    needed[t.id] = "JsonlTask.id"
   if records is None:
     data = {split: read_jsonl(t.name, split, pattern, needed, t.fields)
             for split, pattern in t.splits.items()}
@@ -265,8 +276,6 @@ def register(t: JsonlTask, vocabulary: seqio.Vocabulary = vocabularies.POOL,
   shots = _shots(t, data[t.few_shot_split]) if t.few_shot else ""
   columns = {split: _examples(t, split, rows, shots) for split, rows in data.items()}
 
-  if t.id:
-    needed[t.id] = "JsonlTask.id"
   def dataset_fn(split: str, shuffle_files: bool = False, seed=None) -> tf.data.Dataset:
     cols = dict(columns[split])
     if "choices" in cols:  # any number of choices per example
