@@ -1,4 +1,4 @@
-"""`recycle-jax`: make-pool, search, merge, eval, verify, convert, inspect, report.
+"""`recycle-jax`: make-pool, search, merge, eval, verify, convert, inspect, plan, report.
 
 Every subcommand takes --gin_file (repeatable) and --gin_bindings (repeatable). Bad
 input ends with one line `error: what (where); how to fix` and exit status 2; any other
@@ -23,7 +23,7 @@ from typing import Sequence  # noqa: E402
 
 from absl import logging  # noqa: E402
 
-from recycle_jax.runtime import errors, interrupts, validation, waits  # noqa: E402
+from recycle_jax.runtime import backend, errors, interrupts, validation, waits  # noqa: E402
 from recycle_jax.runtime.errors import EXIT_USAGE, UserError, check  # noqa: E402
 from recycle_jax.evaluation.verifiers import sandbox  # noqa: E402
 
@@ -191,7 +191,8 @@ def cmd_eval(args) -> None:
   scores = scorers.evaluate(jax.jit(configurables.make_scorer(transformer.Decoder(cfg))), params,
                                datas)
   out = {"checkpoint": os.path.abspath(args.checkpoint), "split": args.split,
-         "scores": {t: round(float(s), 4) for t, s in zip(names, scores)}}
+         "scores": {t: round(float(s), 4) for t, s in zip(names, scores)},
+         "runtime": backend.describe()}
   for t, s in out["scores"].items():
     print(f"{t:20s} {s:6.2f}")
   if args.output:
@@ -240,6 +241,37 @@ def cmd_report(args) -> None:
   out = os.path.join(args.workdir, "report.md")
   outputs.write_text(out, text)
   print(f"report: {out}")
+
+
+def _plan_devices(args) -> None:
+  """plan's flags that need no file, checked before anything slow, and its mesh's fake CPU
+  devices set up before JAX starts (with --on_devices, the real devices are used)."""
+  from recycle_jax import plan
+  from recycle_jax.runtime import accelerators
+  if args.device_kind:
+    accelerators.get(args.device_kind)
+  for t in args.task:
+    plan.parse_task(t)
+  data, model = plan.parse_mesh(args.mesh, args.devices)
+  if not args.on_devices:
+    plan.configure_devices(data * model)
+
+
+def cmd_plan(args) -> None:
+  import jax
+  from recycle_jax import plan
+  mesh = plan.parse_mesh(args.mesh, len(jax.devices()) if args.on_devices else args.devices)
+  out = plan.plan(plan.pool_spec(args.pool), mesh,
+                  [plan.parse_task(t) for t in args.task or [plan.DEFAULT_TASK]],
+                  args.population, args.mode, args.device_kind, args.batch_size,
+                  args.full_depth, jax.devices() if args.on_devices else None)
+  print(json.dumps(out, indent=1) if args.json else plan.text(out))
+  if out["fits"] is False:
+    gib = lambda b: f"{b / 2**30:,.1f} GiB"  # noqa: E731
+    raise UserError(f"the pool does not fit: {gib(out['per_device_bytes'])} per device, "
+                    f"{gib(out['short_by_bytes'])} more than a {out['device_kind']}'s usable "
+                    f"{gib(out['device_usable_bytes'])}", "--device_kind",
+                    "; or ".join(out["advice"]))
 
 
 class _Parser(argparse.ArgumentParser):
@@ -295,6 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--task_module", action="append", default=[],
                    help="import this module (from the working directory or PYTHONPATH) "
                         "first: it registers your own seqio Tasks (repeatable)")
+    s.add_argument("--require_backend", choices=backend.BACKENDS, default=None,
+                   help="fail at once (exit 2) unless JAX runs on this backend")
     s.add_argument("--verbose", action="store_true",
                    help="on an unexpected failure, print the traceback too")
     s.add_argument("--allow_unsandboxed_code", action="store_true",
@@ -343,6 +377,28 @@ def build_parser() -> argparse.ArgumentParser:
   s = add("inspect", cmd_inspect, "print a pool as a table, from metadata alone")
   s.add_argument("pool", help="pool.json, its directory, or one checkpoint directory")
   s.add_argument("--split", default="test", help="which cached scores to show")
+  s = add("plan", cmd_plan, "will a pool's population program fit a mesh? (compiled "
+          "ahead of time on abstract arrays; metadata only)")
+  s.add_argument("--pool", required=True,
+                 help="pool.json (or its directory), or Hugging Face folders, comma-separated")
+  s.add_argument("--mesh", required=True, help="data:D,model:M (data:-1 with --devices)")
+  s.add_argument("--devices", type=int, default=None, help="the mesh's device count")
+  s.add_argument("--task", action="append", default=[],
+                 help="a task's shape, repeatable (default "
+                 "choice:examples=128,choices=4,length=256); "
+                 "KIND:examples=E,length=L[,choices=C][,max_new=M]")
+  s.add_argument("--population", type=int, default=None,
+                 help="candidates per generation (default 4 + floor(3 ln N))")
+  s.add_argument("--mode", choices=("map", "vmap"), default="map",
+                 help="map: one merged candidate at a time; vmap: all P at once")
+  s.add_argument("--batch_size", type=int, default=0, help="score examples B at a time")
+  s.add_argument("--device_kind", default=None,
+                 help="v4, v5e, v5p, v6e, a100, h100 or h200: fits? roofline time?")
+  s.add_argument("--full_depth", action="store_true",
+                 help="compile every layer (default: 2 small depths, extrapolated)")
+  s.add_argument("--on_devices", action="store_true",
+                 help="compile on this machine's devices instead of fake CPU devices")
+  s.add_argument("--json", action="store_true", help="print one JSON object")
   s = add("report", cmd_report, "rebuild report.md from a workdir's results.json")
   s.add_argument("workdir")
   return p
@@ -396,9 +452,15 @@ def main(argv=None) -> int:
       if args.task_module:
         from recycle_jax.tasks import jsonl
         jsonl.import_modules(args.task_module)
+      if args.command == "plan":  # its fake CPU devices, before JAX starts a backend
+        _plan_devices(args)
+      if not args.distributed:  # else JAX may start only after joining the cluster
+        backend.require(args.require_backend)
       _parse_gin(args.gin_file, args.gin_bindings)  # (and checks every binding)
       _init_distributed(args)
-      logging.info("recycle-jax %s", args.command)
+      hardware = backend.describe()
+      backend.require(args.require_backend, hardware)
+      logging.info("recycle-jax %s on %s", args.command, backend.summary(hardware))
       args.fn(args)
   except SystemExit as e:  # --help
     return e.code if isinstance(e.code, int) else EXIT_USAGE

@@ -18,6 +18,7 @@ def searched(micro_search):
 def test_search_writes_results_report_config_and_merged(searched):
   res = json.load(open(searched / "results.json"))
   assert res["tasks"] == ["rj_code", "rj_knowledge"]
+  assert (res["runtime"]["backend"], res["runtime"]["device_count"]) == ("cpu", 8)
   assert {"search", "uniform", "merge_best", "best_single"} <= set(res["methods"])
   for name in ("search", "uniform", "merge_best", "best_single"):
     m = res["methods"][name]
@@ -51,6 +52,7 @@ def test_merge_then_eval_reproduces_the_search_scores(searched, micro_pool, tmp_
   assert cli.main(["eval", f"--checkpoint={out}", "--tasks=rj_code,rj_knowledge",
                    "--split=test", "--max_examples=16", f"--output={scores}"]) == 0
   got = json.load(open(scores))["scores"]
+  assert json.load(open(scores))["runtime"]["process_count"] == 1
   for t, v in res["methods"]["uniform"]["scores"]["test"].items():
     if t in got:
       assert got[t] == pytest.approx(v, abs=1e-3)

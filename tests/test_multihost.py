@@ -67,6 +67,9 @@ def test_two_processes_search_like_one(two_processes, micro_search):
   """The whole search (every candidate, the baselines, the Pareto sweep, the best merge)
   is the same on 2 x 4 devices as on 1 x 8."""
   two, one = _result(two_processes / "search"), _result(micro_search)
+  ran = two.pop("runtime"), one.pop("runtime")  # the hardware each ran on
+  assert [(r["process_count"], r["device_count"], r["backend"]) for r in ran] == [
+      (2, 8, "cpu"), (1, 8, "cpu")]
   assert [h["weights"] for h in two["history"]] == [h["weights"] for h in one["history"]]
   assert two == one
   a, _ = on_one_device(str(micro_search / "merged"))

@@ -17,6 +17,7 @@ from absl import logging
 
 from recycle_jax.search import baselines, pareto
 from recycle_jax.reporting import metrics
+from recycle_jax.runtime import backend
 from recycle_jax.runtime.outputs import write_text as atomic_write_text
 from recycle_jax.reporting.statistics import mean_ci, tradeoff_summary
 
@@ -199,6 +200,7 @@ def write_run(workdir: str, results: dict, runs: Sequence[dict] = ()) -> None:
     results["figures"] = figures.write_run_figures(workdir, results, runs)
   except Exception as e:  # noqa: BLE001
     logging.warning("figures not drawn: %s: %s", type(e).__name__, e)
+  results["runtime"] = backend.describe()  # the hardware and jax that produced it
   atomic_write_text(os.path.join(workdir, "results.json"), json.dumps(results, indent=1))
   write_report(workdir, results)
   try:
