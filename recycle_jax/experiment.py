@@ -26,11 +26,11 @@ from recycle_jax.checkpoint_io import pool_manifest
 from recycle_jax.checkpoint_io import checkpoint_meta
 from recycle_jax.checkpoint_io import checkpoints
 from recycle_jax.evaluation import task_splits
-from recycle_jax.evaluation import task_data
+from recycle_jax.evaluation import irt, task_data
 from recycle_jax.evaluation import scorers
 from recycle_jax.reporting import records
 from recycle_jax.tasks import builtin
-from recycle_jax.search import baselines, loop, pareto, population, strategies
+from recycle_jax.search import baselines, irt_fitness, loop, pareto, population, strategies
 from recycle_jax import configurables
 from recycle_jax.merging import kernels, methods, spaces
 from recycle_jax.checkpoint_io import mergekit_config
@@ -75,8 +75,8 @@ def _write_config(workdir: str) -> None:
 
 
 def run_search(workdir: str, resume: bool = False, overwrite: bool = False,
-               progress: bool = True, num_seeds: int = 1, merged_format: str | None = None
-               ) -> dict:
+               progress: bool = True, num_seeds: int = 1, merged_format: str | None = None,
+               exp: Experiment | None = None, pool: pool_manifest.Pool | None = None) -> dict:
   """The main job, in stages: load and validate the pool, place the data, score the single
   checkpoints and the baselines, search, sweep, write. num_seeds > 1 repeats the search
   with seeds seed..seed+K-1, each run in workdir/seed_k, sharing the loaded pool, the
@@ -84,10 +84,10 @@ def run_search(workdir: str, resume: bool = False, overwrite: bool = False,
   plus the mean and 95% CI over the seeds."""
   builtin.register()
   # Configuration: gin builds the run's objects, once.
-  exp = configured_experiment(merged_format)
+  exp = exp if exp is not None else configured_experiment(merged_format)
   scfg, sweep = configurables.SearchConfig(), configurables.SweepConfig()
   # 1. Load and validate: every input checked from metadata before any array is read.
-  inputs = check_inputs(exp, scfg, workdir, resume, overwrite, num_seeds)
+  inputs = check_inputs(exp, scfg, workdir, resume, overwrite, num_seeds, pool)
   seeds = [(workdir if num_seeds == 1 else os.path.join(workdir, f"seed_{k}"),
             dataclasses.replace(scfg, seed=scfg.seed + k)) for k in range(num_seeds)]
   if resume and not exp.top_n:  # a damaged or foreign state: refused before any array read
@@ -147,9 +147,12 @@ class Inputs:
 
 
 def check_inputs(exp: Experiment, scfg: loop.SearchConfig, workdir: str, resume: bool,
-                 overwrite: bool, num_seeds: int) -> Inputs:
-  """Cheap checks first: metadata of every checkpoint, every task and split, the config."""
-  pool = pool_manifest.load_pool(exp.pool)
+                 overwrite: bool, num_seeds: int, pool: pool_manifest.Pool | None = None
+                 ) -> Inputs:
+  """Cheap checks first: metadata of every checkpoint, every task and split, the config.
+  `pool`: the manifest as the entry point read it (read here when not given); the run
+  reads and validates it only here, once."""
+  pool = pool if pool is not None else pool_manifest.load_pool(exp.pool)
   check(len(exp.tasks) > 0, "no tasks to search on", "Experiment.tasks",
         "bind Experiment.tasks to a list of seqio task names")
   check_workdir(workdir, resume, overwrite, pool.paths)
@@ -162,6 +165,8 @@ def check_inputs(exp: Experiment, scfg: loop.SearchConfig, workdir: str, resume:
   test_tasks = tuple(exp.tasks) + tuple(t for t in exp.report_tasks if t not in exp.tasks)
   test = task_splits.load_split(test_tasks, "test", exp.max_examples, vocab)
   strategies.get(scfg.strategy)  # an unknown name is refused before anything runs
+  if scfg.irt:  # per-item device scores, and no more items than a dev split has
+    irt.check_items(dev, scfg.irt_items)
   check(num_seeds >= 1, f"num_seeds={num_seeds}", "--num_seeds", "pass 1 or more")
   method, _ = spaces.parse_space(scfg.merge_space)
   check(exp.base is not None or not methods.get(method).needs_base,
@@ -199,7 +204,8 @@ class Run:
   test: tuple
   programs: population.Programs
   base: PyTree | None = None
-  vocab: Any = None  # the tasks' vocabulary (the pool's): adaptive fidelity's subsets
+  vocab: Any = None  # the tasks' vocabulary (the pool's)
+  host_dev: tuple = ()  # the dev splits on the host, as read once: fidelity's subsets
   content: dict = dataclasses.field(default_factory=dict)  # `fingerprints`: for --resume
   mode: str = ""  # the linear program's population mode
   scorer: population.CachedScorer | None = None  # linear merges of the pool, P at a time
@@ -215,7 +221,7 @@ class Run:
 
 def place(exp: Experiment, inputs: Inputs) -> Run:
   """The pool restored onto the mesh (its top N when asked), the splits placed, the base."""
-  loaded = load_pool(exp.pool)
+  loaded = load_pool(inputs.pool, meta=inputs.meta)  # the checked inputs, not the manifest again
   dev, test = task_data.place(inputs.dev, loaded.mesh), task_data.place(inputs.test,
                                                                          loaded.mesh)
   base = load_base(exp.base, loaded) if exp.base else None
@@ -224,7 +230,7 @@ def place(exp: Experiment, inputs: Inputs) -> Run:
     loaded = top_n_subset(loaded, score, dev, exp.top_n)
   programs = population.Programs(score, loaded.params, base, loaded.mesh,
                                  configurables.choose_mode)
-  return Run(exp, loaded, dev, test, programs, base, inputs.vocab,
+  return Run(exp, loaded, dev, test, programs, base, inputs.vocab, host_dev=inputs.dev,
              content=fingerprints(loaded.pool, exp.base, inputs.dev))
 
 
@@ -316,11 +322,31 @@ def run_one(run: Run, cfg: loop.SearchConfig, space: spaces.MergeSpace,
   # 25 s compile each, 6x the search: 30 vs 5 s per search on code-instruct).
   if cfg.adaptive:
     subset = task_data.place(tuple(
-        task_data.subset(d, cfg.fidelity_subset, 0)
-        for d in task_splits.load_split([d.name for d in run.dev], "dev",
-                                       run.exp.max_examples, run.vocab)), run.loaded.mesh)
+        task_splits.subset(d, cfg.fidelity_subset, 0) for d in run.host_dev), run.loaded.mesh)
+  calibration = None
+  if cfg.irt:  # the seeds' per-item correctness, the 2PL fit, the chosen items
+    calibration = irt_calibration(run, cfg, space, scorer, seeds)
+    srch.item_fn = calibration.item_fn
+    subset = calibration.subset()
   return loop.run(srch, scorer.pool, run.dev, workdir, resume=resume, progress=progress,
-                    seeds=seeds, subset=subset)
+                    seeds=seeds, subset=subset, calibration=calibration)
+
+
+def irt_calibration(run: Run, cfg: loop.SearchConfig, space: spaces.MergeSpace,
+                    scorer: population.CachedScorer, seeds: loop.Seeds
+                    ) -> irt_fitness.Calibration:
+  """IRT fitness's calibration: the per-item program of the space (the population's
+  width), the seeds scored item by item on the full dev splits."""
+  host_dev = run.host_dev
+  irt.check_items(host_dev, cfg.irt_items)
+  merge = kernels.linear if space.is_linear else space.merge
+  fn = population.make_population_fn(irt.item_scorer(transformer.Decoder(run.loaded.model_cfg)),
+                                     run.mode or "map", merge)
+  calibration = irt_fitness.Calibration(
+      population.jit_population(fn, scorer.pool, run.loaded.mesh), scorer.pool, run.dev,
+      host_dev, run.loaded.mesh, cfg.irt_items, cfg.irt_select, scorer.population_size)
+  calibration.score(np.asarray(seeds.points))
+  return calibration
 
 
 def run_config(run: Run, scfg: loop.SearchConfig, space: spaces.MergeSpace,

@@ -57,12 +57,16 @@ def model_config_from(meta: checkpoint_meta.CheckpointMeta, where: str) -> trans
   return validation.build(transformer.ModelConfig, cfg, where, "re-write this checkpoint")
 
 
-def load_pool(pool_spec, need_model: bool = True) -> Loaded:
+def load_pool(pool_spec, need_model: bool = True,
+              meta: checkpoint_meta.CheckpointMeta | None = None) -> Loaded:
   """The pool restored onto the mesh. Without `need_model`, any trees of arrays (MaxText,
-  t5x, ...) load, with `model_cfg` None when they record no model: merging needs none."""
+  t5x, ...) load, with `model_cfg` None when they record no model: merging needs none.
+  pool_spec: a manifest path, entries, or a `Pool` already read (with its `meta`, already
+  validated: neither is read again)."""
   from recycle_jax import configurables  # noqa: PLC0415 (the gin edge: make_mesh, ...)
-  pool = pool_manifest.load_pool(pool_spec)
-  meta = checkpoints.validate_pool(pool)  # metadata only: no array read yet
+  pool = pool_spec if isinstance(pool_spec, pool_manifest.Pool) else \
+      pool_manifest.load_pool(pool_spec)
+  meta = meta if meta is not None else checkpoints.validate_pool(pool)  # metadata only
   cfg = (model_config_from(meta, pool.entries[0].path)
          if need_model or meta.model_config is not None else None)
   mesh = configurables.make_mesh()

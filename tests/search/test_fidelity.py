@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import search_args
-from recycle_jax.evaluation import task_data
+from recycle_jax.evaluation import task_data, task_splits
 from recycle_jax import cli
 from recycle_jax.search import loop
 
@@ -34,7 +34,7 @@ def _run(tmp_path=None, name="a", resume=False, population_size=8, budget=64, **
                             **kw)
   s = loop.Search(cfg, N, _population_fn)
   datas = _datas()
-  subset = (tuple(task_data.subset(d, cfg.fidelity_subset, cfg.seed) for d in datas)
+  subset = (tuple(task_splits.subset(d, cfg.fidelity_subset, cfg.seed) for d in datas)
             if cfg.adaptive else None)
   return loop.run(s, None, datas, None if tmp_path is None else str(tmp_path / name),
                     resume=resume, progress=False, subset=subset)
@@ -75,7 +75,7 @@ def test_adaptive_search_scores_fewer_examples_and_reports_a_full_fidelity_best(
     cfg = loop.SearchConfig(budget=64, sigma_init=0.3, population_size=8, **kw)
     datas = _datas()
     loop.run(loop.Search(cfg, N, _population_fn), None, datas, str(tmp_path / "b"),
-               progress=False, subset=tuple(task_data.subset(d, 0.25, 0) for d in datas),
+               progress=False, subset=tuple(task_splits.subset(d, 0.25, 0) for d in datas),
                on_generation=lambda g, a: (_ for _ in ()).throw(Stop()) if g == 2 else None)
   resumed = _run(tmp_path, "b", resume=True, **kw)
   np.testing.assert_array_equal(np.asarray(resumed.x), np.asarray(ada.x))
@@ -95,13 +95,13 @@ def test_default_promotion_costs_under_a_third_of_the_full_search():
 
 def test_subset_is_fixed_and_refuses_a_bad_fraction():
   d = _datas()[0]
-  a, b = task_data.subset(d, 0.3, 7), task_data.subset(d, 0.3, 7)
+  a, b = task_splits.subset(d, 0.3, 7), task_splits.subset(d, 0.3, 7)
   assert a.num_examples == 12
   np.testing.assert_array_equal(a.tokens, b.tokens)
-  assert not np.array_equal(a.tokens, task_data.subset(d, 0.3, 8).tokens)
+  assert not np.array_equal(a.tokens, task_splits.subset(d, 0.3, 8).tokens)
   from recycle_jax.runtime.errors import UserError
   with pytest.raises(UserError, match="fidelity_subset"):
-    task_data.subset(d, 0.0, 0)
+    task_splits.subset(d, 0.0, 0)
 
 
 def test_cli_adaptive_search_with_the_papers_optimizer(micro_pool, tmp_path):
