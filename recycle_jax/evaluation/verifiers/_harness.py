@@ -160,7 +160,9 @@ def run(job: dict, config: dict) -> dict:
     except BaseException as e:  # noqa: BLE001 - any failure of the tests is the verdict
       status = "exited" if isinstance(e, ProgramError) and "exited" in str(e) else "failed"
       verdict = {"status": status, "detail": f"{type(e).__name__}: {str(e)[:500]}"}
-  code = program.close()
+  # With tests the verdict is decided: the program's exit (handlers, output) cannot change
+  # it, so it is killed at once; without, it may still print until it ends.
+  code = program.close(grace_s=0.0 if tests is not None else 1.0)
   if verdict["status"] == "passed" and code is not None and code < 0:
     verdict = {"status": "killed", "detail": f"signal {-code}"}
   return verdict
