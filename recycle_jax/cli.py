@@ -170,12 +170,12 @@ def cmd_eval(args) -> None:
   _register_tasks()
   import jax
   import numpy as np
-  from recycle_jax import merge_job
+  from recycle_jax import placed_pool
   from recycle_jax.checkpoint_io import checkpoints, tokenizer_files
   from recycle_jax.evaluation import scorers, task_splits, vocabularies
   from recycle_jax.models import transformer
   meta = checkpoints.read_metadata(args.checkpoint)
-  cfg = merge_job.model_config_from(meta, args.checkpoint)
+  cfg = placed_pool.model_config_from(meta, args.checkpoint)
   names = [t for t in args.tasks.split(",") if t]
   check(bool(names), "no tasks given", "--tasks", "pass --tasks=rj_code,rj_math")
   _lm_eval_options(args, cfg.max_position_embeddings)
@@ -240,10 +240,10 @@ def _lm_eval_options(args, context_length: int | None) -> None:
 
 def _context_length(path: str) -> int:
   """A checkpoint's context length (max_position_embeddings), from its metadata."""
-  from recycle_jax import merge_job
+  from recycle_jax import placed_pool
   from recycle_jax.checkpoint_io import checkpoints
-  return merge_job.model_config_from(checkpoints.read_metadata(path),
-                                     path).max_position_embeddings
+  return placed_pool.model_config_from(checkpoints.read_metadata(path),
+                                       path).max_position_embeddings
 
 
 def _lm_eval_flags(s: argparse.ArgumentParser) -> None:

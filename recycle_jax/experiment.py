@@ -36,7 +36,8 @@ from recycle_jax.merging import kernels, methods, spaces
 from recycle_jax.checkpoint_io import mergekit_config
 from recycle_jax.models import transformer
 from recycle_jax.runtime.errors import UserError, check
-from recycle_jax.merge_job import FORMATS, Loaded, load_base, load_pool, model_config_from, nonfinite_members, save_merge
+from recycle_jax import placed_pool
+from recycle_jax.placed_pool import FORMATS, PlacedPool, load_base, model_config_from, nonfinite_members, save_merge
 
 PyTree = Any
 
@@ -199,7 +200,7 @@ class Run:
   run's compiled programs (with their caches of scores), the single checkpoints' scores
   and the baselines' results."""
   exp: Experiment
-  loaded: Loaded
+  loaded: PlacedPool
   dev: tuple
   test: tuple
   programs: population.Programs
@@ -221,7 +222,7 @@ class Run:
 
 def place(exp: Experiment, inputs: Inputs) -> Run:
   """The pool restored onto the mesh (its top N when asked), the splits placed, the base."""
-  loaded = load_pool(inputs.pool, meta=inputs.meta)  # the checked inputs, not the manifest again
+  loaded = placed_pool.place(inputs.pool, meta=inputs.meta)  # the checked inputs, not the manifest again
   dev, test = task_data.place(inputs.dev, loaded.mesh), task_data.place(inputs.test,
                                                                          loaded.mesh)
   base = load_base(exp.base, loaded) if exp.base else None
@@ -366,7 +367,7 @@ def write_results(workdir: str, results: dict, runs: Sequence[dict] = ()) -> Non
     records.write_run(workdir, results, runs)
 
 
-def top_n_subset(loaded: Loaded, score, dev, top_n: int) -> Loaded:
+def top_n_subset(loaded: PlacedPool, score, dev, top_n: int) -> PlacedPool:
   """The `top_n` checkpoints by dev fitness, in pool order (the paper's top-N ablation)."""
   check(1 <= top_n <= len(loaded.pool), f"top_n={top_n} but the pool has {len(loaded.pool)}",
         "Experiment.top_n", f"choose 1..{len(loaded.pool)}")

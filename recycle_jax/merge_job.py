@@ -1,6 +1,5 @@
-"""`recycle-jax merge`, and the one merge path every job takes: a point of a merge space
-merged and checked finite in one program, sharded like the pool, saved with its metadata
-(`save_merge`; the search job saves its best merge the same way).
+"""`recycle-jax merge`: explicit weights, a merge method, a greedy soup or a streamed merge
+of a pool, saved by `placed_pool.save_merge` (the path the search job's merge takes too).
 
 Light to import: a streamed merge never loads Orbax or the search's stages, and nothing
 here imports TensorFlow or seqio until a greedy soup scores its tasks.
@@ -9,129 +8,25 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import jax
 import numpy as np
 
+from recycle_jax import placed_pool
 from recycle_jax.checkpoint_io import pool_manifest
+from recycle_jax.placed_pool import PlacedPool
 from recycle_jax.checkpoint_io import checkpoint_meta
 from recycle_jax.checkpoint_io import checkpoints
 from recycle_jax.runtime import outputs
 from recycle_jax.evaluation import task_data
 from recycle_jax.evaluation import task_splits
 from recycle_jax.merging import kernels, methods, spaces
-from recycle_jax.models import partitioning
 from recycle_jax.runtime import validation
 from recycle_jax.runtime.errors import UserError, check
 
-if TYPE_CHECKING:
-  from recycle_jax.models import transformer
-
 PyTree = Any
-FORMATS = ("orbax", "hf")  # how a merge is written: Orbax checkpoint, Hugging Face folder
 
-
-@dataclasses.dataclass
-class Loaded:
-  """A validated pool restored onto the mesh, with the model that reads it."""
-  pool: pool_manifest.Pool
-  params: tuple  # N parameter trees, sharded by the partitioning rules
-  model_cfg: transformer.ModelConfig
-  mesh: Any
-  tokenizer: Any = None  # the pool's tokenizer_files.Tokenizer; kept in merges
-  source_config: dict | None = None  # the pool's Hugging Face config.json, if it has one
-
-  @property
-  def shardings(self) -> PyTree:
-    """The parameters' placement: a merge lands sharded like the pool."""
-    return partitioning.shardings_of(self.params[0])
-
-
-def model_config_from(meta: checkpoint_meta.CheckpointMeta, where: str) -> transformer.ModelConfig:
-  from recycle_jax.models import transformer  # noqa: PLC0415 (flax: only where a model is read)
-  cfg = meta.model_config
-  check(cfg is not None, "checkpoint has no model family (no recycle_jax model config in "
-        "its metadata): it can be merged, not evaluated", where,
-        "evaluate checkpoints converted by `recycle-jax convert` or written by recycle_jax")
-  return validation.build(transformer.ModelConfig, cfg, where, "re-write this checkpoint")
-
-
-def load_pool(pool_spec, need_model: bool = True,
-              meta: checkpoint_meta.CheckpointMeta | None = None) -> Loaded:
-  """The pool restored onto the mesh. Without `need_model`, any trees of arrays (MaxText,
-  t5x, ...) load, with `model_cfg` None when they record no model: merging needs none.
-  pool_spec: a manifest path, entries, or a `Pool` already read (with its `meta`, already
-  validated: neither is read again)."""
-  from recycle_jax import configurables  # noqa: PLC0415 (the gin edge: make_mesh, ...)
-  pool = pool_spec if isinstance(pool_spec, pool_manifest.Pool) else \
-      pool_manifest.load_pool(pool_spec)
-  meta = meta if meta is not None else checkpoints.validate_pool(pool)  # metadata only
-  cfg = (model_config_from(meta, pool.entries[0].path)
-         if need_model or meta.model_config is not None else None)
-  mesh = configurables.make_mesh()
-  shardings = configurables.param_shardings(meta.abstract, mesh)
-  abstract = partitioning.with_shardings(meta.abstract, shardings)
-  return Loaded(pool, checkpoints.restore_pool(pool, abstract), cfg, mesh, meta.tokenizer,
-                meta.custom.get(checkpoint_meta.META_KEY, {}).get("hf_config"))
-
-
-def nonfinite_members(loaded: Loaded) -> list[str]:
-  """Names of pool members holding NaN/Inf (looked for once a merge came out non-finite)."""
-  finite = jax.jit(kernels.all_finite)
-  return [n for n, p in zip(loaded.pool.names, loaded.params) if not bool(finite(p))]
-
-
-def load_base(path: str, loaded: Loaded) -> PyTree:
-  """The base checkpoint, checked against the pool from metadata, placed like the pool."""
-  entry = pool_manifest.Entry("<base>", os.path.abspath(path))
-  checkpoints.validate_pool(pool_manifest.make_pool([entry, *loaded.pool.entries], path))
-  abstract = partitioning.with_shardings(loaded.params[0], loaded.shardings)
-  return checkpoints.restore(entry.path, abstract, "base")
-
-
-def save_merge(loaded: Loaded, space: spaces.MergeSpace, point: np.ndarray,
-               base: PyTree | None, path: str, method: str, how: dict, fmt: str,
-               overwrite: bool) -> None:
-  """The one merge path of `search` and `merge`: the point merged and checked finite in
-  one program, sharded like the pool, saved with its metadata (`how` it was merged)."""
-  w = np.asarray(point, np.float32)
-  if space.is_linear:  # memory and compile time of the model's size, whatever N
-    merged, finite = kernels.linear_accumulated(w, loaded.params)
-  else:
-    merged, finite = jax.jit(space.merge_checked, out_shardings=(
-        loaded.shardings, partitioning.replicated(loaded.mesh)))(
-            w, space.operands(loaded.params, base))
-  if not bool(finite):  # found in the merge's own pass; only now look for the culprit
-    bad = nonfinite_members(loaded)
-    raise UserError(f"the merge has NaN or Inf values coming from {bad or 'the base'}",
-                    "--pool", "repair or drop that checkpoint")
-  save_merged(path, loaded, merged, merged_metadata(loaded, space.checkpoint_weights(w),
-                                                    method, **how), fmt, overwrite)
-
-
-def merged_metadata(loaded: Loaded, alphas: np.ndarray, method: str, **extra) -> dict:
-  out = {"model": loaded.model_cfg.to_dict() if loaded.model_cfg else None,
-         "merge": {"method": method, "weights": [float(a) for a in alphas],
-                   "pool": loaded.pool.names, **extra}}
-  if loaded.source_config:  # so an export to Hugging Face keeps the pool's values
-    out["hf_config"] = loaded.source_config
-  return out
-
-
-def save_merged(path: str, loaded: Loaded, params: PyTree, custom: dict, fmt: str,
-                overwrite: bool = False) -> None:
-  """The merge as an Orbax checkpoint or (fmt 'hf') a Hugging Face folder, the pool's
-  tokenizer kept with it either way."""
-  if fmt == "hf":
-    from recycle_jax.checkpoint_io import hf_folder  # noqa: PLC0415
-    hf_folder.save_folder(path, loaded.model_cfg, params, loaded.source_config,
-                      loaded.tokenizer, overwrite)
-  else:
-    checkpoints.save(path, params, custom, overwrite=overwrite, tokenizer=loaded.tokenizer)
-
-
-# ----------------------------------------------------------------------------- the job
 
 def merge_choices() -> tuple[str, ...]:
   """--method's choices, from the registry: 'layerwise' and the soup beside the methods."""
@@ -171,22 +66,22 @@ class _Checked:
 
 def run_merge(req: MergeRequest) -> None:
   """The merge job: every flag checked against the pool's metadata before any array is
-  read, then streamed (linear, out of core) or merged in memory by `save_merge`."""
+  read, then streamed (linear, out of core) or merged in memory by `placed_pool.save_merge`."""
   c = check_request(req)
   if req.streaming:
     return _stream(req, c)
   soup = req.method == "greedy_soup"
   if soup or req.fmt == "hf":  # scoring and Hugging Face layouts need a model family
-    model_config_from(c.meta, c.pool.entries[0].path)
-  loaded = load_pool(req.pool, need_model=soup)
+    placed_pool.model_config_from(c.meta, c.pool.entries[0].path)
+  loaded = placed_pool.place(req.pool, need_model=soup)
   alphas, how = c.alphas, None
   if soup:
     alphas, how = greedy_soup(loaded, req)
   space = spaces.make_space("linear" if soup else req.method, loaded.params[0], len(c.pool),
                             tune=False, seed=req.seed, **c.hparams)
-  base = load_base(req.base, loaded) if c.spec.needs_base else None
+  base = placed_pool.load_base(req.base, loaded) if c.spec.needs_base else None
   w = np.asarray(alphas, np.float32)
-  save_merge(loaded, space, w, base, req.output, req.method,
+  placed_pool.save_merge(loaded, space, w, base, req.output, req.method,
              {"space": space.describe(w)} if how is None else how, req.fmt, req.overwrite)
 
 
@@ -274,7 +169,7 @@ def _stream(req: MergeRequest, c: _Checked) -> None:
                           fsync=req.fsync, progress=req.progress)
 
 
-def greedy_soup(loaded: Loaded, req: MergeRequest) -> tuple[np.ndarray, dict]:
+def greedy_soup(loaded: PlacedPool, req: MergeRequest) -> tuple[np.ndarray, dict]:
   """Greedy soup on the dev split of the request's tasks: (alphas [N], its ingredients)."""
   from recycle_jax import configurables
   from recycle_jax.models import transformer

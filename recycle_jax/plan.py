@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from recycle_jax import merge_job
+from recycle_jax import placed_pool
 from recycle_jax.checkpoint_io import checkpoints, pool_manifest
 from recycle_jax.evaluation import scorers, task_data
 from recycle_jax.merging import kernels
@@ -262,7 +262,7 @@ def plan(pool_spec, mesh: tuple[int, int], tasks: Sequence[TaskShape], populatio
         "choose map (one merge at a time) or vmap (all P at once)")
   pool = pool_manifest.load_pool(pool_spec)
   meta = checkpoints.validate_pool(pool)  # metadata only
-  cfg = merge_job.model_config_from(meta, pool.entries[0].path)
+  cfg = placed_pool.model_config_from(meta, pool.entries[0].path)
   abstract = meta.abstract
   n = len(pool)
   size = population_size or 4 + int(math.floor(3 * math.log(n)))
