@@ -43,9 +43,11 @@ def _qa_gin(qa, **bindings) -> str:
 def test_generate_task_with_fields_few_shot_and_verifier(qa):
   name = jsonl.register(JsonlTask(
       name="u_qa", splits=qa, prompt="Q: {question}\nA: ", fields={"question": "q"},
-      target="{a}", verifier="numeric", few_shot=2, seed=3, max_new_tokens=8, stop=["\n"]))
+      target="{a}", verifier="numeric", few_shot=2, seed=3, max_new_tokens=8, stop=["\n"],
+      metric="flexible-extract"))
   task = task_splits.bound_task(name, transformer.VOCAB)
-  assert scoring.of(task, False) == scoring.Scoring("generate", 8, ("\n",))
+  assert scoring.of(task, False) == scoring.Scoring("generate", 8, ("\n",),
+                                                    metric="flexible-extract")
   [ex] = _examples(name, "dev")
   prompt = ex["inputs_pretokenized"].decode()
   assert prompt.endswith("Q: 2+2\nA: ") and prompt.count("Q: ") == 3  # 2 shots, then it
@@ -54,7 +56,8 @@ def test_generate_task_with_fields_few_shot_and_verifier(qa):
   target = task.postprocess_fn(ex["targets_pretokenized"], example=ex, is_target=True)
   assert target == "4"
   [metric] = task.metric_fns
-  assert metric([target], ["4."]) == {"accuracy": 100.0}
+  assert metric([target], ["4."]) == {"strict-match": 0.0, "flexible-extract": 100.0}
+  assert scoring.score_texts(task, [ex], ["4.\nQ: more"]) == 100.0  # its named metric
 
 
 def test_structured_verifier_target_and_choice_task(tmp_path):
