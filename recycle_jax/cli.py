@@ -83,10 +83,14 @@ def _inputs(args, *paths) -> list[str]:
   return [p for p in (*paths, *args.gin_file) if p]
 
 
-def _register_tasks() -> None:
-  """The built-in tasks, for the commands that read tasks (seqio, TensorFlow: only them)."""
+def _register_tasks(dev_size: int | None = None) -> None:
+  """The built-in tasks, for the commands that read tasks (seqio, TensorFlow: only them);
+  dev_size: the embedded benchmark's dev items per task (configuration, passed down)."""
+  from recycle_jax.evaluation import task_splits
   from recycle_jax.tasks import builtin
-  builtin.register()
+  builtin.register(dev_size)
+  if dev_size is not None:
+    task_splits.forget_splits()  # splits read before, at another size
 
 
 def cmd_make_pool(args) -> None:
@@ -106,16 +110,11 @@ def cmd_make_pool(args) -> None:
 
 
 def cmd_search(args) -> None:
-  _register_tasks()
+  _register_tasks(args.dev_size)
   from recycle_jax.checkpoint_io import pool_manifest
   from recycle_jax.search import baselines
   from recycle_jax import experiment
   from recycle_jax.runtime import locking, outputs
-  from recycle_jax.tasks import embedded
-  if args.dev_size is not None:
-    from recycle_jax.evaluation import task_splits
-    embedded.set_dev_size(args.dev_size)
-    task_splits.forget_splits()
   exp = experiment.configured_experiment(args.format)  # built once, passed down
   pool = pool_manifest.load_pool(exp.pool)  # the run's one read of the manifest
   _lm_eval_options(args, _context_length(pool.paths[0]) if pool.paths else None)

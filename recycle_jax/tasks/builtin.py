@@ -5,11 +5,13 @@ tests' conftest) call `register()` once before they read a task.
 """
 from __future__ import annotations
 
-from recycle_jax.tasks import embedded, humaneval
+from recycle_jax.tasks import embedded, harness, humaneval
 
 
-def register() -> tuple[str, ...]:
-  """Registers every built-in task in seqio.TaskRegistry (idempotent); returns their names."""
-  embedded.register()
+def register(dev_size: int | None = None) -> tuple[str, ...]:
+  """Registers every built-in task in seqio.TaskRegistry (idempotent); returns their names.
+  dev_size: the embedded benchmark's dev items per task (None: 128)."""
+  embedded.register(dev_size)
   humaneval.register()
+  harness.register()  # lm-eval's tasks, named lm_eval:NAME
   return embedded.HELD_IN + embedded.HELD_OUT + (humaneval.NAME,)

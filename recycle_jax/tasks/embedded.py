@@ -43,8 +43,8 @@ from recycle_jax.runtime.errors import check
 from recycle_jax.evaluation.vocabularies import POOL
 
 SPLITS = ("train", "dev", "test")
-NUM_EVAL = {"dev": 128, "test": 128}  # per task; dev may grow or shrink: set_dev_size
-DEV_BASE = 128  # the dev items every pool was built beside (the split layout's first block)
+DEV_BASE = 128  # dev items per task by default: the first block of every task's stream
+NUM_TEST = 128  # test items per task (never change: every pool was scored on them)
 NUM_TRAIN = 4000
 HELD_IN = ("rj_code", "rj_math", "rj_instruct", "rj_knowledge", "rj_reasoning")
 HELD_OUT = ("rj_code_ood", "rj_chat_ood")
@@ -223,26 +223,25 @@ _GENERATORS: dict[str, Callable[[random.Random], dict]] = {
 }
 
 
-def set_dev_size(n: int | None) -> None:
-  """Sets the dev split's size per task (None: the default 128); test and train never
-  change. The first min(n, 128) dev items are the default dev items; more are generated
-  after the training items (the generators' streams are prefix-stable), so a larger dev
-  split never overlaps train or test. Call before any split is read."""
+def check_dev_size(n: int | None) -> int:
+  """The dev split's size per task (None: the default 128); test and train never change.
+  The first min(n, 128) dev items are the default dev items; more are generated after the
+  training items (the generators' streams are prefix-stable), so a larger dev split never
+  overlaps train or test."""
   check(n is None or n >= 1, f"dev size {n}", "--dev_size", "pass a positive number")
-  NUM_EVAL["dev"] = DEV_BASE if n is None else int(n)
-  items.cache_clear()  # (splits already materialized are the caller's: task_splits.forget_splits)
+  return DEV_BASE if n is None else int(n)
 
 
 @functools.lru_cache(None)
-def items(task: str) -> dict[str, list[dict]]:
+def items(task: str, dev_size: int = DEV_BASE) -> dict[str, list[dict]]:
   """{split: [example dicts]}, disjoint by prompt; held-out tasks have no train split.
 
-  Layout of a task's item stream: 128 dev items, NUM_EVAL['test'] test items, the train
-  items, then the dev items beyond 128 (`set_dev_size`). A task whose stream runs out (its
+  Layout of a task's item stream: 128 dev items, NUM_TEST test items, the train items,
+  then the dev items beyond 128 (`dev_size`, see `check_dev_size`). A task whose stream runs out (its
   item space is small) has a shorter dev split; `_dataset_fn` refuses to read it."""
   seed = SEED + sum(map(ord, task))
-  n_eval = DEV_BASE + NUM_EVAL["test"]
-  extra = max(0, NUM_EVAL["dev"] - DEV_BASE)
+  n_eval = DEV_BASE + NUM_TEST
+  extra = max(0, dev_size - DEV_BASE)
   if task == "rj_knowledge":  # a fixed world: every item past test is train
     pool = _knowledge_items(random.Random(seed))
     n_train = len(pool) - n_eval
@@ -250,7 +249,7 @@ def items(task: str) -> dict[str, list[dict]]:
     n_train = 0 if task in HELD_OUT else NUM_TRAIN
     pool = _unique(_GENERATORS[task], n_eval + n_train + extra, seed)
   after = n_eval + n_train
-  dev = pool[:min(NUM_EVAL["dev"], DEV_BASE)] + pool[after:after + extra]
+  dev = pool[:min(dev_size, DEV_BASE)] + pool[after:after + extra]
   return {"dev": dev, "test": pool[DEV_BASE:n_eval], "train": pool[n_eval:after]}
 
 
@@ -294,12 +293,12 @@ _SCORED = {"rj_instruct": scoring.Scoring("exact", metric="is_greedy_eos", targe
 _CHOICE = scoring.Scoring("choice", metric="acc", target_delimiter="")
 
 
-def _dataset_fn(task: str):
+def _dataset_fn(task: str, dev_size: int):
   def fn(split: str, shuffle_files: bool = False, seed=None) -> tf.data.Dataset:
-    rows = items(task)[split]
+    rows = items(task, dev_size)[split]
     if split == "dev":
-      check(len(rows) == NUM_EVAL["dev"], f"task {task!r} has {len(rows)} dev items that "
-            f"overlap neither train nor test, not {NUM_EVAL['dev']}", "--dev_size",
+      check(len(rows) == dev_size, f"task {task!r} has {len(rows)} dev items that "
+            f"overlap neither train nor test, not {dev_size}", "--dev_size",
             f"choose at most {len(rows)} for {task}, or leave it out of the tasks")
     cols = {"inputs": [r["inputs"] for r in rows], "targets": [r["targets"] for r in rows]}
     if rows and "choices" in rows[0]:
@@ -314,18 +313,31 @@ def _dataset_fn(task: str):
   return fn
 
 
-def register() -> None:
-  """Registers every benchmark task in seqio.TaskRegistry (idempotent)."""
+_REGISTERED_DEV_SIZE: list[int] = []  # the dev size the registered tasks were built with
+
+
+def register(dev_size: int | None = None) -> None:
+  """Registers every benchmark task in seqio.TaskRegistry with `dev_size` dev items per
+  task (`check_dev_size`; None keeps the size registered, else 128); registered again only
+  when the size changes (the caller then drops splits it materialized:
+  task_splits.forget_splits)."""
+  registered = all(n in seqio.TaskRegistry.names() for n in HELD_IN + HELD_OUT)
+  if dev_size is None and registered and _REGISTERED_DEV_SIZE:
+    return
+  dev_size = check_dev_size(dev_size)
+  if _REGISTERED_DEV_SIZE == [dev_size] and registered:
+    return
+  _REGISTERED_DEV_SIZE[:] = [dev_size]
   # Tokenized with the vocabulary of the pool they are evaluated on (vocabularies.bind).
   features = {"inputs": seqio.Feature(POOL, add_eos=False),
               "targets": seqio.Feature(POOL, add_eos=True)}
   for name in HELD_IN + HELD_OUT:
     if name in seqio.TaskRegistry.names():
-      continue
+      seqio.TaskRegistry.remove(name)
     verifier, max_new, metric = _VERIFIED.get(name, (None, 0, ""))
     seqio.TaskRegistry.add(
         name,
-        source=seqio.FunctionDataSource(_dataset_fn(name), splits=SPLITS),
+        source=seqio.FunctionDataSource(_dataset_fn(name, dev_size), splits=SPLITS),
         preprocessors=[seqio.preprocessors.tokenize, seqio.preprocessors.append_eos],
         output_features=features, postprocess_fn=jsonl.postprocess,
         metric_fns=[verifiers.get(verifier)] if verifier else [])

@@ -80,7 +80,7 @@ def test_tasks_have_disjoint_splits_and_verified_answers():
     splits = [set(r["inputs"] for r in it[s]) for s in ("train", "dev", "test")]
     assert not (splits[0] & splits[1]) and not (splits[0] & splits[2])
     assert not (splits[1] & splits[2])
-    assert len(it["dev"]) == len(it["test"]) == embedded.NUM_EVAL["dev"]
+    assert len(it["dev"]) == len(it["test"]) == embedded.DEV_BASE
   for name in embedded.HELD_OUT:
     assert embedded.items(name)["train"] == []
   row = embedded.items("rj_code")["dev"][0]

@@ -10,14 +10,16 @@ from recycle_jax.runtime.errors import UserError
 @pytest.fixture
 def dev_512():
   default = {t: embedded.items(t) for t in ("rj_code", "rj_reasoning")}
-  embedded.set_dev_size(512)
+  embedded.register(512)
+  task_splits.forget_splits()
   yield default
-  embedded.set_dev_size(None)
+  embedded.register(embedded.DEV_BASE)
+  task_splits.forget_splits()
 
 
 def test_a_larger_dev_split_keeps_test_and_train_and_overlaps_neither(dev_512):
   for task, old in dev_512.items():
-    new = embedded.items(task)
+    new = embedded.items(task, 512)
     assert new["test"] == old["test"] and new["train"] == old["train"]
     assert len(new["dev"]) == 512 and new["dev"][:128] == old["dev"]
     prompts = lambda rows: {r["inputs"] for r in rows}
