@@ -18,7 +18,7 @@ from recycle_jax.merging import spaces
 from recycle_jax.models import partitioning, transformer
 from recycle_jax.runtime import multihost, validation
 from recycle_jax.search import baselines, loop, pareto, population
-from recycle_jax.tasks import spec
+from recycle_jax.tasks import harness, spec
 
 
 EDGE: list = []  # (configurable, the object it wraps): what check_bindings reads
@@ -52,6 +52,7 @@ SweepConfig = _edge(pareto.SweepConfig)
 ModelConfig = _edge(transformer.ModelConfig)
 JsonlTask = _edge(spec.JsonlTask)
 jsonl_tasks = _edge(_jsonl_tasks)
+LmEvalOptions = _edge(harness.LmEvalOptions)
 
 
 def bindings(others: Sequence = ()) -> Iterator[tuple[str, Any, Any]]:

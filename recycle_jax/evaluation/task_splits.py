@@ -13,10 +13,15 @@ How each kind is materialized and scored is one `Kind` record in `kinds.REGISTRY
             sequences); the tokens come back to the host, where the task's verifier
             (its seqio metric_fns, `scoring.score_texts`) scores them: `verify`.
 A task's kind is `scoring.of(task)`. Scores are percentages in [0, 100].
+
+A task named `SOURCE:NAME` comes from another task source (`SOURCES`, e.g. lm-eval's
+tasks as `lm_eval:NAME`), which materializes its splits and scores its device outputs on
+the host itself.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Sequence
+import dataclasses
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import jax
 import numpy as np
@@ -26,11 +31,32 @@ from recycle_jax.evaluation import scoring
 from recycle_jax.runtime.errors import UserError, check
 from recycle_jax.evaluation import kinds
 from recycle_jax.evaluation.task_data import TaskData, pack
+from recycle_jax.runtime.registry import Registry
 
 if TYPE_CHECKING:  # seqio imports TensorFlow: only reading a task does (get_task)
   import seqio
 
 PyTree = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+  """A task source besides seqio, for task names `NAME:...`.
+  materialize(task name, split, max_examples, vocabulary, vocabulary key) -> TaskData of
+  an on-host kind; score(d, outputs [K, ...]) -> [K] scores of K candidates' device
+  outputs (what `verify` does for seqio's generate splits)."""
+  name: str
+  materialize: Callable[..., TaskData]
+  score: Callable[[TaskData, Any], np.ndarray]
+
+
+SOURCES: Registry[Source] = Registry("task source", "--tasks")
+
+
+def source_of(name: str) -> Source | None:
+  """The source of task `name` ('lm_eval:arc_easy' -> lm_eval's), None for seqio's."""
+  prefix, sep, _ = name.partition(":")
+  return SOURCES.get(prefix, "--tasks") if sep else None
 
 
 def get_task(name: str) -> seqio.Task:
@@ -91,7 +117,9 @@ def materialize(name: str, split: str, max_examples: int | None = None,
   key = (name, split, max_examples,
          None if vocabulary is None else vocabularies.content_hash(vocabulary))
   if key not in _MATERIALIZED:
-    _MATERIALIZED[key] = _materialize(name, split, max_examples, vocabulary, key[3] or "")
+    source = source_of(name)
+    make = source.materialize if source else _materialize
+    _MATERIALIZED[key] = make(name, split, max_examples, vocabulary, key[3] or "")
   return _MATERIALIZED[key]
 
 
@@ -128,7 +156,10 @@ def load_split(task_names: Sequence[str], split: str, max_examples: int | None =
 def verify(d: TaskData, tokens: np.ndarray) -> np.ndarray:
   """[K] scores of K candidates' continuations tokens [K, E', T] of a `generate` split,
   each decoded with the task's vocabulary and scored by its verifier
-  (`scoring.score_texts`)."""
+  (`scoring.score_texts`); a split of another source, by that source (`Source.score`)."""
+  source = source_of(d.name)
+  if source:
+    return np.asarray(source.score(d, tokens), np.float32)
   task, rows = _HOST[(d.name, d.split, d.examples, d.vocab_key)]
   vocab = task_vocabulary(task)
   tokens = np.asarray(tokens)[:, :d.examples]
@@ -143,6 +174,9 @@ def subset(d: TaskData, fraction: float, seed: int) -> TaskData:
   generation and on resume."""
   check(0.0 < fraction <= 1.0, f"fidelity subset fraction {fraction}",
         "SearchConfig.fidelity_subset", "choose a fraction in (0, 1]")
+  check(source_of(d.name) is None, f"adaptive fidelity cannot cut task {d.name!r} (its "
+        "requests are built by its source)", "SearchConfig.adaptive",
+        "search it without adaptive fidelity")
   e = d.num_examples
   k = max(1, int(np.ceil(fraction * e)))
   rng = np.random.default_rng([seed, *map(ord, d.name)])

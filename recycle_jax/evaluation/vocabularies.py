@@ -117,15 +117,30 @@ class HFVocabulary(seqio.Vocabulary):
     """The prompt as one user turn of the tokenizer's chat template, ready for the
     assistant's answer (what transformers' apply_chat_template(add_generation_prompt=True,
     tokenize=False) gives)."""
+    return self.render_chat([{"role": "user", "content": text}])
+
+  def render_chat(self, messages: Sequence[dict], add_generation_prompt: bool = True,
+                  continue_final_message: bool = False) -> str:
+    """`messages` rendered by the tokenizer's chat template, as transformers'
+    apply_chat_template(tokenize=False) does: ready for the assistant's answer, or
+    (continue_final_message) cut right after the last message's content so that the
+    model continues it (lm-eval's gen_prefix)."""
     check(self.chat_template is not None, "the tokenizer has no chat template",
           self.folder, "use a tokenizer with chat_template, or drop the task's chat flag")
     tokens = self.source.special_tokens
     try:
-      return _render(self.chat_template, [{"role": "user", "content": text}],
+      text = _render(self.chat_template, messages,
+                     add_generation_prompt=add_generation_prompt,
                      bos_token=tokens.get("bos") or "", eos_token=tokens.get("eos") or "")
     except UserError as e:  # the line names the template's tokenizer
       raise UserError(e.message.replace("(chat template)", "(chat template of the tokenizer "
                                         f"in {self.folder})", 1)) from None
+    if continue_final_message:
+      last = str(messages[-1]["content"]).strip()
+      check(last in text, "the chat template drops the last message's text, so it cannot be "
+            "continued", "chat template", "use a template that renders every message")
+      text = text[:text.rindex(last) + len(last)]
+    return text
 
 
 CHAT_TEMPLATE_SECONDS = 5.0  # one rendering (real templates take well under 1 ms)
@@ -161,11 +176,13 @@ def _template(source: str):
   return env.from_string(source)
 
 
-def _render(source: str, messages: Sequence[dict], **special) -> str:
+def _render(source: str, messages: Sequence[dict], add_generation_prompt: bool = True,
+            **special) -> str:
   try:
     template = _template(source)
     return _bounded(lambda: template.render(messages=list(messages),
-                                            add_generation_prompt=True, **special))
+                                            add_generation_prompt=add_generation_prompt,
+                                            **special))
   except UserError:
     raise
   except RecursionError:
