@@ -5,7 +5,6 @@ import json
 import os
 import subprocess
 import sys
-import types
 
 import pytest
 
@@ -15,7 +14,6 @@ from recycle_jax.reporting import metrics
 from recycle_jax.runtime.errors import UserError
 
 SWEEP_PY = os.path.join(ROOT, "experiments", "sweep.py")
-XM_PY = os.path.join(ROOT, "experiments", "launch_xmanager.py")
 
 
 # ----------------------------------------------------------------------------- algebra
@@ -152,53 +150,3 @@ def test_write_history_scalars_per_evaluation_and_generation(tmp_path):
   assert s["generation/best"] == pytest.approx({0: 0.1, 1: 0.4})
   assert s["generation/mean"] == pytest.approx({0: 0.1, 1: 0.35})
   assert s["methods/search/dev"] == pytest.approx({0: 0.4})
-
-
-# ----------------------------------------------------------------------------- xmanager
-
-def test_launch_xmanager_without_xmanager_says_so(tmp_path):
-  try:
-    import xmanager  # noqa: F401
-    pytest.skip("xmanager is installed")
-  except ImportError:
-    pass
-  proc = subprocess.run([sys.executable, XM_PY, "--sweep=micro", f"--workdir={tmp_path}"],
-                        capture_output=True, text=True, timeout=300)
-  assert proc.returncode == 2
-  assert "xmanager package is not installed" in proc.stderr
-  assert "experiments/sweep.py" in proc.stderr
-
-
-def test_launch_xmanager_submits_one_job_per_unfinished_trial(tmp_path, monkeypatch):
-  """Against a stand-in for the xmanager API: the jobs carry the local runner's args."""
-  jobs, packaged = [], []
-
-  class Experiment:
-    def __enter__(self):
-      return self
-
-    def __exit__(self, *exc):
-      return False
-
-    def package(self, items):
-      packaged.extend(items)
-      return ["executable"]
-
-    def add(self, job):
-      jobs.append(job)
-
-  xm = types.SimpleNamespace(binary=lambda **kw: kw, Job=lambda **kw: kw)
-  xm_local = types.SimpleNamespace(create_experiment=lambda **kw: Experiment(),
-                                   Local=type("Local", (), {"Spec": staticmethod(str)}))
-  monkeypatch.setitem(sys.modules, "xmanager", types.SimpleNamespace(xm=xm, xm_local=xm_local))
-  monkeypatch.syspath_prepend(os.path.dirname(XM_PY))
-  import launch_xmanager
-  spec = sweeps.SweepSpec("s", ({"SearchConfig.seed": 0}, {"SearchConfig.seed": 1}),
-                          bindings=("Experiment.max_examples=8",))
-  os.makedirs(tmp_path / "trial_0")
-  (tmp_path / "trial_0" / "results.json").write_text("{}")
-  launch_xmanager.launch(spec, str(tmp_path), "t")
-  assert packaged[0]["args"] == ["-m", "recycle_jax.cli"]
-  assert len(jobs) == 1 and jobs[0]["args"] == sweeps.trial_args(
-      spec, spec.trials[1], str(tmp_path / "trial_1"))
-  assert "--gin_bindings=SearchConfig.seed=1" in jobs[0]["args"]

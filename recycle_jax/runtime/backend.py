@@ -14,13 +14,13 @@ BACKENDS = ("tpu", "gpu", "cpu")  # jax.default_backend()'s names (ROCm is 'gpu'
 def describe() -> dict:
   """{backend, device_kind, device_count, local_device_count, process_count, jax_version,
   jaxlib_version} of the default backend."""
+  import importlib.metadata
   import jax
-  import jaxlib
   devices = jax.devices()
   return {"backend": jax.default_backend(), "device_kind": devices[0].device_kind,
           "device_count": len(devices), "local_device_count": jax.local_device_count(),
           "process_count": jax.process_count(), "jax_version": jax.__version__,
-          "jaxlib_version": getattr(jaxlib, "__version__", "?")}
+          "jaxlib_version": importlib.metadata.version("jaxlib")}
 
 
 def summary(info: dict | None = None) -> str:
