@@ -242,7 +242,7 @@ def write_pool_meta(workdir: str, eval_tasks: Sequence[str], max_eval_examples: 
     timing = {k: old_meta.get(k, v) for k, v in timing.items()}
   with open(meta_path, "w") as f:
     json.dump({"eval_tasks": list(eval_tasks), "max_eval_examples": max_eval_examples,
-               **timing}, f, indent=1)
+               "scoring": scoring_key(eval_tasks), **timing}, f, indent=1)
   return timing
 
 
@@ -293,13 +293,22 @@ def _cached(path: str, fingerprint: str, restore: bool = True):
   return checkpoints.restore(path, meta.abstract) if restore else True
 
 
+def scoring_key(eval_tasks: Sequence[str]) -> list[str]:
+  """How each task is scored (its `scoring.Scoring`: kind, metric, delimiter...), so that
+  cached scores computed under other semantics are not reused."""
+  from recycle_jax.evaluation import scoring  # noqa: PLC0415
+  builtin.register()
+  return [repr(scoring._DECLARED.get(t)) for t in eval_tasks]
+
+
 def _old_scores(manifest: str, eval_tasks, max_eval_examples) -> dict:
   meta_path = os.path.join(os.path.dirname(manifest), "pool_meta.json")
   if not (os.path.exists(manifest) and os.path.exists(meta_path)):
     return {}
   meta = json.load(open(meta_path))
   if meta.get("eval_tasks") != list(eval_tasks) or \
-      meta.get("max_eval_examples") != max_eval_examples:
+      meta.get("max_eval_examples") != max_eval_examples or \
+      meta.get("scoring") != scoring_key(eval_tasks):
     return {}
   return {e.name: e.info["scores"] for e in pool_manifest.read_manifest(manifest).entries
           if "scores" in e.info}
