@@ -138,11 +138,17 @@ def require() -> bool:
 
 
 # ----------------------------------------------------------------------------- the view
+def base_python() -> str:
+  """The interpreter programs run with: the base installation's, not a virtual
+  environment's (whose pyvenv.cfg, outside the view, it would need to find its library)."""
+  return os.path.realpath(getattr(sys, "_base_executable", None) or sys.executable)
+
+
 @functools.lru_cache(None)
 def view() -> dict:
   """What the jail's root shows, read-only (see _jail._build_root)."""
   prefix = os.path.realpath(sys.base_prefix)
-  python = os.path.realpath(sys.executable)
+  python = base_python()
   tops = ("/usr/lib", "/usr/lib64", "/usr/lib32", "/lib", "/lib64", "/lib32")
   links = {d: os.readlink(d) for d in tops if os.path.islink(d)}
   dirs = [d for d in tops if os.path.isdir(d) and d not in links]
@@ -295,7 +301,7 @@ def _run(program: Program, limits: Limits, jail: bool) -> Outcome:
   verdict_r, verdict_w = os.pipe()
   try:
     config = {"jail": jail, "view": view() if jail else None, "uid": uid,
-              "tmp_bytes": limits.disk_mb << 20, "python": os.path.realpath(sys.executable),
+              "tmp_bytes": limits.disk_mb << 20, "python": base_python(),
               "child": _CHILD, "rlimits": _rlimits(limits), "verdict_fd": verdict_w}
     home = "/tmp" if jail else work
     env = {"PATH": os.defpath, "HOME": home, "TMPDIR": home, "LANG": "C.UTF-8"}
