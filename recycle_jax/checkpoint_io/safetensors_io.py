@@ -12,6 +12,7 @@ import dataclasses
 import json
 import os
 import struct
+import threading
 from typing import Iterable, Sequence
 
 import ml_dtypes
@@ -87,11 +88,13 @@ class Reader:
 
   def __init__(self):
     self._fds: dict[str, int] = {}
+    self._lock = threading.Lock()  # reads may come from several threads
 
   def read(self, info: TensorInfo) -> np.ndarray:
-    fd = self._fds.get(info.file)
-    if fd is None:
-      fd = self._fds[info.file] = os.open(info.file, os.O_RDONLY)
+    with self._lock:
+      fd = self._fds.get(info.file)
+      if fd is None:
+        fd = self._fds[info.file] = os.open(info.file, os.O_RDONLY)
     out = np.empty(info.shape, info.dtype)
     view, pos = memoryview(out.reshape(-1).view(np.uint8)), 0
     while pos < info.nbytes:  # pread may return less than asked

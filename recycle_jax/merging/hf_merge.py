@@ -18,6 +18,7 @@ and DELLA agree with mergekit in keep fraction and rescaling, not entry by entry
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import functools
 import hashlib
 import json
@@ -50,8 +51,9 @@ DONOR_TOKENIZER = ("tokenizer_config.json", "special_tokens_map.json", "tokenize
 
 @functools.partial(jax.jit, static_argnames=("method", "base", "static", "out_dtype"))
 def merge_tensor(xs, per, shared, counts, key, *, method: str, base: int | None,
-                 static: tuple, out_dtype) -> jax.Array:
-  """One tensor of a mergekit merge.
+                 static: tuple, out_dtype) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """One tensor of a mergekit merge, and whether its inputs [N] and its output are all
+  finite (checked in the same compiled program: no pass over the tensors in numpy).
 
   xs: the inputs' tensors, in the plan's input order; per: {name: [N] float32} per input
   (0 where a parameter does not apply); shared: {name: float32 scalar}; counts: [N, 2]
@@ -59,6 +61,7 @@ def merge_tensor(xs, per, shared, counts, key, *, method: str, base: int | None,
   boolean and integer options as sorted (name, value) pairs.
   """
   opt = dict(static)
+  finite = jnp.stack([jnp.all(jnp.isfinite(x)) for x in xs])
   xs = [x.astype(jnp.float32) for x in xs]
   nb = [i for i in range(len(xs)) if i != base]
   b = None if base is None else xs[base]
@@ -97,7 +100,8 @@ def merge_tensor(xs, per, shared, counts, key, *, method: str, base: int | None,
     out = selection.arcee_fusion_leaf(b, xs[nb[0]])
   else:
     raise AssertionError(method)
-  return out.astype(out_dtype)
+  out = out.astype(out_dtype)
+  return out, finite, jnp.all(jnp.isfinite(out))
 
 
 def _donor(plan: mergekit_config.Plan) -> str:
@@ -237,6 +241,31 @@ def _write_extras(plan: mergekit_config.Plan, tmp: str, out_dtype: str | None) -
   shutil.copyfile(plan.path, os.path.join(tmp, "mergekit_config.yml"))
 
 
+IN_FLIGHT_BYTES = 1 << 30  # inputs read and not yet merged, across the worker threads
+
+
+def run_threaded(fn, items: list[tuple], sizes: list[int], workers: int | None = None,
+                 limit: int = IN_FLIGHT_BYTES) -> None:
+  """fn(*item) for every item on `workers` threads (one per core by default: reads,
+  XLA's kernels and writes release the GIL), at most `limit` bytes of items (`sizes`) in
+  flight beyond one per worker. Results are taken in order, so the first failing item's
+  error is the one raised; the items after it are not started."""
+  workers = workers or os.cpu_count() or 1
+  pending = collections.deque()
+  with concurrent.futures.ThreadPoolExecutor(workers, "hf-merge") as ex:
+    try:
+      for item, size in zip(items, sizes):
+        while pending and (len(pending) >= 2 * workers or
+                           sum(s for _, s in pending) + size > limit):
+          pending.popleft()[0].result()
+        pending.append((ex.submit(fn, *item), size))
+      while pending:
+        pending.popleft()[0].result()
+    finally:
+      for f, _ in pending:
+        f.cancel()
+
+
 def merge(plan: mergekit_config.Plan, output: str, overwrite: bool = False, seed: int = 0,
           max_shard_bytes: int = 5 << 30, fsync: bool = True) -> str:
   """Runs a mergekit plan into a Hugging Face folder at `output`; returns its path."""
@@ -256,22 +285,28 @@ def merge(plan: mergekit_config.Plan, output: str, overwrite: bool = False, seed
       base = plan.inputs.index(plan.base) if plan.base in plan.inputs and \
           plan.method.base != "ignored" else None
       key = jax.random.key(seed)
-      for i, (name, dtype, shape, resolved) in enumerate(tensors):
+
+      def one(i: int, name: str, dtype, shape, resolved) -> None:
+        """Reads, merges, checks and writes tensor i (on a worker thread)."""
         xs = [reader.read(infos[m][name]) for m in plan.inputs]
         if not jnp.issubdtype(dtype, jnp.floating):
           writer.write(name, xs[plan.inputs.index(_donor(plan))])  # integer buffers
-          continue
-        for m, x in zip(plan.inputs, xs):  # as `merge --pool` refuses a non-finite member
-          check(bool(np.isfinite(x).all()), f"model {m} holds NaN or Inf values in tensor "
-                f"{name}", plan.path, "repair or drop that model; nothing was written")
+          return
         per, shared, counts, static = _arguments(plan, resolved, int(np.prod(shape)))
-        out = np.asarray(merge_tensor(xs, per, shared, counts, jax.random.fold_in(key, i),
-                                      method=plan.method.name, base=base, static=static,
-                                      out_dtype=dtype))
-        check(bool(np.isfinite(out).all()), f"the {plan.method.name} merge of tensor {name} "
+        out, finite, out_finite = merge_tensor(
+            xs, per, shared, counts, jax.random.fold_in(key, i), method=plan.method.name,
+            base=base, static=static, out_dtype=dtype)
+        for m, ok in zip(plan.inputs, np.asarray(finite)):  # as `merge --pool` refuses a
+          check(bool(ok), f"model {m} holds NaN or Inf values in tensor "  # non-finite member
+                f"{name}", plan.path, "repair or drop that model; nothing was written")
+        check(bool(out_finite), f"the {plan.method.name} merge of tensor {name} "
               "comes out with NaN or Inf values (from finite models: the parameters)",
               plan.path, "check the method's parameters for that tensor; nothing was written")
-        writer.write(name, out)
+        writer.write(name, np.asarray(out))
+
+      run_threaded(one, [(i, *t) for i, t in enumerate(tensors)],
+                   [len(plan.inputs) * np.dtype(infos[_donor(plan)][t[0]].dtype).itemsize *
+                    int(np.prod(t[2])) for t in tensors])
       writer.close(fsync)
       _write_extras(plan, tmp, plan.out_dtype or plan.dtype)
   finally:
