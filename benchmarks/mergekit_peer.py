@@ -16,6 +16,9 @@ needs torch and transformers (requirements-test.txt).
   python benchmarks/mergekit_peer.py --workdir=/tmp/peer                  # ~2-3 minutes
   python benchmarks/mergekit_peer.py --workdir=/tmp/peer --hidden=768 --layers=12 \\
       --vocab=32000 --rounds=3                                            # 8 x 134M bf16
+  python benchmarks/mergekit_peer.py --workdir=/tmp/peer100 --size=100 --rounds=2 \
+      --compare=/tmp/old_checkout        # 8 x ~111 MB; also an older recycle_jax and a
+                                         # raw read+write of the same bytes
   python benchmarks/mergekit_peer.py --workdir=/tmp/peer_parity --mode=parity
 """
 from __future__ import annotations
@@ -121,24 +124,56 @@ def write_yaml(path: str, cfg: dict) -> str:
 
 # ----------------------------------------------------------------------------- speed
 
+# --size presets (hidden, layers, vocab): Llama folders of about that many MB in bfloat16.
+SIZES = {"100": (512, 8, 32000), "270": (768, 12, 32000)}
+RAW = "raw read+write"
+
+
+def raw_io(files: list[str], out_bytes: int, out: str) -> None:
+  """What the merge cannot avoid: read every input byte (8 MiB reads) and write and fsync
+  one output's worth, in this process."""
+  buf = bytearray(8 << 20)
+  for path in files:
+    with open(path, "rb", buffering=0) as f:
+      while f.readinto(buf):
+        pass
+  chunk = bytes(8 << 20)
+  with open(out, "wb") as f:
+    for s in range(0, out_bytes, len(chunk)):
+      f.write(chunk[:min(len(chunk), out_bytes - s)])
+    f.flush()
+    os.fsync(f.fileno())
+
+
 def speed(args, mk) -> None:
   models = build_models(args.workdir, args.models, args.hidden, args.layers, args.vocab,
                         args.dtype, with_base=False)
-  size = sum(os.path.getsize(f) for m in models for f in glob.glob(f"{m}/*.safetensors"))
+  files = [f for m in models for f in glob.glob(f"{m}/*.safetensors")]
+  size = sum(os.path.getsize(f) for f in files)
   print(f"{len(models)} models, {size / 2**20:.0f} MiB of {args.dtype} safetensors")
   cfg = write_yaml(os.path.join(args.workdir, "linear.yml"), {
       "merge_method": "linear", "dtype": args.dtype,
       "models": [{"model": m, "parameters": {"weight": 1.0}} for m in models]})
   tools = {"recycle_jax": (lambda c, o: recycle_cmd(c, o), RJ_ENV)}
+  if args.compare:  # another checkout of recycle_jax (e.g. an older commit)
+    tools["recycle_jax@compare"] = (lambda c, o: recycle_cmd(c, o),
+                                    {**RJ_ENV, "PYTHONPATH": args.compare})
   if mk:
     tools["mergekit"] = (mk, MK_ENV)
+  tools[RAW] = (None, None)
   times = {t: [] for t in tools}
   for r in range(args.rounds):
     for name, (cmd, env) in (tools.items() if r % 2 == 0 else reversed(tools.items())):
-      out = os.path.join(args.workdir, f"out_{name}")
+      out = os.path.join(args.workdir, f"out_{name.replace(' ', '_')}")
       shutil.rmtree(out, ignore_errors=True)
       subprocess.run(["sync"])
-      wall, rss = run(cmd(cfg, out), env)
+      if cmd is None:
+        t0 = time.perf_counter()
+        raw_io(files, size // len(models), out)
+        wall, rss = time.perf_counter() - t0, 0.0
+        os.remove(out)
+      else:
+        wall, rss = run(cmd(cfg, out), env)
       times[name].append((wall, rss))
       print(f"round {r}: {name:12s} {wall:7.2f} s  {rss:7.0f} MiB peak RSS", flush=True)
   print()
@@ -146,6 +181,12 @@ def speed(args, mk) -> None:
     w = [t for t, _ in ts]
     print(f"{name:12s} wall median {np.median(w):6.2f} s (range {min(w):.2f}-{max(w):.2f}), "
           f"peak RSS max {max(r for _, r in ts):.0f} MiB")
+  med = {name: float(np.median([t for t, _ in ts])) for name, ts in times.items()}
+  print(f"rate of recycle_jax's whole process / raw read+write of the same bytes: "
+        f"{med[RAW] / med['recycle_jax']:.3f} (goal >= 0.5)")
+  if args.compare:
+    print(f"recycle_jax / recycle_jax@compare wall: "
+          f"{med['recycle_jax'] / med['recycle_jax@compare']:.3f}")
   if mk:
     rj, m = np.median([t for t, _ in times["recycle_jax"]]), np.median(
         [t for t, _ in times["mergekit"]])
@@ -271,7 +312,13 @@ def main() -> None:
   p.add_argument("--dtype", default="bfloat16")
   p.add_argument("--rounds", type=int, default=3)
   p.add_argument("--methods", default="", help="parity: only these (comma-separated)")
+  p.add_argument("--size", choices=sorted(SIZES), default=None,
+                 help="speed: folders of about this many MB each (sets hidden/layers/vocab)")
+  p.add_argument("--compare", default="",
+                 help="speed: also time the recycle_jax package at this checkout")
   args = p.parse_args()
+  if args.size:
+    args.hidden, args.layers, args.vocab = SIZES[args.size]
   os.makedirs(args.workdir, exist_ok=True)
   mk = mergekit_cmd(args.mergekit_venv)
   if not mk:
