@@ -84,3 +84,9 @@ def test_a_task_without_a_verifier_is_refused(tmp_path):
   preds = _write(tmp_path / "p.jsonl", [{"doc_id": 0, "completion": "white"}])
   with pytest.raises(UserError, match="rj_knowledge' is scored on the model's log-likelihoods"):
     verify.verify("rj_knowledge", preds)
+
+
+def test_an_unknown_task_lists_humaneval_with_the_others(tmp_path):
+  preds = _write(tmp_path / "p.jsonl", [{"doc_id": 0, "completion": "x"}])
+  with pytest.raises(UserError, match=r"unknown task 'humaneva'.*choose from: humaneval, rj_"):
+    verify.verify("humaneva", preds)
