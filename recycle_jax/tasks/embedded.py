@@ -17,8 +17,9 @@ functions. Scoring (`scoring.Scoring`, `verifiers`): rj_code decodes greedily an
 prints with the generation; rj_math decodes greedily and the `numeric` verifier compares
 the extracted numbers (lm-eval gsm8k's flexible-extract); rj_instruct scores whether the
 answer and EOS are the greedy continuation (`exact`, is_greedy_eos); the multiple choice
-tasks rank classification by summed log-likelihood (lm-eval's acc). Every split is disjoint (items are deduplicated by
-prompt before they are cut into train/dev/test) and held-out tasks have no train split.
+tasks rank classification by summed log-likelihood (lm-eval's acc). Every split is
+disjoint (items are deduplicated by prompt before they are cut into train/dev/test) and
+held-out tasks have no train split.
 The pretraining text is Python's standard library source (real code) plus the generated
 world's fact sentences, the only place rj_knowledge's answers appear.
 """
