@@ -415,6 +415,14 @@ def table(rows: list[dict], walls: dict | None = None) -> str:
   return "\n".join(lines)
 
 
+def _timed(fn, *args, **kw):
+  """fn's result, with its process CPU seconds (all threads; steadier than wall time on a
+  shared machine)."""
+  cpu = time.process_time()
+  out = fn(*args, **kw)
+  return out, time.process_time() - cpu
+
+
 def main(argv=None) -> None:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--model", default="gemma",
@@ -425,25 +433,51 @@ def main(argv=None) -> None:
   p.add_argument("--tasks", default=",".join(TASKS))
   p.add_argument("--batch_size", type=int, default=8, help="lm-eval's hf model's")
   p.add_argument("--tie", type=float, default=1e-4)
+  p.add_argument("--only", choices=("lm_eval", "recycle_jax"), default=None,
+                 help="run one tool and --save its samples (compare them with --compare)")
+  p.add_argument("--save", default=None)
+  p.add_argument("--compare", nargs=2, default=None, metavar=("LM_EVAL", "RECYCLE_JAX"),
+                 help="compare two --save files instead of running")
   p.add_argument("--json", default=None, help="also write the rows and times here")
   args = p.parse_args(argv)
-  model = gemma_folder(args.cache) if args.model == "gemma" else args.model
-  tasks = [t for t in args.tasks.split(",") if t]
-  folder = write_tasks(os.path.join(args.cache, f"lm_eval_parity_tasks_{args.items}"),
-                       args.items, args.max_gen_toks)
-  ref, ref_metrics, ref_wall = run_lm_eval(model, folder, tasks, args.batch_size)
-  ours, our_metrics, wall, again = run_recycle_jax(model, folder, tasks)
-  rows = compare(ref, ours, args.tie)
-  walls = {"lm-eval hf (batch %d)" % args.batch_size: ref_wall,
-           "recycle_jax (with compiling)": wall, "recycle_jax (compiled)": again}
+  runs = {}
+  if args.compare:
+    for tool, path in zip(("lm_eval", "recycle_jax"), args.compare):
+      with open(path) as f:
+        runs[tool] = json.load(f)
+  else:
+    model = gemma_folder(args.cache) if args.model == "gemma" else args.model
+    tasks = [t for t in args.tasks.split(",") if t]
+    folder = write_tasks(os.path.join(args.cache, f"lm_eval_parity_tasks_{args.items}"),
+                         args.items, args.max_gen_toks)
+    if args.only in (None, "lm_eval"):
+      (samples, metrics, wall), cpu = _timed(run_lm_eval, model, folder, tasks,
+                                             args.batch_size)
+      runs["lm_eval"] = {"samples": samples, "metrics": {
+          t: {k: v for k, v in m.items() if "," in k and "stderr" not in k}
+          for t, m in metrics.items()}, "wall": wall, "cpu": cpu}
+    if args.only in (None, "recycle_jax"):
+      (samples, metrics, wall, again), cpu = _timed(run_recycle_jax, model, folder, tasks)
+      runs["recycle_jax"] = {"samples": samples, "metrics": metrics, "wall": wall,
+                             "again": again, "cpu": cpu}
+    if args.save:
+      with open(args.save, "w") as f:
+        json.dump(runs[args.only], f, default=str)
+    if args.only:
+      return
+  ref, ours = runs["lm_eval"], runs["recycle_jax"]
+  rows = compare(ref["samples"], ours["samples"], args.tie)
+  walls = {"lm-eval hf": ref["wall"], "recycle_jax (with compiling)": ours["wall"],
+           "recycle_jax (compiled)": ours.get("again")}
   print(table(rows, walls))
-  print(f"\nwall-time ratio lm-eval / recycle_jax: {ref_wall / wall:.2f}x "
-        f"(compiled: {ref_wall / again:.2f}x)")
+  print(f"\nwall-time ratio lm-eval / recycle_jax: {ref['wall'] / ours['wall']:.2f}x "
+        f"(compiled: {ref['wall'] / ours['again']:.2f}x); process CPU seconds: lm-eval "
+        f"{ref['cpu']:.0f}, recycle_jax {ours['cpu']:.0f} (both runs)")
   if args.json:
     with open(args.json, "w") as f:
-      json.dump({"rows": rows, "walls": walls, "metrics": {
-          "lm_eval": {t: {k: v for k, v in m.items() if "," in k and "stderr" not in k}
-                      for t, m in ref_metrics.items()}, "recycle_jax": our_metrics}},
+      json.dump({"rows": rows, "walls": walls, "cpu": {"lm_eval": ref["cpu"],
+                 "recycle_jax": ours["cpu"]}, "metrics": {
+                     "lm_eval": ref["metrics"], "recycle_jax": ours["metrics"]}},
                 f, indent=1, default=str)
 
 

@@ -116,6 +116,9 @@ def cmd_search(args) -> None:
   from recycle_jax import experiment
   from recycle_jax.runtime import locking, outputs
   exp = experiment.configured_experiment(args.format)  # built once, passed down
+  if args.log_samples:
+    import dataclasses
+    exp = dataclasses.replace(exp, log_samples=True)
   pool = pool_manifest.load_pool(exp.pool)  # the run's one read of the manifest
   _lm_eval_options(args, _context_length(pool.paths[0]) if pool.paths else None)
   inputs = _inputs(args, *pool.paths, pool.source if os.path.isfile(pool.source) else None,
@@ -401,6 +404,9 @@ def build_parser() -> argparse.ArgumentParser:
                  help="the merged model as an Orbax checkpoint (default) or a complete "
                  "Hugging Face folder (safetensors, config, tokenizer)")
   _lm_eval_flags(s)
+  s.add_argument("--log_samples", action="store_true",
+                 help="write the lm-eval tasks' per-document records of the search's merge "
+                 "and the baselines to workdir/samples/METHOD/samples_TASK.jsonl")
   _merge_flags(add("merge", cmd_merge, "merge a pool with given weights"))
   s = add("eval", cmd_eval, "score one checkpoint on tasks")
   s.add_argument("--checkpoint", required=True)

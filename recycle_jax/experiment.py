@@ -55,6 +55,7 @@ class Experiment:
   merged_format: str = "orbax"  # or "hf": the merge as a Hugging Face folder (hf_io)
   base: str | None = None  # the checkpoint the pool was fine-tuned from: task-vector merges
   greedy_soup: bool = True  # the greedy-soup baseline (up to N - 1 more dev evaluations)
+  log_samples: bool = False  # lm-eval tasks' per-document records (workdir/samples/METHOD)
 
 
 def check_workdir(workdir: str, resume: bool, overwrite: bool, inputs: Sequence[str]) -> None:
@@ -306,7 +307,29 @@ def search_once(run: Run, scfg: loop.SearchConfig, space: spaces.MergeSpace,
                {"space": found.merge}, run.exp.merged_format, overwrite=True)
   results = records.build_results(record)
   write_results(workdir, results)
+  if run.exp.log_samples:
+    log_samples(run, space, w, workdir)
   return results
+
+
+def log_samples(run: Run, space: spaces.MergeSpace, w: np.ndarray, workdir: str) -> None:
+  """The lm-eval tasks' per-document records (lm-eval's samples format, test split) of
+  the search's merge and of every baseline merged by its weights (`uniform`, `best_single`,
+  `greedy_soup`, ...), in workdir/samples/METHOD/samples_TASK.jsonl."""
+  from recycle_jax.tasks import harness
+  if not any(harness.is_lm_eval(d.name) for d in run.test):
+    return
+  merge = jax.jit(space.merge, out_shardings=run.loaded.shardings)
+  linear = jax.jit(kernels.linear, out_shardings=run.loaded.shardings)
+  trees = {"search": lambda: merge(w, space.operands(run.loaded.params, run.base))}
+  for m, r in run.baselines.items():
+    if r.merge is None or r.merge.get("method") == "greedy_soup":  # merged by its weights
+      trees[m] = lambda a=r.alphas: linear(np.asarray(a, np.float32), run.loaded.params)
+  for m, tree in trees.items():
+    _, details = harness.evaluate(run.programs.score_tree, tree(), run.test, samples=True)
+    if jax.process_index() == 0:  # every process runs the program, one writes
+      harness.write_samples(os.path.join(workdir, "samples", m),
+                            {t: s for t, (_, s) in details.items()}, overwrite=True)
 
 
 def run_one(run: Run, cfg: loop.SearchConfig, space: spaces.MergeSpace,

@@ -171,3 +171,37 @@ def test_unknown_task_suggests_the_nearest(tiny, yamls, tmp_path, capsys):
                     "--tasks=lm_eval:parity_mcq"], "lm-eval does not know", "parity_mc")
   _refused(capsys, ["eval", f"--checkpoint={tiny}", "--tasks=lm_eval:arc_eazy"],
            "arc_easy")
+
+
+@pytest.mark.slow  # a whole search (its programs compile) on a pool of two tiny HF models
+def test_search_on_an_lm_eval_task(tmp_path, capsys):
+  """`search` optimizes an lm-eval task's named metric (its validation split), reports its
+  test split, and --log_samples writes the final merge's and the baselines' records."""
+  tok = None
+  for i in range(2):
+    tok = hf_fixtures.train_bpe(tmp_path / f"m{i}")
+    hf_fixtures.tiny_llama(tmp_path / f"m{i}", len(tok), seed=i, max_positions=1024)
+  (tmp_path / "pool.json").write_text(json.dumps(
+      {"checkpoints": [{"name": f"m{i}", "path": f"m{i}"} for i in range(2)]}))
+  tasks = tmp_path / "tasks"
+  tasks.mkdir()
+  docs = parity._mc_docs(6)
+  for split, part in (("validation", docs[:3]), ("test", docs[3:])):
+    (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(d) + "\n" for d in part))
+  _yaml(tasks, "mc2", "dataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    validation: {tmp_path / 'validation.jsonl'}\n    test: {tmp_path / 'test.jsonl'}\n"
+        "validation_split: validation\ntest_split: test\noutput_type: multiple_choice\n"
+        "doc_to_text: 'Question: {{question}}\\nAnswer:'\ndoc_to_target: label\n"
+        "doc_to_choice: choices\nmetric_list:\n  - metric: acc\n  - metric: acc_norm\n")
+  run = tmp_path / "run"
+  assert cli.main(["search", f"--workdir={run}", f"--include_path={tasks}", "--log_samples",
+                   f"--gin_bindings=Experiment.pool={str(tmp_path / 'pool.json')!r}",
+                   "--gin_bindings=Experiment.tasks=['lm_eval:mc2@acc_norm']",
+                   "--gin_bindings=Experiment.greedy_soup=False",
+                   "--gin_bindings=SearchConfig.budget=8"]) == 0
+  results = json.loads((run / "results.json").read_text())
+  assert results["tasks"] == ["lm_eval:mc2@acc_norm"]
+  for m in ("search", "uniform", "best_single"):
+    assert (run / "samples" / m / "samples_mc2.jsonl").is_file(), m
+    lines = (run / "samples" / m / "samples_mc2.jsonl").read_text().splitlines()
+    assert [json.loads(l)["doc_id"] for l in lines] == [0, 1, 2]
