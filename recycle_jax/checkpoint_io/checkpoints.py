@@ -177,10 +177,27 @@ def save(path: str, params: PyTree, custom: dict, overwrite: bool = False,
     custom = {**custom, "vocabulary": tokenizer.describe()}  # the key existing checkpoints use
   with outputs.writing(path, overwrite, reads_back(params)) as tmp:
     ckptr = ocp.StandardCheckpointer()
-    ckptr.save(tmp, params, custom_metadata={META_KEY: custom})
-    waits.call(ckptr.wait_until_finished, "writing the checkpoint", tmp)
+    try:
+      ckptr.save(tmp, params, custom_metadata={META_KEY: custom})
+      waits.call(ckptr.wait_until_finished, "writing the checkpoint", tmp)
+    except UserError:
+      raise
+    except Exception as e:  # noqa: BLE001 (Orbax and TensorStore raise their own types)
+      raise UserError(f"cannot write the checkpoint: {_write_error(e)}", path,
+                      "free some space (or inodes) there, or write elsewhere") from None
     if jax.process_index() == 0:
       tokenizer_files.write_files(tokenizer, os.path.join(tmp, tokenizer_files.TOKENIZER_DIR))
+
+
+def _write_error(e: Exception) -> str:
+  """What failed in a write, in a few words (TensorStore's message spans lines and paths)."""
+  msg = str(e)
+  for text, what in (("No space left", "no space or inodes left on its filesystem"),
+                     ("Read-only file system", "its filesystem is read-only"),
+                     ("Permission denied", "permission denied")):
+    if text in msg:
+      return what
+  return f"{type(e).__name__}: {' '.join(msg.split())[:160]}"
 
 
 def reads_back(params: PyTree):
