@@ -285,14 +285,23 @@ def plan(pool_spec, mesh: tuple[int, int], tasks: Sequence[TaskShape], populatio
     figs = [compile_figures(*at_depth(cfg, abstract, k), n, mesh_, datas, size, mode,
                             batch_size) for k in DEPTHS]
     fig = figs[0].extrapolate(figs[1], k1, k2, depth)
+    notes.append("per device at " + ", ".join(
+        f"{k} layer{'s' if k > 1 else ''}: {_gib(f.total_bytes)} (temporaries "
+        f"{_gib(f.temp_bytes)})" for k, f in zip(DEPTHS, figs)))
     how = (f"compiled at {k1} and {k2} layers and extrapolated linearly to {depth} "
            f"(--full_depth compiles all {depth}); compile time is the two compiles'")
   pool_bytes = population.tree_bytes(abstract)
+  dtype = np.dtype(jax.tree.leaves(abstract)[0].dtype)
+  if dtype.itemsize < 4 and devs.flat[0].platform == "cpu":
+    notes.append(f"XLA's CPU compile holds float32 copies of the {dtype.name} pool members "
+                 "for the merge (measured: a float32 pool does not have them): about "
+                 f"{_gib(2 * n * param_bytes_per_device(abstract, data, model))} of the "
+                 "temporaries; a TPU or GPU compile (--on_devices) may fuse them away")
   out = {
       "pool": {"checkpoints": n, "family": cfg.family, "layers": depth,
                "params_per_checkpoint": int(sum(x.size for x in jax.tree.leaves(abstract))),
                "bytes_per_checkpoint": int(pool_bytes),
-               "dtype": str(np.dtype(jax.tree.leaves(abstract)[0].dtype))},
+               "dtype": dtype.name},
       "mesh": {"data": data, "model": model, "devices": data * model,
                "compiled_on": f"{devs.size} x {devs.flat[0].device_kind}"},
       "tasks": [str(t) for t in tasks], "population_size": size, "mode": mode,
@@ -329,20 +338,25 @@ def advice(out: dict, abstract: PyTree, n: int, data: int, model: int,
   if mode == "vmap":
     tips.append("--mode=map: one merged copy at a time instead of P")
   devices = data * model
-  now = param_bytes_per_device(abstract, data, model) * (n + 1)
-  rest = max(out["per_device_bytes"] - now, 0)
-  for m in (2**k for k in range(1, int(math.log2(devices)) + 1)):
-    if m > model and devices % m == 0:
-      est = param_bytes_per_device(abstract, devices // m, m) * (n + 1) + rest
-      if est <= acc.usable_bytes:
-        tips.append(f"a larger model axis: --mesh=data:{devices // m},model:{m} (about "
-                    f"{_gib(est)} per device, estimated from the parameter shardings)")
-        break
+  pool_and_merge = lambda d, m: param_bytes_per_device(abstract, d, m) * (n + 1)  # noqa: E731
+  rest = max(out["per_device_bytes"] - pool_and_merge(data, model), 0)
+  larger = [m for m in (2**k for k in range(1, int(math.log2(devices)) + 1))
+            if m > model and devices % m == 0]
+  fits = [m for m in larger if pool_and_merge(devices // m, m) + rest <= acc.usable_bytes]
+  if fits:
+    m = fits[0]
+    tips.append(f"a larger model axis: --mesh=data:{devices // m},model:{m} (about "
+                f"{_gib(pool_and_merge(devices // m, m) + rest)} per device, estimated from "
+                "the parameter shardings)")
+  elif larger and pool_and_merge(1, devices) <= acc.usable_bytes:
+    m = next(m for m in larger if pool_and_merge(devices // m, m) <= acc.usable_bytes)
+    tips.append(f"--mesh=data:{devices // m},model:{m} brings the pool and one merge to "
+                f"about {_gib(pool_and_merge(devices // m, m))} per device, but the other "
+                f"{_gib(rest)} (temporaries) must shrink too")
   else:
-    least = param_bytes_per_device(abstract, 1, devices) * (n + 1)
     tips.append(f"more devices or fewer checkpoints: even model:{devices} leaves about "
-                f"{_gib(least)} of pool and merge per device, over {acc.name}'s "
-                f"{_gib(acc.usable_bytes)}")
+                f"{_gib(pool_and_merge(1, devices))} of pool and merge per device, over "
+                f"{acc.name}'s usable {_gib(acc.usable_bytes)}")
   if out["temp_bytes"] > 0.25 * out["per_device_bytes"] and not batch_size:
     tips.append("--batch_size=B: score examples B at a time (fewer activations and logits "
                 "live at once)")
