@@ -14,7 +14,7 @@ mergekit's NearSwap and Arcee Fusion merge exactly one model into its base; the 
 methods here merge the pool's weighted average (alphas [N] on the simplex, or [G, N] per
 layer group) into the base, which for a pool of one is mergekit's merge. SCE takes the
 weights as a scale of each model's weight and vote: uniform ones give mergekit's merge.
-Leaf kernels take float32 leaves; `kernels._map_merge` casts results to the stored dtype.
+Leaf kernels take float32 leaves; `kernels.map_merge` casts results to the stored dtype.
 """
 from __future__ import annotations
 
@@ -63,7 +63,7 @@ def sce_leaf(base: jax.Array, xs: Sequence[jax.Array], weights=None,
 
 def sce(alphas, pool, base, select_topk=1.0) -> PyTree:
   """SCE of the pool against its base, tensor by tensor (alphas weight each model)."""
-  return kernels._map_merge(lambda i, a, b, xs: sce_leaf(b, xs, a, select_topk), alphas,
+  return kernels.map_merge(lambda i, a, b, xs: sce_leaf(b, xs, a, select_topk), alphas,
                            pool, base)
 
 
@@ -80,7 +80,7 @@ def nearswap_leaf(base: jax.Array, x: jax.Array, t) -> jax.Array:
 def nearswap(alphas, pool, base, nearswap_t=0.001) -> PyTree:
   """NearSwap of the pool's weighted average into the base, tensor by tensor
   (nearswap_t: mergekit's t)."""
-  return kernels._map_merge(
+  return kernels.map_merge(
       lambda i, a, b, xs: nearswap_leaf(b, kernels._wsum(a, xs), nearswap_t), alphas, pool,
       base)
 
@@ -113,5 +113,5 @@ def arcee_fusion_leaf(base: jax.Array, x: jax.Array) -> jax.Array:
 
 def arcee_fusion(alphas, pool, base) -> PyTree:
   """Arcee Fusion of the pool's weighted average into the base, tensor by tensor."""
-  return kernels._map_merge(lambda i, a, b, xs: arcee_fusion_leaf(b, kernels._wsum(a, xs)),
+  return kernels.map_merge(lambda i, a, b, xs: arcee_fusion_leaf(b, kernels._wsum(a, xs)),
                            alphas, pool, base)
