@@ -177,6 +177,7 @@ def save(path: str, params: PyTree, custom: dict, overwrite: bool = False,
     custom = {**custom, "vocabulary": tokenizer.describe()}  # the key existing checkpoints use
   with outputs.writing(path, overwrite, reads_back(params)) as tmp:
     ckptr = ocp.StandardCheckpointer()
+    quiet.failed_writes()
     try:
       ckptr.save(tmp, params, custom_metadata={META_KEY: custom})
       waits.call(ckptr.wait_until_finished, "writing the checkpoint", tmp)

@@ -112,6 +112,28 @@ class _AbandonedReads(logging.Filter):
 ABANDONED_READS = _AbandonedReads()
 
 
+class _FailedWrites(logging.Filter):
+  """Orbax's logs of an exception in a save's threads (with tracebacks: a full disk gives
+  30 lines): a debug line instead; the save re-raises it, and its `error:` line says it."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    msg = record.getMessage()
+    if f"{os.sep}orbax{os.sep}" not in record.pathname or not (
+        record.exc_info or "raised an exception" in msg or "Failed to run" in msg):
+      return True
+    from absl import logging as absl_logging
+    absl_logging.debug("failed checkpoint write: %s", record.getMessage()[:300])
+    return False
+
+
+FAILED_WRITES = _FailedWrites()
+
+
+def failed_writes() -> None:
+  """Before an Orbax save: a failure inside it reaches stderr once, as the `error:` line."""
+  logging.getLogger("absl").addFilter(FAILED_WRITES)  # once: a set of filters
+
+
 @contextlib.contextmanager
 def abandoned_reads() -> Iterator[None]:
   """Around an Orbax read: if it fails, the reads it abandoned never reach stderr (the
