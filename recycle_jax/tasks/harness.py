@@ -12,7 +12,7 @@ contexts, chat template and requests come from lm-eval's own Task (`fewshot_cont
           the continuation, encoded together and split at the context's length; an empty
           context is the prefix token), one packed row per document (the context once,
           each continuation a segment): summed log-prob and is_greedy of each continuation
-          (`loglikelihood.packed`).
+          (`loglikelihood.packed_loglikelihood`).
   loglikelihood_rolling  lm-eval's disjoint rolling windows of the model's context, one
           packed row each; their log-probs summed per document.
   generate_until  greedy decoding (`decoding.generate`) of the task's `max_gen_toks`
