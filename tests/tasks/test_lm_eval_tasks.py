@@ -79,6 +79,7 @@ def test_item_for_item_as_lm_eval_hf(tiny, yamls):
       assert value == pytest.approx(ref_metrics[t][key], rel=1e-4), (t, key)
 
 
+@pytest.mark.slow  # compiles the population program over the 8-device mesh
 def test_population_program_over_the_mesh(tiny, yamls):
   """An lm-eval split placed over the 8 devices' 'data' axis and scored by the population
   program (the search's) gives each candidate the fitness `eval` gives it alone."""
@@ -104,6 +105,7 @@ def test_population_program_over_the_mesh(tiny, yamls):
   np.testing.assert_allclose(got[1], harness.evaluate(score, other, datas)[0], atol=1e-4)
 
 
+@pytest.mark.slow  # the CLI end to end: reads, compiles, writes
 def test_eval_log_samples(tiny, yamls, tmp_path, capsys):
   out = tmp_path / "samples"
   assert cli.main(["eval", f"--checkpoint={tiny}", "--tasks=lm_eval:parity_mc,"
@@ -138,6 +140,7 @@ def _yaml(folder, name, body):
   (folder / f"{name}.yaml").write_text(f"task: {name}\n" + body)
 
 
+@pytest.mark.slow  # four CLI runs, each loading lm-eval's tasks
 def test_bad_input_one_line_nothing_written(tiny, tmp_path, capsys):
   tasks = tmp_path / "tasks"
   tasks.mkdir()
