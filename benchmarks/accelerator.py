@@ -89,12 +89,13 @@ def timed(fn, *args, repeats: int) -> float:
 
 
 def model_flops(cfg: transformer.ModelConfig, params, s: Shapes) -> float:
-  """2 x non-embedding parameters x tokens a candidate runs, plus the merge (2N per
+  """2 x non-embedding parameters x tokens a candidate runs (the packed choice rows as
+  scored, then the generate task's prompts and new tokens), plus the merge (2N per
   parameter): the usual inference count, attention's score matmuls left out."""
   total = sum(x.size for x in jax.tree.leaves(params))
-  embed = cfg.vocab_size * cfg.d_model
-  dense = total - embed  # the head's matmul counts; the embedding lookup does not
-  tokens = (s.choice.examples * s.choice.length * s.choice.choices  # an upper bound
+  dense = total - cfg.vocab_size * cfg.d_model  # the embedding lookup is no matmul
+  packed = plan.synthetic_split(s.choice, cfg.vocab_size).packed
+  tokens = (sum(p.tokens.size for p in packed)
             + s.generate.examples * (s.generate.length + s.generate.max_new))
   return 2.0 * dense * tokens + 2.0 * s.n * total
 
