@@ -1,0 +1,131 @@
+"""IRT fitness against the full search, successive halving and a random subset of the
+same size, paired by seed: dev examples evaluated (a fraction of the full search's) and
+the test fitness of the returned merge.
+
+  python experiments/irt_fitness.py --workdir=runs/research_irt \
+      --settings=experiments/settings/reasoning.gin --num_seeds=5 --budget=48 \
+      --dev_size=512 --items=24
+
+Every configuration of a setting runs the same seeds on the same pool with warm start and
+no greedy soup, in one process (the pool, single checkpoints and linear baselines scored
+once); the summary (W/irt.md) has one row per (setting, configuration).
+"""
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import runner  # noqa: E402  (experiments/runner.py; puts the repo on sys.path)
+from recycle_jax.reporting import statistics  # noqa: E402
+
+CONFIGS = ("full", "adaptive", "irt", "random")
+
+
+def name(setting: str) -> str:
+  """A setting's name: a gin file's base name, or the setting itself."""
+  return os.path.basename(setting).removesuffix(".gin")
+
+
+OVERRIDES = {"full": {}, "adaptive": {"fidelity_subset": 0.15, "fidelity_promote": 1 / 6},
+             "irt": {"irt_select": "fisher"}, "random": {"irt_select": "random"}}
+
+
+def run(setting: str, args) -> None:
+  """Every configuration and seed of a setting in one process: the pool loaded, the single
+  checkpoints and the linear baselines scored once, then each (configuration, seed)
+  search written to W/<setting>/<configuration>/seed_<k> (`experiment.search_once`)."""
+  import dataclasses
+  from recycle_jax import cli, configurables, experiment
+  from recycle_jax.checkpoint_io import pool_manifest
+  cli._register_tasks(args.dev_size)
+  cli._parse_gin([setting], [f"Experiment.pool = '{args.pool}'",
+                             "Experiment.save_merged = False", "Experiment.greedy_soup = False",
+                             f"SearchConfig.budget = {args.budget}",
+                             "SearchConfig.warm_start = True"])
+  exp = experiment.configured_experiment()
+  pool = pool_manifest.load_pool(exp.pool)
+  base = configurables.SearchConfig()
+  wd = os.path.join(args.workdir, name(setting))
+  inputs = experiment.check_inputs(exp, base, wd, False, True, args.num_seeds, pool)
+  run_ = experiment.place(exp, inputs)
+  experiment.score_singles(run_, base.pop_size(run_.n))
+  space = configurables.make_space(base.merge_space, run_.loaded.params[0], run_.n)
+  scorer = run_.programs.scorer(space, base.pop_size(space.dim))
+  run_.single_test = run_.scorer(np.eye(run_.n, dtype=np.float32), run_.test, "test")
+  experiment.score_baselines(run_, {})
+  sweep = dataclasses.replace(configurables.SweepConfig(), num_weights=0)
+  for c in args.configs:
+    extra = dict(OVERRIDES[c])
+    if c in ("irt", "random"):
+      extra.update(irt_items=args.items, irt_promote_every=args.promote_every)
+    for k in range(args.num_seeds):
+      out = os.path.join(wd, c, f"seed_{k}")
+      if os.path.isfile(os.path.join(out, "results.json")):
+        continue
+      cfg = dataclasses.replace(base, seed=base.seed + k, **extra)
+      experiment.search_once(run_, cfg, space, scorer, out, False, False, sweep)
+      print(f"{name(setting)} {c} seed {k} done", flush=True)
+
+
+def seed_results(run_dir: str) -> list[dict]:
+  out, k = [], 0
+  while os.path.isfile(path := os.path.join(run_dir, f"seed_{k}", "results.json")):
+    out.append(json.load(open(path)))
+    k += 1
+  return out
+
+
+def summary(workdir: str, args) -> str:
+  lines = [f"| setting | configuration | seeds | dev examples (fraction of full) | test fitness "
+           "| - full search (paired) | verdict |", "|---|---|---|---|---|---|---|"]
+  for setting in args.settings:
+    res = {c: seed_results(os.path.join(workdir, name(setting), c)) for c in CONFIGS}
+    full = res["full"]
+    if not full:
+      continue
+    full_ex = np.mean([r["config"]["dev_examples_evaluated"] for r in full])
+    full_test = [r["methods"]["search"]["fitness"]["test"] for r in full]
+    for c in CONFIGS:
+      rs = res[c]
+      if not rs:
+        continue
+      ex = np.mean([r["config"]["dev_examples_evaluated"] for r in rs])
+      test = [r["methods"]["search"]["fitness"]["test"] for r in rs]
+      m, h, n = statistics.mean_ci(test)
+      d = statistics.paired(test, full_test[:len(test)]) if c != "full" else None
+      lines.append(f"| {name(setting)} | {c} | {len(rs)} | {ex:.0f} ({ex / full_ex:.3f}) | "
+                   f"{m:.1f} ± {h:.1f} | " + (f"{d['mean']:+.1f} ± {d['ci95']:.1f} | "
+                                             f"{d['verdict']} |" if d else "– | – |"))
+  return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+  p = argparse.ArgumentParser(description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  split = lambda s: [x for x in s.split(",") if x]  # noqa: E731
+  p.add_argument("--workdir", required=True)
+  p.add_argument("--pool", default="runs/pool/pool.json")
+  p.add_argument("--settings", type=split,
+                 default=[os.path.join(os.path.dirname(__file__), "settings", "reasoning.gin")])
+  p.add_argument("--configs", type=split, default=list(CONFIGS))
+  p.add_argument("--num_seeds", type=int, default=5)
+  p.add_argument("--budget", type=int, default=48)
+  p.add_argument("--dev_size", type=int, default=512)
+  p.add_argument("--items", type=int, default=24, help="IRT items per dev task")
+  p.add_argument("--promote_every", type=int, default=2)
+  args = p.parse_args()
+  bad = [c for c in args.configs if c not in CONFIGS]
+  if bad:
+    print(f"error: unknown --configs {bad[0]} (irt_fitness); choose from {', '.join(CONFIGS)}",
+          file=sys.stderr)
+    return 2
+  for s in args.settings:
+    run(s, args)
+  runner.write_summary(args.workdir, summary(args.workdir, args), "irt.md")
+  return 0
+
+if __name__ == "__main__":
+  sys.exit(main())
