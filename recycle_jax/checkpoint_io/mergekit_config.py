@@ -80,7 +80,7 @@ def _gta(name: str, normalize: bool, rescale: bool, extra: tuple[Param, ...] = (
 DENSITY = (0.0, 1.0, True)
 GAMMA = (Param("gamma", float, NON_BASE, 0.01, (0.0, 0.5, False)),)
 EPSILON = (Param("epsilon", float, NON_BASE, 0.15, (0.0, 0.5, False)),)
-REGISTRY: Registry[Method] = Registry("mergekit merge method")
+REGISTRY: Registry[Method] = Registry("merge method")
 for _m in (
     Method("linear", (Param("weight", float, INPUT), Param("normalize", bool, SHARED, True))),
     _gta("task_arithmetic", False, False),

@@ -57,7 +57,7 @@ def test_folders_validate_from_headers_and_restore_sharded_slices(hf_pool, monke
   assert os.path.isfile(hf_pool / "m1" / hf_reader.HF_INDEX)
   pool = pool_manifest.load_pool(str(hf_pool / "pool.json"))
   calls = []
-  monkeypatch.setattr(hf_io, "memmap", lambda t: calls.append(t) or
+  monkeypatch.setattr(hf_folder, "memmap", lambda t: calls.append(t) or
                       (_ for _ in ()).throw(AssertionError("tensor read")))
   meta = checkpoints.validate_pool(pool)  # headers alone: no tensor read
   assert meta.model_config["family"] == "llama" and not calls
@@ -70,7 +70,7 @@ def test_folders_validate_from_headers_and_restore_sharded_slices(hf_pool, monke
   abstract = partitioning.with_shardings(meta.abstract, shardings)
   read = []
   real = hf_folder.memmap
-  monkeypatch.setattr(hf_io, "memmap", lambda t: read.append(t) or real(t))
+  monkeypatch.setattr(hf_folder, "memmap", lambda t: read.append(t) or real(t))
   params = checkpoints.restore(pool.entries[1].path, abstract)
   _, want, _ = hf_reader.load_hf(pool.entries[1].path)
   for path, x in jax.tree_util.tree_leaves_with_path(params):

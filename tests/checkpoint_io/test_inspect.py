@@ -7,6 +7,7 @@ import pytest
 from recycle_jax.checkpoint_io import pool_manifest
 from recycle_jax import cli
 from recycle_jax.checkpoint_io import inspection
+from recycle_jax.checkpoint_io import checkpoints
 
 
 def test_inspect_prints_pool_table(micro_pool, capsys, monkeypatch):

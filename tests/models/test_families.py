@@ -275,5 +275,5 @@ def test_configs_of_older_checkpoints_still_load(tmp_path, capsys):
   capsys.readouterr()
   assert cli.main(["convert", str(tmp_path / "ckpt"), str(tmp_path / "hf")]) == 2
   err = capsys.readouterr().err
-  assert err.startswith("error: model family 'gpt9' is not registered (") and "ckpt" in err
+  assert err.startswith("error: unknown model family 'gpt9' (") and "ckpt" in err
   assert not os.path.exists(tmp_path / "hf")

@@ -11,6 +11,7 @@ import pytest
 from reliability_util import (TASKS, assert_rejected, partials, pool_dir, pool_paths, run_cli,
                               tiny_search_args, write_manifest)
 from reliability_util import no_array_reads, odd_checkpoints, tiny_pool  # noqa: F401 fixtures
+from recycle_jax.checkpoint_io import checkpoints  # noqa: E402
 
 
 @pytest.fixture
