@@ -53,7 +53,9 @@ DONOR_TOKENIZER = ("tokenizer_config.json", "special_tokens_map.json", "tokenize
 def merge_tensor(xs, per, shared, counts, key, *, method: str, base: int | None,
                  static: tuple, out_dtype) -> tuple[jax.Array, jax.Array, jax.Array]:
   """One tensor of a mergekit merge, and whether its inputs [N] and its output are all
-  finite (checked in the same compiled program: no pass over the tensors in numpy).
+  finite (checked in the same compiled program: no pass over the tensors in numpy). For
+  'linear' the inputs' flags are all True: a NaN or Inf in any input (whatever its
+  weight: 0 * Inf is NaN) makes the output non-finite, which the caller then traces back.
 
   xs: the inputs' tensors, in the plan's input order; per: {name: [N] float32} per input
   (0 where a parameter does not apply); shared: {name: float32 scalar}; counts: [N, 2]
@@ -61,7 +63,8 @@ def merge_tensor(xs, per, shared, counts, key, *, method: str, base: int | None,
   boolean and integer options as sorted (name, value) pairs.
   """
   opt = dict(static)
-  finite = jnp.stack([jnp.all(jnp.isfinite(x)) for x in xs])
+  finite = (jnp.ones(len(xs), bool) if method == "linear" else
+            jnp.stack([jnp.all(jnp.isfinite(x)) for x in xs]))
   xs = [x.astype(jnp.float32) for x in xs]
   nb = [i for i in range(len(xs)) if i != base]
   b = None if base is None else xs[base]
@@ -296,8 +299,11 @@ def merge(plan: mergekit_config.Plan, output: str, overwrite: bool = False, seed
         out, finite, out_finite = merge_tensor(
             xs, per, shared, counts, jax.random.fold_in(key, i), method=plan.method.name,
             base=base, static=static, out_dtype=dtype)
-        for m, ok in zip(plan.inputs, np.asarray(finite)):  # as `merge --pool` refuses a
-          check(bool(ok), f"model {m} holds NaN or Inf values in tensor "  # non-finite member
+        finite = np.asarray(finite)
+        if not out_finite:  # which input, if any, brought it (linear checks none up front)
+          finite = finite & np.array([np.isfinite(x).all() for x in xs])
+        for m, ok in zip(plan.inputs, finite):  # as `merge --pool` refuses a non-finite
+          check(bool(ok), f"model {m} holds NaN or Inf values in tensor "  # member
                 f"{name}", plan.path, "repair or drop that model; nothing was written")
         check(bool(out_finite), f"the {plan.method.name} merge of tensor {name} "
               "comes out with NaN or Inf values (from finite models: the parameters)",
