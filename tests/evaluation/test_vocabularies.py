@@ -13,6 +13,7 @@ import tensorflow as tf
 
 from recycle_jax.checkpoint_io import checkpoints
 from recycle_jax.checkpoint_io import pool_manifest
+from recycle_jax.evaluation import scoring
 from recycle_jax.evaluation import task_splits
 from recycle_jax import cli
 from recycle_jax.models import transformer
@@ -108,12 +109,13 @@ def test_tasks_use_the_pools_tokenizer_and_pools_share_one(tok_dir, tmp_path):
   assert meta.tokenizer == t
   v = vocabularies.for_evaluation(meta.tokenizer, size, "pool")
   assert v == vocabularies.of(t)
-  # Every task is tokenized with it: prompts (BOS first, as transformers does) and choices.
+  # Every task is tokenized with it: prompts (BOS first, as transformers does) and choices,
+  # split as lm-eval splits a request (the prompt's trailing space moves to the choice).
   d = task_splits.materialize("rj_reasoning", "dev", 4, v)
   row = task_splits.split_examples("rj_reasoning", "dev", v)[0]
-  prompt = v.encode(row["inputs_pretokenized"].decode())
+  prompt, first = scoring.encode_pair(v.encode, row["inputs_pretokenized"].decode(),
+                                      row["choices"][0].decode())
   assert list(d.tokens[0, 0, :len(prompt) + 1]) == [v.bos_id] + prompt
-  first = v.encode(row["choices"][0].decode())
   assert list(d.tokens[0, 0][d.target_mask[0, 0]]) == first
   assert d.tokens.max() < v.vocab_size and d.tokens.max() > transformer.VOCAB.vocab_size
   # Members with another tokenizer, or another vocab size, are refused, both named.
