@@ -84,9 +84,12 @@ def summary(workdir: str, args) -> str:
   for setting in args.settings:
     res = {c: seed_results(os.path.join(workdir, name(setting), c)) for c in CONFIGS}
     full = res["full"]
-    if not full:
+    any_run = next((rs[0] for rs in res.values() if rs), None)
+    if any_run is None:
       continue
-    full_ex = np.mean([r["config"]["dev_examples_evaluated"] for r in full])
+    # The full search scores every candidate on every dev example: budget x sum E.
+    full_ex = any_run["config"]["search"]["budget"] * sum(
+        any_run["config"]["dev_examples"].values())
     full_test = [r["methods"]["search"]["fitness"]["test"] for r in full]
     for c in CONFIGS:
       rs = res[c]
@@ -95,7 +98,8 @@ def summary(workdir: str, args) -> str:
       ex = np.mean([r["config"]["dev_examples_evaluated"] for r in rs])
       test = [r["methods"]["search"]["fitness"]["test"] for r in rs]
       m, h, n = statistics.mean_ci(test)
-      d = statistics.paired(test, full_test[:len(test)]) if c != "full" else None
+      d = statistics.paired(test[:len(full_test)], full_test) if c != "full" and \
+          full_test else None
       lines.append(f"| {name(setting)} | {c} | {len(rs)} | {ex:.0f} ({ex / full_ex:.3f}) | "
                    f"{m:.1f} ± {h:.1f} | " + (f"{d['mean']:+.1f} ± {d['ci95']:.1f} | "
                                              f"{d['verdict']} |" if d else "– | – |"))
@@ -116,13 +120,14 @@ def main() -> int:
   p.add_argument("--dev_size", type=int, default=512)
   p.add_argument("--items", type=int, default=24, help="IRT items per dev task")
   p.add_argument("--promote_every", type=int, default=2)
+  p.add_argument("--summary_only", action="store_true", help="the table of what has run")
   args = p.parse_args()
   bad = [c for c in args.configs if c not in CONFIGS]
   if bad:
     print(f"error: unknown --configs {bad[0]} (irt_fitness); choose from {', '.join(CONFIGS)}",
           file=sys.stderr)
     return 2
-  for s in args.settings:
+  for s in [] if args.summary_only else args.settings:
     run(s, args)
   runner.write_summary(args.workdir, summary(args.workdir, args), "irt.md")
   return 0
