@@ -174,7 +174,7 @@ def cmd_eval(args) -> None:
   import numpy as np
   from recycle_jax import placed_pool
   from recycle_jax.checkpoint_io import checkpoints, tokenizer_files
-  from recycle_jax.evaluation import scorers, task_splits, vocabularies
+  from recycle_jax.evaluation import scorers, task_data, task_splits, vocabularies
   from recycle_jax.models import transformer
   meta = checkpoints.read_metadata(args.checkpoint)
   cfg = placed_pool.model_config_from(meta, args.checkpoint)
@@ -193,6 +193,7 @@ def cmd_eval(args) -> None:
       tokenizer_files.of_checkpoint(args.checkpoint, meta.custom), cfg.vocab_size,
       args.checkpoint)
   datas = task_splits.load_split(names, args.split, args.max_examples, vocab)
+  task_data.check_context(datas, cfg.max_position_embeddings, "--tasks")
   params = checkpoints.restore(args.checkpoint, meta.abstract)
   from recycle_jax import configurables
   from recycle_jax.tasks import harness

@@ -159,13 +159,14 @@ def check_inputs(exp: Experiment, scfg: loop.SearchConfig, workdir: str, resume:
         "bind Experiment.tasks to a list of seqio task names")
   check_workdir(workdir, resume, overwrite, pool.paths)
   meta = checkpoints.validate_pool(pool)
-  model_config_from(meta, pool.entries[0].path)  # evaluation needs a model family
+  model_cfg = model_config_from(meta, pool.entries[0].path)  # evaluation needs a family
   from recycle_jax.evaluation import vocabularies  # seqio and TensorFlow: evaluation only
   vocab = vocabularies.for_evaluation(meta.tokenizer, (meta.model_config or {}).get(
       "vocab_size"), pool.source)  # every task is tokenized with the pool's tokenizer
   dev = task_splits.load_split(exp.tasks, "dev", exp.max_examples, vocab)
   test_tasks = tuple(exp.tasks) + tuple(t for t in exp.report_tasks if t not in exp.tasks)
   test = task_splits.load_split(test_tasks, "test", exp.max_examples, vocab)
+  task_data.check_context(dev + test, model_cfg.max_position_embeddings, "Experiment.tasks")
   strategies.get(scfg.strategy)  # an unknown name is refused before anything runs
   if scfg.irt:  # per-item device scores, and no more items than a dev split has
     irt.check_items(dev, scfg.irt_items)

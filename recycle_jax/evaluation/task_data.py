@@ -344,6 +344,29 @@ def pad_rows(p: Packed, multiple: int) -> Packed:
   return p.replace(**out)
 
 
+def longest_row(d: TaskData) -> int:
+  """The most tokens a split asks the model to read at once: prompt + scored continuation
+  (choice, exact), or prompt + max_new generated tokens (generate); 0 for other kinds."""
+  if d.kind == "generate":
+    return int(np.max(np.asarray(d.prompt_lens), initial=0)) + int(d.max_new)
+  if d.kind not in ("choice", "exact"):
+    return 0
+  mask = np.asarray(d.target_mask)
+  last = np.where(mask.any(-1), mask.shape[-1] - np.argmax(mask[..., ::-1], -1), 0)
+  return int(np.max(last, initial=0))
+
+
+def check_context(datas: Sequence[TaskData], context: int, where: str) -> None:
+  """Refuses a split with a sequence longer than the model's context: a prompt is never
+  cut (transformers and lm-eval would drop its start without a word)."""
+  for d in datas:
+    n = longest_row(d)
+    check(n <= context, f"task {d.name!r} ({d.split or 'split'}) needs {n} tokens in one "
+          f"sequence, more than the model's context of {context}", where,
+          "shorten its prompts (few-shot examples, templates), lower max_new_tokens, or "
+          "leave the task out; recycle_jax never cuts a prompt")
+
+
 def place(datas: tuple[TaskData, ...], mesh) -> tuple[TaskData, ...]:
   """Splits placed on the mesh once, before the search: every packed bucket's rows split
   over the mesh's 'data' axis (padded to a multiple of it), so each data-parallel replica
