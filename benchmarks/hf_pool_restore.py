@@ -1,6 +1,6 @@
 """Restore time and peak RSS: a pool of 8 Hugging Face safetensors folders read in place
 against the same pool converted to Orbax (same bytes), each restored onto the mesh by
-`experiment.load_pool` in its own process.
+`placed_pool.place` in its own process.
 
   python benchmarks/hf_pool_restore.py [--hidden=512 --layers=4 --vocab=8192 --n=8]
 
@@ -33,10 +33,10 @@ def rss_mb() -> float:
 
 def measure(manifest: str) -> None:
   import jax
-  from recycle_jax import experiment
+  from recycle_jax import placed_pool
   before = rss_mb()
   t = time.perf_counter()
-  loaded = experiment.load_pool(manifest)
+  loaded = placed_pool.place(manifest)
   jax.block_until_ready(loaded.params)
   seconds = time.perf_counter() - t
   peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -45,7 +45,7 @@ from recycle_jax.evaluation import task_data
 from recycle_jax.evaluation import kinds
 from recycle_jax.evaluation import task_splits
 from recycle_jax.evaluation import scorers
-from recycle_jax import experiment
+from recycle_jax import placed_pool
 from recycle_jax.models import transformer
 from recycle_jax.search import population, loop
 from recycle_jax.merging import spaces
@@ -150,7 +150,7 @@ def main() -> None:
 def run(args) -> None:
   import gin
   gin.clear_config()
-  loaded = experiment.load_pool(args.pool)
+  loaded = placed_pool.place(args.pool)
   n = len(loaded.pool)
   names = args.tasks.split(",")
   dev = task_splits.load_split(names, "dev", None, vocabularies.for_evaluation(

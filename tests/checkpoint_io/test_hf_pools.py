@@ -14,7 +14,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from recycle_jax.checkpoint_io import pool_manifest
 from recycle_jax.checkpoint_io import checkpoints
 from recycle_jax.checkpoint_io import hf_reader
-from recycle_jax import cli, experiment
+from recycle_jax import placed_pool
+from recycle_jax import cli
 from recycle_jax.models import families, partitioning
 from recycle_jax.checkpoint_io import hf_folder, tokenizer_files
 from recycle_jax.runtime.errors import UserError
@@ -120,7 +121,7 @@ def test_merge_hf_pool_to_hf_folder_loads_in_transformers(hf_pool, tmp_path):
     np.testing.assert_allclose(v.numpy(), model.state_dict()[k].numpy(), atol=1e-6)
   assert sorted(os.listdir(tmp_path / "streamed")) == files
   # Large merges are sharded, with an index.
-  loaded = experiment.load_pool(str(hf_pool / "pool.json"))
+  loaded = placed_pool.place(str(hf_pool / "pool.json"))
   hf_folder.save_folder(str(tmp_path / "sharded"), loaded.model_cfg, loaded.params[0],
                     loaded.source_config, loaded.tokenizer, shard_bytes=20_000)
   assert os.path.isfile(tmp_path / "sharded" / hf_reader.HF_INDEX)
