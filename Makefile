@@ -26,7 +26,7 @@ demo: install
 # case per (command, kind of fault).
 # `make test-slow` runs the slow ones, `make test-faults` every fault case; CI runs all three.
 test: install
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PY) -m pytest -q -m "not slow" --durations=15 tests
 
 test-slow: install
 	$(PY) -m pytest -q -m slow tests
