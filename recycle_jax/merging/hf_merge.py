@@ -117,6 +117,9 @@ CONFIG_MAY_DIFFER = ("_name_or_path", "transformers_version", "torch_dtype", "dt
                      "use_cache", "architectures", "generation_config")
 
 
+CONFIG_DTYPES = ("float32", "float16", "bfloat16", "float64", "auto")
+
+
 def _same_configs(plan: mergekit_config.Plan) -> None:
   """Every input's config.json is a JSON object that agrees with the donor's (the output's
   config is the donor's): a field both have, other than token ids and CONFIG_MAY_DIFFER,
@@ -128,9 +131,9 @@ def _same_configs(plan: mergekit_config.Plan) -> None:
     doc = validation.load_json(path, "model config", "re-save the model's config.json")
     check(isinstance(doc, dict), f"config.json is a {type(doc).__name__}, not an object",
           path, "re-save the model's config.json")
-    for k in ("torch_dtype", "dtype"):
-      check(doc.get(k) is None or isinstance(doc[k], str), f"{k} is {doc.get(k)!r}, not a dtype "
-            "name", path, "re-save the model's config.json")
+    for k in ("torch_dtype", "dtype"):  # a name transformers knows, or absent
+      check(doc.get(k) is None or doc[k] in CONFIG_DTYPES, f"{k} is {doc.get(k)!r:.40}, not "
+            "a dtype name", path, f"re-save the model's config.json ({', '.join(CONFIG_DTYPES)})")
     configs[m] = doc
   ref = configs[donor]
   for m, doc in configs.items():
