@@ -171,10 +171,9 @@ def cmd_merge(args) -> None:
 def cmd_eval(args) -> None:
   _register_tasks()
   import jax
-  import numpy as np
   from recycle_jax import placed_pool
   from recycle_jax.checkpoint_io import checkpoints, tokenizer_files
-  from recycle_jax.evaluation import scorers, task_data, task_splits, vocabularies
+  from recycle_jax.evaluation import task_data, task_splits, vocabularies
   from recycle_jax.models import transformer
   meta = checkpoints.read_metadata(args.checkpoint)
   cfg = placed_pool.model_config_from(meta, args.checkpoint)

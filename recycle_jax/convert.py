@@ -1,10 +1,5 @@
-"""Hugging Face folders <-> Orbax checkpoints of `transformer.Transformer`, for every family.
-
-What differs between the layouts (names, kernel orientation, config fields) is each
-family's mapping in `families.py`; this module reads and writes the files. Tensors go
-through the `safetensors` numpy API, so no torch is needed, and pickled weights (.bin,
-.pt) are refused, never loaded. Everything is checked from config.json and the
-safetensors headers before a tensor is read or anything written.
+"""`recycle-jax convert`: a Hugging Face folder into an Orbax checkpoint (`hf_reader`), or
+an Orbax checkpoint into a Hugging Face folder (`hf_folder`), for every family.
 """
 from __future__ import annotations
 

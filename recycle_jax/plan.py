@@ -34,7 +34,7 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
 from recycle_jax import placed_pool
 from recycle_jax.checkpoint_io import checkpoints, pool_manifest

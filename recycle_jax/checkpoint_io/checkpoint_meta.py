@@ -1,9 +1,5 @@
-"""Pools of Orbax checkpoints: the manifest, metadata-only validation, and Orbax I/O.
-
-A checkpoint is an Orbax PyTree directory of model parameters whose custom metadata holds
-`{"recycle_jax": {"model": ModelConfig dict, ...}}`. Inputs are only ever read; writes
-go to a fresh sibling directory that is renamed into place, so a crash never leaves a
-partial checkpoint at the destination.
+"""A checkpoint's metadata: its abstract tree and the custom record recycle_jax keeps under
+`META_KEY` (`{"recycle_jax": {"model": ModelConfig dict, ...}}`).
 """
 from __future__ import annotations
 

@@ -1,9 +1,7 @@
-"""Pools of Orbax checkpoints: the manifest, metadata-only validation, and Orbax I/O.
-
-A checkpoint is an Orbax PyTree directory of model parameters whose custom metadata holds
-`{"recycle_jax": {"model": ModelConfig dict, ...}}`. Inputs are only ever read; writes
-go to a fresh sibling directory that is renamed into place, so a crash never leaves a
-partial checkpoint at the destination.
+"""Checkpoints of either format: metadata-only validation of a pool against its first
+member, and reads and writes that choose Orbax or a Hugging Face folder (`hf_folder`).
+Inputs are only ever read; an Orbax save goes to a fresh sibling directory renamed into
+place (`runtime.outputs`), so a crash never leaves a partial checkpoint.
 """
 from __future__ import annotations
 

@@ -1,10 +1,9 @@
-"""Hugging Face folders <-> Orbax checkpoints of `transformer.Transformer`, for every family.
+"""Hugging Face folders read as `transformer.Transformer` parameters, for every family.
 
 What differs between the layouts (names, kernel orientation, config fields) is each
-family's mapping in `families.py`; this module reads and writes the files. Tensors go
-through the `safetensors` numpy API, so no torch is needed, and pickled weights (.bin,
-.pt) are refused, never loaded. Everything is checked from config.json and the
-safetensors headers before a tensor is read or anything written.
+family's mapping in `families.py`. Tensors go through the `safetensors` numpy API, so no
+torch is needed, and pickled weights (.bin, .pt) are refused, never loaded. Everything is
+checked from config.json and the safetensors headers before a tensor is read.
 """
 from __future__ import annotations
 

@@ -1,9 +1,6 @@
-"""Pools of Orbax checkpoints: the manifest, metadata-only validation, and Orbax I/O.
-
-A checkpoint is an Orbax PyTree directory of model parameters whose custom metadata holds
-`{"recycle_jax": {"model": ModelConfig dict, ...}}`. Inputs are only ever read; writes
-go to a fresh sibling directory that is renamed into place, so a crash never leaves a
-partial checkpoint at the destination.
+"""Pools: the manifest (pool.json: names and paths, relative to it), a pool given as a
+list of (name, path) or as a mergekit config's models (`load_pool`), and content
+fingerprints of its members (what `--resume` compares).
 """
 from __future__ import annotations
 

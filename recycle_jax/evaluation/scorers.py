@@ -1,18 +1,7 @@
-"""Task splits materialized once into fixed-shape arrays, and jitted scorers.
-
-A split becomes a `TaskData` pytree (static `kind`, fixed shapes), so one compiled
-program can score any candidate, or a vmapped population, without leaving the device.
-How each kind is materialized and scored is one `Kind` record in `kinds.REGISTRY`:
-
-  choice:   rank classification by length-normalized log-likelihood of each choice (any
-            number of choices per example).
-  exact:    greedy decoding checked by exact match against the target (+EOS). Because
-            decoding is greedy, "every teacher-forced argmax equals the target" is the
-            same event; `generation='teacher_forced'` scores it with one forward pass.
-  generate: greedy decoding on device (`decoding.generate`: KV cache, EOS and stop
-            sequences); the tokens come back to the host, where the task's verifier
-            (its seqio metric_fns, `scoring.score_texts`) scores them: `verify`.
-A task's kind is `scoring.of(task)`. Scores are percentages in [0, 100].
+"""The jitted scorer (`make_scorer`: [T] percentages for a tuple of splits, pure and
+vmappable over candidates) and the host's finishing step for splits scored by a verifier
+(`finish`, `finish_async` on a verifier thread started on first use, `evaluate` for one
+model). The kinds themselves: `kinds`.
 """
 from __future__ import annotations
 

@@ -1,23 +1,8 @@
-"""Task splits materialized once into fixed-shape arrays, and jitted scorers.
-
-A split becomes a `TaskData` pytree (static `kind`, fixed shapes), so one compiled
-program can score any candidate, or a vmapped population, without leaving the device.
-How each kind is materialized and scored is one `Kind` record in `kinds.REGISTRY`:
-
-  choice:   rank classification by the log-likelihood of each choice (any number of
-            choices per example): summed (lm-eval's acc) or divided by the choice's
-            characters, bytes or tokens (`scoring.KIND_METRICS`).
-  exact:    the target is the greedy continuation (lm-eval's is_greedy; with EOS after it
-            for the metric is_greedy_eos). Because decoding is greedy, "every
-            teacher-forced argmax equals the target" is the same event;
-            `generation='teacher_forced'` scores it with one forward pass.
-Choice and exact splits are tokenized as lm-eval tokenizes loglikelihood requests
-(`scoring.encode_pair`: the target delimiter, the context's trailing whitespace moved into
-the continuation, encoded together and split at the context's length).
-  generate: greedy decoding on device (`decoding.generate`: KV cache, EOS and stop
-            sequences); the tokens come back to the host, where the task's verifier
-            (its seqio metric_fns, `scoring.score_texts`) scores them: `verify`.
-A task's kind is `scoring.of(task)`. Scores are percentages in [0, 100].
+"""Task splits as fixed-shape arrays: a split is a `TaskData` pytree (static `kind`, fixed
+shapes), so one compiled program scores any candidate, or a vmapped population, without
+leaving the device. Holds each kind's materializer (token lists -> TaskData), the packed
+scoring layout (`pack`), placement on the mesh and the context check. What each kind
+means: `kinds`.
 """
 from __future__ import annotations
 

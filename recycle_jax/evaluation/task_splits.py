@@ -1,18 +1,7 @@
-"""Task splits materialized once into fixed-shape arrays, and jitted scorers.
-
-A split becomes a `TaskData` pytree (static `kind`, fixed shapes), so one compiled
-program can score any candidate, or a vmapped population, without leaving the device.
-How each kind is materialized and scored is one `Kind` record in `kinds.REGISTRY`:
-
-  choice:   rank classification by length-normalized log-likelihood of each choice (any
-            number of choices per example).
-  exact:    greedy decoding checked by exact match against the target (+EOS). Because
-            decoding is greedy, "every teacher-forced argmax equals the target" is the
-            same event; `generation='teacher_forced'` scores it with one forward pass.
-  generate: greedy decoding on device (`decoding.generate`: KV cache, EOS and stop
-            sequences); the tokens come back to the host, where the task's verifier
-            (its seqio metric_fns, `scoring.score_texts`) scores them: `verify`.
-A task's kind is `scoring.of(task)`. Scores are percentages in [0, 100].
+"""Task splits read from their source: seqio tasks looked up, bound to the pool's
+vocabulary, read once and materialized into `TaskData` (cached per vocabulary), the host
+examples kept for the verifiers (`verify`), and fixed random subsets (`subset`) for
+adaptive fidelity.
 
 A task named `SOURCE:NAME` comes from another task source (`SOURCES`, e.g. lm-eval's
 tasks as `lm_eval:NAME`), which materializes its splits and scores its device outputs on

@@ -1,9 +1,5 @@
-"""results.json and report.md: the paper's Table 1 for one run, the hypervolumes, the mean
-and 95% CI over repeated seeds, and links to the figures.
-
-A run's result is a `RunResult` of `MethodResult`s (built by `experiment`);
-`build_results` turns it into results.json's record, in this one place, and `write_run`
-writes it with its figures and report.
+"""Statistics of results: the mean and 95% CI of a metric over seeds, paired differences
+with a verdict, and the Spearman matrix and tradeoff summary of a pool's task scores.
 """
 from __future__ import annotations
 

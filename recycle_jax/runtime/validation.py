@@ -17,7 +17,7 @@ import numbers
 import os
 import types
 import typing
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 from recycle_jax.runtime import waits
 from recycle_jax.runtime.errors import UserError, check

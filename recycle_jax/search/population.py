@@ -12,12 +12,10 @@ import dataclasses
 from typing import Any, Callable, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
 from recycle_jax.evaluation import kinds
-from recycle_jax.evaluation import task_data
 from recycle_jax.evaluation import scorers
 from recycle_jax.merging import kernels
 from recycle_jax.models import partitioning

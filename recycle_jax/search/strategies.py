@@ -21,7 +21,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from recycle_jax.runtime.errors import check
 from recycle_jax.runtime.registry import Registry
 
 

@@ -33,7 +33,7 @@ import keyword
 import os
 import random
 import sysconfig
-from typing import Callable, Iterator
+from typing import Callable
 
 import seqio
 import tensorflow as tf

@@ -38,7 +38,6 @@ finding them in the working directory too (`--task_module`).
 """
 from __future__ import annotations
 
-import dataclasses
 import glob
 import importlib
 import json

@@ -29,7 +29,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from recycle_jax.runtime.errors import UserError, check
+from recycle_jax.runtime.errors import check
 from recycle_jax.evaluation.verifiers import code, ifeval, numeric, text
 from recycle_jax.runtime.registry import Registry
 
