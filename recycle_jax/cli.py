@@ -468,9 +468,11 @@ def build_parser() -> argparse.ArgumentParser:
 class _ProjectInfoOnly(pylogging.Filter):
   """At --log_level=info, INFO from recycle_jax only: Orbax logs every save at INFO."""
 
+  ROOT = os.path.dirname(os.path.abspath(__file__)) + os.sep  # subpackages included
+
   def filter(self, record: pylogging.LogRecord) -> bool:
-    package = os.path.basename(os.path.dirname(record.pathname))
-    return record.levelno >= pylogging.WARNING or package == "recycle_jax"
+    return (record.levelno >= pylogging.WARNING
+            or os.path.abspath(record.pathname).startswith(self.ROOT))
 
 
 _INFO_FILTER = _ProjectInfoOnly()

@@ -91,3 +91,16 @@ def test_resume_with_a_changed_config_is_refused_and_changes_nothing(micro_searc
                      "--gin_bindings=SearchConfig.seed=7"), capsys,
          "cannot resume: the saved search has search.seed = 0, this config 7")
   assert snapshot(micro_search) == before
+
+
+def test_info_logging_keeps_every_recycle_jax_package_and_drops_other_info():
+  import logging as pylogging
+  from recycle_jax.search import loop
+
+  def record(path, level=pylogging.INFO):
+    return pylogging.LogRecord("absl", level, path, 1, "m", None, None)
+  keep = cli._INFO_FILTER.filter
+  assert keep(record(loop.__file__))  # a subpackage's INFO (the resume line) is shown
+  assert keep(record(cli.__file__))
+  assert not keep(record(np.__file__))  # other libraries' INFO (Orbax's saves) is not
+  assert keep(record(np.__file__, pylogging.WARNING))

@@ -6,7 +6,7 @@ coordinator on localhost. For trying multi-host runs (and their bugs) without a 
       merge --pool=runs/pool/pool.json --weights=1,1,1 --output=/tmp/merged
 
 Every process gets `--distributed` and JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
-JAX_PROCESS_ID / JAX_NUM_CPU_DEVICES, exactly what `recycle_jax.multihost.initialize`
+JAX_PROCESS_ID / JAX_NUM_CPU_DEVICES, exactly what `recycle_jax.runtime.multihost.initialize`
 reads on a real cluster. Output lines are prefixed `[i]`; the exit status is the first
 non-zero one.
 """

@@ -256,7 +256,7 @@ def pool_figures(workdir: str) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  """python -m recycle_jax.figures --top_n OUT.png RUN/results.json ..."""
+  """python -m recycle_jax.reporting.figures --top_n OUT.png RUN/results.json ..."""
   import argparse
   p = argparse.ArgumentParser(description=main.__doc__)
   p.add_argument("--top_n", required=True, help="output PNG of the top-N ablation")

@@ -53,8 +53,8 @@ def test_a_stuck_blocking_call_ends_in_one_line_and_a_quick_one_returns(fifo):
 # process 0's wait must end in one line within the bound; a broadcast works both ways.
 PROGRAM = """
 import sys, time
-from recycle_jax import multihost, waits
-from recycle_jax.errors import UserError
+from recycle_jax.runtime import multihost, waits
+from recycle_jax.runtime.errors import UserError
 multihost.initialize()
 import jax
 me = jax.process_index()
