@@ -119,7 +119,10 @@ def cmd_search(args) -> None:
   if args.log_samples:
     import dataclasses
     exp = dataclasses.replace(exp, log_samples=True)
-  pool = pool_manifest.load_pool(exp.pool)  # the run's one read of the manifest
+  if args.steps is not None:
+    import dataclasses
+    exp = dataclasses.replace(exp, steps=args.steps)
+  pool = pool_manifest.load_pool(exp.pool, exp.steps)  # the run's one read of the manifest
   _lm_eval_options(args, _context_length(pool.paths[0]) if pool.paths else None)
   inputs = _inputs(args, *pool.paths, pool.source if os.path.isfile(pool.source) else None,
                    exp.base)
@@ -164,7 +167,8 @@ def cmd_merge(args) -> None:
       args.pool, args.output, args.method, args.weights, args.base,
       {h: getattr(args, h) for h in methods.hparams_by_name()}, args.seed, args.tasks,
       args.max_examples, args.format, args.overwrite, args.streaming, args.memory_budget_mb,
-      fsync=not args.no_fsync, progress=_progress(args), inputs=tuple(args.gin_file)))
+      fsync=not args.no_fsync, progress=_progress(args), inputs=tuple(args.gin_file),
+      steps=args.steps))
   print(f"merged checkpoint: {args.output}")
 
 
@@ -339,6 +343,7 @@ def _merge_flags(s: argparse.ArgumentParser) -> None:
   from recycle_jax import merge_job
   from recycle_jax.merging import methods
   s.add_argument("--pool", default=None)
+  _steps_flag(s)
   s.add_argument("--config", default=None,
                  help="a mergekit YAML config (merge_method, base_model, models, ...): "
                  "merges its Hugging Face folders into one, as mergekit does")
@@ -362,6 +367,12 @@ def _merge_flags(s: argparse.ArgumentParser) -> None:
   s.add_argument("--memory_budget_mb", type=float, default=256.0)
   s.add_argument("--no_fsync", action="store_true",
                  help="--streaming: skip the final fsync (scratch outputs)")
+
+
+def _steps_flag(s: argparse.ArgumentParser) -> None:
+  s.add_argument("--steps", default=None,
+                 help="--pool is a training run's directory (a CheckpointManager's: MaxText, "
+                 "t5x): the steps to pool, last:K, every:N, S1,S2,... or all")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -395,6 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
   s.add_argument("--workdir", required=True)
   s.add_argument("--resume", action="store_true")
   s.add_argument("--overwrite", action="store_true")
+  _steps_flag(s)
   s.add_argument("--num_seeds", type=int, default=1,
                  help="repeat the search with K seeds (workdir/seed_k); report mean and CI")
   s.add_argument("--dev_size", type=int, default=None,

@@ -56,6 +56,7 @@ class Experiment:
   base: str | None = None  # the checkpoint the pool was fine-tuned from: task-vector merges
   greedy_soup: bool = True  # the greedy-soup baseline (up to N - 1 more dev evaluations)
   log_samples: bool = False  # lm-eval tasks' per-document records (workdir/samples/METHOD)
+  steps: str | None = None  # pool = a training run's directory: its steps (training_run)
 
 
 def check_workdir(workdir: str, resume: bool, overwrite: bool, inputs: Sequence[str]) -> None:
@@ -154,7 +155,7 @@ def check_inputs(exp: Experiment, scfg: loop.SearchConfig, workdir: str, resume:
   """Cheap checks first: metadata of every checkpoint, every task and split, the config.
   `pool`: the manifest as the entry point read it (read here when not given); the run
   reads and validates it only here, once."""
-  pool = pool if pool is not None else pool_manifest.load_pool(exp.pool)
+  pool = pool if pool is not None else pool_manifest.load_pool(exp.pool, exp.steps)
   check(len(exp.tasks) > 0, "no tasks to search on", "Experiment.tasks",
         "bind Experiment.tasks to a list of seqio task names")
   check_workdir(workdir, resume, overwrite, pool.paths)
@@ -256,6 +257,10 @@ def score_baselines(run: Run, method_baselines: dict) -> None:
   chosen on dev."""
   lin = baselines.baseline_weights(run.single_dev)
   how = {}
+  steps = run.loaded.pool.steps
+  if steps is not None:  # one training run's checkpoints, in step order: LAWA and EMA
+    lin.update(configurables.training_run_weights(run.n))
+    how.update({m: {"method": m, "steps": steps} for m in ("lawa", "ema")})
   if run.exp.greedy_soup:
     lin["greedy_soup"], soup = kernels.greedy_soup(
         lambda a: np.mean(run.scorer(a[None], run.dev, "dev")[0]), run.single_dev.mean(-1))

@@ -53,6 +53,7 @@ class MergeRequest:
   fsync: bool = True
   progress: bool = True
   inputs: Sequence[str] = ()  # other inputs (gin files) the output must not touch
+  steps: str | None = None  # --steps: pool is a training run's directory (training_run)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,7 +74,7 @@ def run_merge(req: MergeRequest) -> None:
   soup = req.method == "greedy_soup"
   if soup or req.fmt == "hf":  # scoring and Hugging Face layouts need a model family
     placed_pool.model_config_from(c.meta, c.pool.entries[0].path)
-  loaded = placed_pool.place(req.pool, need_model=soup)
+  loaded = placed_pool.place(c.pool, need_model=soup, meta=c.meta)  # as checked
   alphas, how = c.alphas, None
   if soup:
     alphas, how = greedy_soup(loaded, req)
@@ -87,7 +88,7 @@ def run_merge(req: MergeRequest) -> None:
 
 def check_request(req: MergeRequest) -> _Checked:
   """Every flag, in order, against the pool's and the base's metadata; the output's room."""
-  pool = pool_manifest.load_pool(req.pool)
+  pool = pool_manifest.load_pool(req.pool, req.steps)
   meta = checkpoints.validate_pool(pool)
   if req.base is not None:  # a base is checked whether the method uses it or not
     checkpoints.validate_pool(pool_manifest.make_pool(
@@ -105,6 +106,9 @@ def check_request(req: MergeRequest) -> _Checked:
   hparams = _hparams(req, spec)
   check(not req.streaming or req.method == "linear", "--streaming merges linearly only",
         "--streaming", "drop --streaming for other methods")
+  check(not req.streaming or pool.steps is None, "--streaming reads whole checkpoints, not "
+        "the parameters inside a training run's train states", "--streaming",
+        "drop --streaming (the in-memory merge reads only the parameters)")
   check(not soup or req.tasks, "greedy_soup scores soups on tasks' dev splits", "--tasks",
         "pass --tasks=rj_code,rj_math")
   check(not soup or req.weights is None, "greedy_soup chooses its own weights", "--weights",

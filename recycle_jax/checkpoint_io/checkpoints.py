@@ -14,7 +14,7 @@ import jax
 import numpy as np
 
 from recycle_jax.runtime import outputs, quiet, validation, waits
-from recycle_jax.checkpoint_io import tokenizer_files
+from recycle_jax.checkpoint_io import tokenizer_files, training_run
 from recycle_jax.runtime.errors import UserError, check
 from recycle_jax.models.partitioning import path_str, with_shardings
 from recycle_jax.checkpoint_io.hf_reader import is_hf_folder
@@ -26,8 +26,11 @@ PyTree = Any
 
 
 
-def read_metadata(path: str, name: str | None = None) -> CheckpointMeta:
-  """Shapes, dtypes and custom metadata, reading no array data."""
+def read_metadata(path: str, name: str | None = None,
+                  subtree: tuple[str, ...] = ()) -> CheckpointMeta:
+  """Shapes, dtypes and custom metadata, reading no array data. subtree: the parameters'
+  place in a train state (a training run's step: `training_run`); an item of a
+  CheckpointManager step takes the step's custom metadata."""
   where = f"checkpoint {name!r} at {path}" if name else path
   path = os.path.abspath(path)  # Orbax's OCDBT reader needs absolute paths
   check(os.path.isdir(path), "checkpoint directory not found", where,
@@ -55,8 +58,10 @@ def read_metadata(path: str, name: str | None = None) -> CheckpointMeta:
     raise UserError(f"checkpoint metadata is unreadable (corrupted or truncated?): "
                     f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}",
                     where, "re-write or remove this checkpoint") from None
+  abstract = training_run.subtree(abstract, subtree, where)
   check(len(jax.tree.leaves(abstract)) > 0, "checkpoint holds no arrays", where)
-  return CheckpointMeta(abstract, dict(meta.custom_metadata or {}))
+  return CheckpointMeta(abstract, dict(meta.custom_metadata or {}) or
+                        training_run.step_custom(path))
 
 
 def check_metadata_file(path: str, where: str) -> None:
@@ -84,7 +89,7 @@ def _config_diff(ref: dict | None, cur: dict | None) -> list[str]:
 def validate_pool(pool: Pool) -> CheckpointMeta:
   """Checks every checkpoint against the first from metadata alone (and their tokenizers
   against each other); returns the first's, with the pool's tokenizer."""
-  metas = [read_metadata(e.path, e.name) for e in pool.entries]
+  metas = [read_metadata(e.path, e.name, e.subtree) for e in pool.entries]
   ref, ref_name = _describe(metas[0].abstract), pool.entries[0].name
   family = lambda m: (m.model_config or {}).get("family", "byte")  # noqa: E731
   for e, m in zip(pool.entries[1:], metas[1:]):
@@ -122,9 +127,11 @@ def validate_pool(pool: Pool) -> CheckpointMeta:
 
 # ----------------------------------------------------------------------------- I/O
 
-def restore(path: str, abstract: PyTree, name: str | None = None) -> PyTree:
+def restore(path: str, abstract: PyTree, name: str | None = None,
+            subtree: tuple[str, ...] = ()) -> PyTree:
   """Restores arrays, placed by the shardings in `abstract` when it has them (a read
-  that hangs ends at the bound: waits)."""
+  that hangs ends at the bound: waits). subtree: read only the parameters of a train
+  state (an Orbax partial restore: the optimizer state is never read)."""
   where = f"checkpoint {name!r} at {path}" if name else path
   if is_hf_folder(path):  # each device's slices read from the mapped safetensors files
     from recycle_jax.checkpoint_io import hf_folder
@@ -133,6 +140,9 @@ def restore(path: str, abstract: PyTree, name: str | None = None) -> PyTree:
   try:
     import orbax.checkpoint as ocp
     with quiet.abandoned_reads():
+      if subtree:
+        return waits.call(lambda: _restore_subtree(os.path.abspath(path), abstract, subtree),
+                          "reading the checkpoint", where)
       return waits.call(lambda: ocp.StandardCheckpointer().restore(os.path.abspath(path),
                                                                    abstract),
                         "reading the checkpoint", where)
@@ -152,6 +162,20 @@ def restore_local(path: str, name: str | None = None) -> tuple[dict, CheckpointM
   return jax.tree.map(np.asarray, restore(path, abstract, name)), meta
 
 
+def _restore_subtree(path: str, abstract: PyTree, subtree: tuple[str, ...]) -> PyTree:
+  """abstract's arrays from tree[subtree[0]][...] of the checkpoint at path, alone."""
+  import orbax.checkpoint as ocp
+  item = abstract
+  for k in reversed(subtree):
+    item = {k: item}
+  out = ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(
+      item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+      partial_restore=True))
+  for k in subtree:
+    out = out[k]
+  return out
+
+
 def _read_error(e: Exception) -> str:
   """Which parameter failed, from the TensorStore spec Orbax puts in its message."""
   msg = str(e)
@@ -162,7 +186,7 @@ def _read_error(e: Exception) -> str:
 
 
 def restore_pool(pool: Pool, abstract: PyTree) -> tuple[PyTree, ...]:
-  return tuple(restore(e.path, abstract, e.name) for e in pool.entries)
+  return tuple(restore(e.path, abstract, e.name, e.subtree) for e in pool.entries)
 
 
 def save(path: str, params: PyTree, custom: dict, overwrite: bool = False,

@@ -24,6 +24,11 @@ class Entry:
   path: str  # absolute
   info: dict = dataclasses.field(default_factory=dict, compare=False)  # recipe, scores
 
+  @property
+  def subtree(self) -> tuple[str, ...]:
+    """Where its tree keeps the parameters (a training run's train state: training_run)."""
+    return tuple(self.info.get("subtree") or ())
+
 
 @dataclasses.dataclass(frozen=True)
 class Pool:
@@ -37,6 +42,12 @@ class Pool:
   @property
   def paths(self) -> list[str]:
     return [e.path for e in self.entries]
+
+  @property
+  def steps(self) -> list[int] | None:
+    """The training steps of a training run's pool (`training_run`), else None."""
+    steps = [e.info.get("step") for e in self.entries]
+    return None if None in steps else steps
 
   def fingerprints(self) -> dict[str, str]:
     """{'pool[NAME]': content fingerprint} of every member (see `fingerprint`)."""
@@ -106,10 +117,22 @@ def make_pool(entries: Sequence[Entry], source: str = "<gin>") -> Pool:
   return Pool(tuple(entries), source)
 
 
-def load_pool(pool: str | Sequence) -> Pool:
+def load_pool(pool: str | Sequence, steps: str | None = None) -> Pool:
   """A manifest path (`pool.json` or its directory), a mergekit config (its models besides
-  the base), or a gin list of (name, path)."""
-  from recycle_jax.checkpoint_io import mergekit_config
+  the base), a gin list of (name, path), or with `steps` a training run's directory and
+  its step selection (`training_run`)."""
+  from recycle_jax.checkpoint_io import mergekit_config, training_run
+  if steps is not None:
+    check(isinstance(pool, str) and not os.path.isfile(pool), "--steps selects the steps of "
+          "a training run's directory, not of a manifest or a list", training_run.FLAG,
+          "pass --pool=RUN_DIR (a CheckpointManager directory), or drop --steps")
+    return make_pool([Entry(*e) for e in training_run.run_entries(pool, steps)], pool)
+  if isinstance(pool, str) and os.path.isdir(pool) and \
+      not os.path.exists(os.path.join(pool, "pool.json")):
+    found = training_run.find_steps(pool)
+    check(not found, f"a training run's directory ({training_run.describe(sorted(found))}) "
+          "needs a step selection", pool, f"pass --steps ({training_run.SYNTAX}), "
+          "e.g. --steps=last:8")
   if mergekit_config.is_config(pool):
     return make_pool([Entry(n, p) for n, p in mergekit_config.pool_and_base(pool)[0]], pool)
   if isinstance(pool, str):

@@ -8,6 +8,10 @@
   greedy_soup    Wortsman et al.'s greedy soup (merging.greedy_soup; needs dev evaluations)
   the registry's baseline methods (methods.REGISTRY, `baseline=True`: task arithmetic,
                  TIES, DARE), uniform weights, lam chosen on dev (task_vector_baselines)
+A pool that is one training run's steps (in step order) adds (training_run_weights):
+  lawa           the uniform average of the last K checkpoints (Kaddour 2022's LAWA)
+  ema            the exponential moving average over the checkpoints, started at the first
+                 (e <- decay * e + (1 - decay) * theta_i, one update per checkpoint)
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ import numpy as np
 
 from recycle_jax.merging import methods as merge_methods
 from recycle_jax.merging import spaces
+from recycle_jax.runtime.errors import check
 
 
 def per_task_best(single_scores: np.ndarray) -> np.ndarray:
@@ -48,6 +53,7 @@ class Baseline:
 LINEAR_BASELINES = (Baseline("best_single", "s"), Baseline("best_per_task", None),
                     Baseline("uniform", "D"), Baseline("merge_best", "P"),
                     Baseline("greedy_soup", "X"))
+RUN_BASELINES = (Baseline("lawa", "v"), Baseline("ema", "^"))  # a training run's pool only
 SEARCH = "search"  # the search's own row
 HEADLINE = (SEARCH, "uniform", "merge_best", "best_single")  # the paper's comparison
 
@@ -55,14 +61,45 @@ HEADLINE = (SEARCH, "uniform", "merge_best", "best_single")  # the paper's compa
 def report_order() -> tuple[str, ...]:
   """Rows of the report: the linear baselines, the registry's non-linear methods, search."""
   return (tuple(b.name for b in LINEAR_BASELINES) +
-          tuple(m for m in merge_methods.REGISTRY if m != "linear") + (SEARCH,))
+          tuple(m for m in merge_methods.REGISTRY if m != "linear") +
+          tuple(b.name for b in RUN_BASELINES) + (SEARCH,))
 
 
 def markers() -> dict[str, str]:
   """The figures' marker of every row that is drawn as one point, in report order."""
   out = {b.name: b.marker for b in LINEAR_BASELINES if b.marker}
   out.update({m.name: m.marker for m in merge_methods.REGISTRY.values() if m.marker})
+  out.update({b.name: b.marker for b in RUN_BASELINES})
   return {**out, SEARCH: "*"}
+
+
+def lawa_weights(n: int, k: int | None = None) -> np.ndarray:
+  """[N] alphas of LAWA over a pool of n checkpoints in step order: 1/k on the last k
+  (k None: all n)."""
+  k = n if k is None else k
+  check(1 <= k <= n, f"lawa_k={k} but the run's pool has {n} checkpoints",
+        "training_run_weights.lawa_k", f"choose 1..{n} (or None: all)")
+  w = np.zeros(n, np.float64)
+  w[n - k:] = 1.0 / k
+  return w.astype(np.float32)
+
+
+def ema_weights(n: int, decay: float) -> np.ndarray:
+  """[N] alphas of the exponential moving average over n checkpoints in step order,
+  started at the first: theta_0 gets decay^(n-1), theta_i (i >= 1) (1 - decay) *
+  decay^(n-1-i); they sum to 1. decay in [0, 1): 0 is the last checkpoint alone."""
+  check(0.0 <= decay < 1.0, f"ema_decay={decay} is not in [0, 1)",
+        "training_run_weights.ema_decay", "choose e.g. 0.5")
+  i = np.arange(n)
+  w = (1.0 - decay) * decay ** (n - 1 - i).astype(np.float64)
+  w[0] = decay ** (n - 1)
+  return w.astype(np.float32)
+
+
+def training_run_weights(n: int, lawa_k: int | None = None,
+                         ema_decay: float = 0.5) -> dict[str, np.ndarray]:
+  """{'lawa': [N], 'ema': [N]} for a pool of one run's n checkpoints in step order."""
+  return {"lawa": lawa_weights(n, lawa_k), "ema": ema_weights(n, ema_decay)}
 
 
 def method_baselines(n: int, has_base: bool,
