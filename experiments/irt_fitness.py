@@ -66,7 +66,9 @@ def run(setting: str, args) -> None:
       if os.path.isfile(os.path.join(out, "results.json")):
         continue
       cfg = dataclasses.replace(base, seed=base.seed + k, **extra)
-      experiment.search_once(run_, cfg, space, scorer, out, False, False, sweep)
+      # a search cut short (the process killed) goes on from its last saved generation
+      resume = os.path.isdir(os.path.join(out, "search_state"))
+      experiment.search_once(run_, cfg, space, scorer, out, resume, False, sweep)
       print(f"{name(setting)} {c} seed {k} done", flush=True)
 
 
@@ -78,9 +80,18 @@ def seed_results(run_dir: str) -> list[dict]:
   return out
 
 
+def left_seeds(r: dict) -> bool:
+  """Whether the returned merge is none of the seeds (single checkpoints, baselines)."""
+  seeds = [h["weights"] for h in r["history"] if h["kind"] == "seed"]
+  w = np.asarray(r["methods"]["search"]["weights"])
+  return not any(np.allclose(w, s, atol=1e-6) for s in seeds)
+
+
 def summary(workdir: str, args) -> str:
-  lines = [f"| setting | configuration | seeds | dev examples (fraction of full) | test fitness "
-           "| - full search (paired) | verdict |", "|---|---|---|---|---|---|---|"]
+  lines = ["| setting | configuration | seeds | dev examples (fraction of full) | dev fitness "
+           "| test fitness | returned a non-seed merge | same merge as full "
+           "| test - full search (paired, mean ± sd) | 95% CI | verdict |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
   for setting in args.settings:
     res = {c: seed_results(os.path.join(workdir, name(setting), c)) for c in CONFIGS}
     full = res["full"]
@@ -91,18 +102,27 @@ def summary(workdir: str, args) -> str:
     full_ex = any_run["config"]["search"]["budget"] * sum(
         any_run["config"]["dev_examples"].values())
     full_test = [r["methods"]["search"]["fitness"]["test"] for r in full]
+    full_w = [np.asarray(r["methods"]["search"]["weights"]) for r in full]
     for c in CONFIGS:
       rs = res[c]
       if not rs:
         continue
       ex = np.mean([r["config"]["dev_examples_evaluated"] for r in rs])
       test = [r["methods"]["search"]["fitness"]["test"] for r in rs]
-      m, h, n = statistics.mean_ci(test)
-      d = statistics.paired(test[:len(full_test)], full_test) if c != "full" and \
-          full_test else None
-      lines.append(f"| {name(setting)} | {c} | {len(rs)} | {ex:.0f} ({ex / full_ex:.3f}) | "
-                   f"{m:.1f} ± {h:.1f} | " + (f"{d['mean']:+.1f} ± {d['ci95']:.1f} | "
-                                             f"{d['verdict']} |" if d else "– | – |"))
+      dev = [r["methods"]["search"]["fitness"]["dev"] for r in rs]
+      same = sum(np.allclose(r["methods"]["search"]["weights"], w, atol=1e-6)
+                 for r, w in zip(rs, full_w))
+      row = (f"| {name(setting)} | {c} | {len(rs)} | {ex:.0f} ({ex / full_ex:.3f}) | "
+             f"{statistics.fmt_ci(dev)} | {statistics.fmt_ci(test)} | "
+             f"{sum(map(left_seeds, rs))}/{len(rs)} | ")
+      if c == "full" or not full_test:
+        lines.append(row + "– | – | – | – |")
+        continue
+      diff = np.subtract(test[:len(full_test)], full_test[:len(test)])
+      d = statistics.paired(test[:len(full_test)], full_test)
+      sd = float(np.std(diff, ddof=1)) if len(diff) > 1 else float("nan")
+      lines.append(row + f"{same}/{min(len(rs), len(full))} | {d['mean']:+.2f} ± {sd:.2f} | "
+                   f"± {d['ci95']:.2f} | {d['verdict']} |")
   return "\n".join(lines) + "\n"
 
 

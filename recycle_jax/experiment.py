@@ -55,7 +55,7 @@ class Experiment:
   merged_format: str = "orbax"  # or "hf": the merge as a Hugging Face folder (hf_io)
   base: str | None = None  # the checkpoint the pool was fine-tuned from: task-vector merges
   greedy_soup: bool = True  # the greedy-soup baseline (up to N - 1 more dev evaluations)
-  log_samples: bool = False  # lm-eval tasks' per-document records (workdir/samples/METHOD)
+  log_samples: bool = False  # test tasks' per-document records (workdir/samples/METHOD)
   steps: str | None = None  # pool = a training run's directory: its steps (training_run)
 
 
@@ -233,7 +233,8 @@ def place(exp: Experiment, inputs: Inputs) -> Run:
   if exp.top_n:
     loaded = top_n_subset(loaded, score, dev, exp.top_n)
   programs = population.Programs(score, loaded.params, base, loaded.mesh,
-                                 configurables.choose_mode)
+                                 configurables.choose_mode,
+                                 irt.item_scorer(transformer.Decoder(loaded.model_cfg)))
   return Run(exp, loaded, dev, test, programs, base, inputs.vocab, host_dev=inputs.dev,
              content=fingerprints(loaded.pool, exp.base, inputs.dev))
 
@@ -319,12 +320,11 @@ def search_once(run: Run, scfg: loop.SearchConfig, space: spaces.MergeSpace,
 
 
 def log_samples(run: Run, space: spaces.MergeSpace, w: np.ndarray, workdir: str) -> None:
-  """The lm-eval tasks' per-document records (lm-eval's samples format, test split) of
-  the search's merge and of every baseline merged by its weights (`uniform`, `best_single`,
+  """Every test task's per-document records (lm-eval's samples format) of the search's
+  merge and of every baseline merged by its weights (`uniform`, `best_single`,
   `greedy_soup`, ...), in workdir/samples/METHOD/samples_TASK.jsonl."""
   from recycle_jax.tasks import harness
-  if not any(harness.is_lm_eval(d.name) for d in run.test):
-    return
+  decoder = transformer.Decoder(run.loaded.model_cfg)
   merge = jax.jit(space.merge, out_shardings=run.loaded.shardings)
   linear = jax.jit(kernels.linear, out_shardings=run.loaded.shardings)
   trees = {"search": lambda: merge(w, space.operands(run.loaded.params, run.base))}
@@ -332,7 +332,8 @@ def log_samples(run: Run, space: spaces.MergeSpace, w: np.ndarray, workdir: str)
     if r.merge is None or r.merge.get("method") == "greedy_soup":  # merged by its weights
       trees[m] = lambda a=r.alphas: linear(np.asarray(a, np.float32), run.loaded.params)
   for m, tree in trees.items():
-    _, details = harness.evaluate(run.programs.score_tree, tree(), run.test, samples=True)
+    _, details = harness.evaluate(run.programs.score_tree, tree(), run.test, samples=True,
+                                  decoder=decoder)
     if jax.process_index() == 0:  # every process runs the program, one writes
       harness.write_samples(os.path.join(workdir, "samples", m),
                             {t: s for t, (_, s) in details.items()}, overwrite=True)
@@ -365,16 +366,14 @@ def run_one(run: Run, cfg: loop.SearchConfig, space: spaces.MergeSpace,
 def irt_calibration(run: Run, cfg: loop.SearchConfig, space: spaces.MergeSpace,
                     scorer: population.CachedScorer, seeds: loop.Seeds
                     ) -> irt_fitness.Calibration:
-  """IRT fitness's calibration: the per-item program of the space (the population's
-  width), the seeds scored item by item on the full dev splits."""
+  """IRT fitness's calibration: the seeds scored item by item on the full dev splits by
+  the run's cached per-item program of the space (the population's width): every search
+  of the run after the first finds the seeds' hits in its cache."""
   host_dev = run.host_dev
   irt.check_items(host_dev, cfg.irt_items)
-  merge = kernels.linear if space.is_linear else space.merge
-  fn = population.make_population_fn(irt.item_scorer(transformer.Decoder(run.loaded.model_cfg)),
-                                     run.mode or "map", merge)
   calibration = irt_fitness.Calibration(
-      population.jit_population(fn, scorer.pool, run.loaded.mesh), scorer.pool, run.dev,
-      host_dev, run.loaded.mesh, cfg.irt_items, cfg.irt_select, scorer.population_size)
+      run.programs.item_scorer(space, scorer.population_size), run.dev, host_dev,
+      run.loaded.mesh, cfg.irt_items, cfg.irt_select)
   calibration.score(np.asarray(seeds.points))
   return calibration
 

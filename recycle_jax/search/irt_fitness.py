@@ -50,17 +50,17 @@ class Subset:
 class Calibration:
   """Per-item correctness of the full-fidelity points and the IRT fit on it.
 
-  item_fn: the jitted population program over items ((points, operands, datas) ->
-  (hits [P, sum E], finite [P])); dev: the placed full dev splits; host_dev: the same
-  splits on the host (cut to the chosen items once); width: the program's population."""
-  item_fn: Callable
-  operands: Any
+  items: the run's cached per-item scorer of the search's space (`Programs.item_scorer`:
+  points [K, D] -> hits [K, sum E], NaN rows for non-finite merges), shared by every
+  search of the run, so the seeds are scored item by item once, not once per search;
+  dev: the placed full dev splits; host_dev: the same splits on the host (cut to the
+  chosen items once)."""
+  items: population.CachedScorer
   dev: tuple
   host_dev: tuple
   mesh: Any
   k: int
   select: str = "fisher"
-  width: int = 1
   responses: list = dataclasses.field(default_factory=list)  # per task [M, E]
   chosen: list | None = None  # per task: the item indices
   datas: tuple | None = None
@@ -74,17 +74,22 @@ class Calibration:
   def score(self, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Points [K, D] on the full dev splits: (scores [K, T], finite [K]); their answers
     join the calibration."""
-    hits, finite = population.pipelined(self.item_fn, points, self.operands, self.dev,
-                                        self.width)
+    hits = self.items(points, self.dev, "dev")
+    fin = ~np.isnan(hits).any(-1)  # hits are 0 or 1: NaN only where the merge was not finite
     per = np.split(np.asarray(hits, np.float32), np.cumsum(self.sizes)[:-1], axis=1)
-    fin = np.asarray(finite, bool)
     for t, h in enumerate(per):
       if len(self.responses) <= t:
         self.responses.append(h[fin])
       else:
         self.responses[t] = np.concatenate([self.responses[t], h[fin]])
     scores = np.stack([100.0 * h.mean(-1) for h in per], -1)
-    return np.where(np.asarray(finite, bool)[:, None], scores, np.nan), np.asarray(finite)
+    return np.where(fin[:, None], scores, np.nan), fin
+
+  @property
+  def item_fn(self) -> Callable:
+    """The jitted population program over items ((points, operands, datas) ->
+    (hits [P, sum E], finite [P])): what the search's generation scores its subset with."""
+    return self.items.population_fn
 
   def subset(self) -> Subset:
     """The items fitted on the calibration so far (chosen on the first call)."""

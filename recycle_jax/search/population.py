@@ -19,6 +19,7 @@ from recycle_jax.evaluation import kinds
 from recycle_jax.evaluation import scorers
 from recycle_jax.merging import kernels
 from recycle_jax.models import partitioning
+from recycle_jax.runtime.errors import check
 from recycle_jax.evaluation.task_data import TaskData
 
 PyTree = Any
@@ -139,6 +140,8 @@ class Programs:
   base: PyTree | None
   mesh: Any
   choose_mode: Callable  # (params, population size) -> 'vmap' | 'map'
+  # (params, datas) -> [sum E] per-item hits (`irt.item_scorer`): IRT fitness's calibration.
+  items: Callable | None = None
   scorers: dict = dataclasses.field(default_factory=dict)
   generations: dict = dataclasses.field(default_factory=dict)
 
@@ -160,12 +163,24 @@ class Programs:
   def scorer(self, space, size: int) -> CachedScorer:
     """The CachedScorer of `space` (a spaces.MergeSpace), `size` points at a time; every
     linear space shares the pool's own program."""
-    key = ("linear", size) if space.is_linear else (space, size)
+    return self._cached(self.score, "scores", space, size)
+
+  def item_scorer(self, space, size: int) -> CachedScorer:
+    """The CachedScorer of `space`'s per-item hits ([K, sum E]: `items`), `size` points at
+    a time: one per run, so every search and configuration of the run (IRT fitness's
+    calibration of the same seeds, each search seed, Fisher and random items) scores a
+    point item by item once and compiles the program once."""
+    check(self.items is not None, "this run has no per-item program", "Programs.items",
+          "build the run's Programs with items=irt.item_scorer(decoder)")
+    return self._cached(self.items, "items", space, size)
+
+  def _cached(self, score: Callable, what: str, space, size: int) -> CachedScorer:
+    key = (what, "linear", size) if space.is_linear else (what, space, size)
     if key not in self.scorers:
       merge = kernels.linear if space.is_linear else space.merge
       operands = tuple(self.params) if space.is_linear else space.operands(self.params,
                                                                            self.base)
-      fn = make_population_fn(self.score, self.choose_mode(self.params, size), merge)
+      fn = make_population_fn(score, self.choose_mode(self.params, size), merge)
       self.scorers[key] = CachedScorer(jit_population(fn, operands, self.mesh), operands,
                                        size)
     return self.scorers[key]

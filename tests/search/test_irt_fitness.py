@@ -3,14 +3,18 @@ responses drawn from a known 2PL model, and a search through the CLI on the micr
 (per-item scores equal the run's scores; the estimates cost a fraction of the dev split;
 the returned merge is full fidelity; a subset larger than a split is refused)."""
 import json
+import logging
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from conftest import search_args
 from recycle_jax import cli
-from recycle_jax.evaluation import irt
+from recycle_jax.evaluation import irt, task_data
+from recycle_jax.merging import spaces
+from recycle_jax.search import irt_fitness, population
 
 E, M = 300, 24
 
@@ -58,6 +62,54 @@ def test_every_item_seen_is_the_plain_mean():
   items = irt.calibrate(calib, np.arange(E), fitted)
   np.testing.assert_allclose(np.asarray(irt.estimate(jnp.asarray(calib), items)),
                              calib.mean(-1), rtol=1e-5)
+
+
+def _item_hits(params, datas):
+  """(params, datas) -> [sum E] hits: item j of a split is right when the merge's first
+  leaf, summed, exceeds the item's difficulty (its first token): a per-item program over
+  real TaskData, as `irt.item_scorer` is one over a decoder."""
+  s = jnp.sum(jax.tree.leaves(params)[0])
+  return jnp.concatenate([(s > d.tokens[:, 0]).astype(jnp.float32) for d in datas])
+
+
+def test_the_calibration_is_scored_once_per_run_not_once_per_search(caplog):
+  """Every search of a run (each seed, Fisher and random items) calibrates on the same
+  seeds: the run's cached per-item scorer scores them once and compiles once; each search
+  keeps its own responses (a promotion joins only its own)."""
+  rng = np.random.default_rng(0)
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1), ("data", "model"))
+  pool = jax.device_put(tuple({"w": rng.normal(size=(3, 3)).astype(np.float32)}
+                              for _ in range(4)), jax.devices()[0])
+  programs = population.Programs(_item_hits, pool, None, mesh, lambda params, size: "map",
+                                 items=_item_hits)
+  dev = tuple(task_data.TaskData(tokens=rng.normal(0, 3, (e, 1)).astype(np.float32),
+                                 target_mask=np.ones((e, 1), bool), name=f"t{e}")
+              for e in (10, 7))
+  space = spaces.MergeSpace(n=4)
+  seeds = np.concatenate([np.eye(4), np.full((1, 4), 0.25)]).astype(np.float32)
+  merged = lambda w: jax.tree.map(lambda *x: sum(a * b for a, b in zip(w, x)), *pool)  # noqa
+  truth = np.stack([np.asarray(_item_hits(merged(w), dev)) for w in seeds])
+  with jax.log_compiles(), caplog.at_level(logging.WARNING):
+    cals = [irt_fitness.Calibration(programs.item_scorer(space, 3), dev, dev, mesh, 3, sel)
+            for sel in ("fisher", "random", "fisher")]
+    for c in cals:
+      c.score(seeds)
+  compiled = [r for r in caplog.records if "Compiling jit(population)" in r.getMessage()]
+  items = programs.item_scorer(space, 3)
+  assert len(compiled) == 1 and all(c.items is items for c in cals)
+  assert items.hits == 2 * len(seeds)  # the second and third search: all cached
+  for c in cals:
+    got = np.concatenate(c.responses, axis=1)
+    np.testing.assert_array_equal(got, truth)
+  # a promotion: a new point and a diverged one, into the first search's calibration only
+  new = np.asarray([[0.1, 0.2, 0.3, 0.4], [np.nan] * 4], np.float32)
+  scores, finite = cals[0].score(new)
+  assert list(finite) == [True, False] and np.isnan(scores[1]).all()
+  hits = np.asarray(_item_hits(merged(new[0]), dev))
+  np.testing.assert_allclose(scores[0], [100 * hits[:10].mean(), 100 * hits[10:].mean()],
+                             rtol=1e-6)
+  assert [len(r) for r in cals[0].responses] == [len(seeds) + 1] * 2  # the finite one
+  assert [len(r) for r in cals[1].responses] == [len(seeds)] * 2
 
 
 DEVICE_TASKS = "--gin_bindings=Experiment.tasks=['rj_instruct', 'rj_knowledge']"
