@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import jax
 import numpy as np
@@ -132,7 +132,8 @@ def save_folder(path: str, cfg: transformer.ModelConfig, params: PyTree,
   check(cfg is not None and cfg.family in families.REGISTRY, "the merge has no model family "
         "with a Hugging Face layout", "--format=hf", "write Orbax (drop --format=hf)")
   maps = families.tensor_map(cfg)
-  with outputs.writing(path, overwrite, reads_back([t.hf_name for t in maps])) as tmp:
+  verify = safetensors_io.reads_back([t.hf_name for t in maps])
+  with outputs.writing(path, overwrite, verify) as tmp:
     os.makedirs(tmp)
     leaves = [families.get_path(params, t.path) for t in maps]
     writer = safetensors_io.Writer(tmp, [(t.hf_name, np.dtype(x.dtype), t.hf_shape(x.shape))
@@ -141,22 +142,6 @@ def save_folder(path: str, cfg: transformer.ModelConfig, params: PyTree,
       writer.write(t.hf_name, t.to_hf(np.asarray(jax.device_get(x))))
     writer.close()
     _write_extras(tmp, cfg, base, tokenizer)
-
-
-def reads_back(names) -> Callable[[str], None]:
-  """A check that a written folder is complete: config.json and the headers of its
-  safetensors files read back, holding exactly the tensors `names` (a success is reported
-  only after it)."""
-  want = sorted(names)
-
-  def verify(folder: str) -> None:
-    check(os.path.isfile(os.path.join(folder, "config.json")), "the written folder has no "
-          "config.json", folder, "rerun the command (was the disk full?)")
-    got = sorted(safetensors_io.folder_tensors(folder))
-    check(got == want, f"the written folder does not read back whole ({len(got)} of "
-          f"{len(want)} tensors)", folder, "rerun the command (was the disk full, or did "
-          "something else write there?)")
-  return verify
 
 
 def _write_extras(folder: str, cfg: transformer.ModelConfig, base: Mapping | None,
@@ -185,7 +170,8 @@ def stream_merge(pool: pool_manifest.Pool, alphas, output: str, overwrite: bool 
   output = os.path.abspath(output)
   outputs.check_output(output, pool.paths, overwrite)
   maps = families.tensor_map(cfg)
-  with outputs.writing(output, overwrite, reads_back([t.hf_name for t in maps])) as tmp:
+  verify = safetensors_io.reads_back([t.hf_name for t in maps])
+  with outputs.writing(output, overwrite, verify) as tmp:
     os.makedirs(tmp)
     first = [folders[0].tensors[t.hf_name] for t in maps]
     writer = safetensors_io.Writer(tmp, [(t.hf_name, x.dtype, x.shape)

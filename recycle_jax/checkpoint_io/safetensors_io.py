@@ -13,7 +13,7 @@ import json
 import os
 import struct
 import threading
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import ml_dtypes
 import numpy as np
@@ -26,6 +26,7 @@ DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
           "BF16": ml_dtypes.bfloat16, "I64": np.int64, "I32": np.int32, "I16": np.int16,
           "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
 CODES = {np.dtype(v): k for k, v in DTYPES.items()}
+FLOATING = frozenset(np.dtype(DTYPES[k]) for k in ("F64", "F32", "F16", "BF16"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,14 +92,22 @@ class Reader:
     self._lock = threading.Lock()  # reads may come from several threads
 
   def read(self, info: TensorInfo) -> np.ndarray:
+    out = np.empty(info.shape, info.dtype)
+    self.read_into(info, out.reshape(-1), 0)
+    return out
+
+  def read_into(self, info: TensorInfo, out: np.ndarray, start: int = 0) -> np.ndarray:
+    """Elements [start, start + out.size) of the flattened tensor into `out` (1-D, of the
+    tensor's dtype, e.g. a reused buffer): one positioned read of that byte range."""
     with self._lock:
       fd = self._fds.get(info.file)
       if fd is None:
         fd = self._fds[info.file] = os.open(info.file, os.O_RDONLY)
-    out = np.empty(info.shape, info.dtype)
-    view, pos = memoryview(out.reshape(-1).view(np.uint8)), 0
-    while pos < info.nbytes:  # pread may return less than asked
-      got = os.preadv(fd, [view[pos:]], info.start + pos)
+    offset, n = info.start + start * info.dtype.itemsize, out.nbytes
+    assert out.dtype == info.dtype and offset + n <= info.end, (info, start, out.size)
+    view, pos = memoryview(out.view(np.uint8)), 0
+    while pos < n:  # pread may return less than asked
+      got = os.preadv(fd, [view[pos:]], offset + pos)
       check(got > 0, "unexpected end of file", info.file, "the file is truncated")
       pos += got
     return out
@@ -158,8 +167,19 @@ class Writer:
     fd, offset, n, dtype, shape = self._where[name]
     x = np.ascontiguousarray(x)
     assert x.dtype == dtype and x.shape == shape, (name, x.dtype, x.shape, dtype, shape)
+    self._pwrite(fd, x, offset)
+
+  def write_range(self, name: str, start: int, x: np.ndarray) -> None:
+    """Elements [start, start + x.size) of the flattened tensor `name` (x 1-D, its dtype)."""
+    fd, offset, n, dtype, _ = self._where[name]
+    assert x.dtype == dtype and x.ndim == 1 and (start + x.size) * dtype.itemsize <= n, (
+        name, x.dtype, start, x.size)
+    self._pwrite(fd, np.ascontiguousarray(x), offset + start * dtype.itemsize)
+
+  @staticmethod
+  def _pwrite(fd: int, x: np.ndarray, offset: int) -> None:
     view, pos = memoryview(x.reshape(-1).view(np.uint8)), 0
-    while pos < n:
+    while pos < x.nbytes:
       pos += os.pwritev(fd, [view[pos:]], offset + pos)
 
   def close(self, fsync: bool = True) -> None:
@@ -173,3 +193,19 @@ class Writer:
       with open(os.path.join(self.folder, INDEX), "w") as f:
         json.dump({"metadata": {"total_size": self.total}, "weight_map": self.weight_map},
                   f, indent=2)
+
+
+def reads_back(names: Iterable[str]) -> Callable[[str], None]:
+  """A check that a written folder is complete: config.json and the headers of its
+  safetensors files read back, holding exactly the tensors `names` (a success is reported
+  only after it)."""
+  want = sorted(names)
+
+  def verify(folder: str) -> None:
+    check(os.path.isfile(os.path.join(folder, "config.json")), "the written folder has no "
+          "config.json", folder, "rerun the command (was the disk full?)")
+    got = sorted(folder_tensors(folder))
+    check(got == want, f"the written folder does not read back whole ({len(got)} of "
+          f"{len(want)} tensors)", folder, "rerun the command (was the disk full, or did "
+          "something else write there?)")
+  return verify

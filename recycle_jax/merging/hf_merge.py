@@ -1,9 +1,11 @@
 """Merging Hugging Face folders by a mergekit config, tensor by tensor.
 
-Each tensor is read once from every input (positioned reads), merged by a jitted kernel in
-float32 (compiled once per shape and method options; the per-tensor numbers such as
-weights, densities, lambda or t, which gradients vary by layer, are arguments), cast to the
-output dtype and written once at its place in the sharded safetensors output. Every
+Each tensor is read once from every input (positioned reads), merged in float32, cast to
+the output dtype and written once at its place in the sharded safetensors output: 'linear'
+in numpy, unit by unit of its byte ranges (`hf_linear`; no JAX), every other method by a
+jitted kernel (`hf_kernel`, compiled once per shape and method options; the per-tensor
+numbers such as weights, densities, lambda or t, which gradients vary by layer, are
+arguments). Work runs on one thread per core (`run_threaded`). Every
 tensor's parameters are resolved, and every input checked, before anything is written; the
 output is a sibling `.partial-*` folder renamed into place when complete, with config.json
 (dtype updated), generation_config.json and the tokenizer files of the donor (the
@@ -19,92 +21,23 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
-import functools
 import hashlib
 import json
 import os
 import shutil
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from recycle_jax.merging import geometric, kernels, selection, task_vectors
-from recycle_jax.checkpoint_io import (hf_folder, mergekit_config, safetensors_io,
-                                       tokenizer_files)
+from recycle_jax.merging import hf_kernel, hf_linear, task_vectors
+from recycle_jax.checkpoint_io import mergekit_config, safetensors_io, tokenizer_files
 from recycle_jax.runtime import validation
 from recycle_jax.runtime.errors import check
 
-# mergekit's generalized task arithmetic methods: (sparsification rule, sign consensus).
-GTA = {"task_arithmetic": (None, False), "ties": ("magnitude", True),
-       "dare_ties": ("random", True), "dare_linear": ("random", False),
-       "breadcrumbs": ("magnitude_outliers", False),
-       "breadcrumbs_ties": ("magnitude_outliers", True),
-       "della": ("della_magprune", True), "della_linear": ("della_magprune", False)}
-FLOATS = ("weight", "density", "gamma", "epsilon")  # per input, traced
-SHARED_FLOATS = ("lambda", "t", "select_topk")  # per tensor, traced (layer gradients)
 TAGALONG = ("generation_config.json",)
 DONOR_TOKENIZER = ("tokenizer_config.json", "special_tokens_map.json", "tokenizer.json",
                    "tokenizer.model", "added_tokens.json", "merges.txt", "vocab.json",
                    "chat_template.jinja", "chat_template.json")
-
-
-@functools.partial(jax.jit, static_argnames=("method", "base", "static", "out_dtype"))
-def merge_tensor(xs, per, shared, counts, key, *, method: str, base: int | None,
-                 static: tuple, out_dtype) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """One tensor of a mergekit merge, and whether its inputs [N] and its output are all
-  finite (checked in the same compiled program: no pass over the tensors in numpy). For
-  'linear' the inputs' flags are all True: a NaN or Inf in any input (whatever its
-  weight: 0 * Inf is NaN) makes the output non-finite, which the caller then traces back.
-
-  xs: the inputs' tensors, in the plan's input order; per: {name: [N] float32} per input
-  (0 where a parameter does not apply); shared: {name: float32 scalar}; counts: [N, 2]
-  int32 exact trim counts; base: the base's position in xs or None; static: the method's
-  boolean and integer options as sorted (name, value) pairs.
-  """
-  opt = dict(static)
-  finite = (jnp.ones(len(xs), bool) if method == "linear" else
-            jnp.stack([jnp.all(jnp.isfinite(x)) for x in xs]))
-  xs = [x.astype(jnp.float32) for x in xs]
-  nb = [i for i in range(len(xs)) if i != base]
-  b = None if base is None else xs[base]
-  w = per.get("weight")
-  if method == "linear":
-    out = sum(w[i] * x for i, x in enumerate(xs))
-    out = out / jnp.sum(w) if opt["normalize"] else out
-  elif method in GTA:
-    sparsify, consensus = GTA[method]
-    take = lambda v: v[jnp.asarray(nb)]
-    out = task_vectors.combine(
-        b, [xs[i] for i in nb], take(w), shared["lambda"], sparsify=sparsify,
-        density=take(per["density"]), consensus=consensus, normalize=opt["normalize"],
-        mergekit_rules=True, rescale=opt["rescale"], gamma=take(per["gamma"]),
-        epsilon=take(per["epsilon"]), key=key, counts=counts[jnp.asarray(nb)])
-  elif method == "slerp":
-    out = kernels.slerp_tensors(shared["t"], b, xs[nb[0]])
-  elif method == "nuslerp":
-    out = geometric.nuslerp_leaf(geometric.nuslerp_t(w[nb[0]], w[nb[1]]), xs[nb[0]],
-                                 xs[nb[1]], b, opt["nuslerp_row_wise"], opt["nuslerp_flatten"])
-  elif method == "multislerp":
-    out = geometric.multislerp_leaf([xs[i] for i in nb], w[jnp.asarray(nb)], b,
-                                    opt["normalize_weights"], opt["eps"])
-  elif method == "karcher":
-    out = geometric.karcher_leaf(xs, jnp.full(len(xs), 1.0 / len(xs)), opt["max_iter"],
-                                 opt["tol"])
-  elif method == "model_stock":
-    out = geometric.model_stock_leaf(b, [xs[i] for i in nb], None, opt["filter_wise"])
-  elif method == "passthrough":
-    out = xs[0] if opt["scale"] is None else xs[0] * opt["scale"]
-  elif method == "sce":
-    out = selection.sce_leaf(b, [xs[i] for i in nb], None, shared["select_topk"])
-  elif method == "nearswap":
-    out = selection.nearswap_leaf(b, xs[nb[0]], shared["t"])
-  elif method == "arcee_fusion":
-    out = selection.arcee_fusion_leaf(b, xs[nb[0]])
-  else:
-    raise AssertionError(method)
-  out = out.astype(out_dtype)
-  return out, finite, jnp.all(jnp.isfinite(out))
 
 
 def _donor(plan: mergekit_config.Plan) -> str:
@@ -194,8 +127,8 @@ def plan_tensors(plan: mergekit_config.Plan) -> tuple[dict, list[tuple]]:
   for name in sorted(ref, key=lambda n: (ref[n].file, ref[n].start)):
     info = ref[name]
     want = plan.out_dtype or plan.dtype
-    floating = jnp.issubdtype(info.dtype, jnp.floating)
-    dtype = jnp.dtype(want) if floating and want else info.dtype
+    floating = info.dtype in safetensors_io.FLOATING
+    dtype = np.dtype(want) if floating and want else info.dtype
     shared, per = plan.resolve(name)
     if plan.method.name == "linear" and shared.get("normalize") and floating:
       check(sum(per[m]["weight"] for m in plan.inputs) != 0, f"the weights of tensor {name} "
@@ -210,23 +143,6 @@ def plan_tensors(plan: mergekit_config.Plan) -> tuple[dict, list[tuple]]:
             plan.path, "choose epsilon < min(density, 1 - density)")
     out.append((name, dtype, info.shape, (shared, per)))
   return infos, out
-
-
-def _arguments(plan, resolved, size):
-  """A tensor's resolved parameters as merge_tensor's arguments (0 where one does not
-  apply: the base's weight, a method's absent density)."""
-  shared, per = resolved
-  ins = plan.inputs
-  value = lambda m, k: 0.0 if per[m].get(k) is None else per[m][k]
-  per_arr = {k: jnp.asarray([value(m, k) for m in ins], jnp.float32) for k in FLOATS}
-  shared_arr = {k: jnp.float32(v) for k, v in shared.items() if k in SHARED_FLOATS}
-  static = tuple(sorted((k, v) for k, v in shared.items() if k not in SHARED_FLOATS))
-  if plan.method.name == "passthrough":
-    static += (("scale", per[ins[0]]["scale"]),)
-  counts = jnp.asarray([task_vectors.host_counts(per[m].get("density", 1.0),
-                                                 per[m].get("gamma", 0.0), size)
-                        for m in ins], jnp.int32)
-  return per_arr, shared_arr, counts, static
 
 
 def _write_extras(plan: mergekit_config.Plan, tmp: str, out_dtype: str | None) -> None:
@@ -253,7 +169,7 @@ IN_FLIGHT_BYTES = 1 << 30  # inputs read and not yet merged, across the worker t
 def run_threaded(fn, items: list[tuple], sizes: list[int], workers: int | None = None,
                  limit: int = IN_FLIGHT_BYTES) -> None:
   """fn(*item) for every item on `workers` threads (one per core by default: reads,
-  XLA's kernels and writes release the GIL), at most `limit` bytes of items (`sizes`) in
+  numpy's ufuncs, XLA's kernels and writes release the GIL), at most `limit` bytes of items (`sizes`) in
   flight beyond one per worker. Results are taken in order, so the first failing item's
   error is the one raised; the items after it are not started."""
   workers = workers or os.cpu_count() or 1
@@ -272,6 +188,17 @@ def run_threaded(fn, items: list[tuple], sizes: list[int], workers: int | None =
         f.cancel()
 
 
+def _refuse_non_finite(plan: mergekit_config.Plan, name: str, inputs_finite,
+                       out_finite: bool) -> None:
+  """The input that holds NaN or Inf in tensor `name`, else the output, refused by name."""
+  for m, ok in zip(plan.inputs, inputs_finite):  # as `merge --pool` refuses a non-finite
+    check(bool(ok), f"model {m} holds NaN or Inf values in tensor {name}",  # member
+          plan.path, "repair or drop that model; nothing was written")
+  check(bool(out_finite), f"the {plan.method.name} merge of tensor {name} comes out with "
+        "NaN or Inf values (from finite models: the parameters)", plan.path,
+        "check the method's parameters for that tensor; nothing was written")
+
+
 def merge(plan: mergekit_config.Plan, output: str, overwrite: bool = False, seed: int = 0,
           max_shard_bytes: int = 5 << 30, fsync: bool = True) -> str:
   """Runs a mergekit plan into a Hugging Face folder at `output`; returns its path."""
@@ -281,8 +208,9 @@ def merge(plan: mergekit_config.Plan, output: str, overwrite: bool = False, seed
   _same_configs(plan)
   _same_tokenizers(plan)
   infos, tensors = plan_tensors(plan)
+  linear = plan.method.name == "linear"
   reader = safetensors_io.Reader()
-  verify = hf_folder.reads_back([n for n, _, _, _ in tensors])
+  verify = safetensors_io.reads_back([n for n, _, _, _ in tensors])
   try:
     with outputs.writing(output, overwrite, verify) as tmp:
       os.makedirs(tmp)
@@ -290,32 +218,45 @@ def merge(plan: mergekit_config.Plan, output: str, overwrite: bool = False, seed
                                      max_shard_bytes)
       base = plan.inputs.index(plan.base) if plan.base in plan.inputs and \
           plan.method.base != "ignored" else None
-      key = jax.random.key(seed)
+
+      def span(name: str, dtype, start: int, stop: int, w, divisor) -> None:
+        """Merges, checks and writes elements [start, stop) of a linear merge's tensor."""
+        ins = [infos[m][name] for m in plan.inputs]
+        out = hf_linear.merge_range(reader, ins, w, divisor, start, stop, dtype)
+        if not np.isfinite(out).all():  # which input, if any, brought it
+          _refuse_non_finite(plan, name, [np.isfinite(reader.read_into(
+              x, np.empty(stop - start, x.dtype), start)).all() for x in ins], False)
+        writer.write_range(name, start, out)
 
       def one(i: int, name: str, dtype, shape, resolved) -> None:
-        """Reads, merges, checks and writes tensor i (on a worker thread)."""
+        """Reads, merges, checks and writes tensor i whole (the kernel's methods)."""
         xs = [reader.read(infos[m][name]) for m in plan.inputs]
-        if not jnp.issubdtype(dtype, jnp.floating):
+        if dtype not in safetensors_io.FLOATING:
           writer.write(name, xs[plan.inputs.index(_donor(plan))])  # integer buffers
           return
-        per, shared, counts, static = _arguments(plan, resolved, int(np.prod(shape)))
-        out, finite, out_finite = merge_tensor(
+        per, shared, counts, static = hf_kernel.arguments(plan, resolved, int(np.prod(shape)))
+        out, finite, out_finite = hf_kernel.merge_tensor(
             xs, per, shared, counts, jax.random.fold_in(key, i), method=plan.method.name,
             base=base, static=static, out_dtype=dtype)
         finite = np.asarray(finite)
-        if not out_finite:  # which input, if any, brought it (linear checks none up front)
+        if not out_finite:  # which input, if any, brought it
           finite = finite & np.array([np.isfinite(x).all() for x in xs])
-        for m, ok in zip(plan.inputs, finite):  # as `merge --pool` refuses a non-finite
-          check(bool(ok), f"model {m} holds NaN or Inf values in tensor "  # member
-                f"{name}", plan.path, "repair or drop that model; nothing was written")
-        check(bool(out_finite), f"the {plan.method.name} merge of tensor {name} "
-              "comes out with NaN or Inf values (from finite models: the parameters)",
-              plan.path, "check the method's parameters for that tensor; nothing was written")
+        _refuse_non_finite(plan, name, finite, bool(out_finite))
         writer.write(name, np.asarray(out))
 
-      run_threaded(one, [(i, *t) for i, t in enumerate(tensors)],
-                   [len(plan.inputs) * np.dtype(infos[_donor(plan)][t[0]].dtype).itemsize *
-                    int(np.prod(t[2])) for t in tensors])
+      key = jax.random.key(seed)
+      work, sizes = [], []
+      for i, (name, dtype, shape, resolved) in enumerate(tensors):
+        itemsize = infos[_donor(plan)][name].dtype.itemsize
+        if linear and dtype in safetensors_io.FLOATING:
+          w, divisor = hf_linear.weights(plan.inputs, resolved)
+          for start, stop in hf_linear.units(int(np.prod(shape))):
+            work.append((span, name, dtype, start, stop, w, divisor))
+            sizes.append(len(plan.inputs) * itemsize * (stop - start))
+        else:
+          work.append((one, i, name, dtype, shape, resolved))
+          sizes.append(len(plan.inputs) * itemsize * int(np.prod(shape)))
+      run_threaded(lambda fn, *args: fn(*args), work, sizes)
       writer.close(fsync)
       _write_extras(plan, tmp, plan.out_dtype or plan.dtype)
   finally:
