@@ -105,3 +105,17 @@ def train(apply, params: PyTree, batches: Iterator[dict], cfg: TrainConfig,
     if i % 50 == 0 or i == cfg.steps - 1:
       bar.set_postfix(loss=f"{float(loss):.3f}")
   return params, float(loss)
+
+
+def init_opt_state(params: PyTree, cfg: TrainConfig) -> PyTree:
+  """The optimizer state `train_step` expects for params."""
+  return make_optimizer(cfg.weight_decay).init(params)
+
+
+def train_step(apply, cfg: TrainConfig, params: PyTree, opt_state: PyTree, batch: dict,
+               lr: float, ref_params: PyTree | None = None) -> tuple[PyTree, PyTree, float]:
+  """One optimizer step at learning rate `lr` (the caller's schedule): (params, opt_state,
+  loss). opt_state is donated: keep a copy to branch a run from it."""
+  params, opt_state, loss = _step(apply, _static(cfg), params, opt_state, batch, ref_params,
+                                  jnp.float32(lr))
+  return params, opt_state, float(loss)

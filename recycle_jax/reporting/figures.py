@@ -268,3 +268,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
   raise SystemExit(main())
+
+
+def training_run(steps: Sequence[int], per_step: dict[str, Sequence[float]],
+                 merges: dict[str, dict[str, float]], path: str) -> str:
+  """A training run as a pool: per panel ('held-in', 'held-out'), every step's own test
+  score along the run, and each merge (or other run) as a horizontal line."""
+  fig, axes = plt.subplots(1, len(per_step), figsize=(5.2 * len(per_step), 3.8))
+  for ax, (panel, ys) in zip(np.atleast_1d(axes), per_step.items()):
+    ax.plot(steps, ys, "o-", c="tab:blue", label="each step alone")
+    for i, (name, v) in enumerate(merges.items()):
+      ax.axhline(v[panel], ls="--" if name != "search" else "-", lw=1.5 if name == "search"
+                 else 1, c=f"C{(i + 1) % 10}", label=name)
+    ax.set_xlabel("training step")
+    ax.set_ylabel(f"{panel} test score (macro-average)")
+    ax.set_title(panel)
+  np.atleast_1d(axes)[-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+  return _save(fig, path)

@@ -94,6 +94,8 @@ BOUNDS: dict[str, Bound] = {
     "make_mesh.model": POSITIVE_INT,
     "choose_mode.memory_budget_gb": Bound(float, lo=0, lo_open=True),
     "make_scorer.batch_size": COUNT,
+    "training_run_weights.lawa_k": Bound(int, lo=1, none_ok=True),
+    "training_run_weights.ema_decay": Bound(float, lo=0, hi=1),
     "make_pool.seq_len": Bound(int, lo=2),
     "make_pool.batch_size": POSITIVE_INT,
     "make_pool.seed": COUNT,

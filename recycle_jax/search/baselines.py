@@ -87,8 +87,9 @@ def lawa_weights(n: int, k: int | None = None) -> np.ndarray:
 def ema_weights(n: int, decay: float) -> np.ndarray:
   """[N] alphas of the exponential moving average over n checkpoints in step order,
   started at the first: theta_0 gets decay^(n-1), theta_i (i >= 1) (1 - decay) *
-  decay^(n-1-i); they sum to 1. decay in [0, 1): 0 is the last checkpoint alone."""
-  check(0.0 <= decay < 1.0, f"ema_decay={decay} is not in [0, 1)",
+  decay^(n-1-i); they sum to 1. decay in [0, 1]: 0 is the last checkpoint alone, 1 the
+  first."""
+  check(0.0 <= decay <= 1.0, f"ema_decay={decay} is not in [0, 1]",
         "training_run_weights.ema_decay", "choose e.g. 0.5")
   i = np.arange(n)
   w = (1.0 - decay) * decay ** (n - 1 - i).astype(np.float64)

@@ -120,7 +120,7 @@ def test_lawa_and_ema_against_numpy():
   thetas = rng.normal(size=(6, 5))  # 6 checkpoints in step order
   lawa = baselines.lawa_weights(6, 4)
   np.testing.assert_allclose(lawa @ thetas, thetas[-4:].mean(0), rtol=1e-6)
-  for decay in (0.0, 0.3, 0.9):
+  for decay in (0.0, 0.3, 0.9, 1.0):
     ema = thetas[0].copy()
     for t in thetas[1:]:
       ema = decay * ema + (1 - decay) * t
@@ -131,7 +131,7 @@ def test_lawa_and_ema_against_numpy():
   with pytest.raises(UserError, match="lawa_k"):
     baselines.lawa_weights(3, 4)
   with pytest.raises(UserError, match="ema_decay"):
-    baselines.ema_weights(3, 1.0)
+    baselines.ema_weights(3, 1.5)
 
 
 def test_merge_of_the_last_steps_is_their_average(tmp_path):
@@ -157,7 +157,7 @@ def _rejected(capsys, args, *needles, untouched=()):
   return err[0]
 
 
-@pytest.mark.parametrize("command", ["merge", "search"])
+@pytest.mark.parametrize("command", ["merge", pytest.param("search", marks=pytest.mark.slow)])
 def test_bad_runs_are_refused(command, tmp_path, capsys):
   run = _maxtext_run(tmp_path / "run", (10, 20, 30))
   empty = tmp_path / "empty"
@@ -201,3 +201,41 @@ def test_steps_flag_needs_a_run_directory(tmp_path, capsys):
       {"name": "b", "path": os.path.join(run, "2", "default")}]}))
   _rejected(capsys, ["merge", f"--pool={manifest}", "--steps=all",
                      f"--output={tmp_path / 'out'}"], "--steps selects the steps")
+
+
+def test_parameters_that_are_not_the_recorded_model_are_refused(tmp_path, capsys):
+  from recycle_jax.models import transformer
+  model = transformer.ModelConfig(d_model=8, num_layers=1, num_heads=2, num_kv_heads=1,
+                                  d_ff=16).to_dict()
+  mngr = training_run.open_run(tmp_path / "run")
+  for s in (1, 2):
+    training_run.save_step(mngr, s, _params(s), {"recycle_jax": {"model": model}})
+  mngr.wait_until_finished()
+  mngr.close()
+  _rejected(capsys, ["merge", f"--pool={tmp_path / 'run'}", "--steps=all",
+                     f"--output={tmp_path / 'out'}"], "step 1 of", "byte model")
+
+
+@pytest.mark.slow
+def test_search_over_a_run_reports_lawa_and_ema(micro_pool, tmp_path):
+  """A search whose pool is a run's steps (the micro pool's members written as steps 100,
+  200, 300 with their model): LAWA and EMA are rows of results.json with their weights."""
+  from conftest import search_args
+  members = pool_manifest.load_pool(micro_pool)
+  mngr = training_run.open_run(tmp_path / "run")
+  for s, path in zip((100, 200, 300), members.paths):
+    params, meta = checkpoints.restore_local(path)
+    training_run.save_step(mngr, s, params, meta.custom, opt_state={"mu": params})
+  mngr.wait_until_finished()
+  mngr.close()
+  out = tmp_path / "search"
+  assert cli.main(search_args(str(tmp_path / "run"), out, "--steps=all", budget=8) +
+                  ["--gin_bindings=training_run_weights.lawa_k=2",
+                   "--gin_bindings=training_run_weights.ema_decay=0.25",
+                   "--gin_bindings=Experiment.greedy_soup=False"]) == 0
+  results = json.load(open(out / "results.json"))
+  assert [p["name"] for p in results["pool"]] == ["step_100", "step_200", "step_300"]
+  m = results["methods"]
+  np.testing.assert_allclose(m["lawa"]["weights"], [0, 0.5, 0.5], atol=1e-6)
+  np.testing.assert_allclose(m["ema"]["weights"], baselines.ema_weights(3, 0.25), atol=1e-6)
+  assert "lawa" in (out / "report.md").read_text()
