@@ -200,16 +200,17 @@ def cmd_eval(args) -> None:
   params = checkpoints.restore(args.checkpoint, meta.abstract)
   from recycle_jax import configurables
   from recycle_jax.tasks import harness
-  scores, details = harness.evaluate(  # lm-eval's tasks: every metric, and the samples
-      jax.jit(configurables.make_scorer(transformer.Decoder(cfg))), params, datas,
-      samples=bool(args.log_samples))
+  decoder = transformer.Decoder(cfg)
+  scores, details = harness.evaluate(  # lm-eval's tasks: every metric; every task's samples
+      jax.jit(configurables.make_scorer(decoder)), params, datas,
+      samples=bool(args.log_samples), decoder=decoder)
   out = {"checkpoint": os.path.abspath(args.checkpoint), "split": args.split,
          "scores": {t: round(float(s), 4) for t, s in zip(names, scores)},
          "runtime": backend.describe()}
   for t, s in out["scores"].items():
     print(f"{t:20s} {s:6.2f}")
   for t, (metrics, _) in details.items():
-    out.setdefault("lm_eval", {})[t] = metrics
+    out.setdefault("lm_eval" if harness.is_lm_eval(t) else "metrics", {})[t] = metrics
     print(f"  {t}: " + ", ".join(f"{k} {v}" for k, v in metrics.items()))
   if args.log_samples:
     harness.write_samples(args.log_samples, {t: s for t, (_, s) in details.items()},
@@ -417,8 +418,9 @@ def build_parser() -> argparse.ArgumentParser:
                  "Hugging Face folder (safetensors, config, tokenizer)")
   _lm_eval_flags(s)
   s.add_argument("--log_samples", action="store_true",
-                 help="write the lm-eval tasks' per-document records of the search's merge "
-                 "and the baselines to workdir/samples/METHOD/samples_TASK.jsonl")
+                 help="write every test task's per-document records of the search's merge "
+                 "and the baselines to workdir/samples/METHOD/samples_TASK.jsonl (lm-eval's "
+                 "samples format)")
   _merge_flags(add("merge", cmd_merge, "merge a pool with given weights"))
   s = add("eval", cmd_eval, "score one checkpoint on tasks")
   s.add_argument("--checkpoint", required=True)
@@ -429,7 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
   s.add_argument("--overwrite", action="store_true",
                  help="replace an existing --output or --log_samples")
   s.add_argument("--log_samples", default=None,
-                 help="write each lm-eval task's per-document records here, as "
+                 help="write each task's per-document records here, as "
                  "samples_TASK.jsonl in lm-eval's samples format")
   _lm_eval_flags(s)
   s = add("verify", cmd_verify, "score given completions with a task's verifier (no "

@@ -273,10 +273,12 @@ def _buckets(lengths: np.ndarray, max_buckets: int, overhead: int) -> list[int]:
   return min((v for (i, _), v in best.items() if i == last), key=lambda x: x[0])[1]
 
 
-def pack(d: TaskData, max_buckets: int = 4, overhead: int = 128) -> tuple[Packed, ...]:
+def pack(d: TaskData, max_buckets: int = 4, overhead: int = 128,
+         labels: np.ndarray | None = None) -> tuple[Packed, ...]:
   """The scoring layout of a padded split (host numpy): examples packed one per row
   (`Packed`), sorted by length into at most `max_buckets` buckets, each trimmed to its
-  longest row (rounded up to 8)."""
+  longest row (rounded up to 8). labels [E]: what each row's `labels` holds (default the
+  right choice, or zeros; `samples.loglikelihoods` passes the rows' indices)."""
   tokens = np.asarray(d.tokens)
   mask = np.asarray(d.target_mask)
   if d.kind != "choice":
@@ -284,8 +286,10 @@ def pack(d: TaskData, max_buckets: int = 4, overhead: int = 128) -> tuple[Packed
   counts = (np.asarray(d.choice_count) if d.choice_count is not None
             else np.full(len(tokens), tokens.shape[1]))
   rows = [_pack_row(t[:n], m[:n]) for t, m, n in zip(tokens, mask, counts)]
-  labels = (np.asarray(d.labels, np.int32) if d.kind == "choice"
-            else np.zeros(len(rows), np.int32))
+  if labels is None:
+    labels = (np.asarray(d.labels, np.int32) if d.kind == "choice"
+              else np.zeros(len(rows), np.int32))
+  labels = np.asarray(labels, np.int32)
   norms = (np.asarray(d.choice_norm, np.float32) if d.choice_norm is not None
            else np.ones(tokens.shape[:2], np.float32))
   lengths = np.array([len(r[0]) for r in rows])

@@ -49,6 +49,7 @@ import jax
 import jax.numpy as jnp
 
 from recycle_jax.evaluation import kinds, loglikelihood, task_data, task_splits
+from recycle_jax.evaluation import samples as item_samples
 from recycle_jax.evaluation.task_data import TaskData
 from recycle_jax.models import decoding
 from recycle_jax.runtime.errors import UserError, check
@@ -536,7 +537,6 @@ def _evaluate(b: Built, d: TaskData, out, samples: bool):
   process_results per document and filter, aggregation without bootstrap) ->
   ({'metric,filter': value}, logged samples or [])."""
   from lm_eval.evaluator_utils import _compute_task_aggregations
-  from lm_eval.utils import handle_non_serializable, hash_string
   answers = _answers(b, d, out)
   t = b.task
   with b.lock:  # the Instances are lm-eval's, shared by every candidate
@@ -558,16 +558,10 @@ def _evaluate(b: Built, d: TaskData, out, samples: bool):
         for m, v in metrics.items():
           raw[(m, key)].append(v)
         if samples:
-          target = t.doc_to_target(doc)
-          logged.append({
-              "doc_id": doc_id, "doc": doc, "target": target,
-              "arguments": [r.args for r in reqs], "resps": [r.resps for r in reqs],
-              "filtered_resps": [r.filtered_resps[key] for r in reqs], "filter": key,
-              "metrics": list(metrics), "doc_hash": hash_string(json.dumps(
-                  reqs[0].doc, indent=2, default=handle_non_serializable,
-                  ensure_ascii=False)),
-              "prompt_hash": hash_string(reqs[0].arguments[0]),
-              "target_hash": hash_string(str(target)), **metrics})
+          logged.append(item_samples.record(
+              doc_id, doc, t.doc_to_target(doc), [r.args for r in reqs],
+              [r.resps for r in reqs], [r.filtered_resps[key] for r in reqs], key,
+              metrics))
     agg, _ = _compute_task_aggregations(t, raw, bootstrap_iters=0)
   return {k: v for k, v in agg.items() if "_stderr," not in k}, logged
 
@@ -608,28 +602,9 @@ def host_scores(d: TaskData, outputs) -> np.ndarray:
 def results(d: TaskData, out, samples: bool = False) -> tuple[dict, list]:
   """One model's metrics ({'metric,filter': value}, lm-eval's names) and, with
   `samples`, its per-document records as lm-eval's evaluator logs them
-  (`samples_jsonl` writes them as lm-eval does)."""
+  (`item_samples.jsonl` writes them as lm-eval does)."""
   b = _built(d)
   return _evaluate(b, d, out, samples)
-
-
-def samples_jsonl(samples: Sequence[dict]) -> str:
-  """Logged samples as lm-eval's EvaluationTracker writes samples_TASK.jsonl."""
-  from lm_eval.utils import handle_non_serializable
-  return "".join(json.dumps(_sanitized(s), default=handle_non_serializable,
-                            ensure_ascii=False) + "\n" for s in samples)
-
-
-def _sanitized(sample: dict) -> dict:
-  """A logged sample as lm-eval's EvaluationTracker writes it to samples_TASK.jsonl."""
-  from lm_eval.utils import sanitize_list
-  s = dict(sample)
-  s["arguments"] = {f"gen_args_{i}": {f"arg_{j}": a for j, a in enumerate(arg)}
-                    for i, arg in enumerate(sample["arguments"])}
-  s["resps"] = sanitize_list(sample["resps"])
-  s["filtered_resps"] = sanitize_list(sample["filtered_resps"])
-  s["target"] = str(sample["target"])
-  return s
 
 
 # ----------------------------------------------------------------------------- registering
@@ -650,29 +625,41 @@ def _not_seqio(name: str, *_):
 
 # ----------------------------------------------------------------------------- one model
 
-def evaluate(score: Callable, params, datas: Sequence[TaskData], samples: bool = False
-             ) -> tuple[np.ndarray, dict[str, tuple[dict, list]]]:
+def evaluate(score: Callable, params, datas: Sequence[TaskData], samples: bool = False,
+             decoder=None) -> tuple[np.ndarray, dict[str, tuple[dict, list]]]:
   """One model's scores [T] (`score` a jitted `scorers.make_scorer`, run once) and, per
   lm-eval task, its metrics under lm-eval's names and (`samples`) its per-document
-  records in lm-eval's samples format."""
+  records in lm-eval's samples format; with `samples`, every built-in task's records and
+  metrics too (`item_samples.built_in`: a generate split's from the tokens `score`
+  returned, a choice or exact split's log-likelihoods computed with `decoder`)."""
   from recycle_jax.evaluation import scorers
   out = jax.device_get(score(params, tuple(datas)))
-  if not kinds.on_host(datas):
-    return np.asarray(out, np.float32), {}
-  scores, outputs = out
-  full = scorers.finish(scores[None], [o[None] for o in outputs], datas)[0]
-  host = [d for d in datas if kinds.REGISTRY[d.kind].on_host]
-  return full, {d.name: results(d, o, samples)
-                for d, o in zip(host, outputs) if d.kind == KIND}
+  details, tokens = {}, {}
+  if kinds.on_host(datas):
+    scores, outputs = out
+    full = scorers.finish(scores[None], [o[None] for o in outputs], datas)[0]
+    host = [d for d in datas if kinds.REGISTRY[d.kind].on_host]
+    tokens = {d.name: o for d, o in zip(host, outputs)}
+    details = {d.name: results(d, tokens[d.name], samples) for d in host if d.kind == KIND}
+  else:
+    full = np.asarray(out, np.float32)
+  if samples:
+    for d in datas:
+      if d.kind != KIND:
+        check(decoder is not None or d.kind == "generate", "logging the samples of task "
+              f"{d.name!r} needs the model's decoder", "harness.evaluate",
+              "pass decoder=transformer.Decoder(config)")
+        logged = item_samples.built_in(decoder, params, d, tokens.get(d.name))
+        details[d.name] = (item_samples.aggregate(logged), logged)
+  return full, details
+
+
+def samples_file(name: str) -> str:
+  """The STEM of a task's samples_STEM.jsonl: an lm-eval task's own name (no prefix, no
+  @METRIC), a built-in task's name."""
+  return parse(name)[0] if is_lm_eval(name) else name
 
 
 def write_samples(folder: str, samples: dict[str, list], overwrite: bool = False) -> None:
-  """`folder`/samples_TASK.jsonl per lm-eval task (TASK without the `lm_eval:` prefix),
-  written whole or not at all."""
-  from recycle_jax.runtime import outputs
-  with outputs.staged(folder, overwrite) as tmp:
-    os.makedirs(tmp)
-    for name, logged in samples.items():
-      task = parse(name)[0] if is_lm_eval(name) else name
-      with open(os.path.join(tmp, f"samples_{task}.jsonl"), "w", encoding="utf-8") as f:
-        f.write(samples_jsonl(logged))
+  """`folder`/samples_TASK.jsonl per task (`samples_file`), written whole or not at all."""
+  item_samples.write(folder, {samples_file(n): s for n, s in samples.items()}, overwrite)
