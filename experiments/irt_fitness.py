@@ -57,11 +57,11 @@ def run(setting: str, args) -> None:
   run_.single_test = run_.scorer(np.eye(run_.n, dtype=np.float32), run_.test, "test")
   experiment.score_baselines(run_, {})
   sweep = dataclasses.replace(configurables.SweepConfig(), num_weights=0)
-  for c in args.configs:
-    extra = dict(OVERRIDES[c])
-    if c in ("irt", "random"):
-      extra.update(irt_items=args.items, irt_promote_every=args.promote_every)
-    for k in range(args.num_seeds):
+  for k in range(args.num_seeds):  # seed by seed: a run cut short has as many of every arm
+    for c in args.configs:
+      extra = dict(OVERRIDES[c])
+      if c in ("irt", "random"):
+        extra.update(irt_items=args.items, irt_promote_every=args.promote_every)
       out = os.path.join(wd, c, f"seed_{k}")
       if os.path.isfile(os.path.join(out, "results.json")):
         continue
