@@ -226,6 +226,9 @@ def cmd_verify(args) -> None:
   names = [t for t in args.tasks.split(",") if t]
   check(len(names) == 1, f"verify scores one task, got {len(names)}", "--tasks",
         "pass --tasks=NAME (e.g. humaneval)")
+  if args.include_path:  # where an lm_eval:NAME task's YAML may be
+    from recycle_jax.tasks import harness
+    harness.configure(include_path=tuple(args.include_path))
   print(verify.verify(names[0], args.predictions, args.split, args.output, args.overwrite))
 
 
@@ -274,7 +277,7 @@ def cmd_convert(args) -> None:
 
 def cmd_inspect(args) -> None:
   from recycle_jax.checkpoint_io import inspection
-  pool = inspection.load_any(args.pool)
+  pool = inspection.load_any(args.pool, args.steps)
   print(f"pool: {pool.source} ({len(pool)} checkpoints)")
   print(inspection.pool_markdown([inspection.entry_row(e) for e in pool.entries], args.split))
 
@@ -444,13 +447,17 @@ def build_parser() -> argparse.ArgumentParser:
   s.add_argument("--output", default=None,
                  help="write each line's verdicts here (JSON lines)")
   s.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+  s.add_argument("--include_path", action="append", default=[],
+                 help="a directory of lm-eval task YAMLs (for lm_eval:NAME names)")
   s = add("convert", cmd_convert,
           "Hugging Face Llama dir -> Orbax checkpoint, or Orbax checkpoint -> HF dir")
   s.add_argument("src", help="HF directory (config.json + safetensors) or Orbax checkpoint")
   s.add_argument("dst")
   s.add_argument("--overwrite", action="store_true")
   s = add("inspect", cmd_inspect, "print a pool as a table, from metadata alone")
-  s.add_argument("pool", help="pool.json, its directory, or one checkpoint directory")
+  s.add_argument("pool", help="pool.json, its directory, one checkpoint directory, or "
+                 "a training run's directory with --steps")
+  _steps_flag(s)
   s.add_argument("--split", default="test", help="which cached scores to show")
   s = add("plan", cmd_plan, "will a pool's population program fit a mesh? (compiled "
           "ahead of time on abstract arrays; metadata only)")

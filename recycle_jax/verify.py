@@ -21,6 +21,7 @@ from recycle_jax.evaluation.verifiers import Verifier
 from recycle_jax.models import transformer
 from recycle_jax.runtime import outputs
 from recycle_jax.runtime.errors import UserError, check
+from recycle_jax.tasks import harness
 
 FLAG = "--predictions"
 
@@ -90,6 +91,12 @@ def verify(name: str, predictions: str, split: str | None = None,
   """Scores the predictions; returns {metric: mean} (fractions) and writes `output`."""
   if output:
     outputs.check(output, [predictions], overwrite, "--output", kind="file")
+  if harness.is_lm_eval(name):
+    task = harness.check_known(name)  # an unknown name: lm-eval's nearest ones
+    raise UserError(f"task {name!r} is lm-eval's task {task!r}, scored by lm-eval's own "
+                    "filters and metrics, not by a recycle_jax verifier", "--tasks",
+                    "verify a built-in task; for lm-eval's per-item verdicts run `recycle-jax "
+                    f"eval --tasks={name} --log_samples=DIR`")
   lines = read_predictions(predictions)
   task, named, docs = _examples(name, split)
   items = []

@@ -148,13 +148,23 @@ def _find(task: str, include_path: tuple[str, ...]):
     if task in tm.all_tasks:
       return tm
   tm = _manager(include_path, True)
-  if task not in tm.all_tasks:
-    near = difflib.get_close_matches(task, tm.all_tasks, n=3, cutoff=0.6)
+  if task not in tm.all_tasks:  # the close names, else the one nearest
+    near = (difflib.get_close_matches(task, tm.all_tasks, n=3, cutoff=0.6) or
+            difflib.get_close_matches(task, tm.all_tasks, n=1, cutoff=0.0))
     hint = f"; did you mean {', '.join(near)}?" if near else ""
     raise UserError(f"lm-eval does not know task {task!r}{hint}", "--tasks",
                     "name an lm-eval task (`lm_eval ls tasks`) or a YAML task in "
                     "--include_path")
   return tm
+
+
+def check_known(name: str) -> str:
+  """The lm-eval task an `lm_eval:NAME[@METRIC]` name names, known to lm-eval (its
+  built-in tasks or the include path's YAMLs); an unknown one is refused in one line with
+  the nearest names."""
+  task = parse(name)[0]
+  _find(task, options().include_path)
+  return task
 
 
 def _dataset_hint(tm, task: str) -> str:

@@ -6,6 +6,7 @@ refused in one line with nothing written."""
 import importlib.util
 import json
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -170,10 +171,30 @@ def test_bad_input_one_line_nothing_written(tiny, tmp_path, capsys):
 
 @pytest.mark.slow  # reads lm-eval's index of its ~15k built-in tasks
 def test_unknown_task_suggests_the_nearest(tiny, yamls, tmp_path, capsys):
+  """eval, verify and search: a name lm-eval does not know is one line naming the nearest
+  lm-eval tasks, exit 2, nothing written."""
   _refused(capsys, ["eval", f"--checkpoint={tiny}", f"--include_path={yamls}",
                     "--tasks=lm_eval:parity_mcq"], "lm-eval does not know", "parity_mc")
   _refused(capsys, ["eval", f"--checkpoint={tiny}", "--tasks=lm_eval:arc_eazy"],
            "arc_easy")
+  preds = tmp_path / "p.jsonl"
+  preds.write_text('{"doc_id": 0, "completion": "x"}\n')
+  out = tmp_path / "verdicts.jsonl"
+  _refused(capsys, ["verify", "--tasks=lm_eval:arc_eazy", f"--predictions={preds}",
+                    f"--output={out}"], "lm-eval does not know task 'arc_eazy'", "arc_easy")
+  _refused(capsys, ["verify", "--tasks=lm_eval:parity_mcq", f"--include_path={yamls}",
+                    f"--predictions={preds}"], "lm-eval does not know", "parity_mc")
+  _refused(capsys, ["verify", "--tasks=lm_eval:parity_mc", f"--include_path={yamls}",
+                    f"--predictions={preds}"], "lm-eval's task 'parity_mc'", "--log_samples")
+  shutil.copytree(tiny, tmp_path / "b")
+  (tmp_path / "pool.json").write_text(json.dumps(
+      {"checkpoints": [{"name": "a", "path": tiny}, {"name": "b", "path": "b"}]}))
+  run = tmp_path / "run"
+  _refused(capsys, ["search", f"--workdir={run}",
+                    f"--gin_bindings=Experiment.pool={str(tmp_path / 'pool.json')!r}",
+                    "--gin_bindings=Experiment.tasks=['lm_eval:arc_eazy']"],
+           "lm-eval does not know task 'arc_eazy'", "arc_easy")
+  assert not out.exists() and not run.exists()
 
 
 @pytest.mark.slow  # a whole search (its programs compile) on a pool of two tiny HF models
