@@ -182,8 +182,9 @@ def greedy_soup(loaded: PlacedPool, req: MergeRequest) -> tuple[np.ndarray, dict
   names = [t for t in req.tasks.split(",") if t]
   vocab = vocabularies.for_evaluation(loaded.tokenizer, loaded.model_cfg.vocab_size,
                                      req.pool)
-  dev = task_data.place(task_splits.load_split(names, "dev", req.max_examples, vocab),
-                         loaded.mesh)
+  dev = task_splits.load_split(names, "dev", req.max_examples, vocab)
+  task_data.check_context(dev, loaded.model_cfg.max_position_embeddings, "--tasks")
+  dev = task_data.place(dev, loaded.mesh)
   score = configurables.make_scorer(transformer.Decoder(loaded.model_cfg))
   scorer = population.CachedScorer(  # one candidate at a time: greedy soups are sequential
       population.jit_population(population.make_population_fn(score, "vmap"), loaded.params,

@@ -30,7 +30,7 @@ from recycle_jax.checkpoint_io import checkpoints
 from recycle_jax.checkpoint_io import pool_manifest
 from recycle_jax.runtime import outputs
 from recycle_jax.checkpoint_io import checkpoint_meta
-from recycle_jax.evaluation import task_splits
+from recycle_jax.evaluation import task_data, task_splits
 from recycle_jax.evaluation import scorers
 from recycle_jax.reporting import records
 from recycle_jax.models import transformer, training
@@ -329,6 +329,7 @@ def score_pool(pool: pool_manifest.Pool, eval_tasks: Sequence[str],
     out[e.name] = {}
     for split in ("dev", "test"):
       datas = task_splits.load_split(eval_tasks, split, max_examples, vocab)
+      task_data.check_context(datas, cfg.max_position_embeddings, "score_pool.eval_tasks")
       s = scorers.evaluate(score, params, datas)
       out[e.name][split] = {t: round(float(v), 4) for t, v in zip(eval_tasks, s)}
   return out

@@ -9,6 +9,7 @@ the host itself.
 """
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
@@ -73,18 +74,33 @@ def bound_task(name: str, vocabulary: seqio.Vocabulary | None = None) -> seqio.T
   return task
 
 
-def split_examples(name: str, split: str, vocabulary: seqio.Vocabulary | None = None
-                   ) -> list[dict]:
-  """Tokenized examples (seqio preprocessing) as numpy dicts. `split` is the name the
-  search uses ('dev', 'test'); a task declared with other split names maps it
-  (`scoring.Scoring.splits`)."""
+_READ_LIMIT: contextvars.ContextVar[int | None] = contextvars.ContextVar("read_limit",
+                                                                         default=None)
+
+
+def read_limit() -> int | None:
+  """How many examples of a split are being read (None: all). A task source that can read
+  its files partway (JSONL) reads only that many, so `max_examples=4` of a 500 MB file
+  reads 4 lines."""
+  return _READ_LIMIT.get()
+
+
+def split_examples(name: str, split: str, vocabulary: seqio.Vocabulary | None = None,
+                   limit: int | None = None) -> list[dict]:
+  """The first `limit` (all: None) tokenized examples (seqio preprocessing) as numpy
+  dicts. `split` is the name the search uses ('dev', 'test'); a task declared with other
+  split names maps it (`scoring.Scoring.splits`)."""
   task = bound_task(name, vocabulary)
   split = scoring.split_name(name, split)
   check(split in task.splits, f"task {name!r} has no split {split!r}", "--split",
         f"choose from: {', '.join(task.splits)} (or map 'dev'/'test' to them: "
         "scoring.Scoring.splits)")
-  ds = task.get_dataset(sequence_length=None, split=split, shuffle=False, use_cached=False)
-  return list(ds.as_numpy_iterator())
+  token = _READ_LIMIT.set(limit)
+  try:  # the source reads what the limit asks for when the dataset is built (here)
+    ds = task.get_dataset(sequence_length=None, split=split, shuffle=False, use_cached=False)
+  finally:
+    _READ_LIMIT.reset(token)
+  return list((ds if limit is None else ds.take(limit)).as_numpy_iterator())
 
 
 def task_vocabulary(task: seqio.Task) -> seqio.Vocabulary:
@@ -121,7 +137,7 @@ def _materialize(name: str, split: str, max_examples: int | None,
                  vocabulary: seqio.Vocabulary | None, vocab_key: str) -> TaskData:
   task = bound_task(name, vocabulary)
   vocab = task_vocabulary(task)  # the prompts' vocabulary, never another
-  rows = split_examples(name, split, vocabulary)[:max_examples]
+  rows = split_examples(name, split, vocabulary, max_examples)
   check(len(rows) > 0, f"task {name!r} split {split!r} is empty", "--split")
   bos = [vocab.bos_id] if getattr(vocab, "add_bos", False) else []  # as transformers does
   prompts = [(bos if list(r["inputs"][:1]) != bos else []) + r["inputs"].tolist()

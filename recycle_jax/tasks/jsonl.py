@@ -29,9 +29,11 @@ A `JsonlTask` (gin-configurable record) becomes a seqio Task over JSON-lines fil
   chat_template apply the vocabulary's chat template to the prompt (`chat_template_fn`).
   max_new_tokens, stop  how generation decodes ('generate' only).
 
-Everything is checked when the task is registered, before any model is loaded: a missing
-file, a malformed JSON line or a field absent from a line (named, with the file and line
-number), a template over an unknown field, a verifier given to a kind that cannot use it.
+Registration checks the description and every split's first line (a template over an
+unknown field, a verifier given to a kind that cannot use it, a missing file); a split's
+lines are read and checked when the split is read, before anything is computed on
+it (a malformed JSON line or a field absent from a line, named with the file and line
+number). `max_examples` reads only the lines it needs (`task_splits.read_limit`).
 
 `import_modules(['my.tasks'])` imports Python modules that register their own seqio Tasks,
 finding them in the working directory too (`--task_module`).
@@ -45,12 +47,12 @@ import os
 import random
 import string
 import sys
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import seqio
 import tensorflow as tf
 
-from recycle_jax.evaluation import scoring, verifiers, vocabularies
+from recycle_jax.evaluation import scoring, task_splits, verifiers, vocabularies
 from recycle_jax.runtime import validation
 from recycle_jax.runtime.errors import UserError, check
 from recycle_jax.tasks.spec import JsonlTask
@@ -86,22 +88,43 @@ def _render_any(value, record: Record):
   return _render(value, record)
 
 
-def read_jsonl(task: str, split: str, pattern: str, needed: Mapping[str, str],
-               fields: Mapping[str, str]) -> list[Record]:
-  """Records of every file matching `pattern` (sorted), renamed by `fields` ({name: JSON
-  key}); every name in `needed` ({name: what uses it}) must be in every record."""
+def _files(task: str, split: str, pattern: str) -> list[str]:
+  """The files matching `pattern`, sorted; at least one."""
   files = sorted(glob.glob(os.path.expanduser(pattern)))
-  where = f"JsonlTask.splits[{split!r}] of task {task!r}"
-  check(bool(files), f"no file matches {pattern!r}", where,
+  check(bool(files), f"no file matches {pattern!r}", _where(task, split),
         "give an existing .jsonl file or glob (relative to the working directory)")
+  return files
+
+
+def _where(task: str, split: str) -> str:
+  return f"JsonlTask.splits[{split!r}] of task {task!r}"
+
+
+def _lines(path: str, where: str) -> Iterator[tuple[int, str]]:
+  """(line number, line) of a JSON-lines file, read as they are consumed. Lines end at \n
+  only: U+2028 or U+0085 inside a JSON string is text."""
+  try:
+    with open(path, encoding="utf-8", newline="\n") as f:
+      for number, line in enumerate(f, 1):
+        yield number, line.rstrip("\n").removesuffix("\r")
+  except (OSError, UnicodeDecodeError) as e:
+    raise UserError(f"cannot read {path}: {e}", where, "give a UTF-8 JSON-lines file") from None
+
+
+def read_jsonl(task: str, split: str, pattern: str, needed: Mapping[str, str],
+               fields: Mapping[str, str], limit: int | None = None) -> list[Record]:
+  """Records of every file matching `pattern` (sorted), renamed by `fields` ({name: JSON
+  key}); every name in `needed` ({name: what uses it}) must be in every record read. With
+  `limit`, only the first `limit` records are read (and checked)."""
+  files = _files(task, split, pattern)
+  where = _where(task, split)
   keys = {name: fields.get(name, name) for name in needed}
-  records, missing = [], {}
+  records, missing, whole = [], {}, True
   for path in files:
-    try:  # lines end at \n only: U+2028 or U+0085 inside a JSON string is text
-      lines = validation.split_lines(open(path, encoding="utf-8").read())
-    except (OSError, UnicodeDecodeError) as e:
-      raise UserError(f"cannot read {path}: {e}", where, "give a UTF-8 JSON-lines file") from None
-    for number, line in enumerate(lines, 1):
+    for number, line in _lines(path, where):
+      if limit is not None and len(records) >= limit:
+        whole = False
+        break
       if not line.strip():
         continue
       try:
@@ -122,9 +145,12 @@ def read_jsonl(task: str, split: str, pattern: str, needed: Mapping[str, str],
   check(bool(records), f"no records in {', '.join(files)}", where, "add JSON lines")
   for name, (path, number) in missing.items():
     key = keys[name]
-    seen = any(key in r for r in records)
-    what = (f"field {key!r} is absent on line {number} of {path}" if seen else
-            f"unknown field {key!r}: no record in {pattern} has it")
+    if any(key in r for r in records):
+      what = f"field {key!r} is absent on line {number} of {path}"
+    elif whole:
+      what = f"unknown field {key!r}: no record in {pattern} has it"
+    else:  # only the first lines were read
+      what = f"unknown field {key!r}: line {number} of {path} does not have it"
     raise UserError(what, f"{needed[name]} of task {task!r}",
                     "add it, map it with JsonlTask.fields, or fix the template")
   return records
@@ -266,17 +292,27 @@ def register(t: JsonlTask, vocabulary: seqio.Vocabulary = vocabularies.POOL,
     needed.update({t.choices: "JsonlTask.choices", t.label: "JsonlTask.label"})
   if t.id:
     needed[t.id] = "JsonlTask.id"
-  if records is None:
-    data = {split: read_jsonl(t.name, split, pattern, needed, t.fields)
-            for split, pattern in t.splits.items()}
-  else:
-    data = {split: [{**r, **{n: r[k] for n, k in t.fields.items()}} for r in records[split]]
-            for split in t.splits}
-  shots = _shots(t, data[t.few_shot_split]) if t.few_shot else ""
-  columns = {split: _examples(t, split, rows, shots) for split, rows in data.items()}
+  if records is None:  # a missing file or a misnamed field is found now (first lines);
+    for split, pattern in t.splits.items():  # every line when the split is read
+      read_jsonl(t.name, split, pattern, needed, t.fields, limit=1)
+  read: dict[tuple[str, int | None], list[Record]] = {}
+
+  def rows(split: str, limit: int | None = None) -> list[Record]:
+    """The split's first `limit` records (all: None), each file read at most as far."""
+    for (s, n), got in read.items():
+      if s == split and (n is None or (limit is not None and n >= limit)):
+        return got[:limit]
+    if records is None:
+      got = read_jsonl(t.name, split, t.splits[split], needed, t.fields, limit)
+    else:
+      got = [{**r, **{n: r[k] for n, k in t.fields.items()}} for r in records[split][:limit]]
+    read[(split, limit)] = got
+    return got
 
   def dataset_fn(split: str, shuffle_files: bool = False, seed=None) -> tf.data.Dataset:
-    cols = dict(columns[split])
+    # few-shot examples are drawn from the whole few-shot split, as without a limit
+    shots = _shots(t, rows(t.few_shot_split)) if t.few_shot else ""
+    cols = _examples(t, split, rows(split, task_splits.read_limit()), shots)
     if "choices" in cols:  # any number of choices per example
       cols["choices"] = tf.ragged.constant(cols["choices"])
     return tf.data.Dataset.from_tensor_slices(cols)

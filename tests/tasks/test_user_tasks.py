@@ -82,8 +82,8 @@ def test_structured_verifier_target_and_choice_task(tmp_path):
 
 
 @pytest.mark.parametrize("change,message", [
-    (dict(prompt="Q: {questoin}"), r"unknown field 'questoin': no record in .*\.jsonl has it"
-                                   r" \(JsonlTask.prompt of task 'u_bad'\)"),
+    (dict(prompt="Q: {questoin}"), r"unknown field 'questoin': line 1 of .*\.jsonl does not"
+                                   r" have it \(JsonlTask.prompt of task 'u_bad'\)"),
     (dict(kind="exact", verifier="numeric"),
      r"a verifier \('numeric'\) is given to kind 'exact', which does not generate"),
     (dict(kind="choice", verifier="numeric"), r"given to kind 'choice'"),
@@ -106,12 +106,27 @@ def test_bad_files_name_the_line(tmp_path):
   ok = {"q": "1", "a": "1"}
   cases = [([ok, {"q": "2"}], r"field 'a' is absent on line 2 of .*f.jsonl \(JsonlTask.target"),
            ([ok, "", '{"q": "3", "a": '], r"malformed JSON on line 3 of .*f.jsonl"),
-           ([ok, "[1, 2]"], r"line 2 of .*f.jsonl is not a JSON object")]
-  for rows, message in cases:
-    path = _write(tmp_path / "f.jsonl", rows)
+           ([ok, "[1, 2]"], r"line 2 of .*f.jsonl is not a JSON object"),
+           (['{"q": "1"}', ok], r"unknown field 'a': line 1 of .*f.jsonl does not have it"),
+           (["[1]"], r"line 1 of .*f.jsonl is not a JSON object")]
+  for i, (rows, message) in enumerate(cases):  # line 1 when registered, others when read
+    (tmp_path / str(i)).mkdir()
+    path = _write(tmp_path / str(i) / "f.jsonl", rows)
     with pytest.raises(UserError, match=message):
       jsonl.register(JsonlTask(name="u_bad", splits={"dev": path}, prompt="{q}",
-                                    target="{a}"))
+                               target="{a}"))
+      _examples("u_bad", "dev")
+
+
+def test_max_examples_reads_only_the_lines_it_needs(tmp_path):
+  rows = [{"q": str(i), "a": str(i)} for i in range(6)] + ['{"q": "broken']
+  name = jsonl.register(JsonlTask(name="u_lazy", splits={"dev": _write(tmp_path / "d.jsonl",
+                                                                        rows)},
+                                  prompt="{q}", target="{a}", kind="exact"))
+  got = task_splits.split_examples(name, "dev", transformer.VOCAB, limit=4)
+  assert [e["inputs_pretokenized"].decode() for e in got] == ["0", "1", "2", "3"]
+  with pytest.raises(UserError, match=r"malformed JSON on line 7 of .*d.jsonl"):
+    _examples(name, "dev")  # all of it: every line is read, and checked
 
 
 def test_gin_declares_tasks_without_python(qa, tmp_path):
