@@ -8,11 +8,14 @@ import jax
 import numpy as np
 
 from recycle_jax.checkpoint_io import pool_manifest
-from recycle_jax.checkpoint_io import checkpoints
+from recycle_jax.checkpoint_io import checkpoints, training_run
 
 
-def load_any(path: str) -> pool_manifest.Pool:
-  """A manifest, a pool directory, or one checkpoint directory (a pool of one)."""
+def load_any(path: str, steps: str | None = None) -> pool_manifest.Pool:
+  """A manifest, a pool directory, one checkpoint directory (a pool of one), or with
+  `steps` a training run's directory (`training_run`)."""
+  if steps is not None or (os.path.isdir(path) and training_run.find_steps(path)):
+    return pool_manifest.load_pool(path, steps)  # (a run without --steps: refused there)
   if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "pool.json")):
     return pool_manifest.make_pool([pool_manifest.Entry(os.path.basename(os.path.normpath(path)),
                                                     os.path.abspath(path))], path)
@@ -25,7 +28,7 @@ def disk_bytes(path: str) -> int:
 
 
 def entry_row(entry: pool_manifest.Entry) -> dict:
-  meta = checkpoints.read_metadata(entry.path, entry.name)
+  meta = checkpoints.read_metadata(entry.path, entry.name, entry.subtree)
   leaves = jax.tree.leaves(meta.abstract)
   model = meta.model_config or {}
   return {"name": entry.name,

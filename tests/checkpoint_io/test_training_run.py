@@ -193,6 +193,14 @@ def test_steps_with_different_trees_name_the_step_and_the_leaf(tmp_path, capsys)
   assert not (tmp_path / "out").exists()
 
 
+def test_inspect_a_run(tmp_path, capsys):
+  run = _maxtext_run(tmp_path / "run", (10, 20, 30, 40))
+  assert cli.main(["inspect", run, "--steps=every:20", "--log_level=error"]) == 0
+  out = capsys.readouterr().out
+  assert "(2 checkpoints)" in out and "step_40" in out and "step_10" not in out
+  _rejected(capsys, ["inspect", run], "needs a step selection")
+
+
 def test_steps_flag_needs_a_run_directory(tmp_path, capsys):
   run = _default_run(tmp_path / "run", (1, 2))
   manifest = tmp_path / "pool.json"
