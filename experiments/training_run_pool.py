@@ -3,7 +3,7 @@ the final checkpoint, LAWA, EMA and the same run with its learning rate decayed.
 
   python experiments/training_run_pool.py --workdir=runs/training_run \
       [--base=runs/pool/base] [--steps=240 --every=20 --lr=1e-3] [--num_seeds=5]
-      [--setting=code_instruct] [--gin_bindings=Experiment.max_examples=64]
+      [--setting=code_instruct] [--train_seeds=7,8,9] [--gin_bindings=Experiment.max_examples=64]
 
 1. The demo's base run (gin_configs/pools/demo.gin: its general mixture, batch, length)
    continued from its checkpoint (`--base`, the demo pool's `base`; built by `make-pool`
@@ -92,14 +92,17 @@ def train_run(base: str, workdir: str, steps: int, every: int, lr: float, seed: 
   mngr.close()
   const_s = time.time() - t0
   params, opt = branch
+  decay_losses = []
   for j, batch in enumerate(kept):  # the same batches, the rate decaying linearly to 0
     rate = lr * (1.0 - j / len(kept))
     params, opt, loss = training.train_step(apply, tcfg, params, opt, batch, rate)
+    decay_losses.append(loss)
   checkpoints.save(os.path.join(workdir, "decay"), params,
                    {**custom["recycle_jax"], "decayed_from": branch_at})
   out = {"args": args, "constant_s": round(const_s, 1), "total_s": round(time.time() - t0, 1),
          "final_loss_constant": round(float(np.mean(losses[-every:])), 4),
-         "final_loss_decay": round(float(loss), 4), "branch_at": branch_at}
+         "final_loss_decay": round(float(np.mean(decay_losses[-every:])), 4),
+         "branch_at": branch_at}  # losses: the mean over the last `every` steps' batches
   runner.write_summary(workdir, json.dumps(out, indent=1), "run_done.json")
   return out
 
@@ -127,29 +130,32 @@ def _avg(scores: dict, tasks) -> float:
   return float(np.mean([scores[t] for t in tasks]))
 
 
-def rows(runs: list[dict], decay: dict) -> dict[str, dict[str, list[float]]]:
-  """{row: {'held_in': [per seed], 'held_out': [...], 'dev': [...]}} on the test split;
-  deterministic rows repeat their one value per seed (paired differences stay exact)."""
-  tasks, held_out = runs[0]["tasks"], runs[0]["report_tasks"]
-  last = runs[0]["pool"][-1]
-  fixed = {"final checkpoint": last["scores"], "decayed run": decay}
+def rows(cells: list[tuple[dict, dict]]) -> dict[str, dict[str, list[float]]]:
+  """{row: {'held_in': [per cell], 'held_out': [...], 'dev': [...]}} on the test split, a
+  cell being (a search's results, its run's decayed checkpoint's scores): one per
+  (training run, search seed); a run's fixed rows repeat per search seed (paired)."""
+  tasks, held_out = cells[0][0]["tasks"], cells[0][0]["report_tasks"]
   out = {}
-  for name, s in fixed.items():
-    out[name] = {"held_in": [_avg(s["test"], tasks)] * len(runs),
-                 "held_out": [_avg(s["test"], held_out)] * len(runs),
-                 "dev": [_avg(s["dev"], tasks)] * len(runs)}
-  for m in ("lawa", "ema", "uniform", "best_single", "greedy_soup", "search"):
-    if m in runs[0]["methods"]:
-      out[m] = {"held_in": [_avg(r["methods"][m]["scores"]["test"], tasks) for r in runs],
-                "held_out": [_avg(r["methods"][m]["scores"]["test"], held_out) for r in runs],
-                "dev": [_avg(r["methods"][m]["scores"]["dev"], tasks) for r in runs]}
+  scores = {"final checkpoint": lambda r, d: r["pool"][-1]["scores"],
+            "decayed run": lambda r, d: d}
+  scores.update({m: (lambda r, d, m=m: r["methods"][m]["scores"]) for m in (
+      "lawa", "ema", "uniform", "best_single", "greedy_soup", "search")
+      if m in cells[0][0]["methods"]})
+  for name, get in scores.items():
+    got = [get(r, d) for r, d in cells]
+    out[name] = {"held_in": [_avg(g["test"], tasks) for g in got],
+                 "held_out": [_avg(g["test"], held_out) for g in got],
+                 "dev": [_avg(g["dev"], tasks) for g in got]}
   return out
 
 
-def table(table_rows: dict, runs: list[dict], meta: dict) -> list[str]:
+def table(table_rows: dict, cells: list[tuple[dict, dict]], n_runs: int, metas: list[dict]
+          ) -> list[str]:
+  runs = [r for r, _ in cells]
   tasks, held_out = runs[0]["tasks"], runs[0]["report_tasks"]
   lines = [f"Held-in: {', '.join(tasks)}; held-out: {', '.join(held_out)}; test split; "
-           f"mean ± 95% CI over {len(runs)} seeds (only the search depends on the seed).", "",
+           f"mean ± 95% CI over {len(cells)} (training run, search seed) pairs: {n_runs} "
+           f"training run(s) x {len(cells) // n_runs} search seed(s).", "",
            "| method | held-in test | held-out test | dev (held-in) | search − method, "
            "held-in (paired) | search − method, held-out (paired) |", "|---|---|---|---|---|---|"]
   s = table_rows["search"]
@@ -164,10 +170,21 @@ def table(table_rows: dict, runs: list[dict], meta: dict) -> list[str]:
   names = [p["name"] for p in runs[0]["pool"]]
   lines += ["", f"Pool: {', '.join(names)}. LAWA weights: "
             f"{runner_weights(runs[0], 'lawa', names)}; EMA: {runner_weights(runs[0], 'ema', names)}.",
-            "Search weights per seed: " + "; ".join(
+            "Search weights per pair: " + "; ".join(
                 runner_weights(r, "search", names) for r in runs), "",
-            f"Training: {json.dumps(meta)}"]
+            "Per task, test (mean over pairs): " + "; ".join(
+                f"{m}: " + ", ".join(f"{t} {np.mean([_method(r, d, m)[t] for r, d in cells]):.1f}"
+                                     for t in tasks + held_out) for m in table_rows), ""]
+  lines += [f"Training: {json.dumps(m)}" for m in metas]
   return lines
+
+
+def _method(r: dict, d: dict, m: str) -> dict:
+  if m == "final checkpoint":
+    return r["pool"][-1]["scores"]["test"]
+  if m == "decayed run":
+    return d["test"]
+  return r["methods"][m]["scores"]["test"]
 
 
 def runner_weights(r: dict, m: str, names) -> str:
@@ -175,12 +192,16 @@ def runner_weights(r: dict, m: str, names) -> str:
   return records.weights_line(r["methods"][m]["weights"], names)
 
 
-def figure(runs: list[dict], decay: dict, table_rows: dict, path: str) -> str:
+def figure(cells: list[tuple[dict, dict]], table_rows: dict, path: str) -> str:
+  """Every step's own test score along the run (mean over the training runs) and the
+  merges' and the decayed run's (mean over cells)."""
   from recycle_jax.reporting import figures
-  tasks, held_out = runs[0]["tasks"], runs[0]["report_tasks"]
+  tasks, held_out = cells[0][0]["tasks"], cells[0][0]["report_tasks"]
+  runs = list({id(d): r for r, d in cells}.values())  # one search per training run
   steps = [int(p["name"].split("_")[1]) for p in runs[0]["pool"]]
-  per_step = {"held-in": [_avg(p["scores"]["test"], tasks) for p in runs[0]["pool"]],
-              "held-out": [_avg(p["scores"]["test"], held_out) for p in runs[0]["pool"]]}
+  per_step = {panel: list(np.mean([[_avg(p["scores"]["test"], ts) for p in r["pool"]]
+                                   for r in runs], 0))
+              for panel, ts in (("held-in", tasks), ("held-out", held_out))}
   merges = {name: {"held-in": float(np.mean(r["held_in"])),
                    "held-out": float(np.mean(r["held_out"]))}
             for name, r in table_rows.items() if name != "final checkpoint"}
@@ -196,7 +217,8 @@ def main(argv=None) -> int:
   p.add_argument("--steps", type=int, default=240)
   p.add_argument("--every", type=int, default=20)
   p.add_argument("--lr", type=float, default=1e-3)
-  p.add_argument("--seed", type=int, default=7)
+  p.add_argument("--train_seeds", default="7",
+                 help="data-order seeds of the continued run: one run each (comma-separated)")
   p.add_argument("--setting", default="code_instruct")
   p.add_argument("--num_seeds", type=int, default=5)
   p.add_argument("--lawa_k", type=int, default=4)
@@ -210,27 +232,32 @@ def main(argv=None) -> int:
     if rc:
       return rc
     base = os.path.join(a.pool_workdir, "base")
-  os.makedirs(a.workdir, exist_ok=True)
-  meta = train_run(base, a.workdir, a.steps, a.every, a.lr, a.seed)
-  search_dir = os.path.join(a.workdir, "search")
+  seeds = [int(x) for x in a.train_seeds.split(",")]
   bindings = [f"Experiment.steps='last:{WINDOW}'", f"training_run_weights.lawa_k={a.lawa_k}",
               f"training_run_weights.ema_decay={a.ema_decay}", *a.gin_bindings]
-  if not runner.done(search_dir, a.num_seeds):
-    rc = runner.search(a.setting, search_dir, os.path.join(a.workdir, "run"), bindings,
-                       [f"--num_seeds={a.num_seeds}"])
-    if rc:
-      return rc
-  runs = runner.seed_results(search_dir)
-  cfg = json.load(open(os.path.join(search_dir, "seed_0", "results.json")))["config"]
   max_examples = next((int(b.split("=")[1]) for b in a.gin_bindings
                        if b.replace(" ", "").startswith("Experiment.max_examples=")), None)
-  decay = score_decay(a.workdir, runs[0]["tasks"], runs[0]["report_tasks"], max_examples)
-  table_rows = rows(runs, decay)
-  fig = figure(runs, decay, table_rows, os.path.join(a.workdir, "training_run.png"))
+  cells, metas = [], []
+  for seed in seeds:  # one training run each, in its own directory when there are several
+    wd = a.workdir if len(seeds) == 1 else os.path.join(a.workdir, f"train_seed_{seed}")
+    os.makedirs(wd, exist_ok=True)
+    meta = train_run(base, wd, a.steps, a.every, a.lr, seed)
+    search_dir = os.path.join(wd, "search")
+    if not runner.done(search_dir, a.num_seeds):
+      rc = runner.search(a.setting, search_dir, os.path.join(wd, "run"), bindings,
+                         [f"--num_seeds={a.num_seeds}"])
+      if rc:
+        return rc
+    runs = runner.seed_results(search_dir)
+    cfg = runs[0]["config"]
+    metas.append({**meta, "dev_examples": cfg["dev_examples"],
+                  "search_wall_s": cfg["search_wall_s"]})
+    decay = score_decay(wd, runs[0]["tasks"], runs[0]["report_tasks"], max_examples)
+    cells += [(r, decay) for r in runs]
+  table_rows = rows(cells)
+  fig = figure(cells, table_rows, os.path.join(a.workdir, "training_run.png"))
   text = "\n".join(["# A training run's checkpoints as a pool", "",
-                    *table(table_rows, runs, {**meta, "dev_examples": cfg["dev_examples"],
-                                              "search_wall_s": cfg["search_wall_s"]}),
-                    "", f"Figure: {fig}"])
+                    *table(table_rows, cells, len(seeds), metas), "", f"Figure: {fig}"])
   runner.write_summary(a.workdir, text)
   return 0
 
