@@ -24,7 +24,7 @@ from typing import Any, Sequence
 
 import jax
 
-from recycle_jax.runtime import validation
+from recycle_jax.runtime import quiet, validation
 from recycle_jax.runtime.errors import UserError, check
 
 PyTree = Any
@@ -170,6 +170,7 @@ def run_entries(run_dir: str, steps: str | Selection, flag: str = FLAG
   step's parameters item, info {'step': n, 'subtree': [...]}), in step order; the first
   step's parameters checked against the model its metadata records."""
   sel = steps if isinstance(steps, Selection) else parse_steps(steps, flag)
+  quiet.step_items()
   check(os.path.isdir(run_dir), "training run directory not found", run_dir,
         "pass --pool=RUN_DIR, the directory its CheckpointManager wrote")
   found = find_steps(run_dir)

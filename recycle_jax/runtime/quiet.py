@@ -129,6 +129,32 @@ class _FailedWrites(logging.Filter):
 FAILED_WRITES = _FailedWrites()
 
 
+class _StepItems(logging.Filter):
+  """Orbax's warning that an item of a CheckpointManager step has no
+  _CHECKPOINT_METADATA of its own (the step keeps it, beside its items: training_run
+  reads it there): a debug line; anything else passes."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    msg = record.getMessage()
+    prefix = "Metadata file does not exist: "
+    if f"{os.sep}orbax{os.sep}" not in record.pathname or not msg.startswith(prefix):
+      return True
+    item = os.path.dirname(msg[len(prefix):].strip())
+    if not os.path.isfile(os.path.join(os.path.dirname(item), "_CHECKPOINT_METADATA")):
+      return True
+    from absl import logging as absl_logging
+    absl_logging.debug("%s (a step's item; the step holds it)", msg[:300])
+    return False
+
+
+STEP_ITEMS = _StepItems()
+
+
+def step_items() -> None:
+  """Before reading a training run's steps: Orbax's per-item 'no metadata' warnings off."""
+  logging.getLogger("absl").addFilter(STEP_ITEMS)  # once: a set of filters
+
+
 def failed_writes() -> None:
   """Before an Orbax save: a failure inside it reaches stderr once, as the `error:` line."""
   logging.getLogger("absl").addFilter(FAILED_WRITES)  # once: a set of filters
