@@ -247,3 +247,11 @@ def test_search_over_a_run_reports_lawa_and_ema(micro_pool, tmp_path):
   np.testing.assert_allclose(m["lawa"]["weights"], [0, 0.5, 0.5], atol=1e-6)
   np.testing.assert_allclose(m["ema"]["weights"], baselines.ema_weights(3, 0.25), atol=1e-6)
   assert "lawa" in (out / "report.md").read_text()
+
+
+def test_streaming_merge_of_a_run_is_refused(tmp_path, capsys):
+  run = _maxtext_run(tmp_path / "run", (10, 20))
+  _rejected(capsys, ["merge", f"--pool={run}", "--steps=all", "--streaming",
+                     f"--output={tmp_path / 'out'}"], "--streaming", "train states",
+            untouched=[run])
+  assert not (tmp_path / "out").exists()
