@@ -57,7 +57,8 @@ def run(setting: str, args) -> None:
   run_.single_test = run_.scorer(np.eye(run_.n, dtype=np.float32), run_.test, "test")
   experiment.score_baselines(run_, {})
   sweep = dataclasses.replace(configurables.SweepConfig(), num_weights=0)
-  for k in range(args.num_seeds):  # seed by seed: a run cut short has as many of every arm
+  # seed by seed: a run cut short has as many seeds of every arm
+  for k in args.seeds or range(args.num_seeds):
     for c in args.configs:
       extra = dict(OVERRIDES[c])
       if c in ("irt", "random"):
@@ -136,6 +137,8 @@ def main() -> int:
                  default=[os.path.join(os.path.dirname(__file__), "settings", "reasoning.gin")])
   p.add_argument("--configs", type=split, default=list(CONFIGS))
   p.add_argument("--num_seeds", type=int, default=5)
+  p.add_argument("--seeds", type=lambda s: [int(k) for k in split(s)], default=None,
+                 help="only these seed indices (e.g. 3,4: a second process beside a first)")
   p.add_argument("--budget", type=int, default=48)
   p.add_argument("--dev_size", type=int, default=512)
   p.add_argument("--items", type=int, default=24, help="IRT items per dev task")
