@@ -177,6 +177,8 @@ def check_inputs(exp: Experiment, scfg: loop.SearchConfig, workdir: str, resume:
         f"merge space {scfg.merge_space!r} needs the base checkpoint", "Experiment.base",
         "bind Experiment.base to the checkpoint the pool was fine-tuned from")
   pareto.scalarization_args(scfg.scalarization, scfg.task_weights, len(exp.tasks))
+  if pool.steps is not None:  # a training run's LAWA and EMA: their bindings, checked now
+    configurables.training_run_weights(min(exp.top_n or len(pool), len(pool)))
   return Inputs(pool, meta, dev, test, vocab)
 
 

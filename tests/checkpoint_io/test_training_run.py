@@ -176,6 +176,8 @@ def test_bad_runs_are_refused(command, tmp_path, capsys):
   _rejected(capsys, args(run, "every:7"), "selects 0 checkpoints", untouched=[run])
   _rejected(capsys, args(run, "10,15"), "step 15 is not in the run")
   _rejected(capsys, args(run, None), "needs a step selection", "--steps")
+  if command == "search":  # a MaxText run records no model: merged, never scored
+    _rejected(capsys, args(run, "last:2"), "no model family", "run/20/items")
   assert not out.exists()
 
 
@@ -237,6 +239,9 @@ def test_search_over_a_run_reports_lawa_and_ema(micro_pool, tmp_path):
   mngr.wait_until_finished()
   mngr.close()
   out = tmp_path / "search"
+  assert cli.main(search_args(str(tmp_path / "run"), out, "--steps=last:2") +
+                  ["--gin_bindings=training_run_weights.lawa_k=3"]) == 2  # K beyond the pool
+  assert not out.exists()
   assert cli.main(search_args(str(tmp_path / "run"), out, "--steps=all", budget=8) +
                   ["--gin_bindings=training_run_weights.lawa_k=2",
                    "--gin_bindings=training_run_weights.ema_decay=0.25",
