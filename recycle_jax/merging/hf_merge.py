@@ -96,6 +96,13 @@ def _same_tokenizers(plan: mergekit_config.Plan) -> None:
     check(d == common[0][0], f"model {m}'s tokenizer differs from {ref}'s (its "
           "tokenizer.json or tokenizer.model)", plan.path, "merge models that share one "
           "tokenizer (vocabulary merging is not supported)")
+  configs = {m: os.path.isfile(os.path.join(m, "tokenizer_config.json")) for m in plan.inputs}
+  if any(configs.values()):  # special tokens and BOS are set there: a folder lacking it is
+    has = next(m for m, c in configs.items() if c)  # incomplete, not another tokenizer
+    for m, c in configs.items():
+      check(c, f"model {m} has no tokenizer_config.json while {has} has one: its special "
+            "tokens cannot be checked", plan.path, "copy the folder whole (save_pretrained "
+            "writes tokenizer_config.json)")
 
 
 def _tokenizer_digest(folder: str) -> str | None:
