@@ -179,6 +179,8 @@ def cmd_eval(args) -> None:
   from recycle_jax.checkpoint_io import checkpoints, tokenizer_files
   from recycle_jax.evaluation import task_data, task_splits, vocabularies
   from recycle_jax.models import transformer
+  from recycle_jax.runtime import host_memory
+  import dataclasses
   meta = checkpoints.read_metadata(args.checkpoint)
   cfg = placed_pool.model_config_from(meta, args.checkpoint)
   names = [t for t in args.tasks.split(",") if t]
@@ -198,12 +200,17 @@ def cmd_eval(args) -> None:
   datas = task_splits.load_split(names, args.split, args.max_examples, vocab)
   task_data.check_context(datas, cfg.max_position_embeddings, "--tasks")
   params = checkpoints.restore(args.checkpoint, meta.abstract)
+  # The blocks under nn.scan (the same logits): one compiled block, so compiling the
+  # tasks' program takes memory flat in depth (0.7 GB, not 1.1, on Gemma 3 270M).
+  cfg = dataclasses.replace(cfg, scan_layers=True)
+  params = transformer.stack_layers_freeing(cfg, params)
   from recycle_jax import configurables
   from recycle_jax.tasks import harness
   decoder = transformer.Decoder(cfg)
+  score = jax.jit(configurables.make_scorer(decoder)).lower(params, tuple(datas)).compile()
+  host_memory.release_freed()  # the compiler's working memory, before the program runs
   scores, details = harness.evaluate(  # lm-eval's tasks: every metric; every task's samples
-      jax.jit(configurables.make_scorer(decoder)), params, datas,
-      samples=bool(args.log_samples), decoder=decoder)
+      score, params, datas, samples=bool(args.log_samples), decoder=decoder)
   out = {"checkpoint": os.path.abspath(args.checkpoint), "split": args.split,
          "scores": {t: round(float(s), 4) for t, s in zip(names, scores)},
          "runtime": backend.describe()}

@@ -161,9 +161,9 @@ def _stream(req: MergeRequest, c: _Checked) -> None:
     check(all(folders) and req.fmt == "hf", "--streaming merges Hugging Face folders "
           "into a Hugging Face folder only", "--format",
           "pass --format=hf, or drop --streaming (the in-memory merge writes either)")
-    from recycle_jax.checkpoint_io import hf_folder  # noqa: PLC0415
-    hf_folder.stream_merge(c.pool, c.alphas, req.output, req.overwrite, c.meta.tokenizer,
-                       req.memory_budget_mb, fsync=req.fsync)
+    from recycle_jax.merging import hf_merge  # noqa: PLC0415
+    hf_merge.merge_pool(c.pool, c.alphas, req.output, req.overwrite, c.meta.tokenizer,
+                        fsync=req.fsync)  # (units of fixed size: no budget to keep)
     return
   check(req.fmt == "orbax", "--streaming writes Orbax checkpoints from Orbax pools",
         "--format", "drop --streaming to write a Hugging Face folder")

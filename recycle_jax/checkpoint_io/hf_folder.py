@@ -6,7 +6,9 @@ alone (`safetensors_io.read_header`: every tensor's byte range checked against t
 size; names and shapes against the family's mapping, `hf_reader.inspect_hf`), then restored
 straight into the mesh's shardings: each parameter is a `jax.make_array_from_callback`
 whose callback reads only the requested slice of an `np.memmap` over the tensor's bytes
-(transposed per slice where the family stores [out, in]). Nothing is converted on disk.
+(transposed per slice where the family stores [out, in]), or a whole tensor by positioned
+reads, into a 64-byte-aligned host array, which XLA's CPU client adopts without a copy.
+Nothing is converted on disk.
 
 Writing (`save_folder`): sharded safetensors with model.safetensors.index.json,
 config.json with the pool's values (its source config.json's token ids, context length and
@@ -25,7 +27,6 @@ import numpy as np
 
 from recycle_jax.checkpoint_io import checkpoint_meta
 from recycle_jax.runtime import outputs
-from recycle_jax.checkpoint_io import pool_manifest
 from recycle_jax.checkpoint_io import hf_reader
 from recycle_jax.models import families, transformer
 from recycle_jax.checkpoint_io import safetensors_io, tokenizer_files
@@ -76,28 +77,66 @@ def read_metadata(path: str, name: str | None = None) -> checkpoint_meta.Checkpo
   return checkpoint_meta.CheckpointMeta(families.param_shapes(f.cfg), custom)
 
 
+ALIGN = 64  # XLA's CPU client adopts a host buffer aligned so without copying it
+
+
+def aligned_empty(shape: tuple[int, ...], dtype) -> np.ndarray:
+  """An uninitialized C-contiguous array whose data starts at an ALIGN-byte boundary."""
+  n = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+  raw = np.empty(n + ALIGN, np.uint8)
+  off = -raw.ctypes.data % ALIGN
+  return raw[off:off + n].view(dtype).reshape(shape)
+
+
+def read_slice(reader: safetensors_io.Reader, src: safetensors_io.TensorInfo, index: tuple,
+               transpose: bool, dtype) -> np.ndarray:
+  """One device's slice `index` of a parameter (its layout: transposed from the stored
+  [out, in] when `transpose`), in `dtype`, in a fresh ALIGN-aligned array: on CPU the
+  device adopts it as is, so the weights are in memory once. A whole tensor is read by
+  positioned reads (no mapped file pages held in the resident set); a part of one from
+  the mapped file, reading only its pages."""
+  shape = src.shape[::-1] if transpose else src.shape
+  whole = all(s == slice(None) or (s.start in (None, 0) and s.stop in (None, n) and
+                                   s.step in (None, 1)) for s, n in zip(index, shape))
+  if whole and not transpose and src.dtype == dtype:
+    out = aligned_empty(src.shape, dtype)
+    reader.read_into(src, out.reshape(-1))
+    return out
+  if whole:
+    stored = np.empty(src.shape, src.dtype)
+    reader.read_into(src, stored.reshape(-1))
+  else:
+    stored = memmap(src)
+  part = stored[tuple(index)[::-1]].T if transpose else stored[tuple(index)]
+  out = aligned_empty(part.shape, dtype)
+  np.copyto(out, part, casting="unsafe")
+  return out
+
+
 def restore(path: str, abstract: PyTree, name: str | None = None) -> PyTree:
   """The params of the folder at `path`, each placed by the sharding in `abstract` (one
-  device when it has none), reading only each device's slices from the mapped files."""
+  device when it has none), reading only each device's slices (`read_slice`)."""
   f = open_folder(path, name)
   out: dict = {}
   default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  for t in families.tensor_map(f.cfg):
-    want = families.get_path(abstract, t.path)
-    sharding = getattr(want, "sharding", None) or default
-    src, dtype, seen = f.tensors[t.hf_name], np.dtype(want.dtype), {}
+  reader = safetensors_io.Reader()
+  try:
+    for t in families.tensor_map(f.cfg):
+      want = families.get_path(abstract, t.path)
+      sharding = getattr(want, "sharding", None) or default
+      src, dtype, seen = f.tensors[t.hf_name], np.dtype(want.dtype), {}
 
-    def read(index, src=src, t=t, dtype=dtype, seen=seen):
-      key = tuple((s.start, s.stop, s.step) for s in index)
-      if key not in seen:  # a slice replicated on several devices is read once
-        mm = memmap(src)  # dropped with the slice's copy
-        part = mm[tuple(index)[::-1]].T if t.transpose else mm[tuple(index)]
-        seen[key] = np.ascontiguousarray(part, dtype=dtype)
-      return seen[key]
+      def read(index, src=src, t=t, dtype=dtype, seen=seen):
+        key = tuple((s.start, s.stop, s.step) for s in index)
+        if key not in seen:  # a slice replicated on several devices is read once
+          seen[key] = read_slice(reader, src, tuple(index), t.transpose, dtype)
+        return seen[key]
 
-    families.set_path(out, t.path, jax.make_array_from_callback(
-        tuple(want.shape), sharding, read))
-    seen.clear()
+      families.set_path(out, t.path, jax.make_array_from_callback(
+          tuple(want.shape), sharding, read))
+      seen.clear()
+  finally:
+    reader.close()
   return out
 
 
@@ -141,10 +180,10 @@ def save_folder(path: str, cfg: transformer.ModelConfig, params: PyTree,
     for t, x in zip(maps, leaves):  # one tensor on the host at a time
       writer.write(t.hf_name, t.to_hf(np.asarray(jax.device_get(x))))
     writer.close()
-    _write_extras(tmp, cfg, base, tokenizer)
+    write_extras(tmp, cfg, base, tokenizer)
 
 
-def _write_extras(folder: str, cfg: transformer.ModelConfig, base: Mapping | None,
+def write_extras(folder: str, cfg: transformer.ModelConfig, base: Mapping | None,
                   tokenizer: tokenizer_files.Tokenizer | None) -> None:
   """config.json, generation_config.json and the tokenizer files of a written folder."""
   config = hf_config(cfg, base, tokenizer)
@@ -152,54 +191,3 @@ def _write_extras(folder: str, cfg: transformer.ModelConfig, base: Mapping | Non
                     ("generation_config.json", _generation_config(config, tokenizer))):
     outputs.write_text(os.path.join(folder, name), json.dumps(obj, indent=1))
   tokenizer_files.write_files(tokenizer, folder)
-
-
-def stream_merge(pool: pool_manifest.Pool, alphas, output: str, overwrite: bool = False,
-                 tokenizer: tokenizer_files.Tokenizer | None = None,
-                 memory_budget_mb: float = 256, fsync: bool = True,
-                 shard_bytes: int = SHARD_BYTES) -> None:
-  """Linear merge of a pool of Hugging Face folders, out of core, into a Hugging Face
-  folder: each tensor is read once from every member in row blocks of about
-  `memory_budget_mb` (mapped, dropped after each block), summed in float32, written once
-  in the members' dtype. Peak memory above the runtime is about the budget plus the
-  largest output tensor."""
-  check(memory_budget_mb > 0, f"memory budget must be positive, got {memory_budget_mb}",
-        "--memory_budget_mb")
-  folders = [open_folder(e.path, e.name) for e in pool.entries]
-  cfg, alphas = folders[0].cfg, [float(a) for a in alphas]
-  output = os.path.abspath(output)
-  outputs.check_output(output, pool.paths, overwrite)
-  maps = families.tensor_map(cfg)
-  verify = safetensors_io.reads_back([t.hf_name for t in maps])
-  with outputs.writing(output, overwrite, verify) as tmp:
-    os.makedirs(tmp)
-    first = [folders[0].tensors[t.hf_name] for t in maps]
-    writer = safetensors_io.Writer(tmp, [(t.hf_name, x.dtype, x.shape)
-                                         for t, x in zip(maps, first)], shard_bytes)
-    budget = max(1, int(memory_budget_mb * 2**20))
-    for t, ref in zip(maps, first):
-      row = max(1, int(np.prod(ref.shape[1:])) * 4)
-      step = max(1, budget // (row * (len(folders) + 1)))
-      out = np.empty(ref.shape, ref.dtype)
-      for r in range(0, max(ref.shape[0] if ref.shape else 1, 1), step):
-        acc = None
-        for a, f, e in zip(alphas, folders, pool.entries):
-          info = f.tensors[t.hf_name]
-          check(info.shape == ref.shape, f"tensor {t.hf_name!r} has shape {info.shape} but "
-                f"{pool.entries[0].name!r} has {ref.shape}", f"checkpoint {e.name!r}",
-                "every pool member must share one architecture")
-          mm = memmap(info)
-          block = (mm[r:r + step] if ref.shape else mm).astype(np.float32)
-          del mm
-          acc = a * block if acc is None else acc + a * block
-        check(bool(np.all(np.isfinite(acc))), f"the merge of tensor {t.hf_name!r} has NaN "
-              "or Inf values", "--pool", "find the member holding them (merge without "
-              "--streaming names it); nothing was written")
-        if ref.shape:
-          out[r:r + step] = acc.astype(ref.dtype)
-        else:
-          out[...] = acc.astype(ref.dtype)
-      writer.write(t.hf_name, out)
-      del out
-    writer.close(fsync)
-    _write_extras(tmp, cfg, folders[0].model.hf_config, tokenizer)

@@ -1,4 +1,5 @@
-"""Merging Hugging Face folders by a mergekit config, tensor by tensor.
+"""Merging Hugging Face folders by a mergekit config (`merge`), or a pool of them by
+weights (`merge_pool`, `merge --streaming`), tensor by tensor.
 
 Each tensor is read once from every input (positioned reads), merged in float32, cast to
 the output dtype and written once at its place in the sharded safetensors output: 'linear'
@@ -30,8 +31,10 @@ import jax
 import numpy as np
 
 from recycle_jax.merging import hf_kernel, hf_linear, task_vectors
-from recycle_jax.checkpoint_io import mergekit_config, safetensors_io, tokenizer_files
-from recycle_jax.runtime import validation
+from recycle_jax.checkpoint_io import (hf_folder, mergekit_config, pool_manifest,
+                                       safetensors_io, tokenizer_files)
+from recycle_jax.models import families
+from recycle_jax.runtime import outputs, validation
 from recycle_jax.runtime.errors import check
 
 TAGALONG = ("generation_config.json",)
@@ -209,7 +212,6 @@ def _refuse_non_finite(plan: mergekit_config.Plan, name: str, inputs_finite,
 def merge(plan: mergekit_config.Plan, output: str, overwrite: bool = False, seed: int = 0,
           max_shard_bytes: int = 5 << 30, fsync: bool = True) -> str:
   """Runs a mergekit plan into a Hugging Face folder at `output`; returns its path."""
-  from recycle_jax.runtime import outputs
   output = os.path.abspath(output)
   outputs.check_output(output, list(plan.inputs) + [plan.path], overwrite)
   _same_configs(plan)
@@ -269,3 +271,46 @@ def merge(plan: mergekit_config.Plan, output: str, overwrite: bool = False, seed
   finally:
     reader.close()
   return output
+
+
+def merge_pool(pool: pool_manifest.Pool, alphas, output: str, overwrite: bool = False,
+               tokenizer: tokenizer_files.Tokenizer | None = None, fsync: bool = True,
+               shard_bytes: int = hf_folder.SHARD_BYTES) -> None:
+  """`merge --streaming` of a pool of Hugging Face folders (weights `alphas` [N], not
+  normalized) into a Hugging Face folder in the members' dtype, out of core: every tensor
+  unit by unit of its byte ranges on one thread per core, as a linear `merge` of a config
+  (`hf_linear`). Peak memory above the runtime is a few units per thread."""
+  folders = [hf_folder.open_folder(e.path, e.name) for e in pool.entries]
+  cfg, w = folders[0].cfg, np.asarray([float(a) for a in alphas], np.float32)
+  output = os.path.abspath(output)
+  outputs.check_output(output, pool.paths, overwrite)
+  maps = families.tensor_map(cfg)
+  infos = {t.hf_name: [f.tensors[t.hf_name] for f in folders] for t in maps}
+  for name, ins in infos.items():
+    for e, info in zip(pool.entries, ins):
+      check(info.shape == ins[0].shape, f"tensor {name!r} has shape {info.shape} but "
+            f"{pool.entries[0].name!r} has {ins[0].shape}", f"checkpoint {e.name!r}",
+            "every pool member must share one architecture")
+  reader = safetensors_io.Reader()
+  try:
+    with outputs.writing(output, overwrite, safetensors_io.reads_back(infos)) as tmp:
+      os.makedirs(tmp)
+      writer = safetensors_io.Writer(tmp, [(n, ins[0].dtype, ins[0].shape)
+                                           for n, ins in infos.items()], shard_bytes)
+
+      def span(name: str, start: int, stop: int) -> None:
+        out = hf_linear.merge_range(reader, infos[name], w, None, start, stop,
+                                    infos[name][0].dtype)
+        check(bool(np.isfinite(out).all()), f"the merge of tensor {name!r} has NaN or Inf "
+              "values", "--pool", "find the member holding them (merge without "
+              "--streaming names it); nothing was written")
+        writer.write_range(name, start, out)
+
+      work = [(n, s, e) for n, ins in infos.items()
+              for s, e in hf_linear.units(int(np.prod(ins[0].shape)))]
+      run_threaded(span, work, [len(w) * infos[n][0].dtype.itemsize * (e - s)
+                                for n, s, e in work])
+      writer.close(fsync)
+      hf_folder.write_extras(tmp, cfg, folders[0].model.hf_config, tokenizer)
+  finally:
+    reader.close()

@@ -345,6 +345,25 @@ def stack_layers(cfg: ModelConfig, params: PyTree) -> PyTree:
   return {**rest, SCANNED: {"block": blocks}}
 
 
+def stack_layers_freeing(cfg: ModelConfig, params: dict) -> PyTree:
+  """`stack_layers` outside a program, for a run that keeps the stack (eval): each block
+  parameter's L per-layer arrays are stacked, then dropped from `params` (emptied), so
+  the blocks' weights are in memory about once, not twice."""
+  if not cfg.scan_layers or SCANNED in params:
+    return params
+  flat = [jax.tree_util.tree_flatten(params.pop(f"layer_{i}")) for i in range(cfg.num_layers)]
+  leaves, treedef = [f[0] for f in flat], flat[0][1]
+  del flat
+  stacked = []
+  for j in range(len(leaves[0])):
+    stacked.append(jnp.stack([layer[j] for layer in leaves]))
+    for layer in leaves:
+      layer[j] = None  # the only reference: the per-layer array is freed once stacked
+  out = {**params, SCANNED: {"block": jax.tree_util.tree_unflatten(treedef, stacked)}}
+  params.clear()
+  return out
+
+
 VOCAB_CHUNK = 16384  # vocabulary columns per step of `scored_tokens`
 
 

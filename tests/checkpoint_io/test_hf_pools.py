@@ -18,6 +18,7 @@ from recycle_jax import placed_pool
 from recycle_jax import cli
 from recycle_jax.models import families, partitioning
 from recycle_jax.checkpoint_io import hf_folder, tokenizer_files
+from recycle_jax.merging import hf_linear, hf_merge
 from recycle_jax.runtime.errors import UserError
 
 import hf_fixtures  # noqa: E402
@@ -58,8 +59,9 @@ def test_folders_validate_from_headers_and_restore_sharded_slices(hf_pool, monke
   assert os.path.isfile(hf_pool / "m1" / hf_reader.HF_INDEX)
   pool = pool_manifest.load_pool(str(hf_pool / "pool.json"))
   calls = []
-  monkeypatch.setattr(hf_folder, "memmap", lambda t: calls.append(t) or
-                      (_ for _ in ()).throw(AssertionError("tensor read")))
+  for fn in ("memmap", "read_slice"):
+    monkeypatch.setattr(hf_folder, fn, lambda *a: calls.append(a) or
+                        (_ for _ in ()).throw(AssertionError("tensor read")))
   meta = checkpoints.validate_pool(pool)  # headers alone: no tensor read
   assert meta.model_config["family"] == "llama" and not calls
   assert meta.tokenizer == tokenizer_files.from_folder(str(hf_pool / "tok"))
@@ -70,8 +72,8 @@ def test_folders_validate_from_headers_and_restore_sharded_slices(hf_pool, monke
   shardings = jax.tree.map(lambda x: NamedSharding(mesh, spec(x)), meta.abstract)
   abstract = partitioning.with_shardings(meta.abstract, shardings)
   read = []
-  real = hf_folder.memmap
-  monkeypatch.setattr(hf_folder, "memmap", lambda t: read.append(t) or real(t))
+  real = hf_folder.read_slice
+  monkeypatch.setattr(hf_folder, "read_slice", lambda *a: read.append(a) or real(*a))
   params = checkpoints.restore(pool.entries[1].path, abstract)
   _, want, _ = hf_reader.load_hf(pool.entries[1].path)
   for path, x in jax.tree_util.tree_leaves_with_path(params):
@@ -83,7 +85,7 @@ def test_folders_validate_from_headers_and_restore_sharded_slices(hf_pool, monke
   assert sharded and len(read) > len(jax.tree.leaves(params))
 
 
-def test_merge_hf_pool_to_hf_folder_loads_in_transformers(hf_pool, tmp_path):
+def test_merge_hf_pool_to_hf_folder_loads_in_transformers(hf_pool, tmp_path, monkeypatch):
   out = tmp_path / "merged"
   assert cli.main(["merge", f"--pool={hf_pool / 'pool.json'}", "--weights=0.5,0.3,0.2",
                    f"--output={out}", "--format=hf"]) == 0
@@ -110,9 +112,10 @@ def test_merge_hf_pool_to_hf_folder_loads_in_transformers(hf_pool, tmp_path):
   # The streaming merge reads the folders too, and writes the same folder.
   assert cli.main(["merge", f"--pool={hf_pool / 'pool.json'}", "--weights=0.5,0.3,0.2",
                    f"--output={tmp_path / 'streamed'}", "--format=hf", "--streaming"]) == 0
-  # Below the CLI's smallest budget (16 MB): several row blocks per tensor, same folder.
-  hf_folder.stream_merge(pool_manifest.load_pool(str(hf_pool / "pool.json")), (0.5, 0.3, 0.2),
-                     str(tmp_path / "blocks"), memory_budget_mb=0.01)
+  # Units of 100 elements: several per tensor, cut anywhere, on threads; same folder.
+  monkeypatch.setattr(hf_linear, "UNIT", 100)
+  hf_merge.merge_pool(pool_manifest.load_pool(str(hf_pool / "pool.json")), (0.5, 0.3, 0.2),
+                      str(tmp_path / "blocks"))
   blocks = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "blocks")
   for k, v in blocks.state_dict().items():
     np.testing.assert_allclose(v.numpy(), model.state_dict()[k].numpy(), atol=1e-6)

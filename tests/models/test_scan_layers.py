@@ -1,5 +1,6 @@
 """The model's alternative execution paths agree with the plain one: blocks under nn.scan
-(ModelConfig.scan_layers) give the unrolled logits and tokens, and the vocabulary-chunked
+(ModelConfig.scan_layers) give the unrolled logits and tokens (their parameters stacked in
+or outside the program), and the vocabulary-chunked
 head (scored_tokens) gives the full log-softmax and argmax."""
 import dataclasses
 
@@ -37,6 +38,21 @@ def test_scanned_blocks_give_the_unrolled_logits_and_tokens():
       transformer.Decoder(c), params, decoding.Prompts(prompts, lens, stops, 10)))
       for c in (CFG, SCANNED)]
   assert out[0].tolist() == out[1].tolist()
+
+
+def test_stacking_outside_a_program_frees_the_layers_and_gives_the_same_stack():
+  params = _params()
+  want = transformer.stack_layers(SCANNED, params)
+  given = dict(params)
+  got = transformer.stack_layers_freeing(SCANNED, given)
+  assert given == {}  # emptied: nothing else holds the per-layer arrays
+  assert jax.tree.structure(got) == jax.tree.structure(want)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  tokens = jax.random.randint(jax.random.key(1), (2, 11), 3, CFG.vocab_size)
+  np.testing.assert_array_equal(np.asarray(transformer.Decoder(SCANNED).apply(got, tokens)),
+                                np.asarray(transformer.Decoder(SCANNED).apply(params, tokens)))
+  assert transformer.stack_layers_freeing(CFG, params) is params  # unrolled: unchanged
 
 
 def test_chunked_head_gives_the_full_log_softmax_and_argmax():
