@@ -21,6 +21,7 @@ search against each); W/training_run.png: held-in and held-out test score of eve
 with the merges and the decayed run.
 """
 import argparse
+import functools
 import json
 import os
 import sys
@@ -36,9 +37,10 @@ WINDOW = 8  # checkpoints the search pools: the last 8
 WARMUP = 10
 
 
+@functools.lru_cache(maxsize=1)
 def demo_training() -> dict:
   """The demo base run's data and shapes, as demo.gin binds them (its one base stage
-  trains on the GENERAL mixture)."""
+  trains on the GENERAL mixture); read once per process."""
   import gin
   from recycle_jax import configurables, pools  # noqa: F401 (registers the configurables)
   gin.parse_config_file(DEMO_GIN, skip_unknown=True)
@@ -233,6 +235,7 @@ def main(argv=None) -> int:
       return rc
     base = os.path.join(a.pool_workdir, "base")
   seeds = [int(x) for x in a.train_seeds.split(",")]
+  demo_training()  # read once, before a search locks gin's config
   bindings = [f"Experiment.steps='last:{WINDOW}'", f"training_run_weights.lawa_k={a.lawa_k}",
               f"training_run_weights.ema_decay={a.ema_decay}", *a.gin_bindings]
   max_examples = next((int(b.split("=")[1]) for b in a.gin_bindings
