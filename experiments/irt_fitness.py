@@ -89,10 +89,11 @@ def left_seeds(r: dict) -> bool:
 
 
 def summary(workdir: str, args) -> str:
-  lines = ["| setting | configuration | seeds | dev examples (fraction of full) | dev fitness "
-           "| test fitness | returned a non-seed merge | same merge as full "
-           "| test - full search (paired, mean ± sd) | 95% CI | verdict |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
+  lines = ["| setting | configuration | seeds | dev examples (fraction of full) | dev fitness (mean ± 95% CI) "
+           "| test fitness (mean ± 95% CI) | returned a non-seed merge | same merge as full "
+           "| dev - full search (paired, mean ± sd) "
+           "| test - full search (paired, mean ± sd) | its 95% CI | verdict |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for setting in args.settings:
     res = {c: seed_results(os.path.join(workdir, name(setting), c)) for c in CONFIGS}
     full = res["full"]
@@ -104,6 +105,7 @@ def summary(workdir: str, args) -> str:
         any_run["config"]["dev_examples"].values())
     full_test = [r["methods"]["search"]["fitness"]["test"] for r in full]
     full_w = [np.asarray(r["methods"]["search"]["weights"]) for r in full]
+    full_dev = [r["methods"]["search"]["fitness"]["dev"] for r in full]
     for c in CONFIGS:
       rs = res[c]
       if not rs:
@@ -117,13 +119,15 @@ def summary(workdir: str, args) -> str:
              f"{statistics.fmt_ci(dev)} | {statistics.fmt_ci(test)} | "
              f"{sum(map(left_seeds, rs))}/{len(rs)} | ")
       if c == "full" or not full_test:
-        lines.append(row + "– | – | – | – |")
+        lines.append(row + "– | – | – | – | – |")
         continue
-      diff = np.subtract(test[:len(full_test)], full_test[:len(test)])
-      d = statistics.paired(test[:len(full_test)], full_test)
-      sd = float(np.std(diff, ddof=1)) if len(diff) > 1 else float("nan")
-      lines.append(row + f"{same}/{min(len(rs), len(full))} | {d['mean']:+.2f} ± {sd:.2f} | "
-                   f"± {d['ci95']:.2f} | {d['verdict']} |")
+      n = min(len(rs), len(full))
+      mean_sd = lambda a, b: (f"{np.mean(np.subtract(a[:n], b[:n])):+.2f}" + (  # noqa: E731
+          f" ± {np.std(np.subtract(a[:n], b[:n]), ddof=1):.2f}" if n > 1 else ""))
+      d = statistics.paired(test[:n], full_test[:n])
+      lines.append(row + f"{same}/{n} | {mean_sd(dev, full_dev)} | "
+                   f"{mean_sd(test, full_test)} | "
+                   + (f"± {d['ci95']:.2f}" if n > 1 else "–") + f" | {d['verdict']} |")
   return "\n".join(lines) + "\n"
 
 
