@@ -90,7 +90,8 @@ def left_seeds(r: dict) -> bool:
 
 def summary(workdir: str, args) -> str:
   lines = ["| setting | configuration | seeds | dev examples (fraction of full) "
-           "| dev fitness (mean ± 95% CI) | test fitness (mean ± 95% CI) | returned a non-seed merge | same merge as full "
+           "| dev fitness (mean ± 95% CI) | test fitness (mean ± 95% CI) "
+           "| returned a non-seed merge | same merge as full "
            "| dev - full search (paired, mean ± sd) "
            "| test - full search (paired, mean ± sd) | its 95% CI | verdict |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
