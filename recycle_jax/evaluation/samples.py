@@ -178,6 +178,14 @@ def document(row: dict) -> dict:
   return {k: plain(v) for k, v in row.items() if f"{k}_pretokenized" not in row}
 
 
+def _local(x) -> np.ndarray:
+  """A split's array on this host (a placed split's arrays are replicated: every process
+  holds all of it)."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    return np.asarray(x.addressable_data(0))
+  return np.asarray(x)
+
+
 @functools.lru_cache(None)
 def _loglikelihood_program(decoder) -> Callable:
   return jax.jit(functools.partial(loglikelihood.packed_loglikelihood, decoder))
@@ -188,7 +196,7 @@ def loglikelihoods(decoder, params, d: TaskData) -> tuple[np.ndarray, ...]:
   continuation of a choice or exact split: `loglikelihood.packed_loglikelihood` over the
   split packed as its scorer packs it, with each row's index as its label."""
   e = d.num_examples
-  host = jax.tree.map(np.asarray, d.replace(packed=None))
+  host = jax.tree.map(_local, d.replace(packed=None))
   c = host.tokens.shape[1] if d.kind == "choice" else 1
   summed = np.full((e, c), -np.inf, np.float32)
   greedy, count = np.zeros((e, c), bool), np.zeros((e, c), np.int32)
