@@ -73,12 +73,14 @@ def run(setting: str, args) -> None:
       print(f"{name(setting)} {c} seed {k} done", flush=True)
 
 
-def seed_results(run_dir: str) -> list[dict]:
-  out, k = [], 0
-  while os.path.isfile(path := os.path.join(run_dir, f"seed_{k}", "results.json")):
-    out.append(json.load(open(path)))
-    k += 1
-  return out
+def seed_results(run_dir: str) -> dict[int, dict]:
+  """{seed index: results.json} of the finished searches of one configuration."""
+  out = {}
+  for d in os.listdir(run_dir) if os.path.isdir(run_dir) else []:
+    path = os.path.join(run_dir, d, "results.json")
+    if d.startswith("seed_") and os.path.isfile(path):
+      out[int(d[len("seed_"):])] = json.load(open(path))
+  return dict(sorted(out.items()))
 
 
 def left_seeds(r: dict) -> bool:
@@ -98,37 +100,37 @@ def summary(workdir: str, args) -> str:
   for setting in args.settings:
     res = {c: seed_results(os.path.join(workdir, name(setting), c)) for c in CONFIGS}
     full = res["full"]
-    any_run = next((rs[0] for rs in res.values() if rs), None)
+    any_run = next((r for rs in res.values() for r in rs.values()), None)
     if any_run is None:
       continue
     # The full search scores every candidate on every dev example: budget x sum E.
     full_ex = any_run["config"]["search"]["budget"] * sum(
         any_run["config"]["dev_examples"].values())
-    full_test = [r["methods"]["search"]["fitness"]["test"] for r in full]
-    full_w = [np.asarray(r["methods"]["search"]["weights"]) for r in full]
-    full_dev = [r["methods"]["search"]["fitness"]["dev"] for r in full]
+    get = lambda r, k: r["methods"]["search"][k]  # noqa: E731
     for c in CONFIGS:
       rs = res[c]
       if not rs:
         continue
-      ex = np.mean([r["config"]["dev_examples_evaluated"] for r in rs])
-      test = [r["methods"]["search"]["fitness"]["test"] for r in rs]
-      dev = [r["methods"]["search"]["fitness"]["dev"] for r in rs]
-      same = sum(np.allclose(r["methods"]["search"]["weights"], w, atol=1e-6)
-                 for r, w in zip(rs, full_w))
+      ex = np.mean([r["config"]["dev_examples_evaluated"] for r in rs.values()])
       row = (f"| {name(setting)} | {c} | {len(rs)} | {ex:.0f} ({ex / full_ex:.3f}) | "
-             f"{statistics.fmt_ci(dev)} | {statistics.fmt_ci(test)} | "
-             f"{sum(map(left_seeds, rs))}/{len(rs)} | ")
-      if c == "full" or not full_test:
+             f"{statistics.fmt_ci([get(r, 'fitness')['dev'] for r in rs.values()])} | "
+             f"{statistics.fmt_ci([get(r, 'fitness')['test'] for r in rs.values()])} | "
+             f"{sum(map(left_seeds, rs.values()))}/{len(rs)} | ")
+      both = [k for k in rs if k in full]  # paired by seed
+      if c == "full" or not both:
         lines.append(row + "– | – | – | – | – |")
         continue
-      n = min(len(rs), len(full))
-      mean_sd = lambda a, b: (f"{np.mean(np.subtract(a[:n], b[:n])):+.2f}" + (  # noqa: E731
-          f" ± {np.std(np.subtract(a[:n], b[:n]), ddof=1):.2f}" if n > 1 else ""))
-      d = statistics.paired(test[:n], full_test[:n])
-      lines.append(row + f"{same}/{n} | {mean_sd(dev, full_dev)} | "
-                   f"{mean_sd(test, full_test)} | "
-                   + (f"± {d['ci95']:.2f}" if n > 1 else "–") + f" | {d['verdict']} |")
+      same = sum(np.allclose(get(rs[k], "weights"), get(full[k], "weights"), atol=1e-6)
+                 for k in both)
+      diff = {s: [get(rs[k], "fitness")[s] - get(full[k], "fitness")[s] for k in both]
+              for s in ("dev", "test")}
+      mean_sd = lambda d: f"{np.mean(d):+.2f}" + (  # noqa: E731
+          f" ± {np.std(d, ddof=1):.2f}" if len(d) > 1 else "")
+      p = statistics.paired([get(rs[k], "fitness")["test"] for k in both],
+                            [get(full[k], "fitness")["test"] for k in both])
+      lines.append(row + f"{same}/{len(both)} | {mean_sd(diff['dev'])} | "
+                   f"{mean_sd(diff['test'])} | "
+                   + (f"± {p['ci95']:.2f}" if len(both) > 1 else "–") + f" | {p['verdict']} |")
   return "\n".join(lines) + "\n"
 
 
