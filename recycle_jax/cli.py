@@ -199,16 +199,19 @@ def cmd_eval(args) -> None:
       args.checkpoint)
   datas = task_splits.load_split(names, args.split, args.max_examples, vocab)
   task_data.check_context(datas, cfg.max_position_embeddings, "--tasks")
-  params = checkpoints.restore(args.checkpoint, meta.abstract)
   # The blocks under nn.scan (the same logits): one compiled block, so compiling the
-  # tasks' program takes memory flat in depth (0.7 GB, not 1.1, on Gemma 3 270M).
+  # tasks' program takes memory flat in depth (0.7 GB, not 1.1, on Gemma 3 270M). It is
+  # compiled from the parameters' shapes before they are read, and the compiler's freed
+  # heap returned, so its working memory and the weights are never held together.
   cfg = dataclasses.replace(cfg, scan_layers=True)
-  params = transformer.stack_layers_freeing(cfg, params)
   from recycle_jax import configurables
   from recycle_jax.tasks import harness
   decoder = transformer.Decoder(cfg)
-  score = jax.jit(configurables.make_scorer(decoder)).lower(params, tuple(datas)).compile()
-  host_memory.release_freed()  # the compiler's working memory, before the program runs
+  shapes = jax.eval_shape(decoder.prepare, meta.abstract)
+  score = jax.jit(configurables.make_scorer(decoder)).lower(shapes, tuple(datas)).compile()
+  host_memory.release_freed()
+  params = transformer.stack_layers_freeing(
+      cfg, checkpoints.restore(args.checkpoint, meta.abstract))
   scores, details = harness.evaluate(  # lm-eval's tasks: every metric; every task's samples
       score, params, datas, samples=bool(args.log_samples), decoder=decoder)
   out = {"checkpoint": os.path.abspath(args.checkpoint), "split": args.split,
