@@ -53,7 +53,7 @@ class Baseline:
 LINEAR_BASELINES = (Baseline("best_single", "s"), Baseline("best_per_task", None),
                     Baseline("uniform", "D"), Baseline("merge_best", "P"),
                     Baseline("greedy_soup", "X"))
-RUN_BASELINES = (Baseline("lawa", "v"), Baseline("ema", "^"))  # a training run's pool only
+RUN_BASELINES = (Baseline("lawa", "p"), Baseline("ema", "d"))  # a training run's pool only
 SEARCH = "search"  # the search's own row
 HEADLINE = (SEARCH, "uniform", "merge_best", "best_single")  # the paper's comparison
 
