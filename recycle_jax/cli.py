@@ -207,11 +207,14 @@ def cmd_eval(args) -> None:
   from recycle_jax import configurables
   from recycle_jax.tasks import harness
   decoder = transformer.Decoder(cfg)
-  shapes = jax.eval_shape(decoder.prepare, meta.abstract)
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # (where it is read)
+  place = lambda tree: jax.tree.map(  # noqa: E731
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), tree)
+  shapes = place(jax.eval_shape(decoder.prepare, meta.abstract))
   score = jax.jit(configurables.make_scorer(decoder)).lower(shapes, tuple(datas)).compile()
   host_memory.release_freed()
   params = transformer.stack_layers_freeing(
-      cfg, checkpoints.restore(args.checkpoint, meta.abstract))
+      cfg, checkpoints.restore(args.checkpoint, place(meta.abstract)))
   scores, details = harness.evaluate(  # lm-eval's tasks: every metric; every task's samples
       score, params, datas, samples=bool(args.log_samples), decoder=decoder)
   out = {"checkpoint": os.path.abspath(args.checkpoint), "split": args.split,
