@@ -2,6 +2,7 @@
 choice slots never win, and a split scores as its examples scored one at a time."""
 import jax
 import numpy as np
+import pytest
 import seqio
 import tensorflow as tf
 
@@ -48,6 +49,7 @@ def _alone(d, i):
   return task_data.choice_data("alone", [list(prompt)], [choices], [int(d.labels[i])])
 
 
+@pytest.mark.slow  # ~12 s: `make test-slow` (CI); keeps `make test` under 15 min
 def test_mixed_choice_counts_score_as_each_example_alone():
   dec = transformer.Decoder(CFG)
   counts = (2, 3, 5, 2, 5, 3, 4, 2, 5, 3)
@@ -71,6 +73,7 @@ def test_mixed_choice_counts_score_as_each_example_alone():
     assert np.all(np.isfinite(lp[np.arange(5)[None] < np.asarray(counts)[:, None]]))
 
 
+@pytest.mark.slow  # ~12 s: `make test-slow` (CI); keeps `make test` under 15 min
 def test_uniform_counts_other_than_four():
   dec = transformer.Decoder(CFG)
   params = jax.tree.map(lambda x: 5.0 * x, transformer.init_params(CFG, jax.random.key(4)))

@@ -3,6 +3,7 @@ exact match on it equals greedy decoding's."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from recycle_jax.evaluation import task_data
 from recycle_jax.evaluation import task_splits
@@ -83,6 +84,7 @@ def test_pack_covers_every_example_once_and_trims():
     assert scored == wanted
 
 
+@pytest.mark.slow  # ~12 s: `make test-slow` (CI); keeps `make test` under 15 min
 def test_placed_splits_score_the_same_with_rows_split_over_data():
   """task_data.place: packed rows padded and split over the mesh's 'data' axis (each of
   the 8 devices holds 1/8 of them), the same scores as unplaced splits, and pad rows add

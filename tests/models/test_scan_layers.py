@@ -7,6 +7,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from recycle_jax.models import decoding, transformer
 
@@ -24,6 +25,7 @@ def _params(cfg=CFG):
   return jax.tree.map(lambda x: x * 3.0, params)  # sharper outputs
 
 
+@pytest.mark.slow  # ~12 s: `make test-slow` (CI); keeps `make test` under 15 min
 def test_scanned_blocks_give_the_unrolled_logits_and_tokens():
   params = _params()
   assert "layer_2" in transformer.init_params(SCANNED, jax.random.key(0))  # stored layout
