@@ -381,7 +381,9 @@ def _merge_flags(s: argparse.ArgumentParser) -> None:
   s.add_argument("--max_examples", type=int, default=None, help="greedy_soup: per task")
   s.add_argument("--overwrite", action="store_true")
   s.add_argument("--streaming", action="store_true", help="out-of-core, leaf by leaf")
-  s.add_argument("--memory_budget_mb", type=float, default=256.0)
+  s.add_argument("--memory_budget_mb", type=float, default=256.0,
+                 help="--streaming of Orbax checkpoints: host memory per batch of leaves "
+                 "(Hugging Face folders stream in fixed units of a few MB per thread)")
   s.add_argument("--no_fsync", action="store_true",
                  help="--streaming: skip the final fsync (scratch outputs)")
 
