@@ -33,7 +33,6 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from recycle_jax.evaluation import kinds
 from recycle_jax.evaluation import task_splits
 from recycle_jax.evaluation import task_data
 from recycle_jax.evaluation import scorers

@@ -25,7 +25,6 @@ layers, 4 heads / 2 kv heads, d_ff 352): one random init, each member perturbed 
 independent noise, saved with checkpoints.save into a temporary directory.
 """
 import argparse
-import functools
 import os
 import shutil
 import sys

@@ -275,7 +275,7 @@ def main() -> int:
                  help="the configuration the pooled table pairs every other one with, and "
                       "whose seeded tables (every baseline) the summary prints")
   args = p.parse_args()
-  from recycle_jax.search import loop, strategies
+  from recycle_jax.search import strategies
   from recycle_jax.merging import spaces
   if args.configs:
     if any(len(c.split("-")) != 3 for c in args.configs):

@@ -16,7 +16,6 @@ import tree_helpers
 def merge(pool_path: str, weights, output: str, model_axis: int = 8) -> None:
   from recycle_jax.checkpoint_io import pool_manifest
   from recycle_jax.checkpoint_io import checkpoints
-  from recycle_jax.merging import kernels
   from recycle_jax.models import partitioning
   pool = pool_manifest.load_pool(pool_path)
   meta = checkpoints.validate_pool(pool)

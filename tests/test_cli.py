@@ -1,6 +1,5 @@
 """End to end through the CLI on the micro pool: search, merge, eval, and bad input."""
 import json
-import os
 
 import numpy as np
 import pytest

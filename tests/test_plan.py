@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 
-from recycle_jax import cli, plan
+from recycle_jax import cli
 from recycle_jax.models import transformer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

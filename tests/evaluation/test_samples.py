@@ -6,47 +6,26 @@ import copy
 import json
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from ascii_model import CFG, PROMPTS, ascii_model, own_texts
 from recycle_jax.evaluation import samples, scorers, task_data, task_splits
 from recycle_jax.evaluation.verifiers import REGISTRY as VERIFIERS
-from recycle_jax.models import decoding, partitioning, transformer
+from recycle_jax.models import partitioning, transformer
 from recycle_jax.tasks import harness, jsonl
 from recycle_jax.tasks.jsonl import JsonlTask
 
-CFG = transformer.ModelConfig(d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, d_ff=64)
-PROMPTS = ["Q: cat", "Q: a dog", "Q: owl!", "Q: bee bee", "Q: fox", "Q: yak?", "Q: hen",
-           "Q: emu emu emu", "Q: ant", "Q: pig"]
 LM_EVAL_KEYS = ["doc_id", "doc", "target", "arguments", "resps", "filtered_resps", "filter",
                 "metrics", "doc_hash", "prompt_hash", "target_hash"]
-
-
-def _model(seed=1):
-  """Random weights whose greedy outputs are 'a', 'b', ' ' or EOS (test_kinds' model)."""
-  params = jax.tree.map(lambda x: 10.0 * x, transformer.init_params(CFG, jax.random.key(seed)))
-  keep = np.zeros(CFG.vocab_size, bool)
-  keep[[transformer.EOS_ID] + [3 + ord(c) for c in "ab "]] = True
-  emb = params["embed"]["embedding"]
-  params["embed"]["embedding"] = jnp.where(keep[:, None], emb, 0.0)
-  return params
-
-
-def _own_texts(dec, params, n=8):
-  enc = [transformer.VOCAB.encode(p) for p in PROMPTS]
-  g = decoding.Prompts(task_data._pad(enc, 16), np.array([len(e) for e in enc], np.int32),
-                       decoding.stop_ids([]), max_new=n)
-  return decoding.texts(transformer.VOCAB, np.asarray(
-      jax.jit(decoding.generate, static_argnums=0)(dec, params, g)))
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
   """Tasks of every built-in kind and metric over one JSONL file each, on the model."""
   tmp = tmp_path_factory.mktemp("samples")
-  dec, params = transformer.Decoder(CFG), _model()
-  own = _own_texts(dec, params)
+  dec, params = transformer.Decoder(CFG), ascii_model()
+  own = own_texts(dec, params)
   texts = [t if i % 2 == 0 else t + " zq" for i, t in enumerate(own)]  # 5 of 10 right
   rows = [{"p": p, "c": ["yes", "no", "maybe", "a b"][:2 + i % 3], "y": i % 2,
            "a": t, "n": str(i)} for i, (p, t) in enumerate(zip(PROMPTS, texts))]

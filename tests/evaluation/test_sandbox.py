@@ -10,7 +10,6 @@ import tempfile
 import pytest
 
 from recycle_jax.evaluation.verifiers import _child, code, sandbox
-from recycle_jax.runtime.errors import UserError
 from recycle_jax.tasks import humaneval
 
 JAILED = pytest.mark.skipif(sandbox.jail_problem() is not None,

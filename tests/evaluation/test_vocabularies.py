@@ -6,7 +6,6 @@ import os
 import shutil
 
 import jax
-import numpy as np
 import pytest
 import seqio
 import tensorflow as tf

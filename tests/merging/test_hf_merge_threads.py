@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import yaml
 
-from recycle_jax.checkpoint_io import mergekit_config, safetensors_io
+from recycle_jax.checkpoint_io import mergekit_config
 from recycle_jax.merging import hf_merge
 from recycle_jax.runtime.errors import UserError
 from checkpoint_io.test_mergekit_config import _tensors, read, write_folder

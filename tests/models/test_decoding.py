@@ -1,6 +1,5 @@
 """On-device greedy generation: same tokens as the KV-cache decoder, stops where told."""
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from recycle_jax.models import decoding, transformer

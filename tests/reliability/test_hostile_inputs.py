@@ -8,7 +8,6 @@ import time
 
 import numpy as np
 import pytest
-import yaml
 
 from recycle_jax.checkpoint_io import mergekit_config, safetensors_io
 from recycle_jax.evaluation import vocabularies

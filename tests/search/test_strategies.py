@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from recycle_jax.search import loop, pareto, strategies
+from recycle_jax.search import loop, strategies
 
 N = 4
 E = np.eye(N, dtype=np.float32)

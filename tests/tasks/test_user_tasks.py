@@ -186,7 +186,6 @@ def test_cli_eval_sees_user_tasks_from_gin_and_modules(micro_pool, qa, tmp_path,
                                                         capsys):
   """`eval` on a task declared in a gin file (no Python), and on a task from --task_module
   found in the working directory; an unknown module is one error line."""
-  import os
   from recycle_jax import cli
   ckpt = pool_manifest.read_manifest(micro_pool).entries[0].path
   gin_file = tmp_path / "qa.gin"
