@@ -20,6 +20,7 @@ install_requires = [
     "flax>=0.12.0,<0.13",
     "optax>=0.2.4,<0.3",
     "orbax-checkpoint>=0.12.0,<0.13",
+    "etils>=1.7,<2",  # epath: Orbax's step naming reads a training run's directory
     "evosax>=0.3.0,<0.4",
     "tensorstore>=0.1.70,<0.2",
     "numpy>=2.0,<3",

@@ -45,6 +45,7 @@ def _own_greedy_targets(dec, params, d, new=6):
   return plain.replace(packed=task_data.pack(plain))
 
 
+@pytest.mark.slow  # 20-40 s: `make test-slow` (CI); keeps `make test` under 15 min
 def test_packed_choice_scores_equal_padded():
   dec = transformer.Decoder(CFG)
   datas = task_splits.load_split(["rj_reasoning", "rj_knowledge"], "dev", 48, transformer.VOCAB)

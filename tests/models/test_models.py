@@ -2,6 +2,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from recycle_jax.checkpoint_io import pool_manifest
 from recycle_jax.checkpoint_io import checkpoints
@@ -34,6 +35,7 @@ def test_kv_cache_decoding_matches_uncached(micro_pool):
   assert len(np.unique(np.asarray(cached))) > 4  # the comparison is not between constants
 
 
+@pytest.mark.slow  # 20-40 s: `make test-slow` (CI); keeps `make test` under 15 min
 def test_teacher_forced_exact_match_equals_greedy(micro_pool):
   cfg, params = _trained(micro_pool)
   dec = transformer.Decoder(cfg)
@@ -43,6 +45,7 @@ def test_teacher_forced_exact_match_equals_greedy(micro_pool):
   np.testing.assert_allclose(tf, greedy)
 
 
+@pytest.mark.slow  # 20-40 s: `make test-slow` (CI); keeps `make test` under 15 min
 def test_chunked_scoring_matches_unchunked(micro_pool):
   cfg, params = _trained(micro_pool)
   dec = transformer.Decoder(cfg)

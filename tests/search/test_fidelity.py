@@ -104,6 +104,7 @@ def test_subset_is_fixed_and_refuses_a_bad_fraction():
     task_splits.subset(d, 0.0, 0)
 
 
+@pytest.mark.slow  # 20-40 s: `make test-slow` (CI); keeps `make test` under 15 min
 def test_cli_adaptive_search_with_the_papers_optimizer(micro_pool, tmp_path):
   wd = tmp_path / "run"
   assert cli.main(search_args(
